@@ -1,0 +1,22 @@
+"""compress-export: turn a Hugging Face causal LM into a compressed checkpoint a serving engine runs at once.
+
+Importing this package is cheap: it never imports vLLM and never initialises CUDA. Heavy modules load lazily.
+"""
+__version__ = "0.1.0"
+
+from .errors import UserError  # noqa: E402,F401
+from .scheme import PRESETS, Scheme  # noqa: E402,F401
+
+
+def compress(*args, **kwargs):
+    """Python API for the pipeline the CLI drives: see compress_export.pipeline.compress."""
+    from .pipeline import compress as _compress
+
+    return _compress(*args, **kwargs)
+
+
+def load_model(*args, **kwargs):
+    """Load an export (or a plain model directory) as a torch module: see compress_export.loading."""
+    from .loading import load_model as _load
+
+    return _load(*args, **kwargs)

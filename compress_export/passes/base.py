@@ -1,0 +1,56 @@
+"""Pass interface and registry. A pass turns weights (plus the statistics it asked for) into QuantizedWeights.
+
+The pipeline owns hooks, ordering and memory; a pass sees one group of linears that share an input at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from compress_export.registry import Registry
+from compress_export.result import QuantizedWeight
+from compress_export.scheme import Scheme
+
+PASSES: Registry = Registry("method")
+register_pass = PASSES.register
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    damp: float = 0.01
+    block_size: int = 128
+    clip_search: bool = True
+    min_zero: int = 0  # set by the pipeline from the output format's limits
+
+
+class Pass:
+    needs_calibration = True
+    # Formats a pass's result may be written to; None = any weight-quantization format.
+    formats: Optional[tuple] = None
+
+    def __init__(self, scheme: Scheme, options: PassOptions = PassOptions()):
+        self.scheme = scheme
+        self.options = options
+
+    def make_stats(self, in_features: int):
+        """An accumulator with .add(x) fed every input batch of a linear group, or None."""
+        return None
+
+    def compress_group(self, weights: List[torch.Tensor], stats, name: str) -> List[QuantizedWeight]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.options.__dict__}
+
+
+def split_rows(qw: QuantizedWeight, sizes: List[int]) -> List[QuantizedWeight]:
+    """Undo the row concatenation of linears quantized together (all per-row data splits the same way)."""
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        out.append(QuantizedWeight(qw.codes[sl].contiguous(), qw.scales[sl].contiguous(),
+                                   qw.zeros[sl].contiguous(), qw.g_idx, qw.scheme))
+        start += n
+    return out

@@ -1,0 +1,22 @@
+"""GPTQ pass: one Hessian per distinct linear input, linears sharing it quantized in one sweep."""
+from __future__ import annotations
+
+import torch
+
+from compress_export.gptq import gptq_quantize
+from compress_export.hessian import HessianAccumulator
+
+from .base import Pass, register_pass, split_rows
+
+
+@register_pass("gptq")
+class GPTQPass(Pass):
+    def make_stats(self, in_features):
+        return HessianAccumulator(in_features)
+
+    def compress_group(self, weights, stats, name):
+        W = torch.cat([w.float() for w in weights], dim=0)
+        o = self.options
+        qw = gptq_quantize(W, stats.H, self.scheme, damp=o.damp, block_size=o.block_size,
+                           clip_search=o.clip_search, min_zero=o.min_zero, name=name)
+        return split_rows(qw, [w.shape[0] for w in weights])

@@ -1,0 +1,262 @@
+"""The one pipeline the CLI, the Python API and (later) torchrun drive.
+
+validate everything → load → calibration ids → layer by layer: stats forward, compress, pack, propagate →
+write atomically. Passes never see hooks; formats never see the model.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import model_io
+from .errors import UserError
+from .passes import PASSES, PassOptions
+from .progress import Progress
+from .scheme import Scheme
+from .sequential import CompressOnFirstCall, InputGroups, capture_layer0_inputs, probe_groups, run_layer
+from .structure import describe
+from .writer import CheckpointWriter, check_output_path, dir_weight_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    output: str
+    method: str
+    format: str
+    scheme: dict
+    decoder_layers: int
+    linears: int
+    calibration: str
+    seconds: float
+    peak_rss_mb: float
+    size_before_mb: float
+    size_after_mb: float
+    timings: dict = field(default_factory=dict)
+
+    def lines(self):
+        return [
+            f"wrote {self.output}",
+            f"  {self.method} → {self.format} {self.scheme}",
+            f"  {self.linears} linears in {self.decoder_layers} decoder layers; calibration: {self.calibration}",
+            f"  {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
+            f"  size {self.size_before_mb:.1f} MB → {self.size_after_mb:.1f} MB "
+            f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.2f}× smaller)",
+        ]
+
+
+def default_output(model_dir: Path, method: str, fmt: str, scheme: Scheme) -> Path:
+    g = "pc" if scheme.group_size == -1 else f"g{scheme.group_size}"
+    tag = f"{method}-w{scheme.bits}{g}" + ("" if scheme.symmetric else "-asym")
+    return Path.cwd() / f"{model_dir.resolve().name}-{fmt}-{tag}"
+
+
+AUTO_GROUPS = (128, 64, 32)
+
+
+def resolve_group_size(scheme: Scheme, cfg: dict) -> Scheme:
+    """group_size 0 (auto): the largest of 128/64/32 dividing every linear input size named in config.json."""
+    if scheme.group_size != 0:
+        return scheme
+    heads = cfg.get("num_attention_heads") or 1
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
+    sizes = {cfg.get("hidden_size"), cfg.get("intermediate_size"), heads * head_dim} - {None, 0}
+    for g in AUTO_GROUPS:
+        if all(s % g == 0 for s in sizes):
+            if g != AUTO_GROUPS[0]:
+                log.warning("group size %d chosen: %d does not divide the layer sizes %s",
+                            g, AUTO_GROUPS[0], sorted(sizes))
+            return scheme.with_(group_size=g)
+    log.warning("no group size of %s divides %s; using per-channel scales", AUTO_GROUPS, sorted(sizes))
+    return scheme.with_(group_size=-1)
+
+
+def check_shapes(layout, scheme: Scheme, fmt) -> None:
+    """Group size must divide every compressed layer's input size; packing needs whole words."""
+    from compress_export.formats.packing import period
+
+    bad, sizes = {}, set()
+    for i, lin in enumerate(layout.linears):
+        for name, m in lin:
+            sizes.add(m.in_features)
+            if scheme.group_size != -1 and m.in_features % scheme.group_size:
+                bad.setdefault((name, m.in_features), []).append(i)
+            p = period(scheme.bits)
+            if m.in_features % p or m.out_features % p:
+                raise UserError(f"{layout.full_name(i, name)} [{m.out_features}×{m.in_features}] cannot be packed "
+                                f"at {scheme.bits} bits: both sizes must be multiples of {p}")
+    if bad:
+        which = ", ".join(f"{n} (in={k})" for n, k in sorted(bad))
+        ok = [g for g in (32, 64, 128, 256) if all(s % g == 0 for s in sizes)]
+        raise UserError(f"--group-size {scheme.group_size} does not divide the input size of {which}; "
+                        f"group sizes that fit every layer: {', '.join(map(str, ok)) or 'none'} (or -1)")
+
+
+def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str = "gptq",
+             scheme: Scheme = Scheme(group_size=0, act_order="static"), options: Optional[PassOptions] = None,
+             dataset: Optional[str] = None, num_samples: int = 64, seq_len: int = 512,
+             batch_size: Optional[int] = None,
+             overwrite: bool = False, seed: int = 0, progress: bool = True,
+             trust_remote_code: bool = False) -> Summary:
+    from compress_export.formats import FORMATS
+
+    t0 = time.time()
+    src = model_io.check_model_dir(model_dir)
+    format_ = FORMATS.get(fmt)()
+    method = method or fmt
+    pass_cls = PASSES.get(method)
+    if pass_cls.formats is not None and fmt not in pass_cls.formats:
+        raise UserError(f"--method {method} results cannot be written as --format {fmt}")
+    format_.check(scheme)
+    scheme = resolve_group_size(scheme, model_io.read_config(src))
+    out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme)
+    check_output_path(out, src, overwrite)
+    opts = options or PassOptions()
+    if not scheme.symmetric:
+        opts = PassOptions(**{**asdict(opts), "min_zero": max(opts.min_zero, format_.min_zero)})
+    the_pass = pass_cls(scheme, opts)
+
+    model, tok = model_io.load_source_model(src, trust_remote_code=trust_remote_code)
+    model_io.check_finite(model, str(src))
+    layout = describe(model, str(src))
+    check_shapes(layout, scheme, format_)
+
+    timings = {"load": time.time() - t0}
+    ids, calib_desc = None, "none (RTN)"
+    if the_pass.needs_calibration:
+        from .calibration import calibration_ids
+
+        t = time.time()
+        bar = Progress(num_samples, "data-free calibration", enabled=progress) if not dataset else None
+        ids = calibration_ids(model, tok, dataset, num_samples, seq_len, seed,
+                              progress=bar.update if bar else None)
+        calib_desc = f"{ids.shape[0]}×{ids.shape[1]} tokens from {dataset or 'the model itself (data-free)'}"
+        timings["calibration_data"] = time.time() - t
+
+    writer = CheckpointWriter(out)
+    try:
+        n_linears = _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings)
+        _write_rest(model, layout, writer, model_io.source_dtype(src))
+        cfg = model_io.read_config(src)
+        ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                  and not any(n == layout.full_name(i, ln) for i, lin in enumerate(layout.linears) for ln, _ in lin)]
+        extra = {"method": method, "calibration": calib_desc, **{k: v for k, v in asdict(opts).items()}}
+        cfg["quantization_config"] = format_.quantization_config(scheme, ignore, extra)
+        writer.finish(cfg, src, overwrite)
+    except BaseException:
+        writer.abort()
+        raise
+    return Summary(
+        output=str(out), method=method, format=fmt, scheme=asdict(scheme), decoder_layers=len(layout.layers),
+        linears=n_linears, calibration=calib_desc, seconds=time.time() - t0,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
+    )
+
+
+SINGLE_PASS_BUDGET = 6 << 30  # bytes of activations we allow for one whole-calibration-set forward
+
+
+def auto_batch_size(model, ids) -> int:
+    """Whole set in one batch (one forward per layer) when its activations fit the budget, else chunks."""
+    cfg = model.config
+    width = max(getattr(cfg, "intermediate_size", 0) or 0, getattr(cfg, "hidden_size", 0) or 0, 1)
+    per_sample = ids.shape[1] * width * 4 * 8  # fp32, ~8 live tensors of the widest size
+    if per_sample * ids.shape[0] <= SINGLE_PASS_BUDGET:
+        return ids.shape[0]
+    return max(1, SINGLE_PASS_BUDGET // per_sample)
+
+
+@torch.no_grad()
+def _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings) -> int:
+    t = time.time()
+    states = None
+    if ids is not None:
+        batch_size = batch_size or auto_batch_size(model, ids)
+        states = capture_layer0_inputs(model, layout.layers[0], ids, batch_size)
+    timings["capture"] = time.time() - t
+    bar = Progress(len(layout.layers), "compressing decoder layers", enabled=progress)
+    count, t0 = 0, time.time()
+    for i, layer in enumerate(layout.layers):
+        mods = dict(layout.linears[i])
+
+        def compress(names, stats):
+            nonlocal count
+            results = the_pass.compress_group([mods[n].weight for n in names], stats,
+                                              layout.full_name(i, "+".join(names)))
+            for n, qw in zip(names, results):
+                m = mods[n]
+                qw.bias = m.bias.detach().clone() if m.bias is not None else None
+                for suffix, tensor in format_.pack(qw).items():
+                    writer.add(f"{layout.full_name(i, n)}.{suffix}", tensor)
+                # Later layers (and later linears of this one) calibrate on the compressed function.
+                m.weight.data.copy_(qw.dequantize(m.weight.dtype))
+                count += 1
+
+        if states is None:
+            for n in mods:
+                compress([n], None)
+        elif len(states) == 1:
+            states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress)
+        else:
+            states = _two_pass(layer, layout, i, states, the_pass, compress)
+        bar.update(i + 1, f"({count} linears)")
+    timings["layers"] = time.time() - t0
+    return count
+
+
+def _single_pass(layer, linears, state, the_pass, compress):
+    """One forward: each group is compressed when first called, on every calibration token at once."""
+    hidden, kw = state
+    groups = probe_groups(layer, linears, hidden, kw)
+
+    def on_group(names, x):
+        stats = the_pass.make_stats(x.shape[-1])
+        stats.add(x)
+        compress(names, stats)
+
+    hooks = CompressOnFirstCall(dict(linears), groups, on_group)
+    try:
+        out = run_layer(layer, hidden, kw)
+    finally:
+        hooks.remove()
+    return [(out, kw)]
+
+
+def _two_pass(layer, layout, i, states, the_pass, compress):
+    """Chunked calibration set: a statistics forward over all chunks, compress, then a propagation forward."""
+    groups = InputGroups(layout.linears[i], the_pass.make_stats)
+    try:
+        for hidden, kw in states:
+            run_layer(layer, hidden, kw)
+            groups.next_batch()
+    finally:
+        groups.remove()
+    for names, stats in zip(groups.members, groups.stats):
+        compress(names, stats)
+    missing = [n for n, _ in layout.linears[i] if n not in groups.group_of]
+    if missing:
+        raise UserError(f"{layout.full_name(i, missing[0])} never ran during calibration; cannot compress it")
+    return [(run_layer(layer, h, kw), kw) for h, kw in states]
+
+
+def _write_rest(model, layout, writer, dtype) -> None:
+    """Every tensor not packed above, in the source dtype; tied weights are written once."""
+    packed = {f"{layout.full_name(i, n)}.{s}" for i, lin in enumerate(layout.linears) for n, _ in lin
+              for s in ("weight", "bias")}
+    seen = set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        if name in packed:
+            continue
+        key = (t.data_ptr(), t.shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        writer.add(name, t.to(dtype) if t.is_floating_point() else t)

@@ -1,0 +1,48 @@
+"""The one in-memory result every pass produces and every format packs.
+
+Formats only pack and unpack it; kernels only run it. Layouts here are the plain, unpacked ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .scheme import Scheme
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear layer's weight W[out, in] as integer codes and per-group parameters.
+
+    codes:  uint8 [out, in], values in [0, 2^bits - 1], in the original column order.
+    scales: float32 [out, groups]; exactly representable in fp16 (passes round them), so every format
+            that stores fp16 scales reproduces the same numbers.
+    zeros:  int32 [out, groups], the zero point in code units ((2^(bits-1)) everywhere when symmetric).
+    g_idx:  int32 [in], the group of each input column (i // group_size unless act-order regrouped them).
+    bias:   optional float tensor [out], carried through unchanged.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    scheme: Scheme
+    bias: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self):
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        g = self.g_idx.long()
+        scale = self.scales.float()[:, g]
+        zero = self.zeros.float()[:, g]
+        return ((self.codes.float() - zero) * scale).to(dtype)
+
+    def has_trivial_g_idx(self) -> bool:
+        gs = self.scheme.group_size
+        n = self.codes.shape[1]
+        ref = torch.zeros(n, dtype=torch.int32) if gs == -1 else torch.arange(n, dtype=torch.int32) // gs
+        return bool(torch.equal(self.g_idx.cpu().int(), ref))

@@ -1,0 +1,93 @@
+"""Model structure as data: where the decoder layers are, which linears are compressed, which are kept.
+
+Linears that read the same input (q/k/v, gate/up) are not listed here: the pipeline finds them at run time by
+tensor identity, which holds for any architecture, and shares one set of statistics between them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import torch.nn as nn
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: Tuple[str, ...]
+    layers: str = "model.layers"
+    # Regexes over a linear's name inside a decoder layer; targets minus ignore are compressed.
+    targets: Tuple[str, ...] = (r".*",)
+    ignore: Tuple[str, ...] = ()
+
+
+FAMILIES = (
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")),
+    Family("mixtral", ("mixtral", "qwen2_moe", "qwen3_moe"), ignore=(r".*\.gate$", r".*router.*")),
+    Family("gpt2", ("gpt2",), layers="transformer.h"),
+    Family("neox", ("gpt_neox",), layers="gpt_neox.layers"),
+    Family("opt", ("opt",), layers="model.decoder.layers"),
+)
+GENERIC_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+                       "model.language_model.layers", "transformer.blocks")
+# Never compressed: the output head and embeddings stay in the source precision by default.
+ALWAYS_KEEP = (r"(^|\.)lm_head$", r"embed", r"wte$", r"wpe$")
+
+
+def family_for(model_type: str) -> Family:
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    return Family("generic", (model_type,), layers="")
+
+
+def _get(model: nn.Module, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@dataclass
+class ModelLayout:
+    family: Family
+    layers_path: str
+    layers: nn.ModuleList
+    # per decoder layer: [(local name, nn.Linear)] in module order
+    linears: List[List[Tuple[str, nn.Linear]]] = field(default_factory=list)
+
+    def full_name(self, i: int, local: str) -> str:
+        return f"{self.layers_path}.{i}.{local}"
+
+
+def describe(model: nn.Module, where: str = "model") -> ModelLayout:
+    """Find the decoder layers and their compressible linears, or say clearly why there are none."""
+    fam = family_for(getattr(model.config, "model_type", ""))
+    paths = (fam.layers,) if fam.layers else GENERIC_LAYER_PATHS
+    for path in paths:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            break
+    else:
+        raise UserError(f"{where}: no decoder layers found (looked for {', '.join(paths)}); "
+                        f"architecture {type(model).__name__} is not supported")
+    layout = ModelLayout(fam, path, layers)
+    for layer in layers:
+        found = []
+        for name, mod in layer.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            if not any(re.fullmatch(t, name) for t in fam.targets):
+                continue
+            if any(re.fullmatch(p, name) or re.search(p, name) for p in fam.ignore + ALWAYS_KEEP):
+                continue
+            found.append((name, mod))
+        layout.linears.append(found)
+    if not any(layout.linears):
+        raise UserError(f"{where}: {type(model).__name__} has no nn.Linear layers to compress in {path}")
+    return layout

@@ -1,0 +1,6 @@
+"""Checkpoint formats: each packs the in-memory QuantizedWeight and writes what an engine reads.
+
+Importing this package registers every built-in format.
+"""
+from .base import FORMATS, Format, format_for_config, register_format  # noqa: F401
+from . import gptq  # noqa: F401  (registers "gptq")

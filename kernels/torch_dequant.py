@@ -1,0 +1,58 @@
+"""A portable pure-PyTorch W{2,3,4,8}A16/A32 kernel: dequantize the weight per call, then one matmul.
+
+Prepared layout (groups made contiguous so dequantization is one broadcast, never a gather):
+  codes  uint8 [out, in]       codes with input columns sorted by group (perm applied when act-order regrouped)
+  scales act dtype [out, G, 1]
+  zeros  act dtype [out, G, 1]
+  perm   int64 [in] or None    input columns in group order; x is permuted the same way before the matmul
+"""
+from __future__ import annotations
+
+import torch
+
+from compress_export.result import QuantizedWeight
+
+from .base import KernelRequest, LinearKernel, register_kernel
+
+
+@register_kernel("torch-dequant")
+class TorchDequantKernel(LinearKernel):
+    priority = 0
+
+    @classmethod
+    def can_implement(cls, req: KernelRequest):
+        if not req.act_dtype.is_floating_point:
+            return False, f"activations must be floating point, got {req.act_dtype}"
+        if req.bits > 8:
+            return False, f"{req.bits}-bit codes do not fit uint8"
+        if req.group_size != -1 and req.in_features % req.group_size:
+            return False, f"group size {req.group_size} does not divide in_features {req.in_features}"
+        return True, ""
+
+    def __init__(self, qw: QuantizedWeight, req: KernelRequest):
+        super().__init__(qw, req)
+        out_f, in_f = qw.shape
+        g_idx = qw.g_idx.long()
+        self.perm = None
+        codes = qw.codes
+        if req.has_g_idx:
+            self.perm = torch.argsort(g_idx, stable=True)
+            codes = codes[:, self.perm]
+        G = qw.scales.shape[1]
+        self.gs = in_f // G
+        self.codes = codes.contiguous().to(torch.uint8)
+        self.scales = qw.scales.to(req.act_dtype).view(out_f, G, 1).contiguous()
+        self.zeros = qw.zeros.to(req.act_dtype).view(out_f, G, 1).contiguous()
+
+    def weight(self) -> torch.Tensor:
+        out_f, in_f = self.codes.shape
+        w = self.codes.view(out_f, -1, self.gs).to(self.scales.dtype)
+        return ((w - self.zeros) * self.scales).view(out_f, in_f)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm.to(x.device))
+        return torch.matmul(x, self.weight().t())
+
+    def tensors(self) -> dict:
+        return {"codes": self.codes, "scales": self.scales, "zeros": self.zeros}

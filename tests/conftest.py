@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random Llama built in seconds, the shared texts, the SmolLM2 example model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TEXT = ROOT.parent / "shared" / "data" / "text"
+
+TINY_TEXT = (
+    "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
+    "all that glitters is not gold . to be or not to be , that is the question . "
+) * 40
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator([TINY_TEXT], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def make_tiny_llama(path: Path, *, tie=True, hidden=64, inter=128, layers=2, seed=0, bias=False) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = _tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      attention_bias=bias, mlp_bias=bias)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(TINY_TEXT)
+    return p
+
+
+@pytest.fixture(scope="session")
+def calib_txt() -> Path:
+    p = SHARED_TEXT / "calib.txt"
+    if not p.exists():
+        pytest.skip(f"{p} is missing (the shared data folder sits beside the checkout)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def eval_txt() -> Path:
+    p = SHARED_TEXT / "eval.txt"
+    if not p.exists():
+        pytest.skip(f"{p} is missing")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from compress_export.example_model import example_model_dir
+
+    return example_model_dir()
+
+
+def have_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and os.environ.get("COMPRESS_EXPORT_SKIP_VLLM") != "1"
