@@ -114,6 +114,8 @@ def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str 
     pass_cls = PASSES.get(method)
     if pass_cls.formats is not None and fmt not in pass_cls.formats:
         raise UserError(f"--method {method} results cannot be written as --format {fmt}")
+    if not pass_cls.uses_act_order:
+        scheme = scheme.with_(act_order="none")
     format_.check(scheme)
     scheme = resolve_group_size(scheme, model_io.read_config(src))
     out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme)

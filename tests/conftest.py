@@ -77,6 +77,18 @@ def smollm2() -> Path:
     return example_model_dir()
 
 
+@pytest.fixture(scope="session")
+def smollm2_w4(smollm2, calib_txt, tmp_path_factory) -> Path:
+    """SmolLM2 GPTQ W4 g64 (static act-order), calibrated on 8×256 tokens of calib.txt to keep CI short."""
+    from compress_export.pipeline import compress
+    from compress_export.scheme import Scheme
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-gptq-w4g64"
+    compress(smollm2, out, method="gptq", fmt="gptq", scheme=Scheme(4, 64, True, "static"),
+             dataset=str(calib_txt), num_samples=8, seq_len=256, progress=False)
+    return out
+
+
 def have_vllm() -> bool:
     import importlib.util
 

@@ -27,6 +27,7 @@ class PassOptions:
 
 class Pass:
     needs_calibration = True
+    uses_act_order = True  # False: the pass keeps natural column order, so act_order is normalised to "none"
     # Formats a pass's result may be written to; None = any weight-quantization format.
     formats: Optional[tuple] = None
 

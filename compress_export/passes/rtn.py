@@ -11,6 +11,7 @@ from .base import Pass, register_pass, split_rows
 @register_pass("rtn")
 class RTNPass(Pass):
     needs_calibration = False
+    uses_act_order = False
 
     def compress_group(self, weights, stats, name):
         W = torch.cat([w.float() for w in weights], dim=0)

@@ -1,0 +1,83 @@
+"""Perplexity, compression time, peak RSS and size of RTN and GPTQ exports of SmolLM2 (shared protocol).
+
+  python benchmarks/gptq_table.py [--rows gptq-w4g64,rtn-w4g64,...] [--out results.json]
+
+Each row runs `compress-export` and `compress-export eval` in fresh subprocesses, so peak RSS is per run.
+Row names: METHOD-wBITS(gGROUP|pc)[-asym][-ACTORDER][-datafree]; calibration is the first 64×512 tokens of
+../shared/data/text/calib.txt unless -datafree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "text"
+DEFAULT_ROWS = ("bf16,rtn-w8pc,gptq-w8pc,rtn-w4g64,gptq-w4g64,rtn-w3g64,gptq-w3g64,rtn-w2g64,gptq-w2g64,"
+                "gptq-w4g64-datafree")
+
+
+def cli(*args) -> dict:
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli", *map(str, args), "--json"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"failed: {' '.join(map(str, args))}\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def parse_row(name: str) -> list:
+    m = re.fullmatch(r"(rtn|gptq)-w(\d)(?:g(\d+)|pc)(-asym)?(?:-(none|static|group))?(-datafree)?", name)
+    if not m:
+        raise SystemExit(f"bad row name {name!r}")
+    method, bits, group, asym, act, datafree = m.groups()
+    args = ["--method", method, "--bits", bits, "--group-size", group or "-1", "--act-order", act or "static"]
+    if asym:
+        args.append("--asym")
+    if not datafree:
+        args += ["--dataset", TEXT / "calib.txt"]
+    return args + ["--num-samples", "64", "--seq-len", "512"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=DEFAULT_ROWS)
+    p.add_argument("--model", help="model directory (default: the built-in SmolLM2 example)")
+    p.add_argument("--out", help="write the results as JSON here too")
+    a = p.parse_args()
+    model = a.model or subprocess.run([sys.executable, "-m", "compress_export.cli", "example-model"],
+                                      capture_output=True, text=True, check=True).stdout.strip()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in a.rows.split(","):
+            t = time.time()
+            if row == "bf16":
+                rec = {"row": row, "seconds": 0.0, "peak_rss_mb": None, "size_mb": None}
+                target = model
+            else:
+                target = Path(tmp) / row
+                s = cli(*parse_row(row), model, "-o", target, "-q")
+                rec = {"row": row, "seconds": round(s["seconds"], 1), "peak_rss_mb": round(s["peak_rss_mb"]),
+                       "size_mb": round(s["size_after_mb"], 1)}
+            ev = cli("eval", target, "--text", TEXT / "eval.txt")
+            rec.update(token_ppl=round(ev["token_perplexity"], 2), word_ppl=round(ev["word_perplexity"], 1),
+                       byte_ppl=round(ev["byte_perplexity"], 4), bits_per_byte=round(ev["bits_per_byte"], 4))
+            if row == "bf16":
+                rec["size_mb"] = round(sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 1e6, 1)
+            results.append(rec)
+            print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
+    cols = ["row", "token_ppl", "word_ppl", "byte_ppl", "bits_per_byte", "seconds", "peak_rss_mb", "size_mb"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

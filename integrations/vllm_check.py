@@ -1,0 +1,50 @@
+"""Load an export in vLLM offline and generate greedily: `python -m compress_export.integrations.vllm_check OUT`.
+
+Prints one JSON line with the generated text, load and generation times and decode tokens/s, so tests and
+benchmarks can run it in a subprocess (vLLM spawns its engine: this module must stay importable as __main__).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def run(model: str, prompt: str, max_tokens: int, **llm_kwargs) -> dict:
+    from compress_export.integrations.vllm_launch import cpu_environment, has_cuda
+
+    import os
+
+    os.environ.update(cpu_environment())
+    from vllm import LLM, SamplingParams
+
+    if not has_cuda():
+        llm_kwargs.setdefault("dtype", "float32")
+        llm_kwargs.setdefault("enforce_eager", True)
+    t0 = time.time()
+    llm = LLM(model=model, max_model_len=1024, seed=0, **llm_kwargs)
+    load_s = time.time() - t0
+    quant = llm.llm_engine.vllm_config.model_config.quantization
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
+    t1 = time.time()
+    out = llm.generate([prompt], greedy)[0].outputs[0]
+    gen_s = time.time() - t1
+    return {"model": model, "quantization": quant, "text": out.text, "tokens": len(out.token_ids),
+            "load_s": round(load_s, 2), "generate_s": round(gen_s, 3),
+            "decode_tok_s": round(len(out.token_ids) / gen_s, 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("model")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-tokens", type=int, default=16)
+    a = p.parse_args(argv)
+    print("RESULT " + json.dumps(run(a.model, a.prompt, a.max_tokens)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job on the built-in example model: build SmolLM2-135M-Instruct, export GPTQ W4, measure, serve.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+MODEL=$(compress-export example-model)
+OUT=out/SmolLM2-135M-Instruct-gptq-w4
+compress-export --format gptq --bits 4 "$MODEL" -o "$OUT" --overwrite
+compress-export eval "$MODEL" --text ../shared/data/text/eval.txt
+compress-export eval "$OUT" --text ../shared/data/text/eval.txt
+python -m compress_export.integrations.vllm_check "$OUT"
+echo "serve it with: compress-export serve $OUT   (or: vllm serve $OUT where vLLM's own command works)"

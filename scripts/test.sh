@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (.venv, all extras) and run every test tier: fast math/format tests, the tiny model through every
+# pass, SmolLM2 end to end, and real vLLM (CPU backend) offline and served on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+python -m pytest -q -rs "$@"

@@ -1,0 +1,107 @@
+"""Bad input through the real command: one line on stderr, non-zero exit, no traceback, nothing written."""
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, cwd=None):
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("compress-export: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_directory(tmp_path):
+    rc, _, err = cli("--format", "gptq", tmp_path / "nope")
+    assert_one_line_error(rc, err, "does not exist")
+
+
+def test_not_a_model_directory(tmp_path):
+    rc, _, err = cli(tmp_path)
+    assert_one_line_error(rc, err, "no config.json")
+
+
+def test_pickle_only_directory_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    rc, _, err = cli(tmp_path)
+    assert_one_line_error(rc, err, "pickle", "never loaded")
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16])
+def test_bits_out_of_range(tiny_model, tmp_path, bits):
+    rc, _, err = cli("--bits", bits, tiny_model, "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, f"--bits {bits}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_group_size_that_does_not_divide(tiny_model, tmp_path):
+    rc, _, err = cli("--method", "rtn", "--group-size", "48", tiny_model, "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, "--group-size 48", "q_proj (in=64)", "32, 64")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output(tiny_model, tmp_path):
+    (tmp_path / "o").mkdir()
+    rc, _, err = cli("--method", "rtn", tiny_model, "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, "--overwrite")
+
+
+def test_output_inside_input_is_refused(tiny_model):
+    rc, _, err = cli("--method", "rtn", tiny_model, "-o", tiny_model / "sub")
+    assert_one_line_error(rc, err, "inside the input model directory")
+    assert not (tiny_model / "sub").exists()
+
+
+def test_no_linears_to_compress(tmp_path):
+    from transformers import GPT2Config  # noqa: F401  (GPT-2 uses Conv1D, not nn.Linear)
+    from transformers import GPT2LMHeadModel
+
+    from conftest import _tiny_tokenizer
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
+    m.save_pretrained(str(tmp_path / "gpt2"))
+    _tiny_tokenizer().save_pretrained(str(tmp_path / "gpt2"))
+    rc, _, err = cli("--method", "rtn", "--group-size", "32", tmp_path / "gpt2", "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, "no nn.Linear layers")
+
+
+def test_missing_dataset_file(tiny_model, tmp_path):
+    rc, _, err = cli("--dataset", tmp_path / "none.txt", tiny_model, "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, "--dataset", "does not exist")
+
+
+def test_compress_then_eval_end_to_end(tiny_model, tiny_text, tmp_path):
+    out = tmp_path / "o"
+    rc, so, err = cli("--format", "gptq", "--bits", "4", "--group-size", "32", "--dataset", tiny_text,
+                      "--num-samples", "4", "--seq-len", "32", tiny_model, "-o", out)
+    assert rc == 0, err
+    assert "wrote" in so and "smaller" in so
+    assert "compressing decoder layers" in err and "2/2" in err  # progress with layers done
+    rc, so, err = cli("eval", out, "--text", tiny_text, "--windows", "2", "--window", "64")
+    assert rc == 0, err
+    assert "token ppl" in so and "bits/byte" in so
+
+
+def test_default_output_name_is_derived(tiny_model, tmp_path):
+    rc, so, err = cli("--method", "rtn", "--group-size", "32", "-q", tiny_model, cwd=tmp_path)
+    assert rc == 0, err
+    assert (tmp_path / "tiny-llama-gptq-rtn-w4g32").is_dir()
+
+
+def test_import_is_light():
+    code = ("import sys, compress_export, compress_export.formats, compress_export.kernels; "
+            "bad = [m for m in sys.modules if m.startswith('vllm')]; "
+            "import torch; assert not torch.cuda.is_initialized(); print(bad)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

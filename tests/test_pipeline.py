@@ -1,0 +1,153 @@
+"""A tiny random Llama through every pass, bit width and act-order into the GPTQ format and back."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from compress_export.errors import UserError
+from compress_export.loading import load_model, read_quantized
+from compress_export.passes import PassOptions
+from compress_export.pipeline import compress
+from compress_export.scheme import Scheme
+
+
+def run(tiny_model, tiny_text, out, **kw):
+    kw.setdefault("scheme", Scheme(4, 32, True, "none"))
+    return compress(tiny_model, out, dataset=str(tiny_text), num_samples=8, seq_len=32, progress=False, **kw)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("bits,group,sym,act", [(4, 32, True, "none"), (3, 32, True, "group"),
+                                                (2, 16, False, "static"), (8, -1, True, "none"),
+                                                (4, 64, False, "group")])
+def test_export_round_trips_through_our_loader(tiny_model, tiny_text, tmp_path, method, bits, group, sym, act):
+    scheme = Scheme(bits, group, sym, act)
+    s = run(tiny_model, tiny_text, tmp_path / "out", method=method, scheme=scheme)
+    assert s.linears == 14 and s.decoder_layers == 2
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["bits"] == bits and q["group_size"] == group and q["sym"] == sym
+    assert q["desc_act"] == (act == "group" and method == "gptq")
+    _, qweights, rest = read_quantized(tmp_path / "out")
+    assert len(qweights) == 14
+    # the export is exactly the in-memory result: reload and compare with a dense model built from it
+    model, _ = load_model(tmp_path / "out")
+    kmodel, _ = load_model(tmp_path / "out", mode="kernel")
+    ids = torch.randint(3, 60, (2, 16))
+    assert torch.allclose(logits(model, ids), logits(kmodel, ids), atol=1e-4)
+    for name, qw in qweights.items():
+        w = model.get_submodule(name).weight
+        assert torch.equal(w, qw.dequantize())
+        assert qw.codes.max() <= (1 << bits) - 1
+
+
+def test_gptq_tensor_layout_and_tied_embeddings(tiny_model, tiny_text, tmp_path):
+    run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(4, 32, True, "none"))
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        p = "model.layers.0.self_attn.q_proj."
+        assert f.get_tensor(p + "qweight").shape == (64 * 4 // 32, 64)
+        assert f.get_tensor(p + "qweight").dtype == torch.int32
+        assert f.get_tensor(p + "qzeros").shape == (2, 64 * 4 // 32)
+        assert f.get_tensor(p + "scales").shape == (2, 64) and f.get_tensor(p + "scales").dtype == torch.float16
+        assert f.get_tensor(p + "g_idx").tolist() == [i // 32 for i in range(64)]
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    assert "lm_head.weight" not in keys  # tied: written once
+    assert not any(k.endswith("proj.weight") for k in keys)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "out" / f).exists(), f
+
+
+def test_gptq_is_closer_than_rtn_on_the_calibration_text(tiny_model, tiny_text, tmp_path):
+    ref, tok = load_model(tiny_model)
+    ids = tok(tiny_text.read_text(), return_tensors="pt")["input_ids"][:, :128]
+    base = logits(ref, ids)
+    errs = {}
+    for m in ("rtn", "gptq"):
+        run(tiny_model, tiny_text, tmp_path / m, method=m, scheme=Scheme(3, 32, True, "none"))
+        model, _ = load_model(tmp_path / m)
+        errs[m] = (logits(model, ids) - base).pow(2).mean().item()
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_one_forward_mode_matches_chunked_mode_closely(tiny_model, tiny_text, tmp_path):
+    a = run(tiny_model, tiny_text, tmp_path / "a", method="gptq", batch_size=None)
+    b = run(tiny_model, tiny_text, tmp_path / "b", method="gptq", batch_size=2)
+    _, qa, _ = read_quantized(tmp_path / "a")
+    _, qb, _ = read_quantized(tmp_path / "b")
+    first = "model.layers.0.self_attn.q_proj"  # same inputs in both modes for the first group
+    assert torch.equal(qa[first].codes, qb[first].codes)
+    assert a.linears == b.linears
+
+
+def test_input_directory_is_never_written(tiny_model, tiny_text, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_model.iterdir()}
+    run(tiny_model, tiny_text, tmp_path / "out", method="rtn")
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_model.iterdir()} == before
+
+
+def test_existing_output_needs_overwrite(tiny_model, tiny_text, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="--overwrite"):
+        run(tiny_model, tiny_text, out, method="rtn")
+    assert (out / "keep.txt").read_text() == "mine"
+    run(tiny_model, tiny_text, out, method="rtn", overwrite=True)
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_failure_midway_leaves_no_checkpoint(tiny_model, tiny_text, tmp_path, monkeypatch):
+    import compress_export.pipeline as pl
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(pl, "_write_rest", boom)
+    with pytest.raises(RuntimeError):
+        run(tiny_model, tiny_text, tmp_path / "out", method="rtn")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_group_size_that_does_not_divide_names_layers_and_fixes(tiny_model, tiny_text, tmp_path):
+    with pytest.raises(UserError) as e:
+        run(tiny_model, tiny_text, tmp_path / "out", method="rtn", scheme=Scheme(4, 48, True))
+    msg = str(e.value)
+    assert "--group-size 48" in msg and "q_proj (in=64)" in msg and "down_proj (in=128)" in msg
+    assert "32, 64" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_refused(tiny_model, tiny_text, tmp_path):
+    from conftest import make_tiny_llama
+    from safetensors.torch import load_file, save_file
+
+    bad = make_tiny_llama(tmp_path / "bad")
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="up_proj.weight has NaN"):
+        run(bad, tiny_text, tmp_path / "out", method="rtn")
+
+
+def test_asymmetric_gptq_never_writes_zero_point_zero(tiny_model, tiny_text, tmp_path):
+    run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(2, 16, False))
+    _, qweights, _ = read_quantized(tmp_path / "out")
+    assert min(int(q.zeros.min()) for q in qweights.values()) >= 1
+
+
+def test_rtn_needs_no_calibration(tiny_model, tmp_path):
+    s = compress(tiny_model, tmp_path / "out", method="rtn", scheme=Scheme(4, 32), progress=False)
+    assert s.calibration.startswith("none")
+
+
+def test_options_reach_the_config(tiny_model, tiny_text, tmp_path):
+    run(tiny_model, tiny_text, tmp_path / "out", method="gptq", options=PassOptions(damp=0.05))
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert q["damp_percent"] == 0.05 and q["compress_export"]["method"] == "gptq"
