@@ -22,14 +22,16 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
+        if x.dtype != torch.float32:
+            x = x.float()
         m = x.shape[0]
         if m == 0:
             return
-        self.H.mul_(self.n / (self.n + m))
-        self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.t(), x)
+        total = self.n + m
+        # H ← H·n/(n+m) + 2·xᵀx/(n+m), in one GEMM without copying x
+        self.H.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)
+        self.n = total
 
 
 @dataclass

@@ -75,3 +75,24 @@ def test_server_completions_on_loopback(smollm2_w4, tmp_path):
         except (subprocess.TimeoutExpired, ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def test_plugin_claims_only_where_vllm_has_no_kernel():
+    code = "\n".join([
+        "import os",
+        "os.environ['VLLM_TARGET_DEVICE'] = 'cpu'",
+        "from compress_export.integrations.vllm_plugin import register",
+        "register(); register()  # idempotent",
+        "from compress_export.integrations.vllm_method import CompressExportConfig as C, vllm_has_kernel",
+        "q = {'quant_method': 'gptq', 'bits': 4, 'group_size': 64, 'desc_act': False, 'sym': True}",
+        "print(vllm_has_kernel(q), C.override_quantization_method(q, None))",
+        "os.environ['COMPRESS_EXPORT_VLLM'] = 'never'",
+        "print(C.override_quantization_method(q, None))",
+        "os.environ['COMPRESS_EXPORT_VLLM'] = 'auto'",
+        "print(C.override_quantization_method(q, 'awq'), C.override_quantization_method({'quant_method': 'fp8'}, None))",
+        "print(C.override_quantization_method(q, 'compress_export'))",
+    ])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()[-4:]
+    assert lines == ["False compress_export", "None", "None None", "compress_export"], r.stdout
