@@ -105,26 +105,9 @@ def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str 
              batch_size: Optional[int] = None,
              overwrite: bool = False, seed: int = 0, progress: bool = True,
              trust_remote_code: bool = False) -> Summary:
-    from compress_export.formats import FORMATS
-
     t0 = time.time()
-    src = model_io.check_model_dir(model_dir)
-    format_ = FORMATS.get(fmt)()
-    method = method or fmt
-    pass_cls = PASSES.get(method)
-    if pass_cls.formats is not None and fmt not in pass_cls.formats:
-        raise UserError(f"--method {method} results cannot be written as --format {fmt}")
-    if not pass_cls.uses_act_order:
-        scheme = scheme.with_(act_order="none")
-    format_.check(scheme)
-    scheme = resolve_group_size(scheme, model_io.read_config(src))
-    out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme)
-    check_output_path(out, src, overwrite)
-    opts = options or PassOptions()
-    if not scheme.symmetric:
-        opts = PassOptions(**{**asdict(opts), "min_zero": max(opts.min_zero, format_.min_zero)})
-    the_pass = pass_cls(scheme, opts)
-
+    src, out, format_, the_pass = _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite)
+    scheme, method = the_pass.scheme, the_pass.name
     model, tok = model_io.load_source_model(src, trust_remote_code=trust_remote_code)
     model_io.check_finite(model, str(src))
     layout = describe(model, str(src))
@@ -146,10 +129,10 @@ def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str 
     try:
         n_linears = _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings)
         _write_rest(model, layout, writer, model_io.source_dtype(src))
+        compressed = {layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
+        ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
+        extra = {"method": method, "calibration": calib_desc, **asdict(the_pass.options)}
         cfg = model_io.read_config(src)
-        ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                  and not any(n == layout.full_name(i, ln) for i, lin in enumerate(layout.linears) for ln, _ in lin)]
-        extra = {"method": method, "calibration": calib_desc, **{k: v for k, v in asdict(opts).items()}}
         cfg["quantization_config"] = format_.quantization_config(scheme, ignore, extra)
         writer.finish(cfg, src, overwrite)
     except BaseException:
@@ -161,6 +144,28 @@ def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str 
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
     )
+
+
+def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite):
+    """Every check that needs no weights, before any work starts: paths, method × format, scheme."""
+    from compress_export.formats import FORMATS
+
+    src = model_io.check_model_dir(model_dir)
+    format_ = FORMATS.get(fmt)()
+    method = method or fmt
+    pass_cls = PASSES.get(method)
+    if pass_cls.formats is not None and fmt not in pass_cls.formats:
+        raise UserError(f"--method {method} results cannot be written as --format {fmt}")
+    if not pass_cls.uses_act_order:
+        scheme = scheme.with_(act_order="none")
+    format_.check(scheme)
+    scheme = resolve_group_size(scheme, model_io.read_config(src))
+    out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme)
+    check_output_path(out, src, overwrite)
+    opts = options or PassOptions()
+    if not scheme.symmetric:
+        opts = PassOptions(**{**asdict(opts), "min_zero": max(opts.min_zero, format_.min_zero)})
+    return src, out, format_, pass_cls(scheme, opts)
 
 
 SINGLE_PASS_BUDGET = 6 << 30  # bytes of activations we allow for one whole-calibration-set forward
