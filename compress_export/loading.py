@@ -6,7 +6,6 @@ into ordinary nn.Linear weights (`mode="dequant"`, exact reference) or run throu
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 

@@ -28,12 +28,7 @@ class GPTQFormat(Format):
     quant_method = "gptq"
     supported_bits = (2, 3, 4, 8)
 
-    @property
-    def min_zero(self):  # zero−1 must stay ≥ 0
-        return 1
-
-    def check(self, scheme: Scheme) -> None:
-        super().check(scheme)
+    min_zero = 1  # zero−1 is stored, so an asymmetric zero point must stay ≥ 1
 
     def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
         b = qw.scheme.bits

@@ -7,7 +7,6 @@ and vLLM's own kernels (Marlin, Machete) run. Set COMPRESS_EXPORT_VLLM=always|ne
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Optional
 
@@ -28,8 +27,6 @@ from compress_export.formats import format_for_config
 from compress_export.kernels import KernelRequest, choose_kernel
 
 from .vllm_plugin import METHOD_NAME
-
-log = logging.getLogger(__name__)
 
 # (quant_method, bits, sym) that stock vLLM runs on CUDA/ROCm with its own kernels.
 _VLLM_CUDA_NATIVE = {("gptq", 4, True), ("gptq", 8, True), ("awq", 4, False),
