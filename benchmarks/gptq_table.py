@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "text"
+from common import TEXT, example_model
+
 DEFAULT_ROWS = ("bf16,rtn-w8pc,gptq-w8pc,rtn-w4g64,gptq-w4g64,rtn-w3g64,gptq-w3g64,rtn-w2g64,gptq-w2g64,"
                 "gptq-w4g64-datafree")
 
@@ -50,8 +50,7 @@ def main():
     p.add_argument("--model", help="model directory (default: the built-in SmolLM2 example)")
     p.add_argument("--out", help="write the results as JSON here too")
     a = p.parse_args()
-    model = a.model or subprocess.run([sys.executable, "-m", "compress_export.cli", "example-model"],
-                                      capture_output=True, text=True, check=True).stdout.strip()
+    model = a.model or example_model()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for row in a.rows.split(","):

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import example_model
+
 
 def check(model: str, max_tokens: int) -> dict:
     r = subprocess.run([sys.executable, "-m", "compress_export.integrations.vllm_check", model,
@@ -31,8 +33,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
-    base = subprocess.run([sys.executable, "-m", "compress_export.cli", "example-model"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    base = example_model()
     with tempfile.TemporaryDirectory() as tmp:
         exports = a.exports
         if not exports:

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "text"
+from common import ROOT, TEXT, example_model
+
 VENV = ROOT / ".bench" / "llmc-venv"
 LLMC = "llmcompressor==0.14.0.1"
 
@@ -78,8 +78,7 @@ def run_with_rss(cmd) -> dict:
 
 def main():
     py = ensure_venv()
-    model = subprocess.run([sys.executable, "-m", "compress_export.cli", "example-model"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    model = example_model()
     calib, evalt = TEXT / "calib.txt", TEXT / "eval.txt"
     with tempfile.TemporaryDirectory() as tmp:
         ours_out, theirs_out = Path(tmp) / "ours", Path(tmp) / "llmc"

@@ -12,16 +12,15 @@ import time
 
 
 def run(model: str, prompt: str, max_tokens: int, **llm_kwargs) -> dict:
-    from compress_export.integrations.vllm_launch import cpu_environment, has_cuda
-
     import os
+
+    from compress_export.integrations.vllm_launch import CPU_ENGINE_DEFAULTS, cpu_environment, has_cuda
 
     os.environ.update(cpu_environment())
     from vllm import LLM, SamplingParams
 
     if not has_cuda():
-        llm_kwargs.setdefault("dtype", "float32")
-        llm_kwargs.setdefault("enforce_eager", True)
+        llm_kwargs = {**CPU_ENGINE_DEFAULTS, **llm_kwargs}
     t0 = time.time()
     llm = LLM(model=model, max_model_len=1024, seed=0, **llm_kwargs)
     load_s = time.time() - t0

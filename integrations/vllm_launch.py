@@ -28,6 +28,10 @@ def cpu_environment(env=None) -> dict:
     return env
 
 
+# What works on a CPU-only machine, as vLLM engine arguments; default_args spells the same as CLI flags.
+CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True}
+
+
 def default_args(user_args: List[str]) -> List[str]:
     """Flags we add on CPU unless the user gave them."""
     if has_cuda():
@@ -35,7 +39,7 @@ def default_args(user_args: List[str]) -> List[str]:
     given = {a.split("=")[0] for a in user_args if a.startswith("--")}
     extra = []
     if "--dtype" not in given:
-        extra += ["--dtype", "float32"]
+        extra += ["--dtype", CPU_ENGINE_DEFAULTS["dtype"]]
     if "--enforce-eager" not in given and "--no-enforce-eager" not in given:
         extra += ["--enforce-eager"]
     return extra

@@ -3,7 +3,7 @@
 Prepared layout (groups made contiguous so dequantization is one broadcast, never a gather):
   codes  uint8 [out, in]       codes with input columns sorted by group (perm applied when act-order regrouped)
   scales act dtype [out, G, 1]
-  zs     act dtype [out, G, 1]   zero·scale, so W = codes·scale − zs is one fused multiply-add after the cast
+  neg_zs act dtype [out, G, 1]  −zero·scale, so W = codes·scale + neg_zs is one fused multiply-add after the cast
   perm   int64 [in] or None    input columns in group order; x is permuted the same way before the matmul
 """
 from __future__ import annotations
@@ -42,12 +42,12 @@ class TorchDequantKernel(LinearKernel):
         self.gs = in_f // G
         self.codes = codes.contiguous().to(torch.uint8)
         self.scales = qw.scales.to(req.act_dtype).view(out_f, G, 1).contiguous()
-        self.zs = (qw.zeros.double() * qw.scales.double()).to(req.act_dtype).view(out_f, G, 1).contiguous()
+        self.neg_zs = (-qw.zeros.double() * qw.scales.double()).to(req.act_dtype).view(out_f, G, 1).contiguous()
 
     def weight(self) -> torch.Tensor:
         out_f, in_f = self.codes.shape
         w = self.codes.view(out_f, -1, self.gs).to(self.scales.dtype)
-        return torch.addcmul(-self.zs, w, self.scales).view(out_f, in_f)
+        return torch.addcmul(self.neg_zs, w, self.scales).view(out_f, in_f)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -55,4 +55,4 @@ class TorchDequantKernel(LinearKernel):
         return torch.matmul(x, self.weight().t())
 
     def tensors(self) -> dict:
-        return {"codes": self.codes, "scales": self.scales, "zs": self.zs}
+        return {"codes": self.codes, "scales": self.scales, "neg_zs": self.neg_zs}
