@@ -1,10 +1,12 @@
-"""Perplexity, compression time, peak RSS and size of RTN and GPTQ exports of SmolLM2 (shared protocol).
+"""Perplexity, compression time, peak RSS and size of RTN, GPTQ and AWQ exports of SmolLM2 (shared protocol).
 
   python benchmarks/gptq_table.py [--rows gptq-w4g64,rtn-w4g64,...] [--out results.json]
+  python benchmarks/gptq_table.py --rows AWQ_ROWS     # the AWQ / formats table of benchmarks/README.md
 
 Each row runs `compress-export` and `compress-export eval` in fresh subprocesses, so peak RSS is per run.
-Row names: METHOD-wBITS(gGROUP|pc)[-asym][-ACTORDER][-datafree]; calibration is the first 64×512 tokens of
-../shared/data/text/calib.txt unless -datafree.
+Row names: METHOD-wBITS(gGROUP|pc)[-asym][-ACTORDER][-datafree][@FORMAT]; calibration is the first 64×512
+tokens of ../shared/data/text/calib.txt unless -datafree; FORMAT defaults to gptq. `ROW>FORMAT` repacks the
+export of an earlier ROW into FORMAT with `compress-export convert` (same numbers, so the same perplexity).
 """
 from __future__ import annotations
 
@@ -31,14 +33,20 @@ def cli(*args) -> dict:
     return json.loads(r.stdout[r.stdout.index("{"):])
 
 
+AWQ_ROWS = ("bf16,rtn-w4g64-asym-none@awq,gptq-w4g64-asym-static,awq-w4g64-asym@awq,"
+            "awq-w4g64-asym@awq>compressed-tensors,gptq-w4g64-static,gptq-w4g64-static>awq,"
+            "gptq-w4g64-static>compressed-tensors")
+
+
 def parse_row(name: str) -> list:
-    m = re.fullmatch(r"(rtn|gptq)-w(\d)(?:g(\d+)|pc)(-asym)?(?:-(none|static|group))?(-datafree)?", name)
+    m = re.fullmatch(r"(rtn|gptq|awq)-w(\d)(?:g(\d+)|pc)(-asym)?(?:-(none|static|group))?(-datafree)?"
+                     r"(?:@([a-z-]+))?", name)
     if not m:
         raise SystemExit(f"bad row name {name!r}")
-    method, bits, group, asym, act, datafree = m.groups()
-    args = ["--method", method, "--bits", bits, "--group-size", group or "-1", "--act-order", act or "static"]
-    if asym:
-        args.append("--asym")
+    method, bits, group, asym, act, datafree, fmt = m.groups()
+    args = ["--method", method, "--bits", bits, "--group-size", group or "-1", "--act-order", act or "static",
+            "--format", fmt or "gptq"]
+    args.append("--asym" if asym else "--sym")
     if not datafree:
         args += ["--dataset", TEXT / "calib.txt"]
     return args + ["--num-samples", "64", "--seq-len", "512"]
@@ -46,16 +54,24 @@ def parse_row(name: str) -> list:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=DEFAULT_ROWS)
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated row names, or AWQ_ROWS")
     p.add_argument("--model", help="model directory (default: the built-in SmolLM2 example)")
     p.add_argument("--out", help="write the results as JSON here too")
     a = p.parse_args()
     model = a.model or example_model()
+    rows = AWQ_ROWS if a.rows == "AWQ_ROWS" else a.rows
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for row in a.rows.split(","):
+        for row in rows.split(","):
             t = time.time()
-            if row == "bf16":
+            if ">" in row:
+                src, fmt = row.split(">")
+                target = Path(tmp) / row.replace(">", "-to-")
+                subprocess.run([sys.executable, "-m", "compress_export.cli", "convert", Path(tmp) / src,
+                                "--format", fmt, "-o", target], check=True, capture_output=True)
+                rec = {"row": row, "seconds": round(time.time() - t, 1), "peak_rss_mb": None,
+                       "size_mb": round(sum(f.stat().st_size for f in target.glob("*.safetensors")) / 1e6, 1)}
+            elif row == "bf16":
                 rec = {"row": row, "seconds": 0.0, "peak_rss_mb": None, "size_mb": None}
                 target = model
             else:

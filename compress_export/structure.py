@@ -33,6 +33,30 @@ FAMILIES = (
 )
 GENERIC_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                        "model.language_model.layers", "transformer.blocks")
+
+
+@dataclass(frozen=True)
+class ScaleMapping:
+    """AWQ: `smooth` (a norm, or a linear whose output rows feed the balance linears) absorbs 1/s; the balance
+    linears, which all read smooth's output, absorb s on their input columns. Names are local to a decoder layer.
+    `when_shapes_match`: apply only if smooth's output width equals the balance linears' input width (v_proj →
+    o_proj breaks under grouped-query attention)."""
+
+    smooth: str
+    balance: Tuple[str, ...]
+    when_shapes_match: bool = False
+
+
+_LLAMA_AWQ = (
+    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",), when_shapes_match=True),
+    ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
+)
+# model_type → mappings. Only families whose norms scale as y = w·x̂ (so 1/s folds into w) and whose layer
+# structure matches are listed; Gemma's (1 + w) norms and Phi-3's fused projections need their own entries.
+AWQ_MAPPINGS = {"llama": _LLAMA_AWQ, "mistral": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ, "qwen3": _LLAMA_AWQ}
+
 # Never compressed: the output head and embeddings stay in the source precision by default.
 ALWAYS_KEEP = (r"(^|\.)lm_head$", r"embed", r"wte$", r"wpe$")
 

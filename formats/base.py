@@ -39,6 +39,7 @@ class Format:
     name = "base"
     quant_method = ""
     supported_bits: tuple = ()
+    default_method = "gptq"  # the pass used when --method is not given
     # The smallest zero point the format can store (GPTQ v1 stores zero-1, so an asymmetric zero of 0 is lost).
     min_zero = 0
 

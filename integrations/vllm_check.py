@@ -11,7 +11,21 @@ import sys
 import time
 
 
-def run(model: str, prompt: str, max_tokens: int, **llm_kwargs) -> dict:
+def prompt_top1(llm, token_ids: list) -> dict:
+    """vLLM's own top-1 next token and its log-probability at every position of a prompt (prompt logprobs)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    out = llm.generate([TokensPrompt(prompt_token_ids=token_ids)],
+                       SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0))[0]
+    top, lp = [], []
+    for d in out.prompt_logprobs[1:]:  # position 0 has no prediction
+        best = min(d.items(), key=lambda kv: kv[1].rank)
+        top.append(int(best[0]))
+        lp.append(float(best[1].logprob))
+    return {"top1": top, "top1_logprob": lp}
+
+
+def run(model: str, prompt: str, max_tokens: int, score_ids: list | None = None, **llm_kwargs) -> dict:
     import os
 
     from compress_export.integrations.vllm_launch import CPU_ENGINE_DEFAULTS, cpu_environment, has_cuda
@@ -30,9 +44,12 @@ def run(model: str, prompt: str, max_tokens: int, **llm_kwargs) -> dict:
     t1 = time.time()
     out = llm.generate([prompt], greedy)[0].outputs[0]
     gen_s = time.time() - t1
-    return {"model": model, "quantization": quant, "text": out.text, "tokens": len(out.token_ids),
-            "load_s": round(load_s, 2), "generate_s": round(gen_s, 3),
-            "decode_tok_s": round(len(out.token_ids) / gen_s, 2)}
+    res = {"model": model, "quantization": quant, "text": out.text, "tokens": len(out.token_ids),
+           "load_s": round(load_s, 2), "generate_s": round(gen_s, 3),
+           "decode_tok_s": round(len(out.token_ids) / gen_s, 2)}
+    if score_ids:
+        res.update(prompt_top1(llm, score_ids))
+    return res
 
 
 def main(argv=None) -> int:
@@ -40,8 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("model")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--score-ids", help="a JSON file with a list of token ids: also report vLLM's top-1 "
+                                       "prediction and log-probability at each position (conformance checks)")
     a = p.parse_args(argv)
-    print("RESULT " + json.dumps(run(a.model, a.prompt, a.max_tokens)), flush=True)
+    ids = json.load(open(a.score_ids)) if a.score_ids else None
+    print("RESULT " + json.dumps(run(a.model, a.prompt, a.max_tokens, ids)), flush=True)
     return 0
 
 

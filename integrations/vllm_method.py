@@ -8,6 +8,7 @@ and vLLM's own kernels (Marlin, Machete) run. Set COMPRESS_EXPORT_VLLM=always|ne
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Optional
 
 import torch
@@ -48,7 +49,9 @@ def vllm_has_kernel(qcfg: dict) -> bool:
         scheme = format_for_config(qcfg).scheme_from_config(qcfg)
     except (UserError, KeyError, ValueError):
         return True  # not ours to judge: leave it to vLLM
-    key = (qcfg.get("quant_method"), scheme.bits, scheme.symmetric)
+    # AWQ GEMM always carries zero points (symmetric weights are stored with zeros of 8): vLLM sees asymmetric.
+    sym = scheme.symmetric and qcfg.get("quant_method") != "awq"
+    key = (qcfg.get("quant_method"), scheme.bits, sym)
     if current_platform.is_cuda_alike():
         return key in _VLLM_CUDA_NATIVE
     if current_platform.is_cpu():
@@ -74,7 +77,10 @@ class CompressExportConfig(QuantizationConfig):
         self.qcfg = qcfg
         self.fmt = format_for_config(qcfg)
         self.scheme = self.fmt.scheme_from_config(qcfg)
-        self.not_quantized = set(qcfg.get("modules_not_quantized") or [])
+        # Each format names its unquantized modules its own way (GPTQ, AWQ, compressed-tensors `re:` patterns).
+        names = [n for k in ("modules_not_quantized", "modules_to_not_convert", "ignore") for n in qcfg.get(k) or []]
+        self.not_quantized = {n for n in names if not n.startswith("re:")}
+        self.not_quantized_re = [re.compile(n[3:]) for n in names if n.startswith("re:")]
 
     def __repr__(self):
         return f"CompressExportConfig({self.fmt.name}, {self.scheme})"
@@ -108,7 +114,7 @@ class CompressExportConfig(QuantizationConfig):
         return METHOD_NAME if _claims(hf_quant_cfg) else None
 
     def is_quantized(self, prefix: str) -> bool:
-        if prefix in self.not_quantized:
+        if prefix in self.not_quantized or any(r.fullmatch(prefix) for r in self.not_quantized_re):
             return False
         if prefix.rpartition(".")[2] == "lm_head":
             return bool(self.qcfg.get("lm_head", False))

@@ -27,16 +27,20 @@ def _tiny_tokenizer():
                                    pad_token="</s>")
 
 
-def make_tiny_llama(path: Path, *, tie=True, hidden=64, inter=128, layers=2, seed=0, bias=False) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_tiny_llama(path: Path, *, tie=True, hidden=64, inter=128, layers=2, seed=0, bias=False, kv_heads=2,
+                    model_type="llama") -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     tok = _tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                       attention_bias=bias, mlp_bias=bias)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if model_type != "llama":  # same weights layout under another family's name (e.g. olmo, mistral)
+        from transformers import AutoConfig
+        cfg = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.to_dict().items() if k != "model_type"})
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(str(path), safe_serialization=True)
     tok.save_pretrained(str(path))
     return path
@@ -93,3 +97,23 @@ def have_vllm() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None and os.environ.get("COMPRESS_EXPORT_SKIP_VLLM") != "1"
+
+
+@pytest.fixture(scope="session")
+def smollm2_awq(smollm2, calib_txt, tmp_path_factory) -> Path:
+    """SmolLM2 AWQ W4 g64 asymmetric in the AWQ GEMM format, 8×256 calibration tokens."""
+    from compress_export.pipeline import compress
+    from compress_export.scheme import Scheme
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-w4g64"
+    compress(smollm2, out, method="awq", fmt="awq", scheme=Scheme(4, 64, False),
+             dataset=str(calib_txt), num_samples=8, seq_len=256, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_ct(smollm2_awq, tmp_path_factory) -> Path:
+    """The AWQ export's very numbers repacked as compressed-tensors (asymmetric: packed zero points)."""
+    from compress_export.convert import convert
+
+    return convert(smollm2_awq, "compressed-tensors", str(tmp_path_factory.mktemp("smollm2") / "smollm2-ct"))

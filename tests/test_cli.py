@@ -105,3 +105,22 @@ def test_import_is_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_awq_format_defaults_to_the_awq_method_asymmetric(tiny_model, tiny_text, tmp_path):
+    import json
+
+    rc, out, err = cli("--format", "awq", "--dataset", tiny_text, "--num-samples", 4, "--seq-len", 32,
+                       "--group-size", 32, "-q", "--json", tiny_model, "-o", tmp_path / "awq")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["method"] == "awq" and s["scheme"]["symmetric"] is False and s["format"] == "awq"
+
+
+def test_impossible_pair_and_convert_errors_are_one_line(tiny_model, tiny_text, tmp_path):
+    rc, _, err = cli("--format", "awq", "--method", "gptq", "--bits", 3, "--dataset", tiny_text, tiny_model,
+                     "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "--format awq cannot store 3-bit")
+    assert not (tmp_path / "x").exists()
+    rc, _, err = cli("convert", tiny_model, "--format", "awq")
+    assert_one_line_error(rc, err, "no quantization_config")

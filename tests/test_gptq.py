@@ -34,7 +34,8 @@ def test_inverse_cholesky_factor():
     inv = inverse_cholesky(H, damp=0.01)
     lam = 0.01 * torch.diag(H).mean()
     Hinv = torch.linalg.inv(H.double() + lam * torch.eye(32, dtype=torch.float64))
-    assert torch.allclose((inv.U.T @ inv.U).double(), Hinv, rtol=1e-3, atol=1e-6)
+    # float32 factorisation: error relative to the largest entry, not per entry
+    assert torch.allclose((inv.U.T @ inv.U).double(), Hinv, rtol=1e-3, atol=1e-4 * Hinv.abs().max().item())
     assert torch.allclose(inv.U, torch.triu(inv.U))
 
 

@@ -81,3 +81,40 @@ def test_unpackable_sizes_are_refused():
         pack(torch.zeros(16, dtype=torch.int32), 3, dim=0)
     with pytest.raises(ValueError, match="multiple of 8"):
         pack(torch.zeros(12, dtype=torch.int32), 4, dim=0)
+
+
+def reference_aligned(values, bits):
+    """Word-aligned reference: 32//bits whole values per word, value j at bit bits·(j mod per), zero-padded."""
+    per = 32 // bits
+    words = [0] * -(-len(values) // per)
+    for j, v in enumerate(values):
+        words[j // per] |= v << (bits * (j % per))
+    return words
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 10, 31, 32, 33, 576])
+def test_aligned_layout_every_value_and_odd_lengths(bits, n):
+    vals = torch.tensor([(7 * j + 3) % (1 << bits) for j in range(n)], dtype=torch.int32)
+    packed = pack(vals[None], bits, dim=1, aligned=True)
+    assert as_unsigned(packed[0]) == reference_aligned(vals.tolist(), bits)
+    assert torch.equal(unpack(packed, bits, dim=1, aligned=True, length=n)[0], vals)
+    # and along dim 0, as compressed-tensors packs zero points
+    assert torch.equal(unpack(pack(vals[:, None], bits, 0, aligned=True), bits, 0, aligned=True, length=n)[:, 0], vals)
+
+
+def test_aligned_3bit_golden_word():
+    # ten 3-bit values per word, top two bits unused: 1..10 → Σ v_j << 3j, value 10 starts word 1
+    w = as_unsigned(pack(torch.arange(1, 12, dtype=torch.int32)[None] % 8, 3, dim=1, aligned=True)[0])
+    assert w == [sum(((j + 1) % 8) << (3 * j) for j in range(10)), (11 % 8)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_aligned_matches_compressed_tensors_packer(bits):
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    g = torch.Generator().manual_seed(bits)
+    vals = torch.randint(0, 1 << bits, (12, 70), generator=g, dtype=torch.int32)
+    signed = (vals - (1 << (bits - 1))).to(torch.int8)
+    for dim in (0, 1):
+        theirs = helpers.pack_to_int32(signed, bits, packed_dim=dim)
+        assert torch.equal(pack(vals, bits, dim=dim, aligned=True), theirs)

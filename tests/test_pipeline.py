@@ -151,3 +151,46 @@ def test_options_reach_the_config(tiny_model, tiny_text, tmp_path):
     run(tiny_model, tiny_text, tmp_path / "out", method="gptq", options=PassOptions(damp=0.05))
     q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert q["damp_percent"] == 0.05 and q["compress_export"]["method"] == "gptq"
+
+
+def test_convert_repacks_the_same_numbers_into_every_format(tiny_model, tiny_text, tmp_path):
+    from compress_export.convert import convert
+
+    run(tiny_model, tiny_text, tmp_path / "g", method="gptq", scheme=Scheme(4, 32, False, "static"))
+    _, ref, _ = read_quantized(tmp_path / "g")
+    base, _ = load_model(tmp_path / "g")
+    ids = torch.randint(3, 60, (2, 16))
+    for fmt in ("awq", "compressed-tensors", "gptq"):
+        out = convert(tmp_path / "g", fmt, str(tmp_path / fmt))
+        _, got, _ = read_quantized(out)
+        assert set(got) == set(ref)
+        for n in ref:
+            assert torch.equal(got[n].dequantize(), ref[n].dequantize()), (fmt, n)
+        model, _ = load_model(out)
+        assert torch.equal(logits(model, ids), logits(base, ids))
+
+
+def test_convert_refuses_what_the_target_cannot_store(tiny_model, tiny_text, tmp_path):
+    from compress_export.convert import convert
+
+    run(tiny_model, tiny_text, tmp_path / "g3", method="gptq", scheme=Scheme(3, 32, True, "group"))
+    with pytest.raises(UserError, match="cannot store 3-bit"):
+        convert(tmp_path / "g3", "awq", str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_every_method_into_every_format(tiny_model, tiny_text, tmp_path, method, fmt):
+    s = run(tiny_model, tiny_text, tmp_path / "o", method=method, fmt=fmt, scheme=Scheme(4, 32, False, "static"))
+    assert s.linears == 14
+    model, _ = load_model(tmp_path / "o")
+    kmodel, _ = load_model(tmp_path / "o", mode="kernel")
+    ids = torch.randint(3, 60, (2, 16))
+    assert torch.allclose(logits(model, ids), logits(kmodel, ids), atol=1e-4)
+
+
+def test_impossible_method_format_pair_fails_before_work(tiny_model, tiny_text, tmp_path):
+    with pytest.raises(UserError, match="cannot store 3-bit"):
+        run(tiny_model, tiny_text, tmp_path / "o", method="gptq", fmt="awq", scheme=Scheme(3, 32, True))
+    assert not (tmp_path / "o").exists()

@@ -19,14 +19,31 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")]
 
 
-def test_offline_generation_through_the_plugin(smollm2_w4):
-    r = subprocess.run([sys.executable, "-m", "compress_export.integrations.vllm_check", str(smollm2_w4)],
-                       capture_output=True, text=True, timeout=900)
+def vllm_check(model_dir, tmp_path, score_ids=None) -> dict:
+    cmd = [sys.executable, "-m", "compress_export.integrations.vllm_check", str(model_dir)]
+    if score_ids:
+        (tmp_path / "ids.json").write_text(json.dumps(score_ids))
+        cmd += ["--score-ids", str(tmp_path / "ids.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-5000:]
-    res = json.loads(line[0][len("RESULT "):])
+    return json.loads(line[0][len("RESULT "):])
+
+
+@pytest.mark.parametrize("export", ["smollm2_w4", "smollm2_awq", "smollm2_ct"])
+def test_offline_generation_and_logits_agree_with_our_loader(export, request, eval_txt, tmp_path):
+    """Every format's SmolLM2 export in vLLM through the plugin: greedy "Paris", and on the first eval window
+    vLLM's top-1 next token agrees with our loader's at ≥ 99% of positions."""
+    from compress_export.integrations.conformance import compare_top1, first_window_ids
+
+    model_dir = request.getfixturevalue(export)
+    ids = first_window_ids(model_dir, eval_txt)
+    res = vllm_check(model_dir, tmp_path, ids)
     assert res["quantization"] == "compress_export"
     assert "Paris" in res["text"], res
+    conf = compare_top1(model_dir, ids, res)
+    print(export, conf)  # reported: positions, top-1 agreement, max |Δ log p|
+    assert conf["positions"] == len(ids) - 1 and conf["top1_agreement"] >= 0.99, conf
 
 
 def _free_port():
@@ -96,3 +113,25 @@ def test_plugin_claims_only_where_vllm_has_no_kernel():
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()[-4:]
     assert lines == ["False compress_export", "None", "None None", "compress_export"], r.stdout
+
+
+def test_plugin_claims_awq_and_compressed_tensors_w4a16_but_not_w8a8():
+    from compress_export.formats import FORMATS
+    from compress_export.scheme import Scheme
+
+    awq = FORMATS.get("awq")().quantization_config(Scheme(4, 64, False), ["lm_head"], {})
+    ct = FORMATS.get("compressed-tensors")().quantization_config(Scheme(4, 64, True, "static"), ["lm_head"], {})
+    w8a8 = json.loads(json.dumps(ct))
+    w8a8["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int", "dynamic": True}
+    w8a8["format"] = w8a8["config_groups"]["group_0"]["format"] = "int-quantized"
+    code = "\n".join([
+        "import json, os, sys",
+        "os.environ['VLLM_TARGET_DEVICE'] = 'cpu'",
+        "from compress_export.integrations.vllm_method import CompressExportConfig as C",
+        "for q in json.loads(sys.argv[1]):",
+        "    print(C.override_quantization_method(q, None))",
+    ])
+    r = subprocess.run([sys.executable, "-c", code, json.dumps([awq, ct, w8a8])], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-3:] == ["compress_export", "compress_export", "None"], r.stdout

@@ -30,6 +30,12 @@ class Pass:
     uses_act_order = True  # False: the pass keeps natural column order, so act_order is normalised to "none"
     # Formats a pass's result may be written to; None = any weight-quantization format.
     formats: Optional[tuple] = None
+    # True: statistics of every linear group are gathered from the unquantized layer first, then
+    # prepare_layer() runs, then groups are compressed (two forwards per layer). False: each group is
+    # compressed as soon as its input is known (GPTQ's true-sequential single forward).
+    layer_wise = False
+    # Scheme fields this pass defaults differently when the user did not set them (AWQ: asymmetric).
+    scheme_defaults: dict = {}
 
     def __init__(self, scheme: Scheme, options: PassOptions = PassOptions()):
         self.scheme = scheme
@@ -38,6 +44,12 @@ class Pass:
     def make_stats(self, in_features: int):
         """An accumulator with .add(x) fed every input batch of a linear group, or None."""
         return None
+
+    def check_layout(self, layout, model_type: str) -> None:
+        """Raise a UserError before any work when this model's structure does not suit the pass."""
+
+    def prepare_layer(self, layer, members: List[List[str]], stats: list, where: str) -> None:
+        """Layer-wise passes: change the layer (e.g. fold scales) and its statistics before compression."""
 
     def compress_group(self, weights: List[torch.Tensor], stats, name: str) -> List[QuantizedWeight]:
         raise NotImplementedError

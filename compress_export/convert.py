@@ -1,0 +1,55 @@
+"""Repack an export into another format: the same QuantizedWeights, differently packed (no requantization).
+
+Formats only pack and unpack, so any export converts to any format that can express its scheme; what cannot
+be expressed (3-bit into AWQ GEMM, a zero point of 0 into GPTQ v1) is refused before anything is written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from . import model_io
+from .errors import UserError
+from .loading import read_quantized
+from .writer import CheckpointWriter, check_output_path
+
+
+def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = False) -> Path:
+    from compress_export.formats import FORMATS, format_for_config
+
+    src = model_io.check_model_dir(src)
+    cfg, qweights, rest = read_quantized(src)
+    source_fmt = format_for_config(cfg["quantization_config"])
+    target = FORMATS.get(fmt)()
+    scheme = source_fmt.scheme_from_config(cfg["quantization_config"])
+    target.check(scheme)
+    for name, qw in qweights.items():
+        if int(qw.zeros.min()) < target.min_zero:
+            raise UserError(f"{name}: zero point {int(qw.zeros.min())} cannot be stored by --format {fmt} "
+                            f"(smallest it stores: {target.min_zero}); compress again with --format {fmt}")
+        if not qw.has_trivial_g_idx() and scheme.act_order != "group":
+            raise UserError(f"{name}: regrouped columns (g_idx) cannot be stored by --format {fmt}")
+    out = Path(out_dir) if out_dir else src.parent / f"{src.name}-{fmt}"
+    check_output_path(out, src, overwrite)
+    extra = dict(cfg["quantization_config"].get("compress_export") or {}, converted_from=source_fmt.name)
+    ignore = _ignored(cfg["quantization_config"])
+    writer = CheckpointWriter(out)
+    try:
+        for name, qw in qweights.items():
+            for suffix, t in target.pack(qw).items():
+                writer.add(f"{name}.{suffix}", t)
+        for name, t in rest.items():
+            writer.add(name, t)
+        new_cfg = dict(cfg)
+        new_cfg["quantization_config"] = target.quantization_config(scheme, ignore, extra)
+        return writer.finish(new_cfg, src, overwrite)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _ignored(qcfg: dict) -> list:
+    for key in ("modules_not_quantized", "modules_to_not_convert", "ignore"):
+        if qcfg.get(key):
+            return list(qcfg[key])
+    return []

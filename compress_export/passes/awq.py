@@ -1,0 +1,99 @@
+"""AWQ pass: activation-aware per-channel scales folded into the layer, then a clip search, per decoder layer.
+
+Layer-wise: every mapping's input statistics are gathered from the unquantized layer in one forward, the scales
+are searched and folded mapping by mapping (in layer order, as the reference does), the statistics are rescaled
+to the folded inputs, and only then is each linear quantized. The pipeline's propagation forward then feeds the
+compressed layer's outputs to the next layer.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from compress_export.awq import fold_scale, search_scale
+from compress_export.errors import UserError
+from compress_export.hessian import HessianAccumulator
+from compress_export.quant import group_params, quantize, weighted_group_params
+from compress_export.result import QuantizedWeight
+from compress_export.structure import AWQ_MAPPINGS
+
+from .base import Pass, register_pass, split_rows
+
+log = logging.getLogger(__name__)
+
+# AWQ's clip search: shrink each group's range by up to 50% in 2.5% steps (reference: max_shrink 0.5)
+CLIP_RATIOS = 1.0 - torch.arange(0, 20) * 0.025
+
+
+class AWQStats(HessianAccumulator):
+    """The Hessian (for the objective) plus mean |x| per input channel (for the scale candidates)."""
+
+    def __init__(self, in_features: int):
+        super().__init__(in_features)
+        self.absmean = torch.zeros(in_features)
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        m = x2.shape[0]
+        if m:
+            total = self.n + m
+            self.absmean.mul_(self.n / total).add_(x2.abs().sum(dim=0), alpha=1.0 / total)
+        super().add(x2)
+
+    def scale_inputs(self, s: torch.Tensor) -> None:
+        super().scale_inputs(s)
+        self.absmean.div_(s.float())
+
+
+@register_pass("awq")
+class AWQPass(Pass):
+    uses_act_order = False
+    layer_wise = True
+    scheme_defaults = {"symmetric": False}
+
+    def check_layout(self, layout, model_type: str) -> None:
+        if model_type not in AWQ_MAPPINGS:
+            raise UserError(f"--method awq has no scale mappings for model_type {model_type!r}; supported: "
+                            f"{', '.join(sorted(AWQ_MAPPINGS))} (use --method gptq or rtn for others)")
+        self.mappings = AWQ_MAPPINGS[model_type]
+
+    def make_stats(self, in_features):
+        return AWQStats(in_features)
+
+    def prepare_layer(self, layer, members, stats, where: str) -> None:
+        group_of = {n: gi for gi, names in enumerate(members) for n in names}
+        mods = dict(layer.named_modules())
+        for m in self.mappings:
+            smooth, bal = mods.get(m.smooth), [mods.get(b) for b in m.balance]
+            if smooth is None or None in bal:
+                missing = [n for n in (m.smooth, *m.balance) if mods.get(n) is None]
+                raise UserError(f"{where}: AWQ mapping {m.smooth} → {m.balance} does not fit this layer "
+                                f"(no module {missing[0]})")
+            if any(b.in_features != smooth.weight.shape[0] for b in bal):
+                if m.when_shapes_match:
+                    continue
+                raise UserError(f"{where}: {m.smooth} output width does not match {m.balance} input width")
+            gids = {group_of.get(b) for b in m.balance}
+            if len(gids) != 1 or None in gids:
+                raise UserError(f"{where}: {', '.join(m.balance)} do not read the same input; "
+                                "AWQ cannot scale them together")
+            st = stats[gids.pop()]
+            W = torch.cat([b.weight.float() for b in bal], dim=0)
+            s, loss, base = search_scale(W, st.H, st.absmean, self.scheme)
+            fold_scale(smooth, bal, s)
+            st.scale_inputs(s)
+            log.debug("%s%s: scaled %s, loss %.4g → %.4g", where, m.smooth, m.balance, base, loss)
+
+    def compress_group(self, weights, stats, name):
+        W = torch.cat([w.float() for w in weights], dim=0)
+        sc, o = self.scheme, self.options
+        if o.clip_search:
+            s, z = weighted_group_params(W, stats.H, sc.bits, sc.symmetric, sc.group_size, CLIP_RATIOS, o.min_zero)
+        else:
+            s, z = group_params(W, sc.bits, sc.symmetric, sc.group_size, search=False, min_zero=o.min_zero)
+        gs = W.shape[1] if sc.group_size == -1 else sc.group_size
+        g_idx = (torch.arange(W.shape[1]) // gs).to(torch.int32)
+        codes = quantize(W, s[:, g_idx.long()], z[:, g_idx.long()].float(), sc.bits).to(torch.uint8)
+        qw = QuantizedWeight(codes, s.float(), z.int(), g_idx, sc)
+        return split_rows(qw, [w.shape[0] for w in weights])

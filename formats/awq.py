@@ -1,0 +1,97 @@
+"""AWQ "GEMM" checkpoint format (AutoAWQ), as vLLM (`awq`, `awq_marlin`, the CPU `cpu_wna16` path) reads it.
+
+Per quantized linear with W [out, in], G groups (4-bit only):
+  qweight  int32 [in, out/8]   codes packed along the OUTPUT dim; word c of row i holds output columns
+                               8c + [0, 2, 4, 6, 1, 3, 5, 7] at nibbles 0..7 (AWQ's interleave)
+  qzeros   int32 [G, out/8]    zero points, the same packing and interleave, stored as is (no −1)
+  scales   fp16  [G, out]
+  bias     as in the source model, when the linear has one
+No g_idx: groups are contiguous input columns, so act-order with regrouped columns cannot be stored.
+The interleave is a permutation handed to the one shared packer (packing.py), not a second packer.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Dict
+
+import torch
+
+from compress_export import __version__
+from compress_export.errors import UserError
+from compress_export.result import QuantizedWeight
+from compress_export.scheme import Scheme
+
+from .base import Format, TensorSpec, register_format
+from .packing import pack, unpack
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+@register_format("awq")
+class AWQFormat(Format):
+    quant_method = "awq"
+    supported_bits = (4,)
+    default_method = "awq"
+
+    def check(self, scheme: Scheme) -> None:
+        super().check(scheme)
+        if scheme.act_order == "group":
+            raise UserError("--format awq has no g_idx, so --act-order group cannot be stored; "
+                            "use --act-order static or none (or --format gptq / compressed-tensors)")
+        if scheme.group_size == -1:
+            raise UserError("--format awq stores grouped scales; use --group-size 128, 64 or 32")
+
+    def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
+        if not qw.has_trivial_g_idx():
+            raise UserError("AWQ GEMM cannot store regrouped columns (non-trivial g_idx)")
+        out = {
+            "qweight": pack(qw.codes.t().int(), 4, dim=1, order=AWQ_ORDER),
+            "qzeros": pack(qw.zeros.t().int(), 4, dim=1, order=AWQ_ORDER),
+            "scales": qw.scales.t().half().contiguous(),
+        }
+        if qw.bias is not None:
+            out["bias"] = qw.bias
+        return out
+
+    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict, shape=None) -> QuantizedWeight:
+        scheme = self.scheme_from_config(qcfg)
+        codes = unpack(t["qweight"], 4, dim=1, order=AWQ_ORDER).t().to(torch.uint8).contiguous()
+        zeros = unpack(t["qzeros"], 4, dim=1, order=AWQ_ORDER).t().int().contiguous()
+        scales = t["scales"].float().t().contiguous()
+        n = codes.shape[1]
+        g_idx = (torch.arange(n) // (n // scales.shape[1])).int()
+        return QuantizedWeight(codes, scales, zeros, g_idx, scheme, t.get("bias"))
+
+    def tensor_layout(self, scheme: Scheme, in_f: int, out_f: int) -> Dict[str, TensorSpec]:
+        pf = Fraction(8)
+        G = in_f // max(1, scheme.group_size)
+        return {
+            "qweight": TensorSpec((in_f, out_f // 8), torch.int32, 0, 1, packed_dim=1, pack_factor=pf),
+            "qzeros": TensorSpec((G, out_f // 8), torch.int32, 0, 1, packed_dim=1, pack_factor=pf, per_group=True),
+            "scales": TensorSpec((G, out_f), torch.float16, 0, 1, per_group=True),
+        }
+
+    def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
+        # Symmetric weights are stored as zero points of 8: AWQ GEMM always carries qzeros.
+        return {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": scheme.group_size,
+            "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": ignore,
+            "quantizer": [f"compress-export:{__version__}"],
+            "compress_export": {**extra, "symmetric": scheme.symmetric},
+        }
+
+    @staticmethod
+    def scheme_from_config(qcfg: dict) -> Scheme:
+        version = str(qcfg.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise UserError(f"AWQ version {version!r} is not supported (only 'gemm')")
+        if int(qcfg.get("bits", qcfg.get("w_bit", 4))) != 4:
+            raise UserError("AWQ GEMM checkpoints are 4-bit")
+        if not qcfg.get("zero_point", True):
+            raise UserError("AWQ checkpoints without zero points are not supported")
+        sym = bool((qcfg.get("compress_export") or {}).get("symmetric", False))
+        return Scheme(4, int(qcfg.get("group_size", qcfg.get("q_group_size", 128))), sym, "none")

@@ -1,0 +1,136 @@
+"""compressed-tensors `pack-quantized` (what llm-compressor writes and vLLM's `compressed-tensors` method reads).
+
+Per quantized linear with W [out, in], G groups, b bits, pf = 32 // b values per word (word-aligned layout:
+no value straddles two words; a row whose length is not a multiple of pf is zero-padded at its end):
+  weight_packed      int32 [out, ceil(in/pf)]   codes packed along the INPUT dim; compressed-tensors thinks of
+                                                them as signed values q − 2^(b−1), stored + 2^(b−1): our codes
+  weight_scale       fp16  [out, G]             (fp16-exact scales; engines cast to their activation dtype)
+  weight_zero_point  int32 [ceil(out/pf), G]    asymmetric only: zero points packed along dim 0 (OUTPUT)
+  weight_shape       int64 [2]                  (out, in)
+  weight_g_idx       int32 [in]                 act-order with regrouped columns ("actorder": "group") only
+  bias               as in the source model, when the linear has one
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Dict
+
+import torch
+
+from compress_export import __version__
+from compress_export.errors import UserError
+from compress_export.result import QuantizedWeight
+from compress_export.scheme import Scheme
+
+from .base import Format, TensorSpec, register_format
+from .packing import aligned_len, pack, unpack
+
+CT_VERSION = "0.17.0"  # the compressed-tensors release whose layout and config this follows
+_ACTORDER = {"none": None, "static": "static", "group": "group"}
+
+
+@register_format("compressed-tensors")
+class CompressedTensorsFormat(Format):
+    quant_method = "compressed-tensors"
+    supported_bits = (2, 3, 4, 8)
+
+    def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
+        s = qw.scheme
+        out = {
+            "weight_packed": pack(qw.codes.int(), s.bits, dim=1, aligned=True),
+            "weight_scale": qw.scales.half().contiguous(),
+            "weight_shape": torch.tensor(qw.shape, dtype=torch.int64),
+        }
+        if not s.symmetric:
+            out["weight_zero_point"] = pack(qw.zeros.int(), s.bits, dim=0, aligned=True)
+        if s.act_order == "group":
+            out["weight_g_idx"] = qw.g_idx.int().contiguous()
+        if qw.bias is not None:
+            out["bias"] = qw.bias
+        return out
+
+    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict, shape=None) -> QuantizedWeight:
+        s = self.scheme_from_config(qcfg)
+        scales = t["weight_scale"].float().contiguous()
+        out_f = scales.shape[0]
+        in_f = int(t["weight_shape"][1]) if "weight_shape" in t else t["weight_packed"].shape[1] * (32 // s.bits)
+        codes = unpack(t["weight_packed"], s.bits, dim=1, aligned=True, length=in_f).to(torch.uint8)
+        if s.symmetric:
+            zeros = torch.full_like(scales, s.sym_zero, dtype=torch.int32)
+        else:
+            zeros = unpack(t["weight_zero_point"], s.bits, dim=0, aligned=True, length=out_f)
+        if "weight_g_idx" in t and s.act_order == "group":
+            g_idx = t["weight_g_idx"].int()
+        else:
+            g_idx = (torch.arange(in_f) // (in_f // scales.shape[1])).int()
+        return QuantizedWeight(codes.contiguous(), scales, zeros.int().contiguous(), g_idx, s, t.get("bias"))
+
+    def tensor_layout(self, scheme: Scheme, in_f: int, out_f: int) -> Dict[str, TensorSpec]:
+        pf = Fraction(32 // scheme.bits)
+        G = 1 if scheme.group_size == -1 else in_f // max(1, scheme.group_size)
+        specs = {
+            "weight_packed": TensorSpec((out_f, aligned_len(in_f, scheme.bits)), torch.int32, 1, 0,
+                                        packed_dim=1, pack_factor=pf),
+            "weight_scale": TensorSpec((out_f, G), torch.float16, 1, 0, per_group=True),
+            "weight_shape": TensorSpec((2,), torch.int64, None, None),
+        }
+        if not scheme.symmetric:
+            specs["weight_zero_point"] = TensorSpec((aligned_len(out_f, scheme.bits), G), torch.int32, 1, 0,
+                                                    packed_dim=0, pack_factor=pf, per_group=True)
+        if scheme.act_order == "group":
+            specs["weight_g_idx"] = TensorSpec((in_f,), torch.int32, 0, None)
+        return specs
+
+    def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
+        weights = {
+            "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
+            "group_size": None if scheme.group_size == -1 else scheme.group_size,
+            "strategy": "channel" if scheme.group_size == -1 else "group",
+            "block_structure": None, "dynamic": False, "actorder": _ACTORDER[scheme.act_order],
+            "scale_dtype": None, "zp_dtype": None, "observer": "minmax", "observer_kwargs": {},
+        }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": ignore,
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": CT_VERSION,
+            "quantizer": [f"compress-export:{__version__}"],
+            "compress_export": extra,
+        }
+
+    @classmethod
+    def claims(cls, qcfg: dict) -> bool:
+        """Only weight-only pack-quantized integer checkpoints (W8A8, FP8, sparse ones stay with vLLM)."""
+        if qcfg.get("quant_method") != cls.quant_method:
+            return False
+        try:
+            cls.scheme_from_config(qcfg)
+        except (UserError, KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    @staticmethod
+    def scheme_from_config(qcfg: dict) -> Scheme:
+        groups = qcfg.get("config_groups") or {}
+        if len(groups) != 1:
+            raise UserError(f"compressed-tensors: expected one config group, found {len(groups)}")
+        (group,) = groups.values()
+        fmt = group.get("format") or qcfg.get("format")
+        w = group.get("weights") or {}
+        if fmt != "pack-quantized" or w.get("type") != "int" or group.get("input_activations"):
+            raise UserError(f"compressed-tensors: only weight-only int pack-quantized is read (got format={fmt!r}, "
+                            f"type={w.get('type')!r}, input_activations={group.get('input_activations')!r})")
+        if w.get("strategy") not in ("group", "channel"):
+            raise UserError(f"compressed-tensors: strategy {w.get('strategy')!r} is not supported (group, channel)")
+        gs = -1 if w["strategy"] == "channel" else int(w["group_size"])
+        act = {None: "none", "static": "static", "group": "group", "weight": "static"}.get(w.get("actorder"))
+        if act is None:
+            raise UserError(f"compressed-tensors: actorder {w.get('actorder')!r} is not supported")
+        return Scheme(int(w["num_bits"]), gs, bool(w.get("symmetric", True)), act)

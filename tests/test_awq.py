@@ -1,0 +1,112 @@
+"""AWQ: the scale search and fold as math, the clip search against min-max, and the pass end to end."""
+import json
+
+import pytest
+import torch
+
+from compress_export.awq import fold_scale, quadratic_error, rtn_dequant, search_scale
+from compress_export.errors import UserError
+from compress_export.loading import load_model, read_quantized
+from compress_export.pipeline import compress
+from compress_export.quant import group_params, weighted_group_params
+from compress_export.scheme import Scheme
+
+
+def outlier_inputs(n=2048, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    X[:, :4] *= 20  # a few salient channels, as real LLM activations have
+    return X
+
+
+def test_scale_search_beats_no_scaling_and_the_objective_is_the_output_error():
+    X = outlier_inputs()
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(1)) * 0.05
+    H = 2 * X.T @ X / X.shape[0]
+    scheme = Scheme(4, 32, False)
+    s, loss, base = search_scale(W, H, X.abs().mean(0), scheme)
+    assert loss < 0.8 * base  # salient channels protected
+    assert s[:4].mean() > s[4:].mean()
+    # the Hessian form equals the output error over the actual tokens
+    D = W - rtn_dequant(W * s, scheme) / s
+    direct = 2 * (X @ D.T).pow(2).sum() / X.shape[0]
+    assert abs(quadratic_error(D, H) - float(direct)) < 1e-3 * float(direct)
+
+
+@pytest.mark.parametrize("smooth_kind", ["norm", "linear"])
+def test_fold_keeps_the_function(smooth_kind):
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    if smooth_kind == "norm":
+        smooth = torch.nn.LayerNorm(64)
+        smooth.weight.data = torch.rand(64) + 0.5
+    else:
+        smooth = torch.nn.Linear(32, 64, bias=True)
+        x = torch.randn(8, 32)
+    bal = [torch.nn.Linear(64, 16), torch.nn.Linear(64, 8)]
+    before = [b(smooth(x)) for b in bal]
+    fold_scale(smooth, bal, torch.rand(64) + 0.2)
+    for b, y in zip(bal, before):
+        assert torch.allclose(b(smooth(x)), y, atol=1e-5)
+
+
+def test_weighted_clip_search_never_worse_than_min_max():
+    X = outlier_inputs(seed=2)
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) * 0.05
+    W[:, 7] = 1.0  # an outlier weight column widens its group's range
+    for sym in (True, False):
+        s, z = weighted_group_params(W, H, 4, sym, 32, 1.0 - torch.arange(20) * 0.025)
+        s0, z0 = group_params(W, 4, sym, 32, search=False)
+        g = torch.arange(64) // 32
+
+        def err(s, z):
+            S, Z = s[:, g], z[:, g].float()
+            return quadratic_error(W - (torch.clamp(torch.round(W / S) + Z, 0, 15) - Z) * S, H)
+
+        assert err(s, z) <= err(s0, z0) + 1e-9
+
+
+def run(model, text, out, **kw):
+    return compress(model, out, dataset=str(text), num_samples=8, seq_len=32, progress=False, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "compressed-tensors"])
+def test_awq_pass_into_every_format(tiny_model, tiny_text, tmp_path, fmt):
+    s = run(tiny_model, tiny_text, tmp_path / "out", method="awq", fmt=fmt,
+            scheme=Scheme(4, 32, False, "none"))
+    assert s.linears == 14 and s.method == "awq"
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == fmt
+    model, _ = load_model(tmp_path / "out")
+    _, qweights, _ = read_quantized(tmp_path / "out")
+    for name, qw in qweights.items():
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+
+
+def test_awq_is_closer_than_rtn_and_defaults_asymmetric(tmp_path, tiny_text):
+    from conftest import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "mha", kv_heads=4, seed=5)  # MHA: the v_proj → o_proj mapping applies
+    ref, tok = load_model(model_dir)
+    ids = tok(tiny_text.read_text(), return_tensors="pt")["input_ids"][:, :128]
+    with torch.no_grad():
+        base = ref(input_ids=ids).logits
+    errs = {}
+    for m in ("rtn", "awq"):
+        run(model_dir, tiny_text, tmp_path / m, method=m, fmt="awq", scheme=Scheme(4, 32, False, "none"))
+        model, _ = load_model(tmp_path / m)
+        with torch.no_grad():
+            errs[m] = (model(input_ids=ids).logits - base).pow(2).mean().item()
+    assert errs["awq"] < errs["rtn"]
+    s = run(model_dir, tiny_text, tmp_path / "default", method="awq", fmt="awq")
+    assert s.scheme["symmetric"] is False
+
+
+def test_awq_refuses_architectures_without_mappings(tmp_path, tiny_text):
+    from conftest import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "olmo", model_type="olmo")
+    with pytest.raises(UserError, match="no scale mappings for model_type 'olmo'.*llama, mistral, qwen2, qwen3"):
+        run(model_dir, tiny_text, tmp_path / "out", method="awq", fmt="awq")
+    assert not (tmp_path / "out").exists()
