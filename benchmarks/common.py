@@ -1,8 +1,11 @@
 """Helpers the benchmark scripts share (run them as `python benchmarks/NAME.py`, which puts this folder on the path)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,3 +16,50 @@ def example_model() -> str:
     """Path of the built-in SmolLM2 example model, built on first use."""
     return subprocess.run([sys.executable, "-m", "compress_export.cli", "example-model"],
                           capture_output=True, text=True, check=True).stdout.strip()
+
+
+def cli(*args) -> dict:
+    """Run `compress-export ARGS --json` in a fresh process (so peak RSS is its own); the parsed summary."""
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli", *map(str, args), "--json"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"failed: {' '.join(map(str, args))}\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def _size_mb(d) -> float:
+    return round(sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) / 1e6, 1)
+
+
+def measure_rows(model: str, specs: list, out_json=None) -> list:
+    """Each (name, spec): spec None = the model itself; ("convert", SRC_ROW, FORMAT) = repack an earlier row;
+    else CLI arguments for an export. Every row is evaluated on the shared protocol; prints JSON lines and a table."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for row, spec in specs:
+            t = time.time()
+            target = Path(tmp) / row.replace(">", "-to-").replace(":", "of")
+            if spec is None:
+                target = Path(model)
+                rec = {"row": row, "seconds": 0.0, "peak_rss_mb": None}
+            elif spec[0] == "convert":
+                src = Path(tmp) / spec[1].replace(":", "of")
+                subprocess.run([sys.executable, "-m", "compress_export.cli", "convert", src, "--format", spec[2],
+                                "-o", target], check=True, capture_output=True)
+                rec = {"row": row, "seconds": round(time.time() - t, 1), "peak_rss_mb": None}
+            else:
+                s = cli(*spec, model, "-o", target, "-q")
+                rec = {"row": row, "seconds": round(s["seconds"], 1), "peak_rss_mb": round(s["peak_rss_mb"])}
+            rec["size_mb"] = _size_mb(target)
+            ev = cli("eval", target, "--text", TEXT / "eval.txt")
+            rec.update(token_ppl=round(ev["token_perplexity"], 2), word_ppl=round(ev["word_perplexity"], 1),
+                       byte_ppl=round(ev["byte_perplexity"], 4), bits_per_byte=round(ev["bits_per_byte"], 4))
+            results.append(rec)
+            print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
+    cols = ["row", "token_ppl", "word_ppl", "byte_ppl", "bits_per_byte", "seconds", "peak_rss_mb", "size_mb"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    if out_json:
+        Path(out_json).write_text(json.dumps(results, indent=2))
+    return results

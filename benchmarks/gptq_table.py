@@ -11,28 +11,12 @@ export of an earlier ROW into FORMAT with `compress-export convert` (same number
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-from common import TEXT, example_model
+from common import TEXT, example_model, measure_rows
 
 DEFAULT_ROWS = ("bf16,rtn-w8pc,gptq-w8pc,rtn-w4g64,gptq-w4g64,rtn-w3g64,gptq-w3g64,rtn-w2g64,gptq-w2g64,"
                 "gptq-w4g64-datafree")
-
-
-def cli(*args) -> dict:
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli", *map(str, args), "--json"],
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"failed: {' '.join(map(str, args))}\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout[r.stdout.index("{"):])
-
-
 AWQ_ROWS = ("bf16,rtn-w4g64-asym-none@awq,gptq-w4g64-asym-static,awq-w4g64-asym@awq,"
             "awq-w4g64-asym@awq>compressed-tensors,gptq-w4g64-static,gptq-w4g64-static>awq,"
             "gptq-w4g64-static>compressed-tensors")
@@ -58,40 +42,9 @@ def main():
     p.add_argument("--model", help="model directory (default: the built-in SmolLM2 example)")
     p.add_argument("--out", help="write the results as JSON here too")
     a = p.parse_args()
-    model = a.model or example_model()
-    rows = AWQ_ROWS if a.rows == "AWQ_ROWS" else a.rows
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for row in rows.split(","):
-            t = time.time()
-            if ">" in row:
-                src, fmt = row.split(">")
-                target = Path(tmp) / row.replace(">", "-to-")
-                subprocess.run([sys.executable, "-m", "compress_export.cli", "convert", Path(tmp) / src,
-                                "--format", fmt, "-o", target], check=True, capture_output=True)
-                rec = {"row": row, "seconds": round(time.time() - t, 1), "peak_rss_mb": None,
-                       "size_mb": round(sum(f.stat().st_size for f in target.glob("*.safetensors")) / 1e6, 1)}
-            elif row == "bf16":
-                rec = {"row": row, "seconds": 0.0, "peak_rss_mb": None, "size_mb": None}
-                target = model
-            else:
-                target = Path(tmp) / row
-                s = cli(*parse_row(row), model, "-o", target, "-q")
-                rec = {"row": row, "seconds": round(s["seconds"], 1), "peak_rss_mb": round(s["peak_rss_mb"]),
-                       "size_mb": round(s["size_after_mb"], 1)}
-            ev = cli("eval", target, "--text", TEXT / "eval.txt")
-            rec.update(token_ppl=round(ev["token_perplexity"], 2), word_ppl=round(ev["word_perplexity"], 1),
-                       byte_ppl=round(ev["byte_perplexity"], 4), bits_per_byte=round(ev["bits_per_byte"], 4))
-            if row == "bf16":
-                rec["size_mb"] = round(sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 1e6, 1)
-            results.append(rec)
-            print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
-    cols = ["row", "token_ppl", "word_ppl", "byte_ppl", "bits_per_byte", "seconds", "peak_rss_mb", "size_mb"]
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in results:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
+    rows = (AWQ_ROWS if a.rows == "AWQ_ROWS" else a.rows).split(",")
+    specs = [(r, None if r == "bf16" else ("convert", *r.split(">")) if ">" in r else parse_row(r)) for r in rows]
+    measure_rows(a.model or example_model(), specs, a.out)
 
 
 if __name__ == "__main__":

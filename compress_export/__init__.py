@@ -20,3 +20,12 @@ def load_model(*args, **kwargs):
     from .loading import load_model as _load
 
     return _load(*args, **kwargs)
+
+
+def _install_hooks():
+    from . import _hooks
+
+    _hooks.install()
+
+
+_install_hooks()

@@ -31,9 +31,12 @@ def _compress_parser():
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)")
     p.add_argument("-o", "--output", help="output directory (default: derived from the input and settings)")
-    p.add_argument("--format", default="gptq", choices=FORMATS.names(), help="checkpoint format (default gptq)")
+    p.add_argument("--format", choices=FORMATS.names(),
+                   help="checkpoint format (default gptq; with --sparsity: sparse24 for 2:4, else dense)")
     p.add_argument("--method", choices=PASSES.names(),
                    help="compression pass (default: the format's namesake; gptq for compressed-tensors)")
+    p.add_argument("--sparsity", help="prune: N:M (2:4) or a fraction (0.5, unstructured); with --method "
+                                      "magnitude, wanda or sparsegpt (default sparsegpt); add --bits to quantize too")
     p.add_argument("--scheme", choices=sorted(PRESETS), help="preset; --bits/--group-size/... override it")
     p.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int,
@@ -63,12 +66,18 @@ def _compress_parser():
 
 
 def _scheme_from_args(a):
+    """The scheme the flags describe; None for a pruning run that was given no --bits (no quantization)."""
     from compress_export.formats import FORMATS
+    from compress_export.passes import PASSES
 
     from .pipeline import default_scheme
     from .scheme import PRESETS
 
-    base = PRESETS[a.scheme] if a.scheme else default_scheme(a.method or FORMATS.get(a.format).default_method)
+    fmt = a.format or ("sparse24" if a.sparsity and ":" in a.sparsity else "dense" if a.sparsity else "gptq")
+    method = a.method or FORMATS.get(fmt).default_method
+    if PASSES.get(method).prunes and a.bits is None and not a.scheme:
+        return None
+    base = PRESETS[a.scheme] if a.scheme else default_scheme(method)
     kw = {}
     if a.bits is not None:
         kw["bits"] = a.bits
@@ -89,6 +98,7 @@ def cmd_compress(argv):
     scheme = _scheme_from_args(a)
     opts = PassOptions(damp=a.damp, clip_search=not a.no_clip_search)
     s = compress(a.model_dir, a.output, method=a.method, fmt=a.format, scheme=scheme, options=opts,
+                 sparsity=a.sparsity,
                  dataset=a.dataset, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
                  overwrite=a.overwrite, seed=a.seed, progress=not a.quiet, trust_remote_code=a.trust_remote_code)
     print(json.dumps(s.__dict__, indent=2) if a.json else "\n".join(s.lines()))

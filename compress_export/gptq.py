@@ -1,101 +1,152 @@
-"""GPTQ (Frantar et al. 2023) as a pure function: weight and Hessian in, QuantizedWeight out.
+"""The second-order column sweep of GPTQ (Frantar et al. 2023) and SparseGPT (Frantar & Alistarh 2023).
 
-Rows are independent given H, so linears that share an input (q/k/v, gate/up) are quantized in one call on
-their concatenated rows: one Hessian, one inverse, one column sweep.
+One sweep, pure functions: weight and Hessian in, result out. Each column is rounded (GPTQ), pruned (SparseGPT)
+or both (SparseGPT joint 2:4 + quantization), and its error is fed forward through the upper Cholesky factor of
+H⁻¹ (the one Hessian core, hessian.py). Rows are independent given H, so linears that share an input (q/k/v,
+gate/up) are processed in one call on their concatenated rows: one Hessian, one inverse, one sweep.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from .hessian import inverse_cholesky
 from .quant import group_params, quantize, search_params
-from .result import QuantizedWeight
+from .result import QuantizedWeight, SparseWeight
 from .scheme import Scheme
+from .sparsity import Sparsity, nm_mask
 
 DEFAULT_BLOCK = 128
 
 
-@torch.no_grad()
-def gptq_quantize(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    scheme: Scheme,
-    *,
-    damp: float = 0.01,
-    block_size: int = DEFAULT_BLOCK,
-    clip_search: bool = True,
-    min_zero: int = 0,
-    name: str = "layer",
-) -> QuantizedWeight:
-    """Quantize W [out, in] column by column, feeding each column's error forward through H⁻¹.
+class _Columns:
+    """What happens to each column in the sweep: group parameters, rounding, pruning. Works on Wᵀ rows."""
 
-    Lazy batch updates (Frantar et al. §3.2): errors of a block of columns are applied to the rest of the
-    matrix in one matmul after the block; inside a block each column updates only the block's remainder.
+    def __init__(self, scheme: Optional[Scheme], sparsity: Optional[Sparsity], rows: int, n: int, fixed,
+                 g_of, clip_search: bool, min_zero: int):
+        self.scheme, self.sparsity, self.clip, self.min_zero = scheme, sparsity, clip_search, min_zero
+        self.gs = n if scheme is None or scheme.group_size == -1 else scheme.group_size
+        self.fixed = fixed
+        if scheme is not None:
+            G = n // self.gs
+            self.scales, self.zeros = torch.zeros(rows, G), torch.zeros(rows, G, dtype=torch.int32)
+            if fixed is not None:  # per-column params in visiting order, gathered once
+                self.S_all = fixed[0][:, g_of].t().contiguous()
+                self.Z_all = fixed[1][:, g_of].t().float().contiguous()
+        self.mask_t = torch.ones(n, rows, dtype=torch.bool) if sparsity else None
+
+    def start_block(self, i1: int, i2: int, W1: torch.Tensor, d: torch.Tensor) -> None:
+        if self.scheme is not None:
+            if self.fixed is not None:
+                self.S1, self.Z1 = self.S_all[i1:i2], self.Z_all[i1:i2]
+            else:
+                self.S1, self.Z1 = torch.empty_like(W1), torch.empty_like(W1)
+        sp = self.sparsity
+        if sp is not None and not sp.structured:
+            # SparseGPT's adaptive mask: prune the block's lowest w²/[H⁻¹]²_jj scores (OBS saliency)
+            score = W1.pow(2) / d.pow(2)[:, None]
+            k = int(score.numel() * sp.ratio)
+            if k:
+                thresh = score.flatten().kthvalue(k).values
+                self.mask_t[i1:i2] = score > thresh
+        self.i1 = i1
+
+    def before(self, i: int, W1: torch.Tensor, d: torch.Tensor) -> None:
+        j = self.i1 + i
+        sp = self.sparsity
+        if sp is not None and sp.structured and j % sp.m == 0:
+            score = W1[i:i + sp.m].pow(2) / d[i:i + sp.m].pow(2)[:, None]
+            self.mask_t[j:j + sp.m] = nm_mask(score.t(), sp.n, sp.m).t()
+        sc = self.scheme
+        if sc is not None and self.fixed is None and j % self.gs == 0:
+            # Group params from the weights as updated so far, including this block's in-flight updates.
+            sg, zg = search_params(W1[i:i + self.gs].t(), sc.bits, sc.symmetric, self.clip, self.min_zero)
+            g = j // self.gs
+            self.scales[:, g], self.zeros[:, g] = sg, zg
+            self.S1[i:i + self.gs], self.Z1[i:i + self.gs] = sg, zg.float()
+
+    def round(self, i: int, w: torch.Tensor):
+        """(value the column becomes, what to store in its place: codes or the kept values)."""
+        keep = self.mask_t[self.i1 + i] if self.sparsity is not None else None
+        if self.scheme is None:
+            v = w * keep
+            return v, v
+        s_, z_ = self.S1[i], self.Z1[i]
+        q = torch.div(w, s_).round_().add_(z_).clamp_(0, self.scheme.maxq)
+        if keep is not None:
+            q = torch.where(keep, q, z_)  # a pruned weight is its zero point: it dequantizes to exactly 0
+        return (q - z_).mul_(s_), q
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Optional[Scheme], *, damp: float = 0.01,
+                  block_size: int = DEFAULT_BLOCK, clip_search: bool = True, min_zero: int = 0,
+                  sparsity: Optional[Sparsity] = None, name: str = "layer"):
+    """Quantize and/or prune W [out, in] column by column, feeding each column's error forward through H⁻¹.
+
+    scheme None: prune only (SparseGPT), returning a SparseWeight; otherwise a QuantizedWeight (with its
+    sparsity mask when pruning too). Lazy batch updates (§3.2): a block's errors reach the rest of the matrix
+    in one matmul after the block; inside a block each column updates only the block's remainder.
     """
     W = W.detach().float().clone()
     rows, n = W.shape
-    gs = n if scheme.group_size == -1 else scheme.group_size
     dead = torch.diag(H) == 0
     W[:, dead] = 0
-    perm = None
-    if scheme.act_order != "none":
-        perm = torch.argsort(torch.diag(H), descending=True)
+    act = scheme.act_order if scheme is not None and sparsity is None else "none"
+    gs = n if scheme is None or scheme.group_size == -1 else scheme.group_size
+    perm = torch.argsort(torch.diag(H), descending=True) if act != "none" else None
     # Static and per-channel params are fixed from the whole (unpermuted) weight before any update.
     fixed = None
-    if scheme.group_size == -1 or scheme.act_order == "static":
+    if scheme is not None and (scheme.group_size == -1 or act == "static"):
         fixed = group_params(W, scheme.bits, scheme.symmetric, scheme.group_size, clip_search, min_zero)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U = inverse_cholesky(H, damp, name).U
-    # Keep every group inside one block so group params see the block's in-flight updates.
-    block = block_size if scheme.group_size == -1 else gs * max(1, math.ceil(block_size / gs))
-
-    codes = torch.zeros(rows, n, dtype=torch.uint8)
-    G = n // gs
-    scales = torch.zeros(rows, G)
-    zeros = torch.zeros(rows, G, dtype=torch.int32)
-    g_of = torch.arange(n) // gs if perm is None or scheme.act_order == "group" else perm // gs
+    # Keep every group (and every N:M group) inside one block so its params see the in-flight updates.
+    unit = math.lcm(gs if scheme is not None and scheme.group_size != -1 else 1,
+                    sparsity.m if sparsity and sparsity.structured else 1)
+    block = unit * max(1, math.ceil(block_size / unit))
+    g_of = torch.arange(n) // gs if perm is None or act == "group" else perm // gs
     orig = perm if perm is not None else torch.arange(n)
-    if fixed is not None:  # per-column params in visiting order, gathered once
-        S_all, Z_all = fixed[0][:, g_of].t().contiguous(), fixed[1][:, g_of].t().float().contiguous()
+    cols = _Columns(scheme, sparsity, rows, n, fixed, g_of, clip_search, min_zero)
+    out_t = _sweep(W.t().contiguous(), U, block, cols)
+    stored = torch.empty(rows, n)
+    stored[:, orig] = out_t.t()
+    mask = cols.mask_t.t().contiguous() if sparsity else None
+    if scheme is None:
+        return SparseWeight(stored, mask, sparsity)
+    scales, zeros = fixed if fixed is not None else (cols.scales, cols.zeros)
+    g_idx = torch.empty(n, dtype=torch.int32)
+    g_idx[orig] = g_of.to(torch.int32)
+    if act == "static" or scheme.group_size == -1:
+        g_idx = (torch.arange(n) // gs).to(torch.int32)
+    return QuantizedWeight(stored.to(torch.uint8), scales.float(), zeros.int(), g_idx, scheme, mask=mask)
 
-    # Work on Wᵀ [in, rows]: a column of W is then a contiguous row, which makes the per-column rank-1
-    # update ~2.5× faster than on strided columns (measured on 3072×128 blocks).
-    Wt = W.t().contiguous()
+
+def _sweep(Wt: torch.Tensor, U: torch.Tensor, block: int, cols: _Columns) -> torch.Tensor:
+    """The shared sweep on Wᵀ [in, rows] (a column of W is a contiguous row: the per-column rank-1 update is
+    ~2.5× faster than on strided columns, measured on 3072×128 blocks). Returns Wᵀ with every column replaced
+    by what `cols` stores for it."""
+    n = Wt.shape[0]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = Wt[i1:i2]  # a view: updates land in Wt
         Err = torch.empty_like(W1)
         Ub = U[i1:i2, i1:i2]
-        if fixed is not None:
-            S1, Z1 = S_all[i1:i2], Z_all[i1:i2]
-        else:
-            S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
+        d = torch.diagonal(Ub)
+        cols.start_block(i1, i2, W1, d)
         for i in range(i2 - i1):
-            if fixed is None and (i1 + i) % gs == 0:
-                # Group params from the weights as updated so far, including this block's in-flight updates.
-                sg, zg = search_params(W1[i:i + gs].t(), scheme.bits, scheme.symmetric, clip_search, min_zero)
-                g = (i1 + i) // gs
-                scales[:, g], zeros[:, g] = sg, zg
-                S1[i:i + gs], Z1[i:i + gs] = sg, zg.float()
-            w, s_, z_ = W1[i], S1[i], Z1[i]
-            q = torch.div(w, s_).round_().add_(z_).clamp_(0, scheme.maxq)
+            cols.before(i, W1, d)
+            w = W1[i]
+            value, stored = cols.round(i, w)
             err = Err[i]
-            torch.sub(w, (q - z_).mul_(s_), out=err).div_(Ub[i, i])
+            torch.sub(w, value, out=err).div_(Ub[i, i])
             W1[i:].addr_(Ub[i, i:], err, alpha=-1.0)
-            W1[i] = q  # column i is final: keep its codes in place of the weights
-        codes[:, orig[i1:i2]] = W1.t().to(torch.uint8)
+            W1[i] = stored  # column i is final
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err, alpha=-1.0)
-
-    if fixed is not None:
-        scales, zeros = fixed
-    g_idx = torch.empty(n, dtype=torch.int32)
-    g_idx[orig] = g_of.to(torch.int32)
-    if scheme.act_order == "static" or scheme.group_size == -1:
-        g_idx = (torch.arange(n) // gs).to(torch.int32)
-    return QuantizedWeight(codes, scales.float(), zeros.int(), g_idx, scheme)
+    return Wt
 
 
 def rtn_quantize(W: torch.Tensor, scheme: Scheme, clip_search: bool = False, min_zero: int = 0) -> QuantizedWeight:

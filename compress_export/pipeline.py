@@ -31,7 +31,7 @@ class Summary:
     output: str
     method: str
     format: str
-    scheme: dict
+    scheme: Optional[dict]
     decoder_layers: int
     linears: int
     calibration: str
@@ -40,11 +40,14 @@ class Summary:
     size_before_mb: float
     size_after_mb: float
     timings: dict = field(default_factory=dict)
+    sparsity: str = ""
 
     def lines(self):
+        what = " ".join(x for x in (f"sparsity {self.sparsity}" if self.sparsity else "",
+                                    str(self.scheme) if self.scheme else "") if x)
         return [
             f"wrote {self.output}",
-            f"  {self.method} → {self.format} {self.scheme}",
+            f"  {self.method} → {self.format} {what}",
             f"  {self.linears} linears in {self.decoder_layers} decoder layers; calibration: {self.calibration}",
             f"  {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
             f"  size {self.size_before_mb:.1f} MB → {self.size_after_mb:.1f} MB "
@@ -52,9 +55,11 @@ class Summary:
         ]
 
 
-def default_output(model_dir: Path, method: str, fmt: str, scheme: Scheme) -> Path:
-    g = "pc" if scheme.group_size == -1 else f"g{scheme.group_size}"
-    tag = f"{method}-w{scheme.bits}{g}" + ("" if scheme.symmetric else "-asym")
+def default_output(model_dir: Path, method: str, fmt: str, scheme: Optional[Scheme], sparsity=None) -> Path:
+    tag = method + (f"-sp{str(sparsity).replace(':', 'of')}" if sparsity else "")
+    if scheme is not None:
+        g = "pc" if scheme.group_size == -1 else f"g{scheme.group_size}"
+        tag += f"-w{scheme.bits}{g}" + ("" if scheme.symmetric else "-asym")
     return Path.cwd() / f"{model_dir.resolve().name}-{fmt}-{tag}"
 
 
@@ -78,7 +83,7 @@ def resolve_group_size(scheme: Scheme, cfg: dict) -> Scheme:
     return scheme.with_(group_size=-1)
 
 
-def check_shapes(layout, scheme: Scheme, fmt) -> None:
+def check_shapes(layout, scheme: Optional[Scheme], fmt, sparsity=None) -> None:
     """Group size must divide every compressed layer's input size; packing needs whole words."""
     from compress_export.formats.packing import period
 
@@ -86,6 +91,9 @@ def check_shapes(layout, scheme: Scheme, fmt) -> None:
     for i, lin in enumerate(layout.linears):
         for name, m in lin:
             sizes.add(m.in_features)
+            fmt.check_linear(layout.full_name(i, name), m.in_features, m.out_features, sparsity)
+            if scheme is None:
+                continue
             if scheme.group_size != -1 and m.in_features % scheme.group_size:
                 bad.setdefault((name, m.in_features), []).append(i)
             p = period(scheme.bits)
@@ -99,19 +107,19 @@ def check_shapes(layout, scheme: Scheme, fmt) -> None:
                         f"group sizes that fit every layer: {', '.join(map(str, ok)) or 'none'} (or -1)")
 
 
-def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str = "gptq",
+def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: Optional[str] = None,
              scheme: Optional[Scheme] = None, options: Optional[PassOptions] = None,
              dataset: Optional[str] = None, num_samples: int = 64, seq_len: int = 512,
              batch_size: Optional[int] = None,
              overwrite: bool = False, seed: int = 0, progress: bool = True,
-             trust_remote_code: bool = False) -> Summary:
+             trust_remote_code: bool = False, sparsity=None) -> Summary:
     t0 = time.time()
-    src, out, format_, the_pass = _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite)
-    scheme, method = the_pass.scheme, the_pass.name
+    src, out, format_, the_pass = _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity)
+    scheme, method, sparsity = the_pass.scheme, the_pass.name, the_pass.sparsity
     model, tok = model_io.load_source_model(src, trust_remote_code=trust_remote_code)
     model_io.check_finite(model, str(src))
     layout = describe(model, str(src))
-    check_shapes(layout, scheme, format_)
+    check_shapes(layout, scheme, format_, sparsity)
     the_pass.check_layout(layout, getattr(model.config, "model_type", ""))
 
     timings = {"load": time.time() - t0}
@@ -133,14 +141,20 @@ def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: str 
         compressed = {layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
         ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
         extra = {"method": method, "calibration": calib_desc, **asdict(the_pass.options)}
+        if sparsity is not None:
+            extra["sparsity"] = str(sparsity)
         cfg = model_io.read_config(src)
-        cfg["quantization_config"] = format_.quantization_config(scheme, ignore, extra)
+        qc = format_.quantization_config(scheme, ignore, extra)
+        if qc is not None:
+            cfg["quantization_config"] = qc
+        cfg.update(format_.config_extras(ignore, extra))
         writer.finish(cfg, src, overwrite)
     except BaseException:
         writer.abort()
         raise
     return Summary(
-        output=str(out), method=method, format=fmt, scheme=asdict(scheme), decoder_layers=len(layout.layers),
+        output=str(out), method=method, format=format_.name, scheme=asdict(scheme) if scheme else None,
+        sparsity=str(sparsity or ""), decoder_layers=len(layout.layers),
         linears=n_linears, calibration=calib_desc, seconds=time.time() - t0,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
@@ -152,27 +166,35 @@ def default_scheme(method: str) -> Scheme:
     return Scheme(bits=4, group_size=0, act_order="static", **PASSES.get(method).scheme_defaults)
 
 
-def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite):
-    """Every check that needs no weights, before any work starts: paths, method × format, scheme."""
+def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity=None):
+    """Every check that needs no weights, before any work starts: paths, method × format, scheme, sparsity."""
     from compress_export.formats import FORMATS
 
+    from .sparsity import Sparsity
+
     src = model_io.check_model_dir(model_dir)
+    sp = Sparsity.parse(sparsity) if isinstance(sparsity, str) else sparsity
+    fmt = fmt or (("sparse24" if sp.structured else "dense") if sp else "gptq")
     format_ = FORMATS.get(fmt)()
+    format_.storage_dtype = model_io.source_dtype(src)
     method = method or format_.default_method
     pass_cls = PASSES.get(method)
-    scheme = scheme or default_scheme(method)
-    if pass_cls.formats is not None and fmt not in pass_cls.formats:
-        raise UserError(f"--method {method} results cannot be written as --format {fmt}")
-    if not pass_cls.uses_act_order:
+    if pass_cls.prunes != (sp is not None):
+        raise UserError(f"--method {method} needs --sparsity (2:4 or a fraction)" if pass_cls.prunes else
+                        f"--sparsity needs a pruning method (--method magnitude, wanda or sparsegpt), not {method}")
+    if scheme is None and not pass_cls.prunes:
+        scheme = default_scheme(method)
+    if scheme is not None and not pass_cls.uses_act_order:
         scheme = scheme.with_(act_order="none")
-    format_.check(scheme)
-    scheme = resolve_group_size(scheme, model_io.read_config(src))
-    out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme)
+    format_.check(scheme, sp)
+    if scheme is not None:
+        scheme = resolve_group_size(scheme, model_io.read_config(src))
+    out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme, sp)
     check_output_path(out, src, overwrite)
     opts = options or PassOptions()
-    if not scheme.symmetric:
+    if scheme is not None and not scheme.symmetric:
         opts = PassOptions(**{**asdict(opts), "min_zero": max(opts.min_zero, format_.min_zero)})
-    return src, out, format_, pass_cls(scheme, opts)
+    return src, out, format_, pass_cls(scheme, opts, sp)
 
 
 SINGLE_PASS_BUDGET = 6 << 30  # bytes of activations we allow for one whole-calibration-set forward

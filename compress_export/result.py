@@ -22,6 +22,8 @@ class QuantizedWeight:
     zeros:  int32 [out, groups], the zero point in code units ((2^(bits-1)) everywhere when symmetric).
     g_idx:  int32 [in], the group of each input column (i // group_size unless act-order regrouped them).
     bias:   optional float tensor [out], carried through unchanged.
+    mask:   optional bool [out, in], True where a weight is kept (pruned codes equal their zero point, so they
+            dequantize to exactly 0).
     """
 
     codes: torch.Tensor
@@ -30,6 +32,7 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     scheme: Scheme
     bias: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
 
     @property
     def shape(self):
@@ -46,3 +49,21 @@ class QuantizedWeight:
         n = self.codes.shape[1]
         ref = torch.zeros(n, dtype=torch.int32) if gs == -1 else torch.arange(n, dtype=torch.int32) // gs
         return bool(torch.equal(self.g_idx.cpu().int(), ref))
+
+
+@dataclass
+class SparseWeight:
+    """A pruned, unquantized weight: values float32 [out, in] with exact zeros where mask [out, in] is False."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    sparsity: object  # compress_export.sparsity.Sparsity
+    bias: Optional[torch.Tensor] = None
+    scheme: None = None
+
+    @property
+    def shape(self):
+        return tuple(self.values.shape)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.values.to(dtype)

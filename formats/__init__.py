@@ -6,3 +6,4 @@ from .base import FORMATS, Format, format_for_config, register_format  # noqa: F
 from . import gptq  # noqa: F401  (registers "gptq")
 from . import awq  # noqa: F401,E402  (registers "awq")
 from . import compressed_tensors  # noqa: F401,E402  (registers "compressed-tensors")
+from . import sparse  # noqa: F401,E402  (registers "sparse24" and "dense")

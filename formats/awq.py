@@ -33,8 +33,8 @@ class AWQFormat(Format):
     supported_bits = (4,)
     default_method = "awq"
 
-    def check(self, scheme: Scheme) -> None:
-        super().check(scheme)
+    def check(self, scheme: Scheme, sparsity=None) -> None:
+        super().check(scheme, sparsity)
         if scheme.act_order == "group":
             raise UserError("--format awq has no g_idx, so --act-order group cannot be stored; "
                             "use --act-order static or none (or --format gptq / compressed-tensors)")

@@ -43,15 +43,30 @@ class Format:
     # The smallest zero point the format can store (GPTQ v1 stores zero-1, so an asymmetric zero of 0 is lost).
     min_zero = 0
 
-    def check(self, scheme: Scheme) -> None:
-        """Raise a UserError before any work starts when the format cannot express this scheme."""
+    storage_dtype = torch.float16  # dtype of unquantized values it stores; the pipeline sets the source's
+
+    def check(self, scheme: Optional[Scheme], sparsity=None) -> None:
+        """Raise a UserError before any work starts when the format cannot express this scheme (None: the
+        weights are pruned, not quantized) or sparsity."""
+        if scheme is None:
+            raise UserError(f"--format {self.name} stores quantized weights: add --bits, or write pruned weights "
+                            "with --format sparse24 (2:4) or --format dense")
         if scheme.bits not in self.supported_bits:
             raise UserError(
                 f"--format {self.name} cannot store {scheme.bits}-bit weights (it stores {self.supported_bits})"
             )
 
+    def check_linear(self, name: str, in_f: int, out_f: int, sparsity=None) -> None:
+        """Raise a UserError naming the layer when this format cannot store a linear of this shape."""
+        if sparsity is not None and sparsity.structured and in_f % sparsity.m:
+            raise UserError(f"{name}: input size {in_f} is not a multiple of {sparsity.m} ({sparsity} sparsity)")
+
     def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def config_extras(self, ignore: list, extra: dict) -> dict:
+        """Top-level config.json entries besides quantization_config (the dense format records its sparsity)."""
+        return {}
 
     def unpack(self, tensors: Dict[str, torch.Tensor], qcfg: dict, shape) -> QuantizedWeight:
         raise NotImplementedError

@@ -32,3 +32,20 @@ def compare_top1(export_dir, ids: list, other: dict, mode: str = "dequant") -> d
     agree = (logp.argmax(dim=-1) == theirs).float().mean().item()
     gap = (logp.gather(1, theirs[:, None])[:, 0] - torch.tensor(other["top1_logprob"])).abs().max().item()
     return {"positions": len(theirs), "top1_agreement": round(agree, 4), "max_abs_dlogprob": float(f"{gap:.3g}")}
+
+
+@torch.no_grad()
+def compare_reference(export_dir, text_path, window: int = 512) -> dict:
+    """Our loader against transformers' own loading of the export (for compressed-tensors: its quantizer
+    decompresses the packed tensors with the compressed-tensors library): top-1 agreement and max |Δlogit|."""
+    from transformers import AutoModelForCausalLM
+
+    from compress_export.loading import load_model
+
+    ids = torch.tensor([first_window_ids(export_dir, text_path, window)])
+    ours, _ = load_model(export_dir)
+    ref = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
+    a, b = ours(input_ids=ids).logits[0].float(), ref(input_ids=ids).logits[0].float()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    return {"positions": ids.shape[1], "top1_agreement": round(agree, 4),
+            "max_abs_dlogit": float(f"{(a - b).abs().max().item():.3g}")}

@@ -49,6 +49,8 @@ def vllm_has_kernel(qcfg: dict) -> bool:
         scheme = format_for_config(qcfg).scheme_from_config(qcfg)
     except (UserError, KeyError, ValueError):
         return True  # not ours to judge: leave it to vLLM
+    if scheme is None or qcfg.get("quant_method") not in {k[0] for k in _VLLM_CUDA_NATIVE}:
+        return False  # a format only we define (2:4 sparse): vLLM has no kernel anywhere
     # AWQ GEMM always carries zero points (symmetric weights are stored with zeros of 8): vLLM sees asymmetric.
     sym = scheme.symmetric and qcfg.get("quant_method") != "awq"
     key = (qcfg.get("quant_method"), scheme.bits, sym)
@@ -157,14 +159,14 @@ class CompressExportLinearMethod(LinearMethodBase):
                        params_dtype, **extra_weight_attrs):
         scheme = self.config.scheme
         in_f, out_f = input_size_per_partition, sum(output_partition_sizes)
-        if scheme.group_size != -1 and in_f % scheme.group_size:
+        if scheme is not None and scheme.group_size != -1 and in_f % scheme.group_size:
             raise ValueError(f"group size {scheme.group_size} does not divide this shard's input size {in_f}")
         loader = extra_weight_attrs.get("weight_loader")
         layout = self.config.fmt.tensor_layout(scheme, in_f, out_f)
         for name, spec in layout.items():
             layer.register_parameter(name, _make_param(spec, loader))
         if "g_idx" in layout:  # absent from some checkpoints: default to contiguous groups
-            gs = in_f if scheme.group_size == -1 else scheme.group_size
+            gs = in_f if scheme is None or scheme.group_size == -1 else scheme.group_size
             layer.g_idx.data.copy_(torch.arange(in_f, dtype=torch.int32) // gs)
         layer.ce_tensor_names = tuple(layout)
         layer.ce_act_dtype = params_dtype

@@ -12,7 +12,7 @@ import torch
 
 from compress_export.errors import UserError
 from compress_export.registry import Registry
-from compress_export.result import QuantizedWeight
+from compress_export.result import QuantizedWeight, SparseWeight
 
 KERNELS: Registry = Registry("kernel")
 register_kernel = KERNELS.register
@@ -28,12 +28,19 @@ class KernelRequest:
     out_features: int
     act_dtype: torch.dtype
     device: str  # "cpu", "cuda", ...
+    sparsity: str = ""  # "2:4" when every group of 4 inputs keeps 2 (pruned weights), else ""
 
     @classmethod
-    def for_weight(cls, qw: QuantizedWeight, act_dtype: torch.dtype, device: str) -> "KernelRequest":
+    def for_weight(cls, qw, act_dtype: torch.dtype, device: str) -> "KernelRequest":
+        """qw: a QuantizedWeight, or a SparseWeight (float weights: bits 16)."""
+        sp = str(getattr(qw, "sparsity", "") or "")
+        if isinstance(qw, SparseWeight):
+            return cls(16, -1, True, False, qw.shape[1], qw.shape[0], act_dtype, device, sp)
         s = qw.scheme
+        if qw.mask is not None and not sp:
+            sp = "2:4" if _is_24(qw.mask) else ""
         return cls(s.bits, s.group_size, s.symmetric, not qw.has_trivial_g_idx(), qw.shape[1], qw.shape[0],
-                   act_dtype, device)
+                   act_dtype, device, sp)
 
 
 class LinearKernel:
@@ -64,3 +71,7 @@ def choose_kernel(req: KernelRequest) -> type:
             return cls
         reasons.append(f"{name}: {why}")
     raise UserError(f"no kernel can run {req}: " + "; ".join(reasons))
+
+
+def _is_24(mask: torch.Tensor) -> bool:
+    return mask.shape[1] % 4 == 0 and bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())

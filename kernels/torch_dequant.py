@@ -24,7 +24,7 @@ class TorchDequantKernel(LinearKernel):
         if not req.act_dtype.is_floating_point:
             return False, f"activations must be floating point, got {req.act_dtype}"
         if req.bits > 8:
-            return False, f"{req.bits}-bit codes do not fit uint8"
+            return False, f"{req.bits}-bit weights are not integer codes"
         if req.group_size != -1 and req.in_features % req.group_size:
             return False, f"group size {req.group_size} does not divide in_features {req.in_features}"
         return True, ""

@@ -117,3 +117,14 @@ def smollm2_ct(smollm2_awq, tmp_path_factory) -> Path:
     from compress_export.convert import convert
 
     return convert(smollm2_awq, "compressed-tensors", str(tmp_path_factory.mktemp("smollm2") / "smollm2-ct"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_s24(smollm2, calib_txt, tmp_path_factory) -> Path:
+    """SmolLM2 pruned 2:4 by SparseGPT (unquantized values, sparse24 format), 8×256 calibration tokens."""
+    from compress_export.pipeline import compress
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-sparsegpt-24"
+    compress(smollm2, out, method="sparsegpt", sparsity="2:4", dataset=str(calib_txt), num_samples=8, seq_len=256,
+             progress=False)
+    return out

@@ -46,6 +46,18 @@ def test_offline_generation_and_logits_agree_with_our_loader(export, request, ev
     assert conf["positions"] == len(ids) - 1 and conf["top1_agreement"] >= 0.99, conf
 
 
+def test_sparse24_runs_in_vllm_and_agrees_with_our_loader(smollm2_s24, eval_txt, tmp_path):
+    """vLLM has no 2:4 kernel any more: our plugin claims the checkpoint and runs the registry's kernel."""
+    from compress_export.integrations.conformance import compare_top1, first_window_ids
+
+    ids = first_window_ids(smollm2_s24, eval_txt)
+    res = vllm_check(smollm2_s24, tmp_path, ids)
+    assert res["quantization"] == "compress_export" and res["text"].strip(), res
+    conf = compare_top1(smollm2_s24, ids, res)
+    print("sparse24", conf)
+    assert conf["top1_agreement"] >= 0.99, conf
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 
 from compress_export.registry import Registry
-from compress_export.result import QuantizedWeight
+from compress_export.result import QuantizedWeight, SparseWeight
 from compress_export.scheme import Scheme
 
 PASSES: Registry = Registry("method")
@@ -37,9 +37,13 @@ class Pass:
     # Scheme fields this pass defaults differently when the user did not set them (AWQ: asymmetric).
     scheme_defaults: dict = {}
 
-    def __init__(self, scheme: Scheme, options: PassOptions = PassOptions()):
+    # True for pruning passes: they need a sparsity pattern and may run without a scheme (no quantization).
+    prunes = False
+
+    def __init__(self, scheme: Optional[Scheme], options: PassOptions = PassOptions(), sparsity=None):
         self.scheme = scheme
         self.options = options
+        self.sparsity = sparsity
 
     def make_stats(self, in_features: int):
         """An accumulator with .add(x) fed every input batch of a linear group, or None."""
@@ -58,12 +62,16 @@ class Pass:
         return {"method": self.name, **self.options.__dict__}
 
 
-def split_rows(qw: QuantizedWeight, sizes: List[int]) -> List[QuantizedWeight]:
-    """Undo the row concatenation of linears quantized together (all per-row data splits the same way)."""
+def split_rows(qw, sizes: List[int]) -> list:
+    """Undo the row concatenation of linears compressed together (all per-row data splits the same way)."""
     out, start = [], 0
     for n in sizes:
         sl = slice(start, start + n)
-        out.append(QuantizedWeight(qw.codes[sl].contiguous(), qw.scales[sl].contiguous(),
-                                   qw.zeros[sl].contiguous(), qw.g_idx, qw.scheme))
+        mask = qw.mask[sl].contiguous() if qw.mask is not None else None
+        if isinstance(qw, SparseWeight):
+            out.append(SparseWeight(qw.values[sl].contiguous(), mask, qw.sparsity))
+        else:
+            out.append(QuantizedWeight(qw.codes[sl].contiguous(), qw.scales[sl].contiguous(),
+                                       qw.zeros[sl].contiguous(), qw.g_idx, qw.scheme, mask=mask))
         start += n
     return out

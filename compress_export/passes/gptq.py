@@ -18,5 +18,5 @@ class GPTQPass(Pass):
         W = torch.cat([w.float() for w in weights], dim=0)
         o = self.options
         qw = gptq_quantize(W, stats.H, self.scheme, damp=o.damp, block_size=o.block_size,
-                           clip_search=o.clip_search, min_zero=o.min_zero, name=name)
+                           clip_search=o.clip_search, min_zero=o.min_zero, sparsity=self.sparsity, name=name)
         return split_rows(qw, [w.shape[0] for w in weights])
