@@ -2,8 +2,9 @@
 
   python benchmarks/vllm_decode.py [EXPORT_DIR ...] [--max-tokens 64] [--repeats 2]
 
-Without EXPORT_DIR it exports SmolLM2 as GPTQ W4 g64 (RTN: the speed depends on the format and kernel, not on
-the calibration). Each model is loaded in its own subprocess (`compress_export.integrations.vllm_check`): greedy,
+Without EXPORT_DIR it exports SmolLM2 once per format with calibration-free passes (the speed depends on the
+format and kernel, not on the calibration): RTN W4 g64 as GPTQ, AWQ and compressed-tensors, magnitude 2:4 as
+sparse24, and magnitude 2:4 + W4 g64 as sparse24. Each model is loaded in its own subprocess (`compress_export.integrations.vllm_check`): greedy,
 single stream, 64 new tokens after a warm-up, `ignore_eos`; the best of --repeats runs is reported.
 """
 from __future__ import annotations
@@ -16,6 +17,16 @@ import tempfile
 from pathlib import Path
 
 from common import example_model
+
+
+W4 = ["--bits", "4", "--group-size", "64"]
+DEFAULT_EXPORTS = [
+    ("gptq-rtn-w4g64", ["--format", "gptq", "--method", "rtn", *W4]),
+    ("awq-rtn-w4g64-asym", ["--format", "awq", "--method", "rtn", "--asym", *W4]),
+    ("ct-rtn-w4g64", ["--format", "compressed-tensors", "--method", "rtn", *W4]),
+    ("sparse24-magnitude", ["--format", "sparse24", "--method", "magnitude", "--sparsity", "2:4"]),
+    ("sparse24-magnitude-w4g64", ["--format", "sparse24", "--method", "magnitude", "--sparsity", "2:4", *W4]),
+]
 
 
 def check(model: str, max_tokens: int) -> dict:
@@ -37,25 +48,28 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         exports = a.exports
         if not exports:
-            out = str(Path(tmp) / "smollm2-gptq-w4g64")
-            subprocess.run([sys.executable, "-m", "compress_export.cli", "--method", "rtn", "--bits", "4",
-                            "--group-size", "64", "-q", base, "-o", out], check=True, capture_output=True)
-            exports = [out]
+            exports = []
+            for name, args in DEFAULT_EXPORTS:
+                out = str(Path(tmp) / name)
+                subprocess.run([sys.executable, "-m", "compress_export.cli", *args, "-q", base, "-o", out],
+                               check=True, capture_output=True)
+                exports.append(out)
         rows = []
         for model in [base] + exports:
             runs = [check(model, a.max_tokens) for _ in range(a.repeats)]
             ok = [r for r in runs if "error" not in r]
             best = max(ok, key=lambda r: r["decode_tok_s"]) if ok else runs[0]
+            best["size_mb"] = round(sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 1e6, 1)
             rows.append(best)
             print(json.dumps(best), flush=True)
-    print("\n| model | quantization | load s | decode tok/s | vs bf16 |\n|---|---|---|---|---|")
+    print("\n| model | quantization | size MB | load s | decode tok/s | vs bf16 |\n|---|---|---|---|---|---|")
     ref = rows[0].get("decode_tok_s")
     for r in rows:
         if "error" in r:
-            print(f"| {Path(r['model']).name} | error | | | |")
+            print(f"| {Path(r['model']).name} | error | {r['size_mb']} | | | |")
             continue
         print(f"| {Path(r['model']).name} | {r['quantization'] or 'none (bf16 weights, fp32 compute)'} | "
-              f"{r['load_s']} | {r['decode_tok_s']} | {r['decode_tok_s'] / ref:.2f}× |")
+              f"{r['size_mb']} | {r['load_s']} | {r['decode_tok_s']} | {r['decode_tok_s'] / ref:.2f}× |")
 
 
 if __name__ == "__main__":

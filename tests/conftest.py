@@ -28,13 +28,13 @@ def _tiny_tokenizer():
 
 
 def make_tiny_llama(path: Path, *, tie=True, hidden=64, inter=128, layers=2, seed=0, bias=False, kv_heads=2,
-                    model_type="llama") -> Path:
+                    model_type="llama", heads=4, max_pos=256) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     tok = _tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                       attention_bias=bias, mlp_bias=bias)
     if model_type != "llama":  # same weights layout under another family's name (e.g. olmo, mistral)
