@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import logging
 import sys
 
 TARGET = "transformers.quantizers.auto"
 
 
 def _register():
-    from compress_export.integrations.transformers_quantizer import register
+    # Runs inside someone else's `import transformers…`: it must never break that import (e.g. compress_export
+    # imported from a source tree without its package-dir mapping), so failure is only logged.
+    try:
+        from compress_export.integrations.transformers_quantizer import register
 
-    register()
+        register()
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(__name__).warning("compress-export: transformers registration skipped (%s)", e)
 
 
 class _Loader(importlib.abc.Loader):

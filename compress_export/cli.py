@@ -184,9 +184,10 @@ def cmd_list(argv):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .runtime import tune_process
+    if not argv or argv[0] not in ("serve", "list", "example-model"):
+        from .runtime import tune_process
 
-    tune_process()  # before torch is imported: see runtime.py
+        tune_process()  # long tensor work ahead; before torch is imported: see runtime.py
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "convert": cmd_convert, "serve": cmd_serve,
              "list": cmd_list}

@@ -1,4 +1,5 @@
 """Bad input through the real command: one line on stderr, non-zero exit, no traceback, nothing written."""
+import os
 import subprocess
 import sys
 
@@ -124,3 +125,14 @@ def test_impossible_pair_and_convert_errors_are_one_line(tiny_model, tiny_text, 
     assert not (tmp_path / "x").exists()
     rc, _, err = cli("convert", tiny_model, "--format", "awq")
     assert_one_line_error(rc, err, "no quantization_config")
+
+
+def test_allocator_tuning_applies_before_torch_and_can_be_turned_off():
+    code = ("import os, sys; from compress_export.runtime import tune_process; ok = tune_process(); "
+            "print(ok, os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
+    assert r.stdout.split() == ["True", "1", "False"], r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "COMPRESS_EXPORT_MALLOC": "default"})
+    assert r.stdout.split()[0] == "False", r.stdout + r.stderr
