@@ -4,8 +4,9 @@
 
 Without EXPORT_DIR it exports SmolLM2 once per format with calibration-free passes (the speed depends on the
 format and kernel, not on the calibration): RTN W4 g64 as GPTQ, AWQ and compressed-tensors, magnitude 2:4 as
-sparse24, and magnitude 2:4 + W4 g64 as sparse24. Each model is loaded in its own subprocess (`compress_export.integrations.vllm_check`): greedy,
-single stream, 64 new tokens after a warm-up, `ignore_eos`; the best of --repeats runs is reported.
+sparse24, and magnitude 2:4 + W4 g64 as sparse24. Each model is loaded in its own subprocess
+(`compress_export.integrations.vllm_check`): greedy, single stream, 64 new tokens after a warm-up, `ignore_eos`;
+the best of --repeats runs is reported.
 """
 from __future__ import annotations
 

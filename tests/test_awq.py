@@ -110,3 +110,16 @@ def test_awq_refuses_architectures_without_mappings(tmp_path, tiny_text):
     with pytest.raises(UserError, match="no scale mappings for model_type 'olmo'.*llama, mistral, qwen2, qwen3"):
         run(model_dir, tiny_text, tmp_path / "out", method="awq", fmt="awq")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_awq_mappings_fit_the_other_supported_families(tmp_path, tiny_text, model_type):
+    from conftest import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / model_type, model_type=model_type, kv_heads=4)
+    s = run(model_dir, tiny_text, tmp_path / "out", method="awq", fmt="awq", scheme=Scheme(4, 32, False))
+    assert s.linears == 14
+    model, _ = load_model(tmp_path / "out")
+    ids = torch.randint(3, 60, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
