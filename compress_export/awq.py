@@ -10,7 +10,7 @@ from typing import Tuple
 
 import torch
 
-from .quant import dequantize, group_params, quantize
+from .gptq import rtn_quantize
 from .scheme import Scheme
 
 SCALE_GRID = 20  # α ∈ {0, 0.05, …, 0.95}: s = mean|x|^α, α = 0 is "no scaling"
@@ -23,11 +23,7 @@ def quadratic_error(D: torch.Tensor, H: torch.Tensor) -> float:
 
 def rtn_dequant(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Min-max round-to-nearest and back, the quantizer AWQ's scale search scores against."""
-    s, z = group_params(W, scheme.bits, scheme.symmetric, scheme.group_size, search=False)
-    gs = W.shape[1] if scheme.group_size == -1 else scheme.group_size
-    g = torch.arange(W.shape[1]) // gs
-    S, Z = s[:, g], z[:, g].float()
-    return dequantize(quantize(W, S, Z, scheme.bits), S, Z)
+    return rtn_quantize(W, scheme).dequantize()
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from .writer import CheckpointWriter, check_output_path
 
 def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = False) -> Path:
     from compress_export.formats import FORMATS, format_for_config
+    from compress_export.formats.base import ignored_modules
 
     src = model_io.check_model_dir(src)
     cfg, qweights, rest = read_quantized(src)
@@ -32,7 +33,7 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
     out = Path(out_dir) if out_dir else src.parent / f"{src.name}-{fmt}"
     check_output_path(out, src, overwrite)
     extra = dict(cfg["quantization_config"].get("compress_export") or {}, converted_from=source_fmt.name)
-    ignore = _ignored(cfg["quantization_config"])
+    ignore = ignored_modules(cfg["quantization_config"])
     writer = CheckpointWriter(out)
     try:
         for name, qw in qweights.items():
@@ -47,9 +48,3 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
         writer.abort()
         raise
 
-
-def _ignored(qcfg: dict) -> list:
-    for key in ("modules_not_quantized", "modules_to_not_convert", "ignore"):
-        if qcfg.get(key):
-            return list(qcfg[key])
-    return []

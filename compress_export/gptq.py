@@ -149,12 +149,17 @@ def _sweep(Wt: torch.Tensor, U: torch.Tensor, block: int, cols: _Columns) -> tor
     return Wt
 
 
+def quantize_with_params(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    """Round W [out, in] with given group params [out, G] over contiguous groups (no error feedback)."""
+    n = W.shape[1]
+    gs = n if scheme.group_size == -1 else scheme.group_size
+    g_idx = (torch.arange(n) // gs).to(torch.int32)
+    codes = quantize(W, scales[:, g_idx.long()], zeros[:, g_idx.long()].float(), scheme.bits).to(torch.uint8)
+    return QuantizedWeight(codes, scales.float(), zeros.int(), g_idx, scheme)
+
+
 def rtn_quantize(W: torch.Tensor, scheme: Scheme, clip_search: bool = False, min_zero: int = 0) -> QuantizedWeight:
     """Round-to-nearest with min-max (optionally MSE-clipped) group params: the baseline."""
     W = W.detach().float()
-    n = W.shape[1]
     s, z = group_params(W, scheme.bits, scheme.symmetric, scheme.group_size, clip_search, min_zero)
-    gs = n if scheme.group_size == -1 else scheme.group_size
-    g_idx = (torch.arange(n) // gs).to(torch.int32)
-    codes = quantize(W, s[:, g_idx.long()], z[:, g_idx.long()].float(), scheme.bits).to(torch.uint8)
-    return QuantizedWeight(codes, s.float(), z.int(), g_idx, scheme)
+    return quantize_with_params(W, s, z, scheme)

@@ -97,5 +97,10 @@ def format_for_config(qcfg: dict) -> Format:
     raise UserError(f"quantization_config with quant_method={qcfg.get('quant_method')!r} is not a format we read")
 
 
+def ignored_modules(qcfg: dict) -> list:
+    """Modules a checkpoint leaves unquantized, whichever key its format uses (GPTQ, AWQ, compressed-tensors)."""
+    return [n for k in ("modules_not_quantized", "modules_to_not_convert", "ignore") for n in qcfg.get(k) or []]
+
+
 def scheme_from_config(qcfg: dict) -> Scheme:
     return format_for_config(qcfg).scheme_from_config(qcfg)

@@ -25,6 +25,7 @@ from vllm.model_executor.parameter import (
 
 from compress_export.errors import UserError
 from compress_export.formats import format_for_config
+from compress_export.formats.base import ignored_modules
 from compress_export.kernels import KernelRequest, choose_kernel
 
 from .vllm_plugin import METHOD_NAME
@@ -80,7 +81,7 @@ class CompressExportConfig(QuantizationConfig):
         self.fmt = format_for_config(qcfg)
         self.scheme = self.fmt.scheme_from_config(qcfg)
         # Each format names its unquantized modules its own way (GPTQ, AWQ, compressed-tensors `re:` patterns).
-        names = [n for k in ("modules_not_quantized", "modules_to_not_convert", "ignore") for n in qcfg.get(k) or []]
+        names = ignored_modules(qcfg)
         self.not_quantized = {n for n in names if not n.startswith("re:")}
         self.not_quantized_re = [re.compile(n[3:]) for n in names if n.startswith("re:")]
 

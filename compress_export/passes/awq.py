@@ -14,8 +14,8 @@ import torch
 from compress_export.awq import fold_scale, search_scale
 from compress_export.errors import UserError
 from compress_export.hessian import HessianAccumulator
-from compress_export.quant import group_params, quantize, weighted_group_params
-from compress_export.result import QuantizedWeight
+from compress_export.gptq import quantize_with_params
+from compress_export.quant import group_params, weighted_group_params
 from compress_export.structure import AWQ_MAPPINGS
 
 from .base import Pass, register_pass, split_rows
@@ -92,8 +92,5 @@ class AWQPass(Pass):
             s, z = weighted_group_params(W, stats.H, sc.bits, sc.symmetric, sc.group_size, CLIP_RATIOS, o.min_zero)
         else:
             s, z = group_params(W, sc.bits, sc.symmetric, sc.group_size, search=False, min_zero=o.min_zero)
-        gs = W.shape[1] if sc.group_size == -1 else sc.group_size
-        g_idx = (torch.arange(W.shape[1]) // gs).to(torch.int32)
-        codes = quantize(W, s[:, g_idx.long()], z[:, g_idx.long()].float(), sc.bits).to(torch.uint8)
-        qw = QuantizedWeight(codes, s.float(), z.int(), g_idx, sc)
+        qw = quantize_with_params(W, s, z, sc)
         return split_rows(qw, [w.shape[0] for w in weights])
