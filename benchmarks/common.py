@@ -31,9 +31,10 @@ def _size_mb(d) -> float:
     return round(sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) / 1e6, 1)
 
 
-def measure_rows(model: str, specs: list, out_json=None) -> list:
+def measure_rows(model: str, specs: list, out_json=None, after=None, cols=None) -> list:
     """Each (name, spec): spec None = the model itself; ("convert", SRC_ROW, FORMAT) = repack an earlier row;
-    else CLI arguments for an export. Every row is evaluated on the shared protocol; prints JSON lines and a table."""
+    else CLI arguments for an export. Every row is evaluated on the shared protocol; prints JSON lines and a table.
+    after(target_dir, record) runs while the row's export still exists and may add to the record."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for row, spec in specs:
@@ -54,12 +55,14 @@ def measure_rows(model: str, specs: list, out_json=None) -> list:
             ev = cli("eval", target, "--text", TEXT / "eval.txt")
             rec.update(token_ppl=round(ev["token_perplexity"], 2), word_ppl=round(ev["word_perplexity"], 1),
                        byte_ppl=round(ev["byte_perplexity"], 4), bits_per_byte=round(ev["bits_per_byte"], 4))
+            if after is not None:
+                after(target, rec)
             results.append(rec)
             print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
-    cols = ["row", "token_ppl", "word_ppl", "byte_ppl", "bits_per_byte", "seconds", "peak_rss_mb", "size_mb"]
+    cols = cols or ["row", "token_ppl", "word_ppl", "byte_ppl", "bits_per_byte", "seconds", "peak_rss_mb", "size_mb"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |")
     if out_json:
         Path(out_json).write_text(json.dumps(results, indent=2))
     return results

@@ -22,6 +22,14 @@ def load_model(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
+def validate(*args, **kwargs):
+    """Run an export (and a baseline) in vLLM and write the validation report: see
+    compress_export.integrations.validate.validate (vLLM runs in subprocesses; this process never imports it)."""
+    from .integrations.validate import validate as _validate
+
+    return _validate(*args, **kwargs)
+
+
 def _install_hooks():
     from . import _hooks
 

@@ -4,6 +4,7 @@
   compress-export example-model [DIR]
   compress-export eval DIR [--text FILE]
   compress-export serve OUT [vLLM args...]
+  compress-export validate OUT [--baseline MODEL_DIR]
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-VERBS = ("example-model", "eval", "convert", "serve", "list")
+VERBS = ("example-model", "eval", "convert", "serve", "validate", "list")
 
 
 def _compress_parser():
@@ -171,6 +172,62 @@ def cmd_serve(argv):
     return launch(["serve"] + argv)
 
 
+def cmd_validate(argv):
+    from compress_export.integrations.validate import ValidateOptions, parse_lengths
+
+    d = ValidateOptions()
+    p = argparse.ArgumentParser(
+        prog="compress-export validate",
+        description="Run an export (and a baseline) in vLLM, each in its own subprocess: greedy outputs and token "
+                    "agreement, perplexity from vLLM's prompt logprobs, batch-1 latency, offline and served "
+                    "throughput (vllm bench serve on 127.0.0.1), memory. Writes report.json, report.md and plots.")
+    p.add_argument("dir", metavar="OUT", help="the export to validate")
+    p.add_argument("--baseline", metavar="MODEL_DIR", help="the uncompressed model, for ratios and agreement")
+    p.add_argument("--report-dir", help="where the report goes (default: OUT-validation beside OUT)")
+    p.add_argument("--text", help="UTF-8 text for perplexity (default: a passage shipped with compress-export; "
+                                  "the project's protocol uses ../shared/data/text/eval.txt)")
+    # Each number flag maps to a ValidateOptions field; unset ones keep the default (or --quick's) value.
+    fields = {"window": "window", "windows": "windows", "repeats": "latency_repeats", "num_prompts": "num_prompts",
+              "input_len": "input_len", "output_len": "output_len", "concurrency": "concurrency",
+              "max_new_tokens": "max_new_tokens"}
+    helps = {"window": "tokens per perplexity window", "windows": "perplexity windows (at most)",
+             "repeats": "latency repeats (median)", "num_prompts": "throughput prompts (offline and served)",
+             "input_len": "throughput prompt tokens", "output_len": "throughput output tokens",
+             "concurrency": "served requests in flight at most", "max_new_tokens": "greedy tokens per prompt"}
+    for flag, field_name in fields.items():
+        p.add_argument("--" + flag.replace("_", "-"), type=int,
+                       help=f"{helps[flag]} (default {getattr(d, field_name)})")
+    p.add_argument("--lengths", help="batch-1 latency points, PROMPTxOUTPUT tokens (default "
+                                     + ",".join(f"{a}x{b}" for a, b in d.latency_lengths) + ")")
+    p.add_argument("--no-serve", action="store_true", help="skip vllm serve (offline figures only)")
+    p.add_argument("--quick", action="store_true", help="small N everywhere (a smoke run in a few minutes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--json", action="store_true", help="print report.json")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    a = p.parse_args(argv)
+    from dataclasses import replace
+
+    from .integrations.validate import validate
+
+    given = {}
+    for flag, field_name in fields.items():
+        v = getattr(a, flag)
+        if v is not None and v < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+        if v is not None:
+            given[field_name] = v
+    if a.lengths:
+        given["latency_lengths"] = parse_lengths(a.lengths)
+    opts = replace(ValidateOptions.quick() if a.quick else d, serve=not a.no_serve, **given)
+    r = validate(a.dir, a.baseline, a.report_dir, a.text, opts, overwrite=a.overwrite, progress=not a.quiet)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print("\n".join(r["verdict"]))
+        print(f"report: {r['report_dir']}/report.md")
+    return 0 if "error" not in r["runs"]["export"]["offline"] else 1
+
+
 def cmd_list(argv):
     from compress_export.formats import FORMATS
     from compress_export.kernels import KERNELS
@@ -184,13 +241,13 @@ def cmd_list(argv):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "list", "example-model"):
+    if not argv or argv[0] not in ("serve", "list", "example-model", "validate"):
         from .runtime import tune_process
 
         tune_process()  # long tensor work ahead; before torch is imported: see runtime.py
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "convert": cmd_convert, "serve": cmd_serve,
-             "list": cmd_list}
+             "validate": cmd_validate, "list": cmd_list}
     try:
         if argv and argv[0] in verbs:
             return verbs[argv[0]](argv[1:])

@@ -58,7 +58,13 @@ def perplexity(model, tokenizer, text: str, window: int = WINDOW, windows: int =
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
         ).view(batch.shape[0], -1)
         losses.append(loss.double())
-    loss = torch.cat(losses)  # [windows, window-1]
+    return summarize(tokenizer, ids, torch.cat(losses), time.time() - t0)
+
+
+def summarize(tokenizer, ids: torch.Tensor, loss: torch.Tensor, seconds: float = 0.0) -> PerplexityResult:
+    """The protocol's numbers from per-token losses (nats) `loss` [windows, window-1] of the windows `ids`
+    [windows, window], whichever engine computed them (our loader here, vLLM's prompt logprobs in validate)."""
+    loss = loss.double()
     nll = float(loss.sum())
     scored = "".join(tokenizer.decode(row[1:], skip_special_tokens=False) for row in ids)
     words = len(scored.split())
@@ -69,5 +75,5 @@ def perplexity(model, tokenizer, text: str, window: int = WINDOW, windows: int =
         byte_perplexity=math.exp(nll / nbytes),
         bits_per_byte=nll / nbytes / math.log(2),
         windows=ids.shape[0], tokens_scored=loss.numel(), words=words, bytes=nbytes,
-        seconds=time.time() - t0,
+        seconds=seconds,
     )

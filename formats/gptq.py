@@ -84,7 +84,8 @@ class GPTQFormat(Format):
     @staticmethod
     def scheme_from_config(qcfg: dict) -> Scheme:
         if qcfg.get("checkpoint_format", "gptq") != "gptq":
-            raise UserError(f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported (only v1 'gptq')")
+            raise UserError(f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported "
+                            "(only v1 'gptq')")
         act = "group" if qcfg.get("desc_act") else ("static" if qcfg.get("static_groups") else "none")
         return Scheme(int(qcfg["bits"]), int(qcfg.get("group_size", -1)), bool(qcfg.get("sym", True)), act)
 

@@ -26,26 +26,18 @@ def prompt_top1(llm, token_ids: list) -> dict:
 
 
 def run(model: str, prompt: str, max_tokens: int, score_ids: list | None = None, **llm_kwargs) -> dict:
-    import os
+    from compress_export.integrations.vllm_offline import load_llm
 
-    from compress_export.integrations.vllm_launch import CPU_ENGINE_DEFAULTS, cpu_environment, has_cuda
+    llm, facts = load_llm(model, 1024, **llm_kwargs)
+    from vllm import SamplingParams
 
-    os.environ.update(cpu_environment())
-    from vllm import LLM, SamplingParams
-
-    if not has_cuda():
-        llm_kwargs = {**CPU_ENGINE_DEFAULTS, **llm_kwargs}
-    t0 = time.time()
-    llm = LLM(model=model, max_model_len=1024, seed=0, **llm_kwargs)
-    load_s = time.time() - t0
-    quant = llm.llm_engine.vllm_config.model_config.quantization
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
     t1 = time.time()
     out = llm.generate([prompt], greedy)[0].outputs[0]
     gen_s = time.time() - t1
-    res = {"model": model, "quantization": quant, "text": out.text, "tokens": len(out.token_ids),
-           "load_s": round(load_s, 2), "generate_s": round(gen_s, 3),
+    res = {"model": model, "quantization": facts["quantization"], "text": out.text, "tokens": len(out.token_ids),
+           "load_s": facts["load_s"], "generate_s": round(gen_s, 3),
            "decode_tok_s": round(len(out.token_ids) / gen_s, 2)}
     if score_ids:
         res.update(prompt_top1(llm, score_ids))

@@ -17,7 +17,8 @@ from typing import List
 def has_cuda() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return False
-    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl")) or bool(os.environ.get("ROCR_VISIBLE_DEVICES"))
+    nvidia = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl"))
+    return nvidia or bool(os.environ.get("ROCR_VISIBLE_DEVICES"))
 
 
 def cpu_environment(env=None) -> dict:

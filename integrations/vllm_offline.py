@@ -1,0 +1,193 @@
+"""One model in vLLM's offline engine, measured once loaded: `python -m compress_export.integrations.vllm_offline
+SPEC.json OUT.json`. The validate command runs it in a subprocess per model (a crash or a missing kernel is then
+that model's error, not the run's); the engine is loaded once and every offline figure comes from that load:
+
+- greedy outputs on fixed prompts (chat prompts through the model's own chat template);
+- perplexity through vLLM's prompt log-probabilities on the shared protocol's windows (`evaluate.summarize`
+  turns the per-token losses into token/word/byte perplexity and bits per byte, as `compress-export eval` does);
+- latency at batch 1 per (prompt, output) length: time to first token = a 1-token generation, time per output
+  token = (an O-token generation − that) / (O − 1), median of repeats (what `vllm bench latency` would give if run
+  at output lengths 1 and O, each with its own engine load);
+- offline throughput: N prompts of fixed length submitted at once, as `vllm bench throughput` does;
+- memory: bytes of the parameters and buffers vLLM holds after loading (read inside the worker process).
+
+Progress goes to stderr as `PROGRESS <stage>` lines; the result is one JSON file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def _stage(name: str) -> None:
+    print(f"PROGRESS {name}", file=sys.stderr, flush=True)
+
+
+def _memory(model) -> dict:
+    """Runs inside vLLM's worker (through LLM.apply_model): what the loaded model occupies."""
+    import torch
+
+    seen, n, hidden = set(), 0, 0
+    for mod in model.modules():
+        tensors = [t for t in mod.__dict__.get("_parameters", {}).values() if t is not None]
+        tensors += [t for t in mod.__dict__.get("_buffers", {}).values() if t is not None]
+        # (plain tensor attributes are not counted: attention layers hold the KV cache that way)
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.device.type)
+            if key not in seen and t.numel():
+                seen.add(key)
+                n += t.untyped_storage().nbytes()
+        w = mod.__dict__.get("_parameters", {}).get("weight")
+        if w is not None and w.numel() == 0 and hasattr(mod, "cpu_linear"):
+            # vLLM's CPU GEMM moved this dense weight into a oneDNN/packed handle the tensors above cannot see
+            hidden += mod.input_size_per_partition * mod.output_size_per_partition * w.element_size()
+    out = {"weight_bytes": int(n + hidden), "weight_bytes_in_cpu_gemm_handles": int(hidden)}
+    if torch.cuda.is_available():
+        out["gpu_peak_bytes"] = int(torch.cuda.max_memory_reserved())
+    return out
+
+
+def _text_ids(tok, text_path: str) -> list:
+    with open(text_path, encoding="utf-8") as f:
+        return tok(f.read(), add_special_tokens=False)["input_ids"]
+
+
+def _cut(ids: list, length: int, index: int) -> list:
+    """The index-th prompt of `length` tokens cut from the text, wrapping around (deterministic, real text)."""
+    start = (index * 997) % max(1, len(ids))
+    return [ids[(start + k) % len(ids)] for k in range(length)]
+
+
+def greedy(llm, tok, prompts: list, max_new_tokens: int) -> list:
+    from vllm import SamplingParams, TokensPrompt
+
+    batch = []
+    for p in prompts:
+        if p.get("chat"):
+            text = tok.apply_chat_template([{"role": "user", "content": p["text"]}], add_generation_prompt=True,
+                                           tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own special tokens
+        else:
+            ids = tok(p["text"])["input_ids"]
+        batch.append(TokensPrompt(prompt_token_ids=list(ids)))
+    outs = llm.generate(batch, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+    return [{"prompt": p["text"], "chat": bool(p.get("chat")), "text": o.outputs[0].text,
+             "token_ids": list(o.outputs[0].token_ids)} for p, o in zip(prompts, outs)]
+
+
+def perplexity(llm, tok, text_path: str, window: int, windows: int) -> dict:
+    """The protocol's windows scored by vLLM: loss at each position = −(vLLM's log p of the actual next token)."""
+    import torch
+    from vllm import SamplingParams, TokensPrompt
+
+    from compress_export.evaluate import eval_windows, summarize
+
+    with open(text_path, encoding="utf-8") as f:
+        ids = eval_windows(tok, f.read(), window, windows)
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
+                        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
+    loss = torch.tensor([[-pos[int(t)].logprob for pos, t in zip(o.prompt_logprobs[1:], row[1:])]
+                         for o, row in zip(outs, ids)], dtype=torch.float64)
+    return summarize(tok, ids, loss, time.perf_counter() - t0).as_dict()
+
+
+def _timed(llm, prompt_ids: list, max_tokens: int) -> float:
+    from vllm import SamplingParams, TokensPrompt
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], sp, use_tqdm=False)
+    return time.perf_counter() - t
+
+
+def latency(llm, text_ids: list, lengths: list, repeats: int) -> list:
+    rows = []
+    for n_in, n_out in lengths:
+        prompts = [_cut(text_ids, n_in, 100 + k) for k in range(repeats)]  # a fresh prompt each: no prefix cache
+        first = statistics.median(_timed(llm, p, 1) for p in prompts)
+        prompts = [_cut(text_ids, n_in, 200 + k) for k in range(repeats)]
+        full = statistics.median(_timed(llm, p, n_out) for p in prompts)
+        tpot = (full - first) / max(1, n_out - 1)
+        rows.append({"input_len": n_in, "output_len": n_out, "ttft_ms": round(first * 1e3, 2),
+                     "tpot_ms": round(tpot * 1e3, 2), "e2e_ms": round(full * 1e3, 2),
+                     "decode_tok_s": round(1.0 / tpot, 2) if tpot > 0 else None})
+    return rows
+
+
+def throughput(llm, text_ids: list, num_prompts: int, input_len: int, output_len: int) -> dict:
+    from vllm import SamplingParams, TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=_cut(text_ids, input_len, 300 + k)) for k in range(num_prompts)]
+    sp = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = num_prompts * input_len
+    return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "seconds": round(dt, 3),
+            "requests_per_s": round(num_prompts / dt, 3), "input_tok_s": round(n_in / dt, 2),
+            "output_tok_s": round(n_out / dt, 2),
+            "total_tok_s": round((n_in + n_out) / dt, 2)}
+
+
+def load_llm(model: str, max_model_len: int, **kwargs):
+    """vLLM's offline engine with this platform's working settings (CPU: forced platform, float32, eager, small
+    KV cache; each yields to an explicit kwarg). Returns (llm, facts about the load)."""
+    from compress_export.integrations.vllm_launch import CPU_ENGINE_DEFAULTS, cpu_environment, has_cuda
+
+    os.environ.update(cpu_environment())
+    from vllm import LLM
+
+    kwargs = {**({} if has_cuda() else CPU_ENGINE_DEFAULTS), **kwargs}
+    t0 = time.perf_counter()
+    llm = LLM(model=model, max_model_len=max_model_len, seed=0, **kwargs)
+    cfg = llm.llm_engine.vllm_config.model_config
+    return llm, {"model": model, "load_s": round(time.perf_counter() - t0, 2), "quantization": cfg.quantization,
+                 "dtype": str(cfg.dtype).replace("torch.", "")}
+
+
+def run(spec: dict) -> dict:
+    from compress_export.integrations.vllm_offline import _memory  # by its package name: run as __main__ here
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships _memory (our code) to the worker
+    _stage("loading the model in vLLM")
+    llm, res = load_llm(spec["model"], spec["max_model_len"], **spec.get("engine", {}))
+    try:
+        res.update(llm.apply_model(_memory)[0])
+    except Exception as e:  # memory is a figure, not a reason to lose the run's other figures
+        res["memory_error"] = f"{type(e).__name__}: {e}"
+    tok = llm.get_tokenizer()
+    text_ids = _text_ids(tok, spec["text"])
+    _timed(llm, _cut(text_ids, 8, 0), 2)  # warm-up
+    _stage("greedy outputs")
+    res["greedy"] = greedy(llm, tok, spec["prompts"], spec["max_new_tokens"])
+    _stage("perplexity (prompt logprobs)")
+    res["perplexity"] = perplexity(llm, tok, spec["text"], spec["window"], spec["windows"])
+    _stage("latency at batch 1")
+    res["latency"] = latency(llm, text_ids, spec["latency_lengths"], spec["latency_repeats"])
+    _stage("offline throughput")
+    res["throughput"] = throughput(llm, text_ids, **spec["throughput"])
+    return res
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m compress_export.integrations.vllm_offline SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    res = run(spec)
+    tmp = argv[1] + ".part"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
