@@ -173,7 +173,7 @@ def cmd_serve(argv):
 
 
 def cmd_validate(argv):
-    from compress_export.integrations.validate import ValidateOptions, parse_lengths
+    from compress_export.integrations.validate import ValidateOptions, load_prompts, parse_lengths
 
     d = ValidateOptions()
     p = argparse.ArgumentParser(
@@ -199,6 +199,8 @@ def cmd_validate(argv):
                        help=f"{helps[flag]} (default {getattr(d, field_name)})")
     p.add_argument("--lengths", help="batch-1 latency points, PROMPTxOUTPUT tokens (default "
                                      + ",".join(f"{a}x{b}" for a, b in d.latency_lengths) + ")")
+    p.add_argument("--prompts", help="greedy prompts: .jsonl ({\"text\", \"chat\"} per line) or one per line, "
+                                     "'chat: ' in front for chat (default: 8 built-in prompts, 3 of them chat)")
     p.add_argument("--no-serve", action="store_true", help="skip vllm serve (offline figures only)")
     p.add_argument("--quick", action="store_true", help="small N everywhere (a smoke run in a few minutes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
@@ -218,6 +220,8 @@ def cmd_validate(argv):
             given[field_name] = v
     if a.lengths:
         given["latency_lengths"] = parse_lengths(a.lengths)
+    if a.prompts:
+        given["prompts"] = load_prompts(a.prompts)
     opts = replace(ValidateOptions.quick() if a.quick else d, serve=not a.no_serve, **given)
     r = validate(a.dir, a.baseline, a.report_dir, a.text, opts, overwrite=a.overwrite, progress=not a.quiet)
     if a.json:

@@ -71,7 +71,32 @@ class ValidateOptions:
 
     def max_model_len(self) -> int:
         need = [self.window, self.input_len + self.output_len] + [a + b for a, b in self.latency_lengths]
-        return max(need) + self.max_new_tokens + 64  # room for the chat prompts' own length
+        longest = max((len(p["text"]) for p in self.prompts), default=0)  # tokens ≤ characters
+        return max(max(need), longest + 64) + self.max_new_tokens + 64  # 64: a chat template's own tokens
+
+
+def load_prompts(path) -> tuple:
+    """Greedy prompts from a file: .jsonl with {"text": ..., "chat": true|false} per line, or plain text with one
+    prompt per line ("chat: " in front for a chat prompt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--prompts {path} is not a file")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                d = json.loads(line)
+                out.append({"text": str(d["text"]), "chat": bool(d.get("chat", False))})
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"--prompts {path}, line {n}: want a JSON object with a \"text\" field") from None
+        else:
+            chat = line.startswith("chat: ")
+            out.append({"text": line[6:] if chat else line, "chat": chat})
+    if not out:
+        raise UserError(f"--prompts {path} holds no prompts")
+    return tuple(out)
 
 
 def parse_lengths(spec: str) -> tuple:
@@ -228,7 +253,7 @@ def _check_length(model_dir: Path, need: int) -> None:
     have = cfg.get("max_position_embeddings")
     if have and have < need:
         raise UserError(f"{model_dir}: max_position_embeddings {have} < {need} tokens the measurements need; "
-                        "lower --window or --lengths")
+                        "lower --window or --lengths, or use shorter --prompts")
 
 
 def default_report_dir(export_dir: Path) -> Path:

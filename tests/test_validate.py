@@ -9,7 +9,7 @@ import pytest
 from conftest import have_vllm
 
 from compress_export.integrations import report as rep
-from compress_export.integrations.validate import TreeMemory, ValidateOptions, parse_lengths
+from compress_export.integrations.validate import TreeMemory, ValidateOptions, load_prompts, parse_lengths
 
 
 
@@ -103,6 +103,22 @@ def test_report_without_matplotlib_says_so(tmp_path, monkeypatch):
     rep.write(r, tmp_path)
     assert "Plots skipped: matplotlib is not installed" in (tmp_path / "report.md").read_text()
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_prompts_files(tmp_path):
+    (tmp_path / "p.txt").write_text("The capital of France is\n\nchat: Say hi.\n")
+    assert load_prompts(tmp_path / "p.txt") == ({"text": "The capital of France is", "chat": False},
+                                                {"text": "Say hi.", "chat": True})
+    (tmp_path / "p.jsonl").write_text('{"text": "a", "chat": true}\n{"text": "b"}\n')
+    assert load_prompts(tmp_path / "p.jsonl") == ({"text": "a", "chat": True}, {"text": "b", "chat": False})
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(Exception, match=r"bad.jsonl, line 2: want a JSON object"):
+        load_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(Exception, match="holds no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+    long = ValidateOptions.quick(prompts=({"text": "x" * 1000, "chat": False},))
+    assert long.max_model_len() >= 1000 + 64 + long.max_new_tokens
 
 
 def test_root_cause_skips_vllm_wrappers():
