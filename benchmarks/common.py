@@ -27,8 +27,10 @@ def cli(*args) -> dict:
     return json.loads(r.stdout[r.stdout.index("{"):])
 
 
-def _size_mb(d) -> float:
-    return round(sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) / 1e6, 1)
+def size_mb(d) -> float:
+    from compress_export.writer import dir_weight_bytes
+
+    return round(dir_weight_bytes(d) / 1e6, 1)
 
 
 def measure_rows(model: str, specs: list, out_json=None, after=None, cols=None) -> list:
@@ -51,7 +53,7 @@ def measure_rows(model: str, specs: list, out_json=None, after=None, cols=None) 
             else:
                 s = cli(*spec, model, "-o", target, "-q")
                 rec = {"row": row, "seconds": round(s["seconds"], 1), "peak_rss_mb": round(s["peak_rss_mb"])}
-            rec["size_mb"] = _size_mb(target)
+            rec["size_mb"] = size_mb(target)
             ev = cli("eval", target, "--text", TEXT / "eval.txt")
             rec.update(token_ppl=round(ev["token_perplexity"], 2), word_ppl=round(ev["word_perplexity"], 1),
                        byte_ppl=round(ev["byte_perplexity"], 4), bits_per_byte=round(ev["bits_per_byte"], 4))

@@ -17,7 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import example_model
+from common import example_model, size_mb
+
+from compress_export.integrations.vllm_check import read_result
 
 
 W4 = ["--bits", "4", "--group-size", "64"]
@@ -33,10 +35,10 @@ DEFAULT_EXPORTS = [
 def check(model: str, max_tokens: int) -> dict:
     r = subprocess.run([sys.executable, "-m", "compress_export.integrations.vllm_check", model,
                         "--max-tokens", str(max_tokens)], capture_output=True, text=True)
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode or not line:
+    res = read_result(r.stdout)
+    if r.returncode or res is None:
         return {"model": model, "error": (r.stderr or r.stdout)[-1500:]}
-    return json.loads(line[0][7:])
+    return res
 
 
 def main():
@@ -60,7 +62,7 @@ def main():
             runs = [check(model, a.max_tokens) for _ in range(a.repeats)]
             ok = [r for r in runs if "error" not in r]
             best = max(ok, key=lambda r: r["decode_tok_s"]) if ok else runs[0]
-            best["size_mb"] = round(sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 1e6, 1)
+            best["size_mb"] = size_mb(model)
             rows.append(best)
             print(json.dumps(best), flush=True)
     print("\n| model | quantization | size MB | load s | decode tok/s | vs bf16 |\n|---|---|---|---|---|---|")

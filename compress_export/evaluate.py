@@ -39,6 +39,11 @@ class PerplexityResult:
 
 def eval_windows(tokenizer, text: str, window: int = WINDOW, windows: int = WINDOWS) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return cut_windows(ids, window, windows)
+
+
+def cut_windows(ids: torch.Tensor, window: int = WINDOW, windows: int = WINDOWS) -> torch.Tensor:
+    """The first `windows` non-overlapping `window`-token windows of the whole text's token ids [n]."""
     n = min(windows, ids.numel() // window)
     if n == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one {window}-token window")

@@ -11,6 +11,12 @@ import sys
 import time
 
 
+def read_result(stdout: str):
+    """The JSON of the `RESULT ` line a subprocess printed (this module's protocol), or None."""
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(line[0][len("RESULT "):]) if line else None
+
+
 def prompt_top1(llm, token_ids: list) -> dict:
     """vLLM's own top-1 next token and its log-probability at every position of a prompt (prompt logprobs)."""
     from vllm import SamplingParams, TokensPrompt

@@ -78,15 +78,14 @@ def greedy(llm, tok, prompts: list, max_new_tokens: int) -> list:
              "token_ids": list(o.outputs[0].token_ids)} for p, o in zip(prompts, outs)]
 
 
-def perplexity(llm, tok, text_path: str, window: int, windows: int) -> dict:
+def perplexity(llm, tok, text_ids: list, window: int, windows: int) -> dict:
     """The protocol's windows scored by vLLM: loss at each position = −(vLLM's log p of the actual next token)."""
     import torch
     from vllm import SamplingParams, TokensPrompt
 
-    from compress_export.evaluate import eval_windows, summarize
+    from compress_export.evaluate import cut_windows, summarize
 
-    with open(text_path, encoding="utf-8") as f:
-        ids = eval_windows(tok, f.read(), window, windows)
+    ids = cut_windows(torch.tensor(text_ids), window, windows)
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
                         SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
@@ -166,7 +165,7 @@ def run(spec: dict) -> dict:
     _stage("greedy outputs")
     res["greedy"] = greedy(llm, tok, spec["prompts"], spec["max_new_tokens"])
     _stage("perplexity (prompt logprobs)")
-    res["perplexity"] = perplexity(llm, tok, spec["text"], spec["window"], spec["windows"])
+    res["perplexity"] = perplexity(llm, tok, text_ids, spec["window"], spec["windows"])
     _stage("latency at batch 1")
     res["latency"] = latency(llm, text_ids, spec["latency_lengths"], spec["latency_repeats"])
     _stage("offline throughput")

@@ -19,6 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from compress_export.integrations.vllm_check import read_result
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -149,8 +151,8 @@ def bench(points: list, log_path, timeout: float = 1800) -> list:
     with open(log_path, "w") as log:
         r = subprocess.run([sys.executable, "-c", code, json.dumps(points)], stdout=subprocess.PIPE, stderr=log,
                            text=True, timeout=timeout)
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode or not line:
+    res = read_result(r.stdout)
+    if r.returncode or res is None:
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         raise RuntimeError(f"vllm bench serve failed (exit {r.returncode}):\n{tail}")
-    return json.loads(line[0][len("RESULT "):])
+    return res

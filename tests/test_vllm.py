@@ -10,6 +10,7 @@ import pytest
 
 from conftest import have_vllm
 
+from compress_export.integrations.vllm_check import read_result
 from compress_export.scheme import Scheme
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
@@ -22,9 +23,9 @@ def vllm_check(model_dir, tmp_path, score_ids=None) -> dict:
         (tmp_path / "ids.json").write_text(json.dumps(score_ids))
         cmd += ["--score-ids", str(tmp_path / "ids.json")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-5000:]
-    return json.loads(line[0][len("RESULT "):])
+    res = read_result(r.stdout)
+    assert r.returncode == 0 and res is not None, r.stdout[-3000:] + r.stderr[-5000:]
+    return res
 
 
 @pytest.mark.parametrize("export", ["smollm2_w4", "smollm2_awq", "smollm2_ct"])
