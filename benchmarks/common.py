@@ -68,3 +68,34 @@ def measure_rows(model: str, specs: list, out_json=None, after=None, cols=None) 
     if out_json:
         Path(out_json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def random_llama(path, hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8, seed=0) -> Path:
+    """A random-weight Llama with SmolLM2's tokenizer (bf16 on disk, tied embeddings): the shape of a larger model
+    for speed and memory figures, built in seconds. Its outputs are noise; only its shapes matter."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(example_model())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def vllm_check(model, *args) -> dict:
+    """`compress_export.integrations.vllm_check MODEL ARGS` in a fresh process: its RESULT, or {"error": ...}."""
+    from compress_export.integrations.vllm_check import read_result
+
+    r = subprocess.run([sys.executable, "-m", "compress_export.integrations.vllm_check", str(model), *map(str, args)],
+                       capture_output=True, text=True)
+    res = read_result(r.stdout)
+    if r.returncode or res is None:
+        return {"model": str(model), "error": (r.stderr or r.stdout)[-1500:]}
+    return res

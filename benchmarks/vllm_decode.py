@@ -17,9 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import example_model, size_mb
-
-from compress_export.integrations.vllm_check import read_result
+from common import example_model, size_mb, vllm_check
 
 
 W4 = ["--bits", "4", "--group-size", "64"]
@@ -33,12 +31,7 @@ DEFAULT_EXPORTS = [
 
 
 def check(model: str, max_tokens: int) -> dict:
-    r = subprocess.run([sys.executable, "-m", "compress_export.integrations.vllm_check", model,
-                        "--max-tokens", str(max_tokens)], capture_output=True, text=True)
-    res = read_result(r.stdout)
-    if r.returncode or res is None:
-        return {"model": model, "error": (r.stderr or r.stdout)[-1500:]}
-    return res
+    return vllm_check(model, "--max-tokens", max_tokens)
 
 
 def main():

@@ -30,6 +30,19 @@ def validate(*args, **kwargs):
     return _validate(*args, **kwargs)
 
 
+def __getattr__(name):
+    """Heavier names on first use, so `import compress_export` stays cheap (no torch, no transformers)."""
+    if name == "CompressionConfig":
+        from .config import CompressionConfig
+
+        return CompressionConfig
+    if name == "AutoCompressedModelForCausalLM":
+        from .integrations.transformers_model import AutoCompressedModelForCausalLM
+
+        return AutoCompressedModelForCausalLM
+    raise AttributeError(f"module 'compress_export' has no attribute {name!r}")
+
+
 def _install_hooks():
     from . import _hooks
 

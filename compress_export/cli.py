@@ -49,15 +49,18 @@ def _compress_parser():
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=None,
                      help="symmetric; the default otherwise")
     p.add_argument("--act-order", choices=ACT_ORDERS, help="GPTQ column order (default static)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
+    p.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--no-clip-search", action="store_true", help="plain min-max scales (no MSE clip search)")
     p.add_argument("--dataset", help=".txt, .jsonl (`text` field) or a datasets directory "
                                      "(default: data-free, text sampled from the model itself)")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--num-samples", type=int, help="calibration samples (default 64)")
+    p.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 512)")
     p.add_argument("--batch-size", type=int, help="calibration samples per forward (default: all at once "
                                                   "when they fit in memory, giving one forward per layer)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="calibration seed (default 0)")
+    p.add_argument("--recipe", help="a JSON file of compression settings (CompressionConfig's fields, as "
+                                    "--save-recipe writes them); flags given here override it")
+    p.add_argument("--save-recipe", metavar="FILE", help="also write the settings of this run to FILE")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -66,42 +69,26 @@ def _compress_parser():
     return p
 
 
-def _scheme_from_args(a):
-    """The scheme the flags describe; None for a pruning run that was given no --bits (no quantization)."""
-    from compress_export.formats import FORMATS
-    from compress_export.passes import PASSES
+def config_from_args(a):
+    """The run's CompressionConfig: the recipe file's settings (if any), then every flag the user gave."""
+    from .config import CompressionConfig
 
-    from .pipeline import default_scheme
-    from .scheme import PRESETS
-
-    fmt = a.format or ("sparse24" if a.sparsity and ":" in a.sparsity else "dense" if a.sparsity else "gptq")
-    method = a.method or FORMATS.get(fmt).default_method
-    if PASSES.get(method).prunes and a.bits is None and not a.scheme:
-        return None
-    base = PRESETS[a.scheme] if a.scheme else default_scheme(method)
-    kw = {}
-    if a.bits is not None:
-        kw["bits"] = a.bits
-    if a.group_size is not None:
-        kw["group_size"] = a.group_size
-    if a.symmetric is not None:
-        kw["symmetric"] = a.symmetric
-    if a.act_order is not None:
-        kw["act_order"] = a.act_order
-    return base.with_(**kw)
+    cfg = CompressionConfig.load(a.recipe) if a.recipe else CompressionConfig()
+    return cfg.with_(method=a.method, format=a.format, scheme=a.scheme, bits=a.bits, group_size=a.group_size,
+                     symmetric=a.symmetric, act_order=a.act_order, sparsity=a.sparsity, dataset=a.dataset,
+                     num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, damp=a.damp,
+                     seed=a.seed, clip_search=False if a.no_clip_search else None)
 
 
 def cmd_compress(argv):
-    from .passes import PassOptions
     from .pipeline import compress
 
     a = _compress_parser().parse_args(argv)
-    scheme = _scheme_from_args(a)
-    opts = PassOptions(damp=a.damp, clip_search=not a.no_clip_search)
-    s = compress(a.model_dir, a.output, method=a.method, fmt=a.format, scheme=scheme, options=opts,
-                 sparsity=a.sparsity,
-                 dataset=a.dataset, num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size,
-                 overwrite=a.overwrite, seed=a.seed, progress=not a.quiet, trust_remote_code=a.trust_remote_code)
+    cfg = config_from_args(a)
+    if a.save_recipe:
+        cfg.save(a.save_recipe)
+    s = compress(a.model_dir, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
+                 trust_remote_code=a.trust_remote_code)
     print(json.dumps(s.__dict__, indent=2) if a.json else "\n".join(s.lines()))
     return 0
 
@@ -201,6 +188,9 @@ def cmd_validate(argv):
                                      + ",".join(f"{a}x{b}" for a, b in d.latency_lengths) + ")")
     p.add_argument("--prompts", help="greedy prompts: .jsonl ({\"text\", \"chat\"} per line) or one per line, "
                                      "'chat: ' in front for chat (default: 8 built-in prompts, 3 of them chat)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="engine dtype for both models (default auto: each in this machine's fastest, bf16 on CPUs "
+                        "with AVX-512 bf16 or AMX, float32 on AVX2-only CPUs)")
     p.add_argument("--no-serve", action="store_true", help="skip vllm serve (offline figures only)")
     p.add_argument("--quick", action="store_true", help="small N everywhere (a smoke run in a few minutes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
@@ -222,7 +212,8 @@ def cmd_validate(argv):
         given["latency_lengths"] = parse_lengths(a.lengths)
     if a.prompts:
         given["prompts"] = load_prompts(a.prompts)
-    opts = replace(ValidateOptions.quick() if a.quick else d, serve=not a.no_serve, **given)
+    opts = replace(ValidateOptions.quick() if a.quick else d, serve=not a.no_serve,
+                   dtype="" if a.dtype == "auto" else a.dtype, **given)
     r = validate(a.dir, a.baseline, a.report_dir, a.text, opts, overwrite=a.overwrite, progress=not a.quiet)
     if a.json:
         print(json.dumps(r, indent=2))

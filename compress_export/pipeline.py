@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import model_io
+from .config import CompressionConfig
 from .errors import UserError
 from .passes import PASSES, PassOptions
 from .progress import Progress
@@ -107,14 +108,21 @@ def check_shapes(layout, scheme: Optional[Scheme], fmt, sparsity=None) -> None:
                         f"group sizes that fit every layer: {', '.join(map(str, ok)) or 'none'} (or -1)")
 
 
-def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: Optional[str] = None,
-             scheme: Optional[Scheme] = None, options: Optional[PassOptions] = None,
-             dataset: Optional[str] = None, num_samples: int = 64, seq_len: int = 512,
-             batch_size: Optional[int] = None,
-             overwrite: bool = False, seed: int = 0, progress: bool = True,
-             trust_remote_code: bool = False, sparsity=None) -> Summary:
+def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None, *, overwrite: bool = False,
+             progress: bool = True, trust_remote_code: bool = False, **settings) -> Summary:
+    """Compress MODEL_DIR into OUT as `config` describes (the CLI, the Python API and export-on-load all call
+    this). Keyword settings are the older spelling of the same (method=, fmt=, scheme=Scheme(...), options=,
+    dataset=, num_samples=, seq_len=, batch_size=, seed=, sparsity=) and are turned into a CompressionConfig."""
+    if settings:
+        if config is not None:
+            raise TypeError("compress() takes a CompressionConfig or keyword settings, not both")
+        config = config_from_settings(**settings)
+    config = config or CompressionConfig()
+    dataset, num_samples, seq_len = config.dataset, config.num_samples, config.seq_len
+    batch_size, seed = config.batch_size, config.seed
     t0 = time.time()
-    src, out, format_, the_pass = _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity)
+    src, out, format_, the_pass = _plan(model_dir, out_dir, config.resolved_method(), config.resolved_format(),
+                                        config.to_scheme(), config.pass_options(), overwrite, config.sparsity)
     scheme, method, sparsity = the_pass.scheme, the_pass.name, the_pass.sparsity
     model, tok = model_io.load_source_model(src, trust_remote_code=trust_remote_code)
     model_io.check_finite(model, str(src))
@@ -159,6 +167,14 @@ def compress(model_dir, out_dir=None, *, method: Optional[str] = None, fmt: Opti
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
     )
+
+
+def config_from_settings(method=None, fmt=None, scheme: Optional[Scheme] = None,
+                         options: Optional[PassOptions] = None, sparsity=None, **rest) -> CompressionConfig:
+    opts = options or PassOptions()
+    return CompressionConfig.from_scheme(scheme, method=method, format=fmt,
+                                         sparsity=None if sparsity is None else str(sparsity),
+                                         damp=opts.damp, clip_search=opts.clip_search, **rest)
 
 
 def default_scheme(method: str) -> Scheme:

@@ -78,6 +78,25 @@ def compare(runs: dict) -> dict:
     return out
 
 
+def kernel_summary(offline: dict) -> str:
+    """"compress_export:cpu-wna16 (120 linears)" from a run's kernel counts; "dense weights" when none."""
+    k = (offline or {}).get("kernels")
+    if k is None:
+        return "kernels not recorded"
+    if not k:
+        return "dense weights"
+    return ", ".join(f"{name} ({n} linears)" for name, n in sorted(k.items()))
+
+
+def how_it_ran(report: dict) -> str:
+    """Each model's dtype and kernel: the figures compare each model in the dtype this machine runs it fastest."""
+    parts = []
+    for t in _tags(report)[::-1]:
+        off = report["runs"][t].get("offline") or {}
+        parts.append(f"{t} in {off.get('dtype', '?')} with {kernel_summary(off)}")
+    return "Ran: " + "; ".join(parts) + "."
+
+
 def _first_line(err: str) -> str:
     return (err or "").strip().splitlines()[0][:200] if err else ""
 
@@ -121,7 +140,7 @@ def verdict(report: dict) -> list:
         s = statistics.median(speed)
         lines.append(f"Decode speed at batch 1: {s:.2f}× the baseline's ({'faster' if s >= 1 else 'slower'}); "
                      f"offline throughput {c.get('offline_throughput_ratio')}×, "
-                     f"served {c.get('served_throughput_ratio')}×.")
+                     f"served {c.get('served_throughput_ratio')}×. {how_it_ran(report)}")
     if c.get("weight_bytes_ratio"):
         lines.append(f"Memory: weights in vLLM {c['weight_bytes_ratio']:.2f}× the baseline's "
                      f"({e['offline']['weight_bytes'] / 1e6:.1f} MB); on disk {c['size_ratio']:.2f}×.")
@@ -216,10 +235,13 @@ def _md_memory(report) -> list:
         gpu = get(r, "offline", "gpu_peak_bytes")
         rows.append([t, r["size_mb"], round(wb / 1e6, 1) if wb else None, get(r, "offline", "peak_rss_mb"),
                      get(r, "serve", "peak_rss_mb"), round(gpu / 2**20) if gpu else "–",
-                     get(r, "offline", "quantization") or "none", get(r, "offline", "load_s")])
-    return ["## Memory and loading", "",
+                     get(r, "offline", "quantization") or "none", get(r, "offline", "dtype") or "–",
+                     kernel_summary(r.get("offline")), get(r, "offline", "load_s")])
+    return ["## Memory, loading and kernels", "",
             _table(["run", "on disk MB", "weights in vLLM MB", "peak RSS offline MB", "peak RSS served MB",
-                    "GPU peak MiB", "vLLM quantization", "load s"], rows), "",
+                    "GPU peak MiB", "vLLM quantization", "dtype", "kernels", "load s"], rows), "",
+            "dtype: each model runs in the activation dtype this machine runs fastest (bf16 on CPUs with AVX-512 "
+            "bf16 or AMX, float32 on AVX2-only CPUs; vLLM's default on GPUs).", "",
             "Peak RSS: the sum of proportional set sizes over the run's processes (API server, engine core, "
             "workers), sampled every 0.5 s; it includes vLLM's KV cache reservation.", ""]
 
@@ -239,7 +261,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Validation: {Path(report['export']).name}", "",
              f"Export `{report['export']}`" + (f" against baseline `{report['baseline']}`" if report["baseline"]
                                               else " (no baseline given: no ratios)") + ".",
-             f"Engine: {eng['vllm']} on {eng['device']} ({eng['cpu']}, {eng['cpu_count']} cores); "
+             f"Engine: {eng['vllm']} on {eng['device']} ({eng['cpu']}, {eng.get('cpu_kind', '?')}, "
+             f"{eng['cpu_count']} cores); "
              f"{report['created']}.", "", "## Verdict", ""]
     lines += [f"- {v}" for v in report["verdict"]] + [""]
     lines += _md_quality(report) + _md_speed(report) + _md_memory(report)

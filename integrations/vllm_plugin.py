@@ -5,7 +5,6 @@ The method itself lives in `vllm_method.py`, imported only here, so `import comp
 """
 from __future__ import annotations
 
-METHOD_NAME = "compress_export"
 _done = False
 
 
@@ -15,7 +14,7 @@ def register() -> None:
         return
     from vllm.model_executor.layers.quantization import register_quantization_config
 
-    from .vllm_method import CompressExportConfig
+    from .vllm_method import METHOD_NAME, CompressExportConfig
 
     register_quantization_config(METHOD_NAME)(CompressExportConfig)
     _done = True

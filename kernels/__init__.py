@@ -2,3 +2,5 @@
 from .base import KERNELS, KernelRequest, LinearKernel, choose_kernel, register_kernel  # noqa: F401
 from . import torch_dequant  # noqa: F401
 from . import dense  # noqa: F401,E402
+from . import cpu_wna16  # noqa: F401,E402
+from . import cuda_wna16  # noqa: F401,E402

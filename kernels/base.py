@@ -6,7 +6,7 @@ when none fits, every kernel's reason is reported.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -47,6 +47,9 @@ class LinearKernel:
     """Prepare once from a QuantizedWeight (its own layout), then run y = x Wᵀ (bias added by the caller)."""
 
     priority = 0
+    # True: quantized_weight() gives back the exact codes, scales, zeros and g_idx it was prepared from, so a
+    # loaded model saves the format's tensors unchanged without keeping them in memory.
+    invertible = False
 
     @classmethod
     def can_implement(cls, req: KernelRequest) -> Tuple[bool, str]:
@@ -62,6 +65,10 @@ class LinearKernel:
         """The prepared tensors, for modules that register them as buffers (device moves, memory accounting)."""
         return {}
 
+    def quantized_weight(self) -> QuantizedWeight:
+        """The QuantizedWeight this kernel was prepared from (invertible kernels only)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no exact copy of its weight")
+
 
 def choose_kernel(req: KernelRequest) -> type:
     reasons = []
@@ -71,6 +78,36 @@ def choose_kernel(req: KernelRequest) -> type:
             return cls
         reasons.append(f"{name}: {why}")
     raise UserError(f"no kernel can run {req}: " + "; ".join(reasons))
+
+
+def group_order(qw: QuantizedWeight) -> Optional[torch.Tensor]:
+    """The permutation that sorts input columns into contiguous groups (act-order), or None when they already are.
+    Kernels run groups as contiguous runs of `group_size` columns, so a g_idx with groups of other sizes is refused
+    here, by name, rather than run wrongly."""
+    if qw.has_trivial_g_idx():
+        return None
+    in_f = qw.shape[1]
+    gs = in_f if qw.scheme.group_size == -1 else qw.scheme.group_size
+    perm = torch.argsort(qw.g_idx.long(), stable=True)
+    if not torch.equal(qw.g_idx.long()[perm], torch.arange(in_f) // gs):
+        sizes = torch.bincount(qw.g_idx.long()).tolist()
+        raise UserError(f"g_idx gives groups of {sorted(set(sizes))} columns; group size {gs} needs {gs} in each")
+    return perm
+
+
+def restore(codes_sorted: torch.Tensor, scales, zeros, perm, scheme) -> QuantizedWeight:
+    """Inverse of preparing with group_order: codes back in the original column order, g_idx rebuilt."""
+    in_f = codes_sorted.shape[1]
+    gs = in_f if scheme.group_size == -1 else scheme.group_size
+    g_sorted = (torch.arange(in_f) // gs).to(torch.int32)
+    if perm is None:
+        return QuantizedWeight(codes_sorted.to(torch.uint8), scales.float(), zeros.to(torch.int32), g_sorted, scheme)
+    perm = perm.cpu()
+    codes = torch.empty_like(codes_sorted, dtype=torch.uint8)
+    codes[:, perm] = codes_sorted.to(torch.uint8)
+    g_idx = torch.empty(in_f, dtype=torch.int32)
+    g_idx[perm] = g_sorted
+    return QuantizedWeight(codes, scales.float(), zeros.to(torch.int32), g_idx, scheme)
 
 
 def _is_24(mask: torch.Tensor) -> bool:

@@ -12,12 +12,13 @@ import torch
 
 from compress_export.result import QuantizedWeight
 
-from .base import KernelRequest, LinearKernel, register_kernel
+from .base import KernelRequest, LinearKernel, group_order, register_kernel, restore
 
 
 @register_kernel("torch-dequant")
 class TorchDequantKernel(LinearKernel):
     priority = 0
+    invertible = True
 
     @classmethod
     def can_implement(cls, req: KernelRequest):
@@ -32,17 +33,15 @@ class TorchDequantKernel(LinearKernel):
     def __init__(self, qw: QuantizedWeight, req: KernelRequest):
         super().__init__(qw, req)
         out_f, in_f = qw.shape
-        g_idx = qw.g_idx.long()
-        self.perm = None
-        codes = qw.codes
-        if req.has_g_idx:
-            self.perm = torch.argsort(g_idx, stable=True)
-            codes = codes[:, self.perm]
+        self.scheme = qw.scheme
+        self.perm = group_order(qw)
+        codes = qw.codes if self.perm is None else qw.codes[:, self.perm]
         G = qw.scales.shape[1]
         self.gs = in_f // G
         self.codes = codes.contiguous().to(torch.uint8)
         self.scales = qw.scales.to(req.act_dtype).view(out_f, G, 1).contiguous()
         self.neg_zs = (-qw.zeros.double() * qw.scales.double()).to(req.act_dtype).view(out_f, G, 1).contiguous()
+        self.exact = (qw.scales.to(torch.float16), qw.zeros.to(torch.int16))  # for quantized_weight()
 
     def weight(self) -> torch.Tensor:
         out_f, in_f = self.codes.shape
@@ -53,6 +52,9 @@ class TorchDequantKernel(LinearKernel):
         if self.perm is not None:
             x = x.index_select(-1, self.perm.to(x.device))
         return torch.matmul(x, self.weight().t())
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return restore(self.codes, self.exact[0], self.exact[1], self.perm, self.scheme)
 
     def tensors(self) -> dict:
         return {"codes": self.codes, "scales": self.scales, "neg_zs": self.neg_zs}

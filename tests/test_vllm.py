@@ -5,24 +5,33 @@ Each run is a subprocess: vLLM spawns engine processes, and a crash must fail th
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import have_vllm
 
 from compress_export.integrations.vllm_check import read_result
+from compress_export.kernels.cpu_wna16 import extension
 from compress_export.scheme import Scheme
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")]
 
 
-def vllm_check(model_dir, tmp_path, score_ids=None) -> dict:
-    cmd = [sys.executable, "-m", "compress_export.integrations.vllm_check", str(model_dir)]
+# Conformance runs compare vLLM's numbers with our fp32 loader's, so they pin float32 on every CPU kind (the
+# default elsewhere is the machine's fastest dtype, bf16 on AVX-512 bf16 CPUs).
+FP32 = ("--dtype", "float32")
+
+
+def vllm_check(model_dir, tmp_path, score_ids=None, env=None, args=()) -> dict:
+    import os
+
+    cmd = [sys.executable, "-m", "compress_export.integrations.vllm_check", str(model_dir), *args]
     if score_ids:
         (tmp_path / "ids.json").write_text(json.dumps(score_ids))
         cmd += ["--score-ids", str(tmp_path / "ids.json")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     res = read_result(r.stdout)
     assert r.returncode == 0 and res is not None, r.stdout[-3000:] + r.stderr[-5000:]
     return res
@@ -36,16 +45,19 @@ def test_offline_generation_and_logits_agree_with_our_loader(export, request, ev
 
     model_dir = request.getfixturevalue(export)
     ids = first_window_ids(model_dir, eval_txt)
-    res = vllm_check(model_dir, tmp_path, ids)
+    res = vllm_check(model_dir, tmp_path, ids, args=FP32)
     assert res["quantization"] == "compress_export"
     assert "Paris" in res["text"], res
+    if extension() is not None:  # the fast kernel runs every quantized linear (q/k/v and gate/up fused by vLLM)
+        assert res["kernels"] == {"compress_export:cpu-wna16": 4 * 30}, res["kernels"]
     conf = compare_top1(model_dir, ids, res)
     print(export, conf)  # reported: positions, top-1 agreement, max |Δ log p|
     assert conf["positions"] == len(ids) - 1 and conf["top1_agreement"] >= 0.99, conf
 
 
 TINY_EXPORTS = [("gptq", "gptq", Scheme(4, 32, True, "static")), ("awq", "awq", Scheme(4, 32, False)),
-                ("compressed-tensors", "gptq", Scheme(4, 32, False, "group")), ("sparse24", "sparsegpt", None)]
+                ("compressed-tensors", "gptq", Scheme(4, 32, False, "group")), ("sparse24", "sparsegpt", None),
+                ("gptq-w3", "gptq", Scheme(3, 32, False, "group"))]
 
 
 @pytest.mark.parametrize("fmt,method,scheme", TINY_EXPORTS, ids=[t[0] for t in TINY_EXPORTS])
@@ -60,12 +72,13 @@ def test_tiny_exports_in_vllm_match_our_loader(fmt, method, scheme, tiny_text, t
 
     model_dir = make_tiny_llama(tmp_path / "tiny", hidden=128, inter=256, heads=2, kv_heads=1, max_pos=2048)
     out = tmp_path / fmt
+    fmt = fmt.split("-w")[0]
     compress(model_dir, out, method=method, fmt=fmt, scheme=scheme, dataset=str(tiny_text), num_samples=8,
              seq_len=32, progress=False, sparsity="2:4" if fmt == "sparse24" else None)
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
-    res = vllm_check(out, tmp_path, ids)
+    res = vllm_check(out, tmp_path, ids, args=FP32)
     assert res["quantization"] == "compress_export", res
     conf = compare_top1(out, ids, res)
     print(fmt, conf)
@@ -77,32 +90,110 @@ def test_sparse24_runs_in_vllm_and_agrees_with_our_loader(smollm2_s24, eval_txt,
     from compress_export.integrations.conformance import compare_top1, first_window_ids
 
     ids = first_window_ids(smollm2_s24, eval_txt)
-    res = vllm_check(smollm2_s24, tmp_path, ids)
+    res = vllm_check(smollm2_s24, tmp_path, ids, args=FP32)
     assert res["quantization"] == "compress_export" and res["text"].strip(), res
     conf = compare_top1(smollm2_s24, ids, res)
     print("sparse24", conf)
     assert conf["top1_agreement"] >= 0.99, conf
 
 
-def test_plugin_claims_only_where_vllm_has_no_kernel():
-    code = "\n".join([
-        "import os",
-        "os.environ['VLLM_TARGET_DEVICE'] = 'cpu'",
-        "from compress_export.integrations.vllm_plugin import register",
-        "register(); register()  # idempotent",
-        "from compress_export.integrations.vllm_method import CompressExportConfig as C, vllm_has_kernel",
-        "q = {'quant_method': 'gptq', 'bits': 4, 'group_size': 64, 'desc_act': False, 'sym': True}",
-        "print(vllm_has_kernel(q), C.override_quantization_method(q, None))",
-        "os.environ['COMPRESS_EXPORT_VLLM'] = 'never'",
-        "print(C.override_quantization_method(q, None))",
-        "os.environ['COMPRESS_EXPORT_VLLM'] = 'auto'",
+def test_plugin_off_runs_vllms_own_kernel_where_it_has_one(smollm2_w4, eval_txt, tmp_path):
+    """COMPRESS_EXPORT_VLLM=never: vLLM's own GPTQ method and CPU kernel in bf16, where this vLLM build has one
+    (AVX-512 wheels); it agrees with our loader like the plugin does. Skipped where vLLM has no kernel for it."""
+    from compress_export.integrations.conformance import compare_top1, first_window_ids
+
+    route = run_code("show(R.decide(q, None, hf, act_dtype=torch.bfloat16, device='cpu'))")[0]
+    if route["vllm"] is None:
+        pytest.skip(f"vLLM has no kernel for GPTQ W4 on this machine: {route['reason']}")
+    ids = first_window_ids(smollm2_w4, eval_txt)
+    res = vllm_check(smollm2_w4, tmp_path, ids, env={"COMPRESS_EXPORT_VLLM": "never"}, args=["--dtype", "bfloat16"])
+    assert res["quantization"] != "compress_export" and all(k.startswith("vllm:") for k in res["kernels"]), res
+    conf = compare_top1(smollm2_w4, ids, res)
+    assert conf["top1_agreement"] >= 0.97, conf  # bf16 activations against our fp32 loader
+
+
+ROUTE = """
+import json, os, sys
+os.environ['VLLM_TARGET_DEVICE'] = 'cpu'
+import torch
+from compress_export.integrations import vllm_route as R
+from compress_export.integrations.vllm_plugin import register
+register(); register()  # idempotent
+from compress_export.integrations.vllm_method import CompressExportConfig as C
+q = {'quant_method': 'gptq', 'bits': 4, 'group_size': 64, 'desc_act': False, 'sym': True}
+hf = {'hidden_size': 576, 'intermediate_size': 1536, 'num_attention_heads': 9, 'num_key_value_heads': 3}
+def show(r):
+    print(json.dumps({'claim': r.claim, 'ours': r.ours, 'vllm': r.vllm, 'reason': r.reason}))
+"""
+
+
+def run_code(code: str, *args) -> list:
+    r = subprocess.run([sys.executable, "-c", ROUTE + code, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(ln) if ln.startswith("{") else ln for ln in r.stdout.strip().splitlines()]
+
+
+def test_plugin_route_on_this_cpu():
+    """On any CPU kind with our compiled kernel built, the plugin claims 4-bit GPTQ in either dtype (ours is the
+    faster CPU kernel); the user's overrides and other checkpoint formats are respected."""
+    from compress_export.kernels.cpu_wna16 import extension
+
+    out = run_code("\n".join([
+        "for dt in (torch.float32, torch.bfloat16):",
+        "    show(R.decide(q, None, hf, act_dtype=dt))",
         "print(C.override_quantization_method(q, 'awq'), C.override_quantization_method({'quant_method': 'fp8'}, None))",
         "print(C.override_quantization_method(q, 'compress_export'))",
-    ])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.strip().splitlines()[-4:]
-    assert lines == ["False compress_export", "None", "None None", "compress_export"], r.stdout
+        "os.environ['COMPRESS_EXPORT_VLLM'] = 'never'",
+        "print(C.override_quantization_method(q, None))",
+        "os.environ['COMPRESS_EXPORT_VLLM'] = 'always'",
+        "print(C.override_quantization_method(q, None))",
+    ]))
+    fp32, bf16 = out[:2]
+    assert out[2:] == ["None None", "compress_export", "None", "compress_export"]
+    assert "float32" in fp32["reason"] or fp32["vllm"] is None  # vLLM's GPTQ runs only fp16/bf16 activations
+    if extension() is not None:
+        assert fp32["claim"] and bf16["claim"] and fp32["ours"] == bf16["ours"] == "cpu-wna16", out
+
+
+def test_plugin_steps_aside_where_vllms_cpu_kernel_runs_it_and_ours_does_not():
+    """As on an AVX-512 wheel (its 4-bit op present) with our compiled kernel missing: in bf16 vLLM's own
+    CPUWNA16 kernel runs the checkpoint and the plugin steps aside; in fp32 vLLM refuses, so the plugin claims.
+    With our compiled kernel present the plugin claims in both dtypes."""
+    out = run_code("\n".join([
+        "R._cpu_op_missing = lambda kernel: None",
+        "show(R.decide(q, None, hf, act_dtype=torch.bfloat16, device='cpu'))",
+        "real = R.our_kernel",
+        "R.our_kernel = lambda *a: 'torch-dequant'",
+        "show(R.decide(q, None, hf, act_dtype=torch.bfloat16, device='cpu'))",
+        "show(R.decide(q, None, hf, act_dtype=torch.float32, device='cpu'))",
+    ]))
+    from compress_export.kernels.cpu_wna16 import extension
+
+    if extension() is not None:
+        assert out[0]["claim"] and out[0]["ours"] == "cpu-wna16" and out[0]["vllm"] == "CPUWNA16LinearKernel"
+    assert not out[1]["claim"] and out[1]["vllm"] == "CPUWNA16LinearKernel", out[1]
+    assert out[2]["claim"] and "float32" in out[2]["reason"], out[2]
+
+
+def test_plugin_route_on_a_mocked_cuda_gpu():
+    """vLLM's own CUDA configs and kernel selector decide: Marlin runs 4/8-bit symmetric GPTQ and AWQ on Ampere,
+    so the plugin steps aside; 2/3-bit, asymmetric GPTQ and group act-order compressed-tensors have no vLLM kernel,
+    so it claims them. On a Volta-class GPU (7.0) AWQ's minimum capability (7.5) is not met: claimed."""
+    here = Path(__file__).with_name("vllm_mock_cuda.py")
+    rows = {}
+    for cap in ("8.0", "7.0"):
+        r = subprocess.run([sys.executable, str(here), cap], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[cap] = {d["case"]: d for d in map(json.loads, r.stdout.strip().splitlines())}
+    a = rows["8.0"]
+    for case in ("gptq w4 sym static", "gptq w8 sym none", "awq w4 asym none", "compressed-tensors w4 sym none"):
+        assert not a[case]["claim"] and "Marlin" in a[case]["vllm"], a[case]
+    for case in ("gptq w3 sym none", "gptq w4 asym none", "compressed-tensors w2 sym none",
+                 "compressed-tensors w4 asym group"):
+        assert a[case]["claim"] and a[case]["vllm"] is None, a[case]
+    v = rows["7.0"]
+    assert v["awq w4 asym none"]["claim"] and "capability 75" in v["awq w4 asym none"]["reason"]
+    assert not v["gptq w4 sym static"]["claim"]  # a Triton kernel of vLLM's still runs it there
 
 
 def test_plugin_claims_awq_and_compressed_tensors_w4a16_but_not_w8a8():

@@ -1,0 +1,129 @@
+"""`CompressionConfig`: one typed description of an export, shared by every entry point.
+
+The CLI builds it from its flags (or from a recipe file, `--recipe recipe.json`, which its flags then override),
+the Python API takes it (`compress(model_dir, out, config)`), and Optimum-style export on load takes it
+(`AutoCompressedModelForCausalLM.from_pretrained(MODEL_DIR, export=True, quantization_config=...)`). Saved and read
+as JSON; unknown keys are an error naming the valid ones. Fields left None take the pipeline's defaults (which
+depend on the method and the model: group size 128 where it divides every layer, else 64 or 32).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+from .scheme import PRESETS, Scheme
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    method: Optional[str] = None  # the pass (rtn, gptq, awq, magnitude, wanda, sparsegpt); None: the format's own
+    format: Optional[str] = None  # gptq, awq, compressed-tensors, sparse24, dense; None: gptq (pruning: see below)
+    scheme: Optional[str] = None  # a preset (W4A16, W8A16, ...); the fields below override it
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    symmetric: Optional[bool] = None
+    act_order: Optional[str] = None
+    sparsity: Optional[str] = None  # "2:4" or a fraction such as "0.5"; needs a pruning method
+    dataset: Optional[str] = None  # .txt, .jsonl or a datasets folder; None: data-free calibration
+    num_samples: int = 64
+    seq_len: int = 512
+    batch_size: Optional[int] = None
+    damp: float = 0.01
+    clip_search: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.scheme is not None and self.scheme not in PRESETS:
+            raise UserError(f"scheme {self.scheme!r} is not a preset; choose one of {sorted(PRESETS)}")
+        for name in ("num_samples", "seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1 (got {self.batch_size})")
+        if not 0 <= self.damp < 1:
+            raise UserError(f"damp must be in [0, 1) (got {self.damp})")
+
+    # -- what the pipeline needs -------------------------------------------------------------------------------
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        if self.sparsity:
+            return "sparse24" if ":" in str(self.sparsity) else "dense"
+        return "gptq"
+
+    def resolved_method(self) -> str:
+        from compress_export.formats import FORMATS
+
+        return self.method or FORMATS.get(self.resolved_format()).default_method
+
+    def to_scheme(self) -> Optional[Scheme]:
+        """The scheme these fields describe; None for a pruning run that asked for no bits (no quantization).
+        A group size of 0 stays 0 ("auto") until the pipeline has read the model's shapes."""
+        from compress_export.passes import PASSES
+
+        method = self.resolved_method()
+        pass_cls = PASSES.get(method)
+        if pass_cls.prunes and self.bits is None and self.scheme is None:
+            return None
+        if self.scheme:
+            base = PRESETS[self.scheme]
+        else:
+            from compress_export.pipeline import default_scheme
+
+            base = default_scheme(method)
+        kw = {k: getattr(self, k) for k in ("bits", "group_size", "symmetric", "act_order")
+              if getattr(self, k) is not None}
+        return base.with_(**kw)
+
+    def pass_options(self):
+        from compress_export.passes import PassOptions
+
+        return PassOptions(damp=self.damp, clip_search=self.clip_search)
+
+    # -- recipes -----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "recipe") -> "CompressionConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: want a JSON object of compression settings")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"{where}: unknown setting(s) {unknown}; valid ones are {sorted(known)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise UserError(f"{where}: {e}") from None
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path) -> "CompressionConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"--recipe {path}: cannot read it ({e.strerror or e})") from None
+        except ValueError as e:
+            raise UserError(f"--recipe {path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, where=f"--recipe {path}")
+
+    def with_(self, **kw) -> "CompressionConfig":
+        """A copy with the given fields replaced; None values leave the field as it is (unset CLI flags)."""
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    @classmethod
+    def from_scheme(cls, scheme: Optional[Scheme], **kw) -> "CompressionConfig":
+        """From a Scheme object (the older Python API) plus other fields."""
+        if scheme is not None:
+            kw.update(bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric,
+                      act_order=scheme.act_order)
+        return cls(**{k: v for k, v in kw.items() if v is not None})

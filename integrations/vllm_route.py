@@ -1,0 +1,192 @@
+"""Which kernel runs a checkpoint in vLLM: vLLM's own, or ours through the plugin.
+
+"vLLM has a kernel" is decided by the installed vLLM's own classes, never by a table of ours, so the decision
+follows vLLM releases: the method vLLM would pick (each method's own `override_quantization_method`), whether its
+config accepts the checkpoint (`from_config`: supported bits and symmetry), its activation dtypes, its minimum
+device capability, and, for mixed-precision methods, whether vLLM's kernel selector (`choose_mp_linear_kernel`)
+finds a kernel for the model's layer shapes on this platform. One gap of vLLM's is checked here: its CPU kernel's
+`can_implement` accepts layers on builds whose `_C` lacks the op it calls (the AVX2 wheel), so the op is looked up.
+
+Then the plugin claims the checkpoint where vLLM has no kernel, and on the CPU also wherever our compiled kernel
+(`cpu-wna16`) runs it: measured faster than vLLM's CPU kernel (benchmarks/README.md). On CUDA, vLLM's Marlin and
+Machete kernels are faster than ours and it steps aside. COMPRESS_EXPORT_VLLM=always|never forces either way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from compress_export.errors import UserError
+from compress_export.formats import format_for_config
+from compress_export.kernels import KernelRequest, choose_kernel
+
+METHOD_NAME = "compress_export"
+MODES = ("auto", "always", "never")
+log = logging.getLogger("vllm.compress_export")  # under vLLM's logger, so it shows in vLLM's own log
+
+
+@dataclass(frozen=True)
+class Route:
+    claim: bool
+    reason: str
+    ours: Optional[str] = None  # our kernel for this checkpoint here
+    vllm: Optional[str] = None  # vLLM's own kernel (class name), None when it has none
+
+
+def layer_shapes(hf_config) -> list:
+    """(in, out) of a decoder layer's linears, from the model's config (attribute object or dict)."""
+    get = (lambda k: hf_config.get(k)) if isinstance(hf_config, dict) else (lambda k: getattr(hf_config, k, None))
+    h, inter = get("hidden_size"), get("intermediate_size")
+    if not h:
+        return [(4096, 4096)]
+    heads, kv = get("num_attention_heads") or 1, get("num_key_value_heads") or get("num_attention_heads") or 1
+    head_dim = get("head_dim") or h // heads
+    shapes = [(h, h), (h, kv * head_dim), (heads * head_dim, h)]
+    if inter:
+        shapes += [(h, inter), (inter, h)]
+    return sorted(set(shapes))
+
+
+def engine_dtype(hf_config=None) -> torch.dtype:
+    """The engine's activation dtype while vLLM verifies the checkpoint: vLLM resolves it before it asks the
+    quantization methods, on its ModelConfig (our caller's caller), which we read; else the checkpoint's."""
+    f = sys._getframe(1)
+    for _ in range(10):
+        if f is None:
+            break
+        obj = f.f_locals.get("self")
+        if type(obj).__name__ == "ModelConfig" and isinstance(getattr(obj, "dtype", None), torch.dtype):
+            return obj.dtype
+        f = f.f_back
+    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return dt if isinstance(dt, torch.dtype) else getattr(torch, str(dt or "bfloat16").replace("torch.", ""))
+
+
+def vllm_method_for(qcfg: dict, hf_config=None) -> Optional[str]:
+    """The built-in method vLLM would pick for this checkpoint (ours excluded), as vLLM itself picks it."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    for name in QUANTIZATION_METHODS:
+        if name == METHOD_NAME:
+            continue
+        try:
+            chosen = get_quantization_config(name).override_quantization_method(qcfg, None, hf_config=hf_config)
+        except Exception:  # noqa: BLE001  (another method's probe failing is not our error)
+            continue
+        if chosen:
+            return chosen
+    q = qcfg.get("quant_method")
+    return q if q in QUANTIZATION_METHODS else None
+
+
+def _weight_type(name: str, cfg, scheme):
+    """vLLM's scalar type for the weights, from vLLM's own config object or compressed-tensors' own maps."""
+    if getattr(cfg, "quant_type", None) is not None:
+        return cfg.quant_type, bool(getattr(cfg, "zero_point", not scheme.symmetric))
+    if name == "compressed-tensors":
+        from vllm.model_executor.layers.quantization.compressed_tensors.schemes import compressed_tensors_wNa16 as w
+
+        table = w.WNA16_SUPPORTED_TYPES_MAP if scheme.symmetric else w.WNA16_ZP_SUPPORTED_TYPES_MAP
+        return table.get(scheme.bits), not scheme.symmetric
+    return None, not scheme.symmetric
+
+
+def _cpu_op_missing(kernel) -> Optional[str]:
+    if kernel.__name__ == "CPUWNA16LinearKernel":
+        try:
+            if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+                return "torch.ops._C.cpu_gemm_wna16 (this vLLM build has no CPU 4-bit op; its AVX2 wheel)"
+        except (AttributeError, RuntimeError):
+            return "torch.ops._C (vLLM's compiled ops are not loaded)"
+    return None
+
+
+def vllm_native(qcfg: dict, act_dtype: torch.dtype, hf_config=None) -> Tuple[Optional[str], str]:
+    """(vLLM's kernel for this checkpoint here, or None; why)."""
+    from vllm.model_executor.layers.quantization import get_quantization_config
+    from vllm.platforms import current_platform
+
+    scheme = format_for_config(qcfg).scheme_from_config(qcfg)
+    name = vllm_method_for(qcfg, hf_config)
+    if name is None or scheme is None:
+        return None, "vLLM has no method for this checkpoint format"
+    cls = get_quantization_config(name)
+    try:
+        cfg = cls.from_config(qcfg)
+    except Exception as e:  # noqa: BLE001
+        return None, f"vLLM's {name} refuses it: {' '.join(str(e).split())[:300]}"
+    acts = cfg.get_supported_act_dtypes()  # on the instance: some configs define these as plain methods
+    if act_dtype not in acts:
+        return None, f"vLLM's {name} runs {[str(d) for d in acts]} activations, not {act_dtype}"
+    cap, need = current_platform.get_device_capability(), cfg.get_min_capability()
+    if cap is not None and cap.to_int() < need:
+        return None, f"vLLM's {name} needs compute capability {need}, this device has {cap.to_int()}"
+    wtype, zp = _weight_type(name, cfg, scheme)
+    if wtype is None:
+        return None, f"vLLM's {name} has no weight type for {scheme.bits}-bit {'sym' if scheme.symmetric else 'asym'}"
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+
+    chosen = set()
+    for in_f, out_f in layer_shapes(hf_config):
+        gs = scheme.group_size
+        c = MPLinearLayerConfig((in_f, out_f), (in_f, out_f), wtype, act_dtype, gs, zp)
+        try:
+            kernel = choose_mp_linear_kernel(c)
+        except Exception as e:  # noqa: BLE001  (vLLM raises ValueError listing every kernel's reason)
+            return None, f"vLLM's {name} finds no kernel for a {in_f}×{out_f} layer: {' '.join(str(e).split())[:400]}"
+        missing = _cpu_op_missing(kernel)
+        if missing:
+            return None, f"vLLM's {name} would run {kernel.__name__}, which needs {missing}"
+        chosen.add(kernel.__name__)
+    return "+".join(sorted(chosen)), f"vLLM's {name} runs it with {'+'.join(sorted(chosen))}"
+
+
+def our_kernel(scheme, device: str, act_dtype: torch.dtype, hf_config=None) -> Optional[str]:
+    """The registry's kernel for this scheme's layers on this device (None: no kernel fits some layer)."""
+    names = set()
+    for in_f, out_f in layer_shapes(hf_config):
+        if scheme is None:
+            req = KernelRequest(16, -1, True, False, in_f, out_f, act_dtype, device, "2:4")
+        else:
+            req = KernelRequest(scheme.bits, scheme.group_size, scheme.symmetric, scheme.act_order == "group",
+                                in_f, out_f, act_dtype, device)
+        try:
+            names.add(choose_kernel(req).name)
+        except UserError:
+            return None
+    return "+".join(sorted(names))
+
+
+def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=None) -> Route:
+    """Whether our method claims this checkpoint, and why."""
+    if user_quant == METHOD_NAME:
+        return Route(True, "asked for by name (--quantization compress_export)")
+    if user_quant not in (None, qcfg.get("quant_method")):
+        return Route(False, f"the user asked for --quantization {user_quant}")
+    try:
+        scheme = format_for_config(qcfg).scheme_from_config(qcfg)
+    except (UserError, KeyError, ValueError, TypeError):
+        return Route(False, "not a checkpoint format compress-export reads")
+    mode = os.environ.get("COMPRESS_EXPORT_VLLM", "auto")
+    if mode not in MODES:
+        log.warning("COMPRESS_EXPORT_VLLM=%s is not one of %s; using auto", mode, MODES)
+        mode = "auto"
+    if mode != "auto":
+        return Route(mode == "always", f"COMPRESS_EXPORT_VLLM={mode}")
+    from vllm.platforms import current_platform
+
+    device = device or ("cuda" if current_platform.is_cuda_alike() else "cpu" if current_platform.is_cpu()
+                        else current_platform.device_type)
+    act_dtype = act_dtype or engine_dtype(hf_config)
+    ours = our_kernel(scheme, device, act_dtype, hf_config)
+    theirs, why = vllm_native(qcfg, act_dtype, hf_config)
+    if device == "cpu" and ours == "cpu-wna16":
+        return Route(True, f"our compiled CPU kernel runs it ({why})", ours, theirs)
+    if theirs:
+        return Route(False, why, ours, theirs)
+    return Route(True, f"{why}; ours runs it with {ours}", ours, None)

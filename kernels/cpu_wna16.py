@@ -1,0 +1,193 @@
+"""`cpu-wna16`: the fast CPU kernel for 2/3/4/8-bit weights with float activations (fp32, bf16, fp16).
+
+The weights stay packed in memory and are expanded only in registers by the compiled extension
+(`kernels/csrc/cpu_wna16.c`, built by the package's own build; AVX2 where the CPU has it, portable C elsewhere).
+Decode-sized calls (few rows of x) run its integer kernel: x quantized to int16 per block (relative error 1.5e-5 of
+the block's largest value, far below bf16's), codes multiplied as int16, exact integer sums per block. Large calls
+(prefill) dequantize W a tile of rows at a time into the activation dtype and hand each tile to torch's GEMM.
+
+Prepared layout (built once at load from a QuantizedWeight; never stored in a checkpoint: it depends on the kernel):
+  qweight uint8 [out, in/2] (bits ≤ 4; 2/3-bit codes fit the 4-bit container exactly): each row is a run of
+          16-byte chunks covering 32 input columns; byte j of a chunk holds column j's code in its low nibble and
+          column 16+j's in its high nibble. uint8 [out, in] for 8 bits.
+  scales  int16 [out, G]  the fp16 bits of the scales (our passes round scales to fp16: exact for our exports)
+  zeros   uint8 [out, G]  zero points in code units; pruned 2:4 codes sit at theirs and add exactly 0
+  perm    int64 [in] or None: input columns in group order when act-order regrouped them; x is permuted once per
+          call, so the codes are stored in that order too.
+Bytes per 4-bit weight: 0.5 + 3/group (0.547 at group 64, 0.594 at group 32).
+"""
+from __future__ import annotations
+
+import torch
+
+from compress_export.hardware import native_bf16
+from compress_export.result import QuantizedWeight
+
+from .base import KernelRequest, LinearKernel, group_order, register_kernel, restore
+
+ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def extension():
+    """The compiled module, or None (then `extension_error()` says why)."""
+    try:
+        from . import _cpu  # noqa: F401  (torch is imported first: the extension shares torch's OpenMP runtime)
+    except ImportError:
+        return None
+    return _cpu
+
+
+_EXT = extension()
+
+
+def extension_error() -> str:
+    try:
+        from . import _cpu  # noqa: F401
+    except ImportError as e:
+        return (f"the compiled CPU kernel is not built ({e}); reinstall with a C compiler present "
+                "(pip install -e . builds kernels/csrc/cpu_wna16.c)")
+    return ""
+
+
+def isa() -> str:
+    ext = extension()
+    return ext.isa() if ext is not None else "not built"
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_codes (pure torch ops, any device): qweight → codes [out, in] in qweight's dtype."""
+    if bits == 8:
+        return qweight
+    n = qweight.shape[0]
+    chunks = qweight.view(n, -1, 1, 16)
+    return torch.cat([chunks & 0xF, chunks >> 4], dim=2).reshape(n, -1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes uint8 [out, in] (in a multiple of 32) → the kernel's qweight (layout above)."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    out_f, in_f = codes.shape
+    c = codes.reshape(out_f, in_f // 32, 2, 16)
+    return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(out_f, in_f // 2).contiguous()
+
+
+def codes_problem(req: KernelRequest, act_dtypes=ACT_DTYPES, group_multiple: int = 1) -> str:
+    """Why the packed-codes layout cannot hold this layer ("" when it can): shared by the CPU and CUDA kernels."""
+    if req.bits not in (2, 3, 4, 8):
+        return f"runs 2/3/4/8-bit codes, not {req.bits}-bit"
+    if req.act_dtype not in act_dtypes:
+        return f"activations must be one of {[str(d).replace('torch.', '') for d in act_dtypes]} (got {req.act_dtype})"
+    if req.in_features % 32:
+        return f"in_features {req.in_features} is not a multiple of 32"
+    gs = req.group_size
+    if gs != -1 and (gs % group_multiple or req.in_features % gs):
+        return f"group size {gs} must be a multiple of {group_multiple} dividing in_features {req.in_features}"
+    return ""
+
+
+class PackedCodes(LinearKernel):
+    """The layout above, prepared from a QuantizedWeight and given back exactly (both wna16 kernels)."""
+
+    invertible = True
+
+    def __init__(self, qw: QuantizedWeight, req: KernelRequest):
+        super().__init__(qw, req)
+        self.out_features, self.in_features = qw.shape
+        self.bits, self.scheme = qw.scheme.bits, qw.scheme
+        self.group = self.in_features if qw.scheme.group_size == -1 else qw.scheme.group_size
+        self.perm = group_order(qw)
+        self.qweight = pack_codes(qw.codes if self.perm is None else qw.codes[:, self.perm], self.bits)
+        # fp16 bits in an integer tensor: a module-wide .to(dtype) never converts them behind the kernel's back
+        self.scales = qw.scales.to(torch.float16).view(torch.int16).contiguous()
+        self.zeros = qw.zeros.to(torch.uint8).contiguous()
+
+    def tensors(self) -> dict:
+        t = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
+        return {**t, "perm": self.perm} if self.perm is not None else t
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return restore(unpack_codes(self.qweight, self.bits).cpu(), self.scales.view(torch.float16).cpu(),
+                       self.zeros.cpu(), self.perm, self.scheme)
+
+
+@register_kernel("cpu-wna16")
+class CpuWNA16Kernel(PackedCodes):
+    priority = 20
+    GEMM_MIN_ROWS = 16  # see use_gemm
+    TILE_BYTES = 2 << 20  # a dequantized tile of W stays in L2/L3 while the GEMM reads it
+
+    @classmethod
+    def can_implement(cls, req: KernelRequest):
+        if req.device != "cpu":
+            return False, f"runs on the CPU (got {req.device})"
+        why = codes_problem(req, group_multiple=32) or extension_error()
+        return (not why), why
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        if torch.compiler.is_compiling():  # opaque to dynamo; eager calls skip the dispatcher
+            y = torch.ops.compress_export.cpu_wna16(x2, self.qweight, self.scales, self.zeros, self.bits,
+                                                    self.group)
+        else:
+            y = run(x2, self.qweight, self.scales, self.zeros, self.bits, self.group)
+        return y.view(*lead, self.out_features)
+
+
+def use_gemm(m: int, weights: int) -> bool:
+    """Dequantize-and-GEMM instead of the integer kernel? Measured crossovers (benchmarks/cpu_kernel.py, two AVX2
+    cores): 8-16 rows of x for layers whose weights fit in cache (SmolLM2's), 16-32 rows for 8B-sized ones, where
+    the integer kernel saves more by not reading W in fp32."""
+    return m >= 2 * CpuWNA16Kernel.GEMM_MIN_ROWS or (m >= CpuWNA16Kernel.GEMM_MIN_ROWS and weights <= 1 << 22)
+
+
+def run(x: torch.Tensor, qweight, scales, zeros, bits: int, group: int) -> torch.Tensor:
+    """y [M, out] = x [M, in] · Wᵀ in x's dtype; x's columns already in group order."""
+    M, K = x.shape
+    N = scales.shape[0]
+    if use_gemm(M, N * K):
+        return _tiled_gemm(x, qweight, scales, zeros, bits, group)
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    y = torch.empty((M, N), dtype=torch.float32)
+    _EXT.gemm(bits, M, N, K, group, xf.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+              y.data_ptr(), torch.get_num_threads())
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _tiled_gemm(x, qweight, scales, zeros, bits, group) -> torch.Tensor:
+    """Prefill: yᵀ [out, M] a tile of output rows at a time = dequant(W[tile]) · xᵀ (torch's GEMM, oneDNN/MKL)."""
+    M, K = x.shape
+    N = scales.shape[0]
+    # bf16 tiles only where the CPU multiplies bf16 natively; elsewhere an fp32 GEMM is several times faster
+    wdtype = torch.bfloat16 if x.dtype == torch.bfloat16 and native_bf16() else torch.float32
+    xt = x.to(wdtype).t()
+    rows = max(16, CpuWNA16Kernel.TILE_BYTES // (K * wdtype.itemsize)) // 16 * 16
+    yt = torch.empty(N, M, dtype=wdtype)
+    buf = torch.empty(min(rows, N), K, dtype=wdtype)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        tile = buf[: n1 - n0]
+        _EXT.dequant(bits, N, K, group, n0, n1, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                     tile.data_ptr(), int(wdtype == torch.bfloat16), torch.get_num_threads())
+        torch.mm(tile, xt, out=yt[n0:n1])
+    return yt.t().to(x.dtype).contiguous()  # callers (vLLM's q/k/v split) expect row-major outputs
+
+
+def _register_op() -> None:
+    """`compress_export::cpu_wna16` for torch.compile (vLLM's compiled mode): one opaque call per linear."""
+
+    @torch.library.custom_op("compress_export::cpu_wna16", mutates_args=())
+    def cpu_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                  group: int) -> torch.Tensor:
+        return run(x.contiguous(), qweight, scales, zeros, bits, group)
+
+    @cpu_wna16.register_fake
+    def _(x, qweight, scales, zeros, bits, group):
+        return x.new_empty(x.shape[0], scales.shape[0])
+
+
+_register_op()

@@ -1,0 +1,40 @@
+"""Engine settings follow the machine: the dtype rule on both CPU kinds (by their flags, whichever kind runs this)."""
+import pytest
+
+from compress_export import hardware
+from compress_export.integrations import vllm_launch
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+AVX512_BF16 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+AMX = AVX2 | {"avx512f", "amx_tile", "amx_bf16"}
+
+
+@pytest.mark.parametrize("flags,kind,dtype", [(AVX2, "AVX2", "float32"), (AVX512_BF16, "AVX-512 bf16", "bfloat16"),
+                                              (AMX, "AVX-512 bf16", "bfloat16"),
+                                              (AVX2 | {"avx512f"}, "AVX-512", "float32"),
+                                              (frozenset(), "other", "float32")])
+def test_fast_dtype_and_kind_from_the_flags(flags, kind, dtype, monkeypatch):
+    monkeypatch.delenv("COMPRESS_EXPORT_DTYPE", raising=False)
+    assert hardware.cpu_kind(flags) == kind
+    assert hardware.fast_dtype("cpu", flags) == dtype
+    assert hardware.fast_dtype("cuda:0", flags) == "bfloat16"
+
+
+def test_engine_defaults_follow_the_cpu_and_yield_to_the_user(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("COMPRESS_EXPORT_DTYPE", raising=False)
+    for flags, dtype in ((AVX2, "float32"), (AVX512_BF16, "bfloat16")):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda f=flags: f)
+        assert vllm_launch.engine_defaults() == {"dtype": dtype, "enforce_eager": True}
+        assert vllm_launch.default_args(["--port", "1"]) == ["--dtype", dtype, "--enforce-eager"]
+        assert vllm_launch.default_args(["--dtype=float16", "--no-enforce-eager"]) == []
+    monkeypatch.setenv("COMPRESS_EXPORT_DTYPE", "float32")
+    assert vllm_launch.engine_defaults()["dtype"] == "float32"
+
+
+def test_this_machines_flags_are_read():
+    flags = hardware.cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags here")
+    assert hardware.cpu_kind() in ("AVX2", "AVX-512", "AVX-512 bf16", "other")
+    assert hardware.fast_dtype("cpu") == ("bfloat16" if hardware.native_bf16() else "float32")
