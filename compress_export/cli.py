@@ -149,13 +149,30 @@ def cmd_eval(argv):
     return 0
 
 
+SERVE_HELP = """usage: compress-export serve OUT_DIR [vLLM serve arguments]
+
+Start vLLM's OpenAI-compatible server (`vllm serve OUT_DIR`) with settings that work on this machine: on a CPU,
+the CPU platform forced, the CPU's fastest dtype ({dtype} here), eager mode and a 1 GiB KV cache
+(VLLM_CPU_KVCACHE_SPACE). Every vLLM flag after OUT_DIR is passed through and overrides ours (`vllm serve --help`
+lists them); our plugin runs the export's compressed linears where vLLM has no kernel for them."""
+
+
 def cmd_serve(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        from .hardware import fast_dtype
+
+        print(SERVE_HELP.format(dtype=fast_dtype("cpu")))
+        return 0
     if not argv or argv[0].startswith("-"):
-        raise UserError("usage: compress-export serve OUT_DIR [vLLM serve arguments]")
-    from compress_export.model_io import check_model_dir
+        raise UserError("usage: compress-export serve OUT_DIR [vLLM serve arguments] (--help explains)")
+    from compress_export.integrations.environment import broken_vision_stack
     from compress_export.integrations.vllm_launch import main as launch
+    from compress_export.model_io import check_model_dir
 
     check_model_dir(argv[0], "OUT_DIR")
+    problem = broken_vision_stack()
+    if problem:
+        raise UserError(problem)
     return launch(["serve"] + argv)
 
 
@@ -224,13 +241,20 @@ def cmd_validate(argv):
 
 
 def cmd_list(argv):
+    argparse.ArgumentParser(prog="compress-export list",
+                            description="The registered methods, formats and kernels, and this machine's kernel "
+                                        "path and fastest dtype.").parse_args(argv)
     from compress_export.formats import FORMATS
     from compress_export.kernels import KERNELS
+    from compress_export.kernels.cpu_wna16 import isa
     from compress_export.passes import PASSES
+
+    from .hardware import cpu_kind, fast_dtype
 
     print("methods:", ", ".join(PASSES.names()))
     print("formats:", ", ".join(FORMATS.names()))
     print("kernels:", ", ".join(KERNELS.names()))
+    print(f"this machine: {cpu_kind()} CPU, cpu-wna16 path {isa()}, fastest dtype {fast_dtype('cpu')}")
     return 0
 
 

@@ -19,6 +19,7 @@ from .config import CompressionConfig
 from .errors import UserError
 from .passes import PASSES, PassOptions
 from .progress import Progress
+from .result import SparseWeight
 from .scheme import Scheme
 from .sequential import CompressOnFirstCall, InputGroups, capture_layer0_inputs, probe_groups, run_layer
 from .structure import describe
@@ -42,6 +43,7 @@ class Summary:
     size_after_mb: float
     timings: dict = field(default_factory=dict)
     sparsity: str = ""
+    kept_dense: list = field(default_factory=list)  # targeted linears calibration never reached, written as-is
 
     def lines(self):
         what = " ".join(x for x in (f"sparsity {self.sparsity}" if self.sparsity else "",
@@ -50,6 +52,8 @@ class Summary:
             f"wrote {self.output}",
             f"  {self.method} → {self.format} {what}",
             f"  {self.linears} linears in {self.decoder_layers} decoder layers; calibration: {self.calibration}",
+            *([f"  kept unquantized (never reached by calibration): {', '.join(self.kept_dense)}"]
+              if self.kept_dense else []),
             f"  {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
             f"  size {self.size_before_mb:.1f} MB → {self.size_after_mb:.1f} MB "
             f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.2f}× smaller)",
@@ -109,10 +113,12 @@ def check_shapes(layout, scheme: Optional[Scheme], fmt, sparsity=None) -> None:
 
 
 def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None, *, overwrite: bool = False,
-             progress: bool = True, trust_remote_code: bool = False, **settings) -> Summary:
+             progress: bool = True, trust_remote_code: bool = False, on_result=None, **settings) -> Summary:
     """Compress MODEL_DIR into OUT as `config` describes (the CLI, the Python API and export-on-load all call
     this). Keyword settings are the older spelling of the same (method=, fmt=, scheme=Scheme(...), options=,
-    dataset=, num_samples=, seq_len=, batch_size=, seed=, sparsity=) and are turned into a CompressionConfig."""
+    dataset=, num_samples=, seq_len=, batch_size=, seed=, sparsity=) and are turned into a CompressionConfig.
+    on_result(name, result): called with each linear's in-memory result (QuantizedWeight or SparseWeight, bias
+    set) before its format packs it."""
     if settings:
         if config is not None:
             raise TypeError("compress() takes a CompressionConfig or keyword settings, not both")
@@ -144,9 +150,14 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
 
     writer = CheckpointWriter(out)
     try:
-        n_linears = _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings)
-        _write_rest(model, layout, writer, model_io.source_dtype(src))
-        compressed = {layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
+        compressed = _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings,
+                                 on_result)
+        kept_dense = sorted({layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
+                            - compressed)
+        if kept_dense:  # never dropped: written as they are, listed as unquantized, reported
+            log.warning("%d targeted linear(s) never ran during calibration (e.g. MoE experts no token was routed "
+                        "to) and are kept unquantized: %s", len(kept_dense), ", ".join(kept_dense[:6]))
+        _write_rest(model, compressed, writer, model_io.source_dtype(src))
         ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
         extra = {"method": method, "calibration": calib_desc, **asdict(the_pass.options)}
         if sparsity is not None:
@@ -163,7 +174,7 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
     return Summary(
         output=str(out), method=method, format=format_.name, scheme=asdict(scheme) if scheme else None,
         sparsity=str(sparsity or ""), decoder_layers=len(layout.layers),
-        linears=n_linears, calibration=calib_desc, seconds=time.time() - t0,
+        linears=len(compressed), calibration=calib_desc, seconds=time.time() - t0, kept_dense=kept_dense,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
     )
@@ -227,7 +238,7 @@ def auto_batch_size(model, ids) -> int:
 
 
 @torch.no_grad()
-def _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings) -> int:
+def _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings, on_result=None) -> int:
     t = time.time()
     states = None
     if ids is not None:
@@ -235,22 +246,26 @@ def _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progr
         states = capture_layer0_inputs(model, layout.layers[0], ids, batch_size)
     timings["capture"] = time.time() - t
     bar = Progress(len(layout.layers), "compressing decoder layers", enabled=progress)
-    count, t0 = 0, time.time()
+    done, t0 = set(), time.time()
     for i, layer in enumerate(layout.layers):
         mods = dict(layout.linears[i])
 
         def compress(names, stats):
-            nonlocal count
             results = the_pass.compress_group([mods[n].weight for n in names], stats,
                                               layout.full_name(i, "+".join(names)))
             for n, qw in zip(names, results):
                 m = mods[n]
                 qw.bias = m.bias.detach().clone() if m.bias is not None else None
+                if isinstance(qw, SparseWeight):  # float values are stored in the source dtype: round them now, so
+                    # the result in memory, later layers' calibration and the file all hold the same numbers
+                    qw.values = qw.values.to(format_.storage_dtype).to(qw.values.dtype)
+                if on_result is not None:
+                    on_result(layout.full_name(i, n), qw)
                 for suffix, tensor in format_.pack(qw).items():
                     writer.add(f"{layout.full_name(i, n)}.{suffix}", tensor)
                 # Later layers (and later linears of this one) calibrate on the compressed function.
                 m.weight.data.copy_(qw.dequantize(m.weight.dtype))
-                count += 1
+                done.add(layout.full_name(i, n))
 
         if states is None:
             for n in mods:
@@ -259,9 +274,9 @@ def _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progr
             states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress)
         else:
             states = _two_pass(layer, layout, i, states, the_pass, compress)
-        bar.update(i + 1, f"({count} linears)")
+        bar.update(i + 1, f"({len(done)} linears)")
     timings["layers"] = time.time() - t0
-    return count
+    return done
 
 
 def _single_pass(layer, linears, state, the_pass, compress):
@@ -294,16 +309,12 @@ def _two_pass(layer, layout, i, states, the_pass, compress):
     the_pass.prepare_layer(layer, groups.members, groups.stats, layout.full_name(i, ""))
     for names, stats in zip(groups.members, groups.stats):
         compress(names, stats)
-    missing = [n for n, _ in layout.linears[i] if n not in groups.group_of]
-    if missing:
-        raise UserError(f"{layout.full_name(i, missing[0])} never ran during calibration; cannot compress it")
     return [(run_layer(layer, h, kw), kw) for h, kw in states]
 
 
-def _write_rest(model, layout, writer, dtype) -> None:
+def _write_rest(model, compressed: set, writer, dtype) -> None:
     """Every tensor not packed above, in the source dtype; tied weights are written once."""
-    packed = {f"{layout.full_name(i, n)}.{s}" for i, lin in enumerate(layout.linears) for n, _ in lin
-              for s in ("weight", "bias")}
+    packed = {f"{n}.{s}" for n in compressed for s in ("weight", "bias")}
     seen = set()
     for name, t in model.state_dict(keep_vars=False).items():
         if name in packed:

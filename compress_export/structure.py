@@ -26,8 +26,10 @@ class Family:
 
 FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")),
-    Family("mixtral", ("mixtral", "qwen2_moe", "qwen3_moe"), ignore=(r".*\.gate$", r".*router.*")),
-    Family("gpt2", ("gpt2",), layers="transformer.h"),
+    # MoE: the attention linears and any per-expert nn.Linear are compressed; transformers 5 keeps the experts of
+    # these models as fused 3-D parameters (not nn.Linear), which stay in the source precision. Routers never.
+    Family("mixtral", ("mixtral", "qwen2_moe", "qwen3_moe"),
+           ignore=(r".*\.gate$", r".*router.*", r".*shared_expert_gate$")),
     Family("neox", ("gpt_neox",), layers="gpt_neox.layers"),
     Family("opt", ("opt",), layers="model.decoder.layers"),
 )

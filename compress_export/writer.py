@@ -34,11 +34,53 @@ def check_output_path(out: Path, src: Path, overwrite: bool) -> None:
         raise UserError(f"output {out} exists and is not a directory")
 
 
+OWNER = ".compress-export-owner"  # in a partial folder: "PID HOST" of the run writing it
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list:
+    """Remove `.NAME.partial-*` / `.NAME.old-*` siblings of `out` left by runs that were killed (their owner
+    process is gone on this host, or they carry no owner mark); return what was removed, for one line each."""
+    import socket
+
+    removed = []
+    for d in Path(out).parent.glob(f".{Path(out).name}.*"):
+        if not d.is_dir() or not (".partial-" in d.name or ".old-" in d.name):
+            continue
+        try:
+            pid, host = (d / OWNER).read_text().split()
+            stale = host == socket.gethostname() and not pid_alive(int(pid))
+        except (OSError, ValueError):  # no owner mark (an older version's run): stale once untouched for 10 min
+            import time
+
+            pid, stale = "?", time.time() - d.stat().st_mtime > 600
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(f"{d.name} (left by process {pid})")
+    return removed
+
+
 class CheckpointWriter:
     def __init__(self, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES):
+        import logging
+        import socket
+
         self.out = Path(out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        for what in remove_stale_partials(self.out):
+            logging.getLogger("compress_export").warning("removed a stale partial output from a killed run: %s",
+                                                         what)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        (self.tmp / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         self.shard_bytes = shard_bytes
         self._pending: Dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
@@ -93,8 +135,10 @@ class CheckpointWriter:
             if not overwrite:
                 raise UserError(f"output {self.out} appeared while compressing; nothing was replaced")
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            (self.out / OWNER).write_text((self.tmp / OWNER).read_text())  # if killed now, the next run cleans it
             os.rename(self.out, old)
         os.rename(self.tmp, self.out)
+        (self.out / OWNER).unlink(missing_ok=True)  # after the rename: until then it marks a live partial
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out

@@ -26,7 +26,6 @@ import contextvars
 import json
 import logging
 import os
-import struct
 from pathlib import Path
 
 import torch
@@ -46,16 +45,14 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 def safetensors_headers(files) -> dict:
     """{tensor name: (dtype, shape)} from the headers alone (no tensor data is read)."""
+    from compress_export.model_io import safetensors_header
+
     out = {}
     for f in files or ():
-        if not str(f).endswith(".safetensors"):
-            continue
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                out[name] = (_ST_DTYPES.get(info["dtype"]), tuple(info["shape"]))
+        if str(f).endswith(".safetensors"):
+            for name, info in safetensors_header(Path(f)).items():
+                if name != "__metadata__":
+                    out[name] = (_ST_DTYPES.get(info["dtype"]), tuple(info["shape"]))
     return out
 
 

