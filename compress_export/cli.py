@@ -258,8 +258,27 @@ def cmd_list(argv):
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that every `except BaseException` cleanup (partial outputs, servers,
+    engine processes) runs before the process ends."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+# Disk faults a user can act on, named as such instead of a traceback.
+DISK_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
+               "EROFS": "the file system is read-only", "EACCES": "permission denied"}
+
+
 def main(argv=None) -> int:
+    import errno
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] not in ("serve", "list", "example-model", "validate"):
         from .runtime import tune_process
 
@@ -267,16 +286,32 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "convert": cmd_convert, "serve": cmd_serve,
              "validate": cmd_validate, "list": cmd_list}
+    if argv[:1] != ["serve"]:  # vLLM's server installs its own handlers
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if argv and argv[0] in verbs:
             return verbs[argv[0]](argv[1:])
         return cmd_compress(argv)
     except UserError as e:
+        if debug:
+            raise
         print(f"compress-export: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("compress-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"compress-export: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; "
+              "nothing was written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:  # a disk fault, named; anything else is a bug of ours: one line, traceback behind --debug
+        if debug:
+            raise
+        name = errno.errorcode.get(getattr(e, "errno", None) or 0, "") if isinstance(e, OSError) else ""
+        if name in DISK_ERRNOS:
+            print(f"compress-export: error: {DISK_ERRNOS[name]} writing {e.filename or 'the output'}; nothing "
+                  "was written (free space or choose another -o / --report-dir)", file=sys.stderr)
+            return 2
+        print(f"compress-export: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(run again with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

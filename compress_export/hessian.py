@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 MAX_DAMP_RETRIES = 6
@@ -96,7 +98,8 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, name: str = "layer") -
     """
     H = H.double().clone()
     if not torch.isfinite(H).all():
-        raise FloatingPointError(f"{name}: the calibration Hessian has NaN/Inf entries (non-finite activations)")
+        raise UserError(f"{name}: its calibration inputs hold NaN or Inf (the activations overflowed before this "
+                        "layer); check the model runs in transformers on this text, or calibrate on another --dataset")
     dead = dead_columns(H)
     H[dead, dead] = 1.0
     mean_diag = torch.diag(H).mean().item()
@@ -110,4 +113,5 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, name: str = "layer") -
             new = d * 10 if d > 0 else 1e-4
             log.warning("%s: Hessian not positive definite at damp=%g; retrying with damp=%g", name, d, new)
             d = new
-    raise FloatingPointError(f"{name}: Hessian stays singular even at damp={d:g}")
+    raise UserError(f"{name}: its calibration Hessian stays singular even at damp={d:g}; give more or more varied "
+                    "calibration text (--dataset, --num-samples) or a larger --damp")

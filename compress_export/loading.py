@@ -36,14 +36,14 @@ def read_quantized(path) -> tuple:
         raise UserError(f"{p} has no quantization_config: it is not an export")
     fmt = format_for_config(qcfg)
     tensors = read_tensors(p)
-    first = fmt.tensor_names(qcfg)[0]
+    first = fmt.primary
     modules = sorted(k[: -len(first) - 1] for k in tensors if k.endswith("." + first))
     groups = defaultdict(dict)
     for k in list(tensors):
         mod, _, suffix = k.rpartition(".")
         if mod in modules:
             groups[mod][suffix] = tensors.pop(k)
-    return cfg, {m: fmt.unpack(groups[m], qcfg) for m in modules}, tensors
+    return cfg, {m: fmt.read(m, groups[m], qcfg) for m in modules}, tensors
 
 
 def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_code: bool = False):
@@ -60,18 +60,26 @@ def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_co
     cfg, qweights, rest = read_quantized(p)
     plain = dict(cfg)
     plain.pop("quantization_config")
-    config = AutoConfig.for_model(**{k: v for k, v in plain.items() if k != "model_type"},
-                                  model_type=plain["model_type"]) if "model_type" in plain else None
-    if config is None:
+    if "model_type" not in plain:
         raise UserError(f"{p}/config.json has no model_type")
-    # Built on the CPU (not meta) so non-persistent buffers such as rotary frequencies are real.
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    try:
+        config = AutoConfig.for_model(**{k: v for k, v in plain.items() if k != "model_type"},
+                                      model_type=plain["model_type"])
+        # Built on the CPU (not meta) so non-persistent buffers such as rotary frequencies are real.
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{p}/config.json does not describe a model transformers can build "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
     for name, qw in qweights.items():
         state[name + ".weight"] = qw.dequantize(dtype)
         if qw.bias is not None:
             state[name + ".bias"] = qw.bias.to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that disagree with config.json
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise UserError(f"{p}: checkpoint does not match config.json ({(lines or [str(e)])[0][:300]})") from None
     missing = [m for m in missing if not _is_tied(model, m)]
     if missing or unexpected:
         raise UserError(f"{p}: checkpoint does not match the architecture (missing {missing[:4]}, "

@@ -32,6 +32,11 @@ class AWQFormat(Format):
     quant_method = "awq"
     supported_bits = (4,)
     default_method = "awq"
+    primary = "qweight"
+
+    def linear_shape(self, t, scheme):
+        in_f, cols = t["qweight"].shape
+        return in_f, cols * 8
 
     def check(self, scheme: Scheme, sparsity=None) -> None:
         super().check(scheme, sparsity)

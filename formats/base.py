@@ -89,12 +89,76 @@ class Format:
     def scheme_from_config(qcfg: dict) -> Scheme:
         raise NotImplementedError
 
+    # The tensor an export always stores for a packed linear, and the linear's (in, out) read from its shape.
+    primary = ""
+    optional: tuple = ()  # layout tensors an export may leave out (GPTQ's trivial g_idx)
+
+    def linear_shape(self, t: Dict[str, torch.Tensor], scheme) -> Tuple[int, int]:
+        raise NotImplementedError
+
+    def read(self, name: str, tensors: Dict[str, torch.Tensor], qcfg: dict):
+        """Unpack one linear after checking its tensors against this format's own layout: a missing or extra
+        tensor, a wrong shape or dtype, out-of-range zero points or groups, or non-finite scales end as one
+        UserError naming the tensor, never as a KeyError deep in unpacking or as wrong numbers."""
+        scheme = scheme_from_config(qcfg)
+        if self.primary not in tensors:
+            raise UserError(f"{name}: tensor {name}.{self.primary} is missing ({self.name} stores it for every "
+                            "packed linear)")
+        try:
+            in_f, out_f = self.linear_shape(tensors, scheme)
+        except (IndexError, ValueError, RuntimeError, TypeError):
+            raise UserError(f"{name}: {name}.{self.primary} has an impossible shape "
+                            f"{tuple(tensors[self.primary].shape)}") from None
+        layout = self.tensor_layout(scheme, in_f, out_f)
+        for k, spec in layout.items():
+            if k not in tensors:
+                if k in self.optional:
+                    continue
+                raise UserError(f"{name}: tensor {name}.{k} is missing")
+            t = tensors[k]
+            if tuple(t.shape) != tuple(spec.shape):
+                raise UserError(f"{name}.{k} has shape {tuple(t.shape)}; a {out_f}×{in_f} linear in this "
+                                f"{self.name} checkpoint needs {tuple(spec.shape)}")
+            if t.dtype.is_floating_point != spec.dtype.is_floating_point:
+                raise UserError(f"{name}.{k} is {t.dtype}; {self.name} stores it as {spec.dtype}")
+        extra = sorted(set(tensors) - set(layout) - {"bias"})
+        if extra:
+            raise UserError(f"{name}: unexpected tensor {name}.{extra[0]} for a {self.name} checkpoint")
+        if "bias" in tensors and tuple(tensors["bias"].shape) != (out_f,):
+            raise UserError(f"{name}.bias has shape {tuple(tensors['bias'].shape)}; the linear has {out_f} outputs")
+        try:
+            w = self.unpack(tensors, qcfg)
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:
+            raise UserError(f"{name}: its tensors do not unpack as {self.name} ({e})") from None
+        _check_values(name, w)
+        return w
+
 
 def format_for_config(qcfg: dict) -> Format:
+    if not isinstance(qcfg, dict):
+        raise UserError(f"quantization_config must be a JSON object, not {type(qcfg).__name__}")
     for name, cls in FORMATS.items():
         if cls.claims(qcfg):
             return cls()
     raise UserError(f"quantization_config with quant_method={qcfg.get('quant_method')!r} is not a format we read")
+
+
+def _check_values(name: str, w) -> None:
+    """What a checkpoint can hold that unpacking cannot catch: zero points outside the code range, groups
+    outside the scales, scales that are not finite numbers."""
+    from compress_export.result import SparseWeight
+
+    if isinstance(w, SparseWeight):
+        if not torch.isfinite(w.values).all():
+            raise UserError(f"{name}: its weight values hold NaN or Inf")
+        return
+    G = w.scales.shape[1]
+    if not torch.isfinite(w.scales).all():
+        raise UserError(f"{name}: its scales hold NaN or Inf")
+    if int(w.zeros.min()) < 0 or int(w.zeros.max()) > w.scheme.maxq:
+        raise UserError(f"{name}: zero points outside 0..{w.scheme.maxq} for {w.scheme.bits}-bit codes")
+    if w.g_idx.numel() and (int(w.g_idx.min()) < 0 or int(w.g_idx.max()) >= G):
+        raise UserError(f"{name}: g_idx refers to groups outside the {G} its scales hold")
 
 
 def ignored_modules(qcfg: dict) -> list:
@@ -103,4 +167,11 @@ def ignored_modules(qcfg: dict) -> list:
 
 
 def scheme_from_config(qcfg: dict) -> Scheme:
-    return format_for_config(qcfg).scheme_from_config(qcfg)
+    """The scheme a quantization_config describes; a missing or malformed field is one UserError naming it."""
+    fmt = format_for_config(qcfg)
+    try:
+        return fmt.scheme_from_config(qcfg)
+    except KeyError as e:
+        raise UserError(f"quantization_config ({fmt.name}) has no {e.args[0]!r} field") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"quantization_config ({fmt.name}) has a malformed field: {e}") from None

@@ -49,6 +49,16 @@ class CompressedTensorsFormat(Format):
             out["bias"] = qw.bias
         return out
 
+    primary = "weight_packed"
+    optional = ("weight_shape",)
+
+    def linear_shape(self, t, scheme):
+        if "weight_shape" in t:
+            out_f, in_f = (int(v) for v in t["weight_shape"].tolist())
+            return in_f, out_f
+        out_f, cols = t["weight_packed"].shape
+        return cols * (32 // scheme.bits), out_f
+
     def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict, shape=None) -> QuantizedWeight:
         s = self.scheme_from_config(qcfg)
         scales = t["weight_scale"].float().contiguous()

@@ -29,6 +29,12 @@ class GPTQFormat(Format):
     supported_bits = (2, 3, 4, 8)
 
     min_zero = 1  # zero−1 is stored, so an asymmetric zero point must stay ≥ 1
+    primary = "qweight"
+    optional = ("g_idx",)
+
+    def linear_shape(self, t, scheme):
+        rows, out_f = t["qweight"].shape
+        return int(Fraction(rows) * Fraction(32, scheme.bits)), out_f
 
     def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
         b = qw.scheme.bits

@@ -70,6 +70,12 @@ class Sparse24Format(Format):
         if scheme is not None:
             super().check(scheme, sparsity)
 
+    primary = "weight_idx"
+
+    def linear_shape(self, t, scheme):
+        out_f, words = t["weight_idx"].shape
+        return words * 32, out_f
+
     def check_linear(self, name, in_f, out_f, sparsity=None):
         if in_f % 32:
             raise UserError(f"{name}: sparse24 packs 16 positions per word; input size {in_f} must be a multiple of 32")

@@ -155,10 +155,10 @@ def _make_classes():
             qcfg = raw_quantization_config(checkpoint_files) or self.quantization_config.to_dict()
             self.quantization_config = CompressExportHfConfig(**qcfg)  # saved back as it was read
             self._fmt, self._qcfg = format_for_config(qcfg), qcfg
-            names = self._fmt.tensor_names(qcfg)
+            primary = self._fmt.primary
             headers = safetensors_headers(checkpoint_files)
             self._stored = {k: dt for k, (dt, _) in headers.items()}
-            packed = sorted({k[: -len(names[0]) - 1] for k in headers if k.endswith("." + names[0])})
+            packed = sorted({k[: -len(primary) - 1] for k in headers if k.endswith("." + primary)})
             for name in packed:
                 try:
                     mod = model.get_submodule(name)
@@ -181,7 +181,7 @@ def _make_classes():
             for name, mod in list(model.named_modules()):
                 if isinstance(mod, PackedLinear):
                     tensors = {n: getattr(mod, n).data for n in mod.names}
-                    w = self._fmt.unpack(tensors, self._qcfg)
+                    w = self._fmt.read(name, tensors, self._qcfg)
                     device = tensors[mod.names[0]].device
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child,

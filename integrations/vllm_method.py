@@ -142,7 +142,7 @@ class CompressExportLinearMethod(LinearMethodBase):
         if missing:
             raise ValueError(f"{getattr(layer, 'prefix', 'a linear')}: {missing[0]} (act-order) was not loaded from "
                              "the checkpoint; it is needed to run this layer correctly")
-        qw = self.config.fmt.unpack(tensors, self.config.qcfg)
+        qw = self.config.fmt.read(getattr(layer, "prefix", "a linear"), tensors, self.config.qcfg)
         device = tensors[layer.ce_tensor_names[0]].device
         req = KernelRequest.for_weight(qw, layer.ce_act_dtype, device.type)
         kernel = choose_kernel(req)(qw, req)

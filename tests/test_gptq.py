@@ -4,6 +4,7 @@ import logging
 import pytest
 import torch
 
+from compress_export.errors import UserError
 from compress_export.gptq import gptq_quantize, rtn_quantize
 from compress_export.hessian import HessianAccumulator, inverse_cholesky
 from compress_export.scheme import Scheme
@@ -43,8 +44,10 @@ def test_singular_hessian_gets_more_damping_and_a_warning(caplog):
     H = -torch.eye(8)  # negative definite: no damping of 1% fixes it
     H[0, 0] = 1.0
     with caplog.at_level(logging.WARNING):
-        with pytest.raises(FloatingPointError, match="layers.3.mlp"):
+        with pytest.raises(UserError, match="layers.3.mlp: its calibration Hessian stays singular.*--damp"):
             inverse_cholesky(H, damp=0.01, name="layers.3.mlp")
+    with pytest.raises(UserError, match="layers.0.x: its calibration inputs hold NaN or Inf"):
+        inverse_cholesky(torch.full((4, 4), float("nan")), name="layers.0.x")
     assert "layers.3.mlp" in caplog.text
     # rank-deficient but PSD: recovers with a warning, no crash
     x = torch.randn(4, 16)

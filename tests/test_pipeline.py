@@ -226,3 +226,22 @@ def test_linears_calibration_never_reaches_are_kept_not_dropped(tiny_model, tiny
             assert torch.equal(f.get_tensor(n + ".weight"), src.get_tensor(n + ".weight"))
     model, _ = load_model(tmp_path / "out")  # loads: the kept linears as ordinary weights
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear"
+
+
+def test_overflowing_activations_are_a_user_error_naming_the_layer(tiny_model, tiny_text, tmp_path, monkeypatch):
+    """Finite weights (the pre-flight passes) whose activations overflow: the layer whose inputs turned non-finite
+    is named, nothing is written."""
+    from compress_export import model_io
+
+    real = model_io.load_source_model
+
+    def load(path, **kw):
+        model, tok = real(path, **kw)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.o_proj.weight.fill_(1e38)
+        return model, tok
+
+    monkeypatch.setattr(model_io, "load_source_model", load)
+    with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\..*inputs hold NaN or Inf"):
+        run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(4, 32, True))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

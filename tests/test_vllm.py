@@ -53,6 +53,16 @@ def test_offline_generation_and_logits_agree_with_our_loader(export, request, ev
     conf = compare_top1(model_dir, ids, res)
     print(export, conf)  # reported: positions, top-1 agreement, max |Δ log p|
     assert conf["positions"] == len(ids) - 1 and conf["top1_agreement"] >= 0.99, conf
+    # the Optimum-style class (transformers' loader, our kernels) against vLLM directly, on the same window
+    import torch
+
+    from compress_export import AutoCompressedModelForCausalLM
+
+    model = AutoCompressedModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        top = model(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1)
+    agree = (top == torch.tensor(res["top1"])).float().mean().item()
+    assert agree >= 0.99, agree
 
 
 TINY_EXPORTS = [("gptq", "gptq", Scheme(4, 32, True, "static")), ("awq", "awq", Scheme(4, 32, False)),
