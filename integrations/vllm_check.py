@@ -85,7 +85,9 @@ def main(argv=None) -> int:
     kw = {"dtype": a.dtype} if a.dtype else {}
     batches = [int(b) for b in a.batches.split(",")]
     print("RESULT " + json.dumps(run(a.model, a.prompt, a.max_tokens, ids, batches, a.repeats, **kw)), flush=True)
-    return 0
+    from compress_export.integrations.vllm_offline import exit_after_results
+
+    exit_after_results(0)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ class CompressExportLinearMethod(LinearMethodBase):
                 getattr(layer, name).data.copy_(torch.arange(in_f, dtype=torch.int32) // gs)
         layer.ce_tensor_names = tuple(layout)
         layer.ce_act_dtype = params_dtype
+        layer.ce_shape = (out_f, in_f)
 
     def process_weights_after_loading(self, layer) -> None:
         tensors = {n: getattr(layer, n).data for n in layer.ce_tensor_names}
@@ -142,6 +143,10 @@ class CompressExportLinearMethod(LinearMethodBase):
         if missing:
             raise ValueError(f"{getattr(layer, 'prefix', 'a linear')}: {missing[0]} (act-order) was not loaded from "
                              "the checkpoint; it is needed to run this layer correctly")
+        if "weight_shape" in tensors:
+            # compressed-tensors records each linear's shape; vLLM loads every shard of a fused linear (q, k, v)
+            # into this one small tensor, so the last shard's shape is left. The partition's is the true one.
+            tensors["weight_shape"] = torch.tensor(layer.ce_shape, dtype=tensors["weight_shape"].dtype)
         qw = self.config.fmt.read(getattr(layer, "prefix", "a linear"), tensors, self.config.qcfg)
         device = tensors[layer.ce_tensor_names[0]].device
         req = KernelRequest.for_weight(qw, layer.ce_act_dtype, device.type)

@@ -162,6 +162,22 @@ def throughput(llm, text_ids: list, num_prompts: int, input_len: int, output_len
             "output_tok_s": round(n_out / dt, 2),
             "total_tok_s": round((n_in + n_out) / dt, 2)}
 
+_ENGINES: list = []  # every engine this process started, shut down by exit_after_results
+
+
+def exit_after_results(code: int = 0) -> None:
+    """End a runner process once its results are written: shut its engines down explicitly, then leave without
+    interpreter teardown. vLLM's CPU engine has aborted at teardown ("terminate called without an active
+    exception", SIGABRT) after every result was out, which made a finished run look failed."""
+    for llm in _ENGINES:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # a failed shutdown must not turn finished results into an error
+            print(f"vLLM engine shutdown: {e}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
 
 def load_llm(model: str, max_model_len: int, **kwargs):
     """vLLM's offline engine with this platform's working settings (CPU: forced platform, the CPU's fastest dtype,
@@ -175,6 +191,7 @@ def load_llm(model: str, max_model_len: int, **kwargs):
     kwargs = {**engine_defaults(), **kwargs}
     t0 = time.perf_counter()
     llm = LLM(model=model, max_model_len=max_model_len, seed=0, **kwargs)
+    _ENGINES.append(llm)
     cfg = llm.llm_engine.vllm_config.model_config
     return llm, {"model": model, "load_s": round(time.perf_counter() - t0, 2), "quantization": cfg.quantization,
                  "dtype": str(cfg.dtype).replace("torch.", "")}
@@ -210,7 +227,7 @@ def main(argv=None) -> int:
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     os.replace(tmp, argv[1])
-    return 0
+    exit_after_results(0)
 
 
 if __name__ == "__main__":

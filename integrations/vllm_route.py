@@ -68,11 +68,15 @@ def engine_dtype(hf_config=None) -> torch.dtype:
 
 
 def vllm_method_for(qcfg: dict, hf_config=None) -> Optional[str]:
-    """The built-in method vLLM would pick for this checkpoint (ours excluded), as vLLM itself picks it."""
+    """The built-in method vLLM would pick for this checkpoint (ours excluded), as vLLM itself picks it: each
+    candidate's own `override_quantization_method`. Candidates are the methods named after the checkpoint's
+    quant_method (auto_gptq, gptq, gptq_marlin for "gptq"): probing every method would import vLLM's heavy backends
+    (Triton for mxfp4), which vLLM itself avoids, and their native threads have crashed the process at exit."""
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
 
+    q = str(qcfg.get("quant_method", "")).lower().replace("-", "_")
     for name in QUANTIZATION_METHODS:
-        if name == METHOD_NAME:
+        if name == METHOD_NAME or not q or q not in name.replace("-", "_"):
             continue
         try:
             chosen = get_quantization_config(name).override_quantization_method(qcfg, None, hf_config=hf_config)
