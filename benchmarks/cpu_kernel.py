@@ -29,7 +29,7 @@ SHAPES = {"smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
 
 
 def timed(fn, repeats: int) -> float:
-    for _ in range(3):
+    for _ in range(10):  # steady state: caches warm, OpenMP's threads awake, as between a model's linears
         fn()
     ts = []
     for _ in range(repeats):

@@ -151,11 +151,12 @@ def run(x: torch.Tensor, qweight, scales, zeros, bits: int, group: int) -> torch
     N = scales.shape[0]
     if use_gemm(M, N * K):
         return _tiled_gemm(x, qweight, scales, zeros, bits, group)
-    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    y = torch.empty((M, N), dtype=torch.float32)
+    bf16 = x.dtype == torch.bfloat16  # the extension reads and writes bf16 itself
+    xf = x.contiguous() if bf16 or x.dtype == torch.float32 else x.to(torch.float32).contiguous()
+    y = torch.empty((M, N), dtype=xf.dtype)
     _EXT.gemm(bits, M, N, K, group, xf.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-              y.data_ptr(), torch.get_num_threads())
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+              y.data_ptr(), torch.get_num_threads(), int(bf16))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _tiled_gemm(x, qweight, scales, zeros, bits, group) -> torch.Tensor:

@@ -141,6 +141,21 @@ def test_non_finite_activations_give_nan_rows_not_numbers():
 
 
 @needs_ext
+def test_bf16_in_and_out_is_the_fp32_result_rounded_once():
+    """bf16 activations are widened and the result rounded inside the extension: the same numbers as the fp32 call
+    on the widened input, rounded to nearest even by torch; NaN rows stay NaN."""
+    qw = random_qw(72, 320, 4, 32, sym=False, seed=5)
+    kernel = ck.CpuWNA16Kernel(qw, KernelRequest.for_weight(qw, torch.bfloat16, "cpu"))
+    x = torch.randn(3, 320).bfloat16()
+    x[2, 9] = float("nan")
+    for m in (1, 2, 3):  # the integer path (the GEMM path starts at 16 rows)
+        y16, y32 = kernel(x[:m]), kernel(x[:m].float())
+        assert y16.dtype == torch.bfloat16
+        assert torch.equal(y16[:2].view(torch.int16), y32[:2].bfloat16().view(torch.int16))
+    assert torch.isnan(y16[2]).all()
+
+
+@needs_ext
 def test_registry_prefers_it_on_cpu_and_explains_refusals():
     qw = random_qw(64, 128, 4, 64)
     assert choose_kernel(KernelRequest.for_weight(qw, torch.float32, "cpu")) is ck.CpuWNA16Kernel

@@ -170,6 +170,26 @@ def _loader_ppl(model_dir, text, window):
     return perplexity(model, AutoTokenizer.from_pretrained(str(model_dir)), text.read_text(), window, 1)
 
 
+def _loader_greedy(model_dir, runs: list) -> list:
+    """Greedy continuations by our loader (transformers, fp32) of each run's plain-text prompt, as long as
+    vLLM's (vLLM's may stop early at EOS, as generate does)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from compress_export.loading import load_model
+
+    model, _ = load_model(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    outs = []
+    for g in runs:
+        ids = torch.tensor([tok(g["prompt"])["input_ids"]])
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=len(g["token_ids"]), do_sample=False,
+                                 attention_mask=torch.ones_like(ids), pad_token_id=tok.eos_token_id)
+        outs.append(gen[0, ids.shape[1]:].tolist())
+    return outs
+
+
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory, tiny_text):
     """A tiny Llama vLLM's CPU attention accepts (head size 64, 2048 positions) and its GPTQ W4 export."""
@@ -205,7 +225,14 @@ def test_validate_tiny_export_against_its_baseline(tiny_pair, tiny_text, tmp_pat
         ours = _loader_ppl(d, tiny_text, 128).token_perplexity
         assert run["offline"]["perplexity"]["token_perplexity"] == pytest.approx(ours, rel=1e-3)
     assert r["runs"]["export"]["offline"]["quantization"] == "compress_export"
-    assert 0 <= r["comparison"]["greedy"]["token_agreement"] <= 1
+    # the agreement figure against an independent engine: our loader's greedy continuations of the same prompts
+    greedy = {tag: _loader_greedy(d, r["runs"][tag]["offline"]["greedy"]) for tag, d in (("export", out),
+                                                                                       ("baseline", base))}
+    for tag in greedy:
+        assert greedy[tag] == [g["token_ids"] for g in r["runs"][tag]["offline"]["greedy"]], tag
+    same = sum(rep.token_agreement(a, b)["matches"] for a, b in zip(greedy["export"], greedy["baseline"]))
+    total = sum(rep.token_agreement(a, b)["positions"] for a, b in zip(greedy["export"], greedy["baseline"]))
+    assert r["comparison"]["greedy"]["token_agreement"] == round(same / total, 4)
     from compress_export.kernels.cpu_wna16 import extension
 
     for run in r["runs"].values():  # --dtype float32 pins both (the loader it is compared with runs fp32)

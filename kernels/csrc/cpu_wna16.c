@@ -15,7 +15,8 @@
  *                     16-byte load widened to int16 gives 16 low codes (& 0xF) and 16 high codes (>> 4).
  *           bits = 8: uint8 [N, K], codes in column order.
  *   scales  fp16 [N, G] (IEEE half bits), zeros uint8 [N, G] (code units), G = K / group.
- *   x       fp32 [M, K], columns in group order (act-order permutes x before the call); y fp32 [M, N].
+ *   x       fp32 or bf16 [M, K], columns in group order (act-order permutes x before the call); y [M, N] in
+ *           x's dtype. bf16 is widened and rounded here, in one pass each, not by two extra torch casts per call.
  * K is a multiple of 32; group is K (one group per row) or a multiple of 32 dividing K.
  *
  * Threads: OpenMP over output rows. Linked against libgomp.so.1, which resolves to the copy torch has already
@@ -317,11 +318,27 @@ static const char *check_shape(int bits, int64_t M, int64_t N, int64_t K, int64_
     return NULL;
 }
 
+static float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 static PyObject *py_gemm(PyObject *self, PyObject *args) {
-    int bits, nthreads;
+    int bits, nthreads, bf16 = 0;
     Py_ssize_t M, N, K, group;
     unsigned long long x, qw, scales, zeros, y;
-    if (!PyArg_ParseTuple(args, "innnnKKKKKi", &bits, &M, &N, &K, &group, &x, &qw, &scales, &zeros, &y, &nthreads))
+    if (!PyArg_ParseTuple(args, "innnnKKKKKi|i", &bits, &M, &N, &K, &group, &x, &qw, &scales, &zeros, &y,
+                          &nthreads, &bf16))
         return NULL;
     const char *bad = check_shape(bits, M, N, K, group);
     if (bad) {
@@ -335,16 +352,23 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     j.nb = K / j.B;
     j.bpg = group / j.B;
     size_t xq_bytes = (size_t)(M * K) * sizeof(int16_t), side = (size_t)(M * j.nb) * 4;
-    char *buf = scratch(xq_bytes + 2 * side + 64);
+    size_t io_bytes = bf16 ? (size_t)(M * K + M * N) * sizeof(float) : 0; /* fp32 copies of x and y */
+    char *buf = scratch(xq_bytes + 2 * side + io_bytes + 64);
     if (!buf) return PyErr_NoMemory();
     j.xq = (int16_t *)buf;
     j.xs = (float *)(buf + xq_bytes);
     j.isum = (int32_t *)(buf + xq_bytes + side);
     Py_BEGIN_ALLOW_THREADS
+    if (bf16) {
+        float *xf = (float *)(buf + xq_bytes + 2 * side);
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        j.x = xf;
+        j.y = xf + M * K;
+    }
     quantize_rows(&j);
     /* Rows in tiles of 8; one thread for layers too small to repay waking the others. */
     const int64_t tile = 8, tiles = (N + tile - 1) / tile;
-    int nt = (N * K * (M < 4 ? M : 4) < (1 << 16)) ? 1 : (nthreads > 0 ? nthreads : 1);
+    int nt = (N * K * (M < 4 ? M : 4) < (1 << 18)) ? 1 : (nthreads > 0 ? nthreads : 1);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
@@ -353,6 +377,8 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
         run_rows(&j, n0, n1);
     }
     (void)nt;
+    if (bf16)
+        for (int64_t i = 0; i < M * N; i++) ((uint16_t *)y)[i] = f32_to_bf16(j.y[i]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -434,7 +460,8 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"gemm", py_gemm, METH_VARARGS,
-     "gemm(bits, M, N, K, group, x, qw, scales, zeros, y, nthreads): y[M,N] = x[M,K] · dequant(W)ᵀ (addresses)"},
+     "gemm(bits, M, N, K, group, x, qw, scales, zeros, y, nthreads, bf16=0): y[M,N] = x[M,K] · dequant(W)ᵀ "
+     "(addresses; x and y bf16 when bf16=1, else fp32)"},
     {"dequant", py_dequant, METH_VARARGS, "dequant(bits, N, K, group, n0, n1, qw, scales, zeros, out, bf16, nthreads): rows n0..n1 of W"},
     {"isa", py_isa, METH_NOARGS, "the instruction-set path in use: avx2 or generic"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('generic'|'auto'): force the portable path (tests) or detect"},
