@@ -58,6 +58,9 @@ _LLAMA_AWQ = (
 # model_type → mappings. Only families whose norms scale as y = w·x̂ (so 1/s folds into w) and whose layer
 # structure matches are listed; Gemma's (1 + w) norms and Phi-3's fused projections need their own entries.
 AWQ_MAPPINGS = {"llama": _LLAMA_AWQ, "mistral": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ, "qwen3": _LLAMA_AWQ}
+# AWQ's clip search skips the query and key projections in AutoAWQ and llm-compressor: their output error is not
+# what attention sees (it sees q·kᵀ). Measured on SmolLM2 in benchmarks/awq_variants.py.
+AWQ_NO_CLIP = r"(^|\.)(q_proj|k_proj|query|key)$"
 
 # Never compressed: the output head and embeddings stay in the source precision by default.
 ALWAYS_KEEP = (r"(^|\.)lm_head$", r"embed", r"wte$", r"wpe$")

@@ -69,6 +69,31 @@ def test_weighted_clip_search_never_worse_than_min_max():
         assert err(s, z) <= err(s0, z0) + 1e-9
 
 
+def test_clip_search_skips_query_and_key_rows():
+    """In a fused q/k/v group the q and k rows keep their min-max ranges (the reference's choice) and only v's
+    rows are clipped: the q/k scales are (max − min) / 15 of each group (in fp16), v's are the weighted search's."""
+    from compress_export.hessian import HessianAccumulator
+    from compress_export.passes.awq import CLIP_RATIOS, AWQPass
+    from compress_export.passes.base import PassOptions
+
+    X = outlier_inputs(seed=4)
+    acc = HessianAccumulator(64)
+    acc.add(X)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(n, 64, generator=g) * 0.05 for n in (16, 8, 8))
+    for w in (q, k, v):
+        w[:, 7] = 1.0  # an outlier column: clipping its group pays off
+    res = AWQPass(Scheme(4, 32, False), PassOptions()).compress_group(
+        [q, k, v], acc, "model.layers.0.self_attn.q_proj+self_attn.k_proj+self_attn.v_proj")
+    for w, r in zip((q, k), res[:2]):
+        wg = w.reshape(w.shape[0], 2, 32)
+        hand = (wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0)) / 15
+        assert torch.equal(r.scales, hand.half().float())  # scales are stored fp16-exact
+    clipped, _ = weighted_group_params(v, acc.H, 4, False, 32, CLIP_RATIOS)
+    assert torch.equal(res[2].scales, clipped)
+    assert not torch.equal(clipped, group_params(v, 4, False, 32, search=False)[0])  # v really was clipped
+
+
 def run(model, text, out, **kw):
     return compress(model, out, dataset=str(text), num_samples=8, seq_len=32, progress=False, **kw)
 

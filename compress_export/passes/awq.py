@@ -8,6 +8,7 @@ compressed layer's outputs to the next layer.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -16,7 +17,7 @@ from compress_export.errors import UserError
 from compress_export.hessian import HessianAccumulator
 from compress_export.gptq import quantize_with_params
 from compress_export.quant import group_params, weighted_group_params
-from compress_export.structure import AWQ_MAPPINGS
+from compress_export.structure import AWQ_MAPPINGS, AWQ_NO_CLIP
 
 from .base import Pass, register_pass, split_rows
 
@@ -51,6 +52,7 @@ class AWQPass(Pass):
     uses_act_order = False
     layer_wise = True
     scheme_defaults = {"symmetric": False}
+    no_clip = AWQ_NO_CLIP  # linears (local names) whose ranges are kept min-max; None clips every linear
 
     def check_layout(self, layout, model_type: str) -> None:
         if model_type not in AWQ_MAPPINGS:
@@ -88,9 +90,18 @@ class AWQPass(Pass):
     def compress_group(self, weights, stats, name):
         W = torch.cat([w.float() for w in weights], dim=0)
         sc, o = self.scheme, self.options
+        s, z = group_params(W, sc.bits, sc.symmetric, sc.group_size, search=False, min_zero=o.min_zero)
         if o.clip_search:
-            s, z = weighted_group_params(W, stats.H, sc.bits, sc.symmetric, sc.group_size, CLIP_RATIOS, o.min_zero)
-        else:
-            s, z = group_params(W, sc.bits, sc.symmetric, sc.group_size, search=False, min_zero=o.min_zero)
+            clip = self._clipped_rows(name, [w.shape[0] for w in weights])
+            if clip.any():
+                cs, cz = weighted_group_params(W[clip], stats.H, sc.bits, sc.symmetric, sc.group_size, CLIP_RATIOS,
+                                               o.min_zero)
+                s[clip], z[clip] = cs, cz
         qw = quantize_with_params(W, s, z, sc)
         return split_rows(qw, [w.shape[0] for w in weights])
+
+    def _clipped_rows(self, name: str, rows: list) -> torch.Tensor:
+        """A row mask over the concatenated linears of `name` ("model.layers.3.a.q_proj+a.k_proj+a.v_proj", the
+        pipeline's group name): True where the clip search runs. The pattern matches each member's last part."""
+        keep = [self.no_clip is None or not re.search(self.no_clip, m) for m in name.split("+")]
+        return torch.cat([torch.full((n,), k) for n, k in zip(rows, keep)])
