@@ -44,6 +44,7 @@ class Summary:
     timings: dict = field(default_factory=dict)
     sparsity: str = ""
     kept_dense: list = field(default_factory=list)  # targeted linears calibration never reached, written as-is
+    fused_dense: list = field(default_factory=list)  # fused expert tensors (not nn.Linear), written as-is
 
     def lines(self):
         what = " ".join(x for x in (f"sparsity {self.sparsity}" if self.sparsity else "",
@@ -54,6 +55,8 @@ class Summary:
             f"  {self.linears} linears in {self.decoder_layers} decoder layers; calibration: {self.calibration}",
             *([f"  kept unquantized (never reached by calibration): {', '.join(self.kept_dense)}"]
               if self.kept_dense else []),
+            *([f"  kept unquantized (fused MoE expert tensors, not supported yet): {len(self.fused_dense)}, e.g. "
+               f"{self.fused_dense[0]}"] if self.fused_dense else []),
             f"  {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
             f"  size {self.size_before_mb:.1f} MB → {self.size_after_mb:.1f} MB "
             f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.2f}× smaller)",
@@ -157,6 +160,9 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
         if kept_dense:  # never dropped: written as they are, listed as unquantized, reported
             log.warning("%d targeted linear(s) never ran during calibration (e.g. MoE experts no token was routed "
                         "to) and are kept unquantized: %s", len(kept_dense), ", ".join(kept_dense[:6]))
+        if layout.fused_dense:
+            log.warning("%d fused MoE expert tensor(s) are not nn.Linear layers and stay unquantized (e.g. %s)",
+                        len(layout.fused_dense), layout.fused_dense[0])
         _write_rest(model, compressed, writer, model_io.source_dtype(src))
         ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
         extra = {"method": method, "calibration": calib_desc, **asdict(the_pass.options)}
@@ -175,6 +181,7 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
         output=str(out), method=method, format=format_.name, scheme=asdict(scheme) if scheme else None,
         sparsity=str(sparsity or ""), decoder_layers=len(layout.layers),
         linears=len(compressed), calibration=calib_desc, seconds=time.time() - t0, kept_dense=kept_dense,
+        fused_dense=layout.fused_dense,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
     )

@@ -89,6 +89,9 @@ class ModelLayout:
     layers: nn.ModuleList
     # per decoder layer: [(local name, nn.Linear)] in module order
     linears: List[List[Tuple[str, nn.Linear]]] = field(default_factory=list)
+    # full names of weight tensors no nn.Linear owns that hold several matrices (transformers 5 fuses MoE experts
+    # into [experts, out, in] parameters): not compressed yet, so written as they are and reported
+    fused_dense: List[str] = field(default_factory=list)
 
     def full_name(self, i: int, local: str) -> str:
         return f"{self.layers_path}.{i}.{local}"
@@ -117,6 +120,8 @@ def describe(model: nn.Module, where: str = "model") -> ModelLayout:
                 continue
             found.append((name, mod))
         layout.linears.append(found)
+    layout.fused_dense = [f"{path}.{i}.{n}" for i, layer in enumerate(layers) for n, p in layer.named_parameters()
+                          if p.dim() == 3]
     if not any(layout.linears):
         raise UserError(f"{where}: {type(model).__name__} has no nn.Linear layers to compress in {path}")
     return layout

@@ -162,6 +162,7 @@ def throughput(llm, text_ids: list, num_prompts: int, input_len: int, output_len
             "output_tok_s": round(n_out / dt, 2),
             "total_tok_s": round((n_in + n_out) / dt, 2)}
 
+
 _ENGINES: list = []  # every engine this process started, shut down by exit_after_results
 
 

@@ -48,6 +48,9 @@ def test_family_end_to_end(model_type, tmp_path, tiny_text):
                                       num_samples=8, seq_len=32), 0.3)):
         s = compress(base, tmp_path / name, progress=False, **kw)
         assert s.linears > 0 and not s.kept_dense, s
+        fused = sorted(n for n, p in ref.named_parameters() if p.dim() == 3)  # transformers 5's fused experts
+        assert sorted(s.fused_dense) == fused, s  # reported as unquantized, never silently
+        assert ("fused MoE" in "\n".join(s.lines())) == bool(fused)
         model, _ = load_model(tmp_path / name)
         with torch.no_grad():
             got = model(input_ids=ids).logits
