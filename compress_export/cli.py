@@ -62,6 +62,11 @@ def _compress_parser():
                                     "--save-recipe writes them); flags given here override it")
     p.add_argument("--save-recipe", metavar="FILE", help="also write the settings of this run to FILE")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--device", default="auto", help="where statistics and sweeps run, a layer at a time: auto "
+                                                    "(first GPU, else CPU), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-stream", dest="stream", action="store_false", default=None,
+                   help="load the whole model into memory (default: read one decoder layer at a time from the "
+                        "safetensors shards when the checkpoint allows it, so memory does not grow with depth)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -88,7 +93,7 @@ def cmd_compress(argv):
     if a.save_recipe:
         cfg.save(a.save_recipe)
     s = compress(a.model_dir, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
-                 trust_remote_code=a.trust_remote_code)
+                 trust_remote_code=a.trust_remote_code, device=a.device, stream=a.stream)
     print(json.dumps(s.__dict__, indent=2) if a.json else "\n".join(s.lines()))
     return 0
 

@@ -31,11 +31,13 @@ class _Columns:
         self.fixed = fixed
         if scheme is not None:
             G = n // self.gs
-            self.scales, self.zeros = torch.zeros(rows, G), torch.zeros(rows, G, dtype=torch.int32)
+            dev = g_of.device
+            self.scales = torch.zeros(rows, G, device=dev)
+            self.zeros = torch.zeros(rows, G, dtype=torch.int32, device=dev)
             if fixed is not None:  # per-column params in visiting order, gathered once
                 self.S_all = fixed[0][:, g_of].t().contiguous()
                 self.Z_all = fixed[1][:, g_of].t().float().contiguous()
-        self.mask_t = torch.ones(n, rows, dtype=torch.bool) if sparsity else None
+        self.mask_t = torch.ones(n, rows, dtype=torch.bool, device=g_of.device) if sparsity else None
 
     def start_block(self, i1: int, i2: int, W1: torch.Tensor, d: torch.Tensor) -> None:
         if self.scheme is not None:
@@ -108,20 +110,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Optional[Scheme], *,
     unit = math.lcm(gs if scheme is not None and scheme.group_size != -1 else 1,
                     sparsity.m if sparsity and sparsity.structured else 1)
     block = unit * max(1, math.ceil(block_size / unit))
-    g_of = torch.arange(n) // gs if perm is None or act == "group" else perm // gs
-    orig = perm if perm is not None else torch.arange(n)
+    dev = W.device  # everything below lives where the weight does (the CPU, or the --device of the run)
+    g_of = torch.arange(n, device=dev) // gs if perm is None or act == "group" else perm // gs
+    orig = perm if perm is not None else torch.arange(n, device=dev)
     cols = _Columns(scheme, sparsity, rows, n, fixed, g_of, clip_search, min_zero)
     out_t = _sweep(W.t().contiguous(), U, block, cols)
-    stored = torch.empty(rows, n)
+    stored = torch.empty(rows, n, device=dev)
     stored[:, orig] = out_t.t()
     mask = cols.mask_t.t().contiguous() if sparsity else None
     if scheme is None:
         return SparseWeight(stored, mask, sparsity)
     scales, zeros = fixed if fixed is not None else (cols.scales, cols.zeros)
-    g_idx = torch.empty(n, dtype=torch.int32)
+    g_idx = torch.empty(n, dtype=torch.int32, device=dev)
     g_idx[orig] = g_of.to(torch.int32)
     if act == "static" or scheme.group_size == -1:
-        g_idx = (torch.arange(n) // gs).to(torch.int32)
+        g_idx = (torch.arange(n, device=dev) // gs).to(torch.int32)
     return QuantizedWeight(stored.to(torch.uint8), scales.float(), zeros.int(), g_idx, scheme, mask=mask)
 
 
@@ -153,7 +156,7 @@ def quantize_with_params(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     """Round W [out, in] with given group params [out, G] over contiguous groups (no error feedback)."""
     n = W.shape[1]
     gs = n if scheme.group_size == -1 else scheme.group_size
-    g_idx = (torch.arange(n) // gs).to(torch.int32)
+    g_idx = (torch.arange(n, device=W.device) // gs).to(torch.int32)
     codes = quantize(W, scales[:, g_idx.long()], zeros[:, g_idx.long()].float(), scheme.bits).to(torch.uint8)
     return QuantizedWeight(codes, scales.float(), zeros.int(), g_idx, scheme)
 

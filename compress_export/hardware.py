@@ -63,3 +63,30 @@ def fast_dtype(device: str = "cpu", flags=None) -> str:
     if device.startswith("cuda"):
         return "bfloat16"  # vLLM falls back to float16 itself on GPUs without bf16 (pre-Ampere)
     return "bfloat16" if native_bf16(flags) else "float32"
+
+
+def resolve_device(spec: str = "auto"):
+    """The torch device compression statistics and sweeps run on: --device auto|cpu|cuda[:N].
+
+    auto: the first CUDA device when one is visible, else the CPU. A CUDA device that is not there is a usage
+    error naming what the machine has, not a crash mid-run.
+    """
+    import torch
+
+    from .errors import UserError
+
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    kind, _, index = spec.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"--device {spec}: want auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = int(index or 0)
+    if n >= count:
+        raise UserError(f"--device {spec}: this machine has {count} CUDA device(s) visible to torch "
+                        f"({'a CPU-only torch build' if torch.version.cuda is None else 'check CUDA_VISIBLE_DEVICES'});"
+                        " use --device cpu")
+    return torch.device(f"cuda:{n}")

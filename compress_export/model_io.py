@@ -99,15 +99,39 @@ def read_config(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
 
 
+def check_not_quantized(p: Path) -> None:
+    qc = read_config(p).get("quantization_config")
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise UserError(f"{p} is already quantized ({method}); compress the unquantized model instead")
+
+
+def tensor_files(p: Path) -> dict:
+    """{tensor name: the safetensors file holding it}, from the headers alone."""
+    where = {}
+    for f in sorted(Path(p).glob("*.safetensors")):
+        for name in safetensors_header(f):
+            if name != "__metadata__":
+                where[name] = f
+    return where
+
+
+def tensor_infos(p: Path) -> dict:
+    """{tensor name: (dtype tag, shape)} from the headers alone."""
+    infos = {}
+    for f in sorted(Path(p).glob("*.safetensors")):
+        for name, info in safetensors_header(f).items():
+            if name != "__metadata__":
+                infos[name] = (info["dtype"], tuple(info["shape"]))
+    return infos
+
+
 def load_source_model(path, dtype=torch.float32, trust_remote_code: bool = False):
     """Load an unquantized HF causal LM and its tokenizer for compression (fp32 compute on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = check_model_dir(path)
-    cfg = read_config(p)
-    if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method")
-        raise UserError(f"{p} is already quantized ({method}); compress the unquantized model instead")
+    check_not_quantized(p)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(p), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code

@@ -6,6 +6,7 @@ write atomically. Passes never see hooks; formats never see the model.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,9 @@ from .passes import PASSES, PassOptions
 from .progress import Progress
 from .result import SparseWeight
 from .scheme import Scheme
-from .sequential import CompressOnFirstCall, InputGroups, capture_layer0_inputs, probe_groups, run_layer
+from .sequential import (CompressOnFirstCall, InputGroups, capture_layer0_inputs, probe_groups, run_layer,
+                         to_device)
+from .source import open_source
 from .structure import describe
 from .writer import CheckpointWriter, check_output_path, dir_weight_bytes
 
@@ -45,6 +48,8 @@ class Summary:
     sparsity: str = ""
     kept_dense: list = field(default_factory=list)  # targeted linears calibration never reached, written as-is
     fused_dense: list = field(default_factory=list)  # fused expert tensors (not nn.Linear), written as-is
+    streamed: bool = False  # read one decoder layer at a time from the shards (else the whole model in memory)
+    device: str = "cpu"
 
     def lines(self):
         what = " ".join(x for x in (f"sparsity {self.sparsity}" if self.sparsity else "",
@@ -57,7 +62,8 @@ class Summary:
               if self.kept_dense else []),
             *([f"  kept unquantized (fused MoE expert tensors, not supported yet): {len(self.fused_dense)}, e.g. "
                f"{self.fused_dense[0]}"] if self.fused_dense else []),
-            f"  {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MB",
+            f"  {self.seconds:.1f} s on {self.device}, peak RSS {self.peak_rss_mb:.0f} MB "
+            f"({'streamed layer by layer' if self.streamed else 'whole model in memory'})",
             f"  size {self.size_before_mb:.1f} MB → {self.size_after_mb:.1f} MB "
             f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.2f}× smaller)",
         ]
@@ -116,12 +122,16 @@ def check_shapes(layout, scheme: Optional[Scheme], fmt, sparsity=None) -> None:
 
 
 def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None, *, overwrite: bool = False,
-             progress: bool = True, trust_remote_code: bool = False, on_result=None, **settings) -> Summary:
+             progress: bool = True, trust_remote_code: bool = False, on_result=None, device: str = "auto",
+             stream: Optional[bool] = None, **settings) -> Summary:
     """Compress MODEL_DIR into OUT as `config` describes (the CLI, the Python API and export-on-load all call
     this). Keyword settings are the older spelling of the same (method=, fmt=, scheme=Scheme(...), options=,
     dataset=, num_samples=, seq_len=, batch_size=, seed=, sparsity=) and are turned into a CompressionConfig.
     on_result(name, result): called with each linear's in-memory result (QuantizedWeight or SparseWeight, bias
-    set) before its format packs it."""
+    set, on the CPU) before its format packs it.
+    device: where each layer's statistics and sweeps run (auto, cpu, cuda, cuda:N); the layer moves there and back.
+    stream: None (default) reads one decoder layer at a time from the shards when the checkpoint allows it, so
+    memory does not grow with depth; False loads the whole model; True insists on streaming."""
     if settings:
         if config is not None:
             raise TypeError("compress() takes a CompressionConfig or keyword settings, not both")
@@ -133,10 +143,11 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
     src, out, format_, the_pass = _plan(model_dir, out_dir, config.resolved_method(), config.resolved_format(),
                                         config.to_scheme(), config.pass_options(), overwrite, config.sparsity)
     scheme, method, sparsity = the_pass.scheme, the_pass.name, the_pass.sparsity
-    model, tok = model_io.load_source_model(src, trust_remote_code=trust_remote_code)
-    model_io.check_finite(model, str(src))
+    dev, skeleton = preflight(src, out, config, the_pass, format_, device, trust_remote_code)
+    source = open_source(src, skeleton, stream, needs_model_forward=the_pass.needs_calibration and not dataset,
+                         trust_remote_code=trust_remote_code)
+    model, tok = source.model, source.tokenizer
     layout = describe(model, str(src))
-    check_shapes(layout, scheme, format_, sparsity)
     the_pass.check_layout(layout, getattr(model.config, "model_type", ""))
 
     timings = {"load": time.time() - t0}
@@ -153,8 +164,8 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
 
     writer = CheckpointWriter(out)
     try:
-        compressed = _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings,
-                                 on_result)
+        compressed = _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, progress, timings,
+                                 on_result, dev)
         kept_dense = sorted({layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
                             - compressed)
         if kept_dense:  # never dropped: written as they are, listed as unquantized, reported
@@ -163,7 +174,9 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
         if layout.fused_dense:
             log.warning("%d fused MoE expert tensor(s) are not nn.Linear layers and stay unquantized (e.g. %s)",
                         len(layout.fused_dense), layout.fused_dense[0])
-        _write_rest(model, compressed, writer, model_io.source_dtype(src))
+        dtype = model_io.source_dtype(src)
+        for name, t in source.outer_tensors(layout.layers_path):
+            writer.add(name, t.to(dtype) if t.is_floating_point() else t)
         ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
         extra = {"method": method, "calibration": calib_desc, **asdict(the_pass.options)}
         if sparsity is not None:
@@ -178,13 +191,83 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
         writer.abort()
         raise
     return Summary(
-        output=str(out), method=method, format=format_.name, scheme=asdict(scheme) if scheme else None,
+        output=str(out), streamed=source.streamed, device=str(dev), method=method, format=format_.name, scheme=asdict(scheme) if scheme else None,
         sparsity=str(sparsity or ""), decoder_layers=len(layout.layers),
         linears=len(compressed), calibration=calib_desc, seconds=time.time() - t0, kept_dense=kept_dense,
         fused_dense=layout.fused_dense,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
     )
+
+
+def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_, device, trust_remote_code):
+    """Everything config.json, the safetensors headers and the model's structure (built on the meta device, no
+    weights) can tell, checked before any weight is read and reported together: the device, the dataset, group
+    size and packing against every layer, the pass against the architecture, the disk space. Returns (torch
+    device, the weightless model)."""
+    from .hardware import resolve_device
+    from .source import build_skeleton
+
+    problems = []
+    dev = _collect(problems, resolve_device, device)
+    if the_pass.needs_calibration and config.dataset and not Path(config.dataset).exists():
+        problems.append(f"--dataset {config.dataset} does not exist")
+    skeleton = build_skeleton(src, trust_remote_code)
+    layout = _collect(problems, describe, skeleton, str(src))
+    if layout is not None:
+        _collect(problems, check_shapes, layout, the_pass.scheme, format_, the_pass.sparsity)
+        _collect(problems, the_pass.check_layout, layout, getattr(skeleton.config, "model_type", ""))
+        _collect(problems, check_disk_space, out, src, layout, the_pass.scheme, the_pass.sparsity)
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(f"{len(problems)} problems with this run (no weight was read):\n  - " + "\n  - ".join(problems))
+    return dev, skeleton
+
+
+def _collect(problems: list, check, *args):
+    try:
+        return check(*args)
+    except UserError as e:
+        problems.append(str(e))
+        return None
+
+
+def estimate_output_bytes(src: Path, layout, scheme, sparsity) -> int:
+    """The export's size from the headers alone: targeted linears at `bits` (plus ~fp16 scale and zero per
+    group), 2:4 values halved, everything else as it is on disk."""
+    targeted = {layout.full_name(i, n) + ".weight" for i, lin in enumerate(layout.linears) for n, _ in lin}
+    width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+    total = 0
+    for name, (dtype, shape) in model_io.tensor_infos(src).items():
+        numel = math.prod(shape)
+        per = model_io.SAFETENSORS_DTYPES.get(dtype, 4)
+        if name in targeted:
+            keep = 0.5 if sparsity is not None and getattr(sparsity, "structured", False) else 1.0
+            if scheme is None:
+                per = width.get(dtype, 2) * keep + (0.125 if keep < 1 else 0)
+            else:
+                gs = shape[-1] if scheme.group_size in (-1, 0) else scheme.group_size
+                per = scheme.bits / 8 * keep + 3 / gs + (0.125 if keep < 1 else 0)
+        total += int(numel * per)
+    return total
+
+
+def check_disk_space(out: Path, src: Path, layout, scheme, sparsity) -> None:
+    """The export (plus one shard being assembled) must fit on the output's file system."""
+    import shutil
+
+    from .writer import DEFAULT_SHARD_BYTES
+
+    need = estimate_output_bytes(src, layout, scheme, sparsity)
+    need += min(need, DEFAULT_SHARD_BYTES)
+    where = Path(out).resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"{where} has {free / 1e9:.2f} GB free; this export needs about {need / 1e9:.2f} GB "
+                        "while it is written: free space or choose another -o")
 
 
 def config_from_settings(method=None, fmt=None, scheme: Optional[Scheme] = None,
@@ -207,6 +290,7 @@ def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity=
     from .sparsity import Sparsity
 
     src = model_io.check_model_dir(model_dir)
+    model_io.check_not_quantized(src)
     sp = Sparsity.parse(sparsity) if isinstance(sparsity, str) else sparsity
     fmt = fmt or (("sparse24" if sp.structured else "dense") if sp else "gptq")
     format_ = FORMATS.get(fmt)()
@@ -245,45 +329,65 @@ def auto_batch_size(model, ids) -> int:
 
 
 @torch.no_grad()
-def _run_layers(model, layout, the_pass, format_, writer, ids, batch_size, progress, timings, on_result=None) -> int:
+def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, progress, timings, on_result=None,
+                device=torch.device("cpu")) -> set:
+    """Each decoder layer in turn: read it, move it to `device`, compress its linears, write it, drop it."""
     t = time.time()
     states = None
     if ids is not None:
-        batch_size = batch_size or auto_batch_size(model, ids)
-        states = capture_layer0_inputs(model, layout.layers[0], ids, batch_size)
+        source.load_inputs(layout.layers_path)
+        batch_size = batch_size or auto_batch_size(source.model, ids)
+        states = to_device(capture_layer0_inputs(source.model, layout.layers[0], ids, batch_size), device)
+        source.release_inputs(layout.layers_path)
     timings["capture"] = time.time() - t
     bar = Progress(len(layout.layers), "compressing decoder layers", enabled=progress)
     done, t0 = set(), time.time()
-    for i, layer in enumerate(layout.layers):
-        mods = dict(layout.linears[i])
-
-        def compress(names, stats):
-            results = the_pass.compress_group([mods[n].weight for n in names], stats,
-                                              layout.full_name(i, "+".join(names)))
-            for n, qw in zip(names, results):
-                m = mods[n]
-                qw.bias = m.bias.detach().clone() if m.bias is not None else None
-                if isinstance(qw, SparseWeight):  # float values are stored in the source dtype: round them now, so
-                    # the result in memory, later layers' calibration and the file all hold the same numbers
-                    qw.values = qw.values.to(format_.storage_dtype).to(qw.values.dtype)
-                if on_result is not None:
-                    on_result(layout.full_name(i, n), qw)
-                for suffix, tensor in format_.pack(qw).items():
-                    writer.add(f"{layout.full_name(i, n)}.{suffix}", tensor)
-                # Later layers (and later linears of this one) calibrate on the compressed function.
-                m.weight.data.copy_(qw.dequantize(m.weight.dtype))
-                done.add(layout.full_name(i, n))
-
+    dtype = format_.storage_dtype
+    for i in range(len(layout.layers)):
+        layer = source.load_layer(layout, i).to(device)
+        compress = _group_compressor(layout, i, the_pass, format_, writer, done, on_result)
         if states is None:
-            for n in mods:
+            for n, _ in layout.linears[i]:
                 compress([n], None)
         elif len(states) == 1 and not the_pass.layer_wise:
             states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress)
         else:
             states = _two_pass(layer, layout, i, states, the_pass, compress)
+        packed = {f"{n}.{s}" for n in done for s in ("weight", "bias")}
+        for local, t in layer.state_dict().items():  # norms, buffers, linears calibration never reached
+            name = layout.full_name(i, local)
+            if name not in packed:
+                writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+        source.release_layer(layout, i)
         bar.update(i + 1, f"({len(done)} linears)")
     timings["layers"] = time.time() - t0
     return done
+
+
+def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result):
+    """compress(names, stats): one group of layer i's linears that share an input, compressed, packed, written,
+    and replaced in the layer by what was written (later linears and layers calibrate on the compressed
+    function)."""
+    mods = dict(layout.linears[i])
+
+    def compress(names, stats):
+        results = the_pass.compress_group([mods[n].weight for n in names], stats,
+                                          layout.full_name(i, "+".join(names)))
+        for n, qw in zip(names, results):
+            m = mods[n]
+            qw.bias = m.bias.detach().clone() if m.bias is not None else None
+            if isinstance(qw, SparseWeight):  # float values are stored in the source dtype: round them now, so
+                # the result in memory, later layers' calibration and the file all hold the same numbers
+                qw.values = qw.values.to(format_.storage_dtype).to(qw.values.dtype)
+            m.weight.data.copy_(qw.dequantize(m.weight.dtype))
+            qw = qw.to("cpu")
+            if on_result is not None:
+                on_result(layout.full_name(i, n), qw)
+            for suffix, tensor in format_.pack(qw).items():
+                writer.add(f"{layout.full_name(i, n)}.{suffix}", tensor)
+            done.add(layout.full_name(i, n))
+
+    return compress
 
 
 def _single_pass(layer, linears, state, the_pass, compress):
@@ -317,17 +421,3 @@ def _two_pass(layer, layout, i, states, the_pass, compress):
     for names, stats in zip(groups.members, groups.stats):
         compress(names, stats)
     return [(run_layer(layer, h, kw), kw) for h, kw in states]
-
-
-def _write_rest(model, compressed: set, writer, dtype) -> None:
-    """Every tensor not packed above, in the source dtype; tied weights are written once."""
-    packed = {f"{n}.{s}" for n in compressed for s in ("weight", "bias")}
-    seen = set()
-    for name, t in model.state_dict(keep_vars=False).items():
-        if name in packed:
-            continue
-        key = (t.data_ptr(), t.shape)
-        if key in seen:
-            continue
-        seen.add(key)
-        writer.add(name, t.to(dtype) if t.is_floating_point() else t)

@@ -65,10 +65,11 @@ def search_params(w: torch.Tensor, bits: int, symmetric: bool, search: bool = Tr
     if not search:
         return params_from_range(xmin, xmax, bits, symmetric, min_zero)
     maxq = (1 << bits) - 1
-    ratios = torch.cat([torch.ones(1), 1.0 - torch.arange(1, int(CLIP_GRID * CLIP_MAX_SHRINK) + 1) / CLIP_GRID])
+    steps = torch.arange(1, int(CLIP_GRID * CLIP_MAX_SHRINK) + 1, device=w.device)
+    ratios = torch.cat([torch.ones(1, device=w.device), 1.0 - steps / CLIP_GRID])
     chunk = max(1, int(2**23 // max(1, w.numel())))
     best_err = best_scale = best_zero = None
-    rows = torch.arange(w.shape[0])
+    rows = torch.arange(w.shape[0], device=w.device)
     for start in range(0, len(ratios), chunk):
         r = ratios[start:start + chunk, None]
         scale, zero = params_from_range(xmin[None] * r, xmax[None] * r, bits, symmetric, min_zero)
@@ -113,7 +114,7 @@ def weighted_group_params(w: torch.Tensor, H: torch.Tensor, bits: int, symmetric
     gs = n if group_size == -1 else group_size
     G = n // gs
     wg = w.float().reshape(rows, G, gs)
-    idx = torch.arange(G)[:, None] * gs + torch.arange(gs)
+    idx = torch.arange(G, device=w.device)[:, None] * gs + torch.arange(gs, device=w.device)
     Hb = H[idx[:, :, None], idx[:, None, :]]  # [G, gs, gs]
     xmin = torch.minimum(wg.amin(dim=2), torch.zeros(()))
     xmax = torch.maximum(wg.amax(dim=2), torch.zeros(()))

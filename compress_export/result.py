@@ -4,7 +4,7 @@ Formats only pack and unpack it; kernels only run it. Layouts here are the plain
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -44,6 +44,9 @@ class QuantizedWeight:
         zero = self.zeros.float()[:, g]
         return ((self.codes.float() - zero) * scale).to(dtype)
 
+    def to(self, device) -> "QuantizedWeight":
+        return _moved(self, device)
+
     def has_trivial_g_idx(self) -> bool:
         gs = self.scheme.group_size
         n = self.codes.shape[1]
@@ -67,3 +70,12 @@ class SparseWeight:
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.values.to(dtype)
+
+    def to(self, device) -> "SparseWeight":
+        return _moved(self, device)
+
+
+def _moved(result, device):
+    """The same result with every tensor on `device` (passes run on the layer's device; formats pack on the CPU)."""
+    return replace(result, **{f.name: getattr(result, f.name).to(device) for f in fields(result)
+                              if torch.is_tensor(getattr(result, f.name))})

@@ -42,6 +42,17 @@ def capture_layer0_inputs(model: nn.Module, layer0: nn.Module, ids: torch.Tensor
     return store
 
 
+def to_device(obj, device):
+    """Tensors inside nested tuples/lists/dicts (captured layer inputs and their kwargs) moved to `device`."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if type(obj) in (tuple, list):
+        return type(obj)(to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out

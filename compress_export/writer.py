@@ -10,10 +10,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import UserError
 
@@ -69,7 +67,65 @@ def remove_stale_partials(out: Path) -> list:
     return removed
 
 
+class _Shard:
+    """One output safetensors file, written as tensors arrive so no tensor waits in memory.
+
+    Bytes go to one spill file per element size (8, 4, 2, 1); closing writes the header and then the spill files
+    largest element first, so every tensor starts at a multiple of its element size (as safetensors' own writer
+    arranges by sorting) and the data region has no holes.
+    """
+
+    def __init__(self, folder: Path, index: int):
+        self.path = folder / f"part-{index:05d}.safetensors"
+        self._spill = {}  # element size -> (file, [(name, dtype tag, shape, nbytes)])
+        self.bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.element_size()
+        if size not in self._spill:
+            self._spill[size] = (open(self.path.with_suffix(f".spill{size}"), "wb"), [])
+        fh, entries = self._spill[size]
+        raw = t.reshape(-1).view(torch.uint8).numpy()  # little-endian on every machine we run on
+        fh.write(memoryview(raw))
+        entries.append((name, _ST_DTYPES[t.dtype], list(t.shape), raw.nbytes))
+        self.bytes += raw.nbytes
+
+    def names(self) -> list:
+        return [e[0] for _, entries in self._spill.values() for e in entries]
+
+    def close(self) -> None:
+        header, offset = {}, 0
+        order = sorted(self._spill, reverse=True)
+        for size in order:
+            fh, entries = self._spill[size]
+            fh.close()
+            for name, dtype, shape, n in entries:
+                header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+                offset += n
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-aligned, so mmapped tensors are aligned too
+        with open(self.path, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            for size in order:
+                spill = self.path.with_suffix(f".spill{size}")
+                with open(spill, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 16 << 20)
+                spill.unlink()
+            out.flush()
+            os.fsync(out.fileno())
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
 class CheckpointWriter:
+    """Tensors go to disk as they are added (memory stays flat however large the model); shards of about
+    `shard_bytes` are named and indexed at the end, and the folder is renamed into place only when complete."""
+
     def __init__(self, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES):
         import logging
         import socket
@@ -82,28 +138,31 @@ class CheckpointWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         (self.tmp / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         self.shard_bytes = shard_bytes
-        self._pending: Dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._shard = None
         self._shards = []  # [(file name, [tensor names])]
+        self._names = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        # A private copy: tensors that share storage (one g_idx for q/k/v) cannot be saved twice.
-        t = tensor.detach().cpu().clone().contiguous()
-        self._pending[name] = t
-        n = t.numel() * t.element_size()
-        self._pending_bytes += n
-        self.total_bytes += n
-        if self._pending_bytes >= self.shard_bytes:
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {t.dtype} has no safetensors name")
+        if self._shard is None:
+            self._shard = _Shard(self.tmp, len(self._shards) + 1)
+        self._shard.add(name, t)
+        self._names.add(name)
+        self.total_bytes += t.numel() * t.element_size()
+        if self._shard.bytes >= self.shard_bytes:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if self._shard is None:
             return
-        fname = f"part-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(self.tmp / fname), metadata={"format": "pt"})
-        self._shards.append((fname, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._shard.close()
+        self._shards.append((self._shard.path.name, self._shard.names()))
+        self._shard = None
 
     def finish(self, config: dict, src_dir: Path, overwrite: bool = False) -> Path:
         self._flush()

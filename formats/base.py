@@ -1,7 +1,7 @@
 """Format interface and registry. A format only packs the in-memory QuantizedWeight and unpacks it again."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Dict, Optional, Tuple
 
@@ -96,10 +96,12 @@ class Format:
     def linear_shape(self, t: Dict[str, torch.Tensor], scheme) -> Tuple[int, int]:
         raise NotImplementedError
 
-    def read(self, name: str, tensors: Dict[str, torch.Tensor], qcfg: dict):
+    def read(self, name: str, tensors: Dict[str, torch.Tensor], qcfg: dict, groups: Optional[int] = None):
         """Unpack one linear after checking its tensors against this format's own layout: a missing or extra
         tensor, a wrong shape or dtype, out-of-range zero points or groups, or non-finite scales end as one
-        UserError naming the tensor, never as a KeyError deep in unpacking or as wrong numbers."""
+        UserError naming the tensor, never as a KeyError deep in unpacking or as wrong numbers.
+        groups: a tensor-parallel shard whose per-group tensors hold all `groups` groups of the whole linear
+        (see replicated_groups)."""
         scheme = scheme_from_config(qcfg)
         if self.primary not in tensors:
             raise UserError(f"{name}: tensor {name}.{self.primary} is missing ({self.name} stores it for every "
@@ -110,6 +112,8 @@ class Format:
             raise UserError(f"{name}: {name}.{self.primary} has an impossible shape "
                             f"{tuple(tensors[self.primary].shape)}") from None
         layout = self.tensor_layout(scheme, in_f, out_f)
+        if groups is not None:
+            layout = replicated_groups(layout, groups)
         for k, spec in layout.items():
             if k not in tensors:
                 if k in self.optional:
@@ -132,6 +136,33 @@ class Format:
             raise UserError(f"{name}: its tensors do not unpack as {self.name} ({e})") from None
         _check_values(name, w)
         return w
+
+
+def replicated_groups(layout: Dict[str, TensorSpec], groups: int) -> Dict[str, TensorSpec]:
+    """The layout of a row-parallel shard whose per-group tensors are not split: per-channel scales (one group
+    cannot be cut) and act-order (a shard's columns belong to groups all over the input) keep every one of the
+    whole linear's `groups` groups on every rank, as vLLM's own GPTQ method does; the axis is then no input axis
+    (so the engine's loader copies it whole instead of narrowing it)."""
+    out = {}
+    for k, spec in layout.items():
+        if spec.per_group and spec.input_dim is not None:
+            shape = list(spec.shape)
+            shape[spec.input_dim] = groups
+            spec = replace(spec, shape=tuple(shape), input_dim=None)
+        out[k] = spec
+    return out
+
+
+def shard_replicates_groups(scheme, input_size: int, input_size_per_partition: int) -> Optional[int]:
+    """The whole linear's group count when a row-parallel shard must hold every group (per-channel, act-order),
+    else None (no split along the input, or contiguous groups that split with the columns)."""
+    if scheme is None or input_size == input_size_per_partition:
+        return None
+    if scheme.group_size == -1:
+        return 1
+    if scheme.act_order == "group":
+        return input_size // scheme.group_size
+    return None
 
 
 def format_for_config(qcfg: dict) -> Format:

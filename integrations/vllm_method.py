@@ -23,7 +23,7 @@ from vllm.model_executor.parameter import (
 )
 
 from compress_export.formats import format_for_config
-from compress_export.formats.base import ignored_modules
+from compress_export.formats.base import ignored_modules, replicated_groups, shard_replicates_groups
 from compress_export.kernels import KernelRequest, choose_kernel
 
 from .vllm_route import METHOD_NAME, decide, log
@@ -125,6 +125,15 @@ class CompressExportLinearMethod(LinearMethodBase):
             raise ValueError(f"group size {scheme.group_size} does not divide this shard's input size {in_f}")
         loader = extra_weight_attrs.get("weight_loader")
         layout = self.config.fmt.tensor_layout(scheme, in_f, out_f)
+        # Row-parallel shards of per-channel and act-order linears keep every group (vLLM's auto_gptq does the
+        # same): one group cannot be narrowed, and an act-order shard's g_idx points at groups across the input.
+        groups = shard_replicates_groups(scheme, input_size, in_f)
+        if groups is not None:
+            layout = replicated_groups(layout, groups)
+        layer.ce_groups = groups
+        # A row shard of contiguous groups holds groups [rank·G/tp, ...): the checkpoint's g_idx counts from the
+        # whole linear's first group, so it is rebuilt locally after loading (act-order shards keep theirs).
+        layer.ce_local_groups = input_size != in_f and groups is None and scheme is not None
         for name, spec in layout.items():
             layer.register_parameter(name, _make_param(spec, loader))
         for name in (n for n in layout if n.endswith("g_idx")):
@@ -143,11 +152,16 @@ class CompressExportLinearMethod(LinearMethodBase):
         if missing:
             raise ValueError(f"{getattr(layer, 'prefix', 'a linear')}: {missing[0]} (act-order) was not loaded from "
                              "the checkpoint; it is needed to run this layer correctly")
+        if layer.ce_local_groups:
+            gs = layer.ce_shape[1] if self.config.scheme.group_size == -1 else self.config.scheme.group_size
+            for n in (n for n in tensors if n.endswith("g_idx")):
+                tensors[n] = torch.arange(layer.ce_shape[1], dtype=tensors[n].dtype) // gs
         if "weight_shape" in tensors:
             # compressed-tensors records each linear's shape; vLLM loads every shard of a fused linear (q, k, v)
             # into this one small tensor, so the last shard's shape is left. The partition's is the true one.
             tensors["weight_shape"] = torch.tensor(layer.ce_shape, dtype=tensors["weight_shape"].dtype)
-        qw = self.config.fmt.read(getattr(layer, "prefix", "a linear"), tensors, self.config.qcfg)
+        qw = self.config.fmt.read(getattr(layer, "prefix", "a linear"), tensors, self.config.qcfg,
+                                  groups=layer.ce_groups)
         device = tensors[layer.ce_tensor_names[0]].device
         req = KernelRequest.for_weight(qw, layer.ce_act_dtype, device.type)
         kernel = choose_kernel(req)(qw, req)

@@ -29,6 +29,9 @@ class KernelRequest:
     act_dtype: torch.dtype
     device: str  # "cpu", "cuda", ...
     sparsity: str = ""  # "2:4" when every group of 4 inputs keeps 2 (pruned weights), else ""
+    # act-order groups that are not runs of group_size columns once sorted: a row-parallel tensor-parallel shard
+    # of an act-order export holds a part of many groups. Only kernels that gather per column can run it.
+    uneven_groups: bool = False
 
     @classmethod
     def for_weight(cls, qw, act_dtype: torch.dtype, device: str) -> "KernelRequest":
@@ -39,8 +42,9 @@ class KernelRequest:
         s = qw.scheme
         if qw.mask is not None and not sp:
             sp = "2:4" if _is_24(qw.mask) else ""
-        return cls(s.bits, s.group_size, s.symmetric, not qw.has_trivial_g_idx(), qw.shape[1], qw.shape[0],
-                   act_dtype, device, sp)
+        has_g_idx = not qw.has_trivial_g_idx()
+        return cls(s.bits, s.group_size, s.symmetric, has_g_idx, qw.shape[1], qw.shape[0], act_dtype, device, sp,
+                   uneven_groups=has_g_idx and not _even_groups(qw))
 
 
 class LinearKernel:
@@ -93,6 +97,13 @@ def group_order(qw: QuantizedWeight) -> Optional[torch.Tensor]:
         sizes = torch.bincount(qw.g_idx.long()).tolist()
         raise UserError(f"g_idx gives groups of {sorted(set(sizes))} columns; group size {gs} needs {gs} in each")
     return perm
+
+
+def _even_groups(qw: QuantizedWeight) -> bool:
+    in_f = qw.shape[1]
+    gs = in_f if qw.scheme.group_size == -1 else qw.scheme.group_size
+    g = qw.g_idx.long().cpu()
+    return bool(torch.equal(torch.sort(g).values, torch.arange(in_f) // gs))
 
 
 def restore(codes_sorted: torch.Tensor, scales, zeros, perm, scheme) -> QuantizedWeight:

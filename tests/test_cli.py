@@ -221,7 +221,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_model, tmp_path, monkeypa
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".o.partial-x" / "part.safetensors"))
 
-    monkeypatch.setattr(writer, "save_file", full)
+    monkeypatch.setattr(writer._Shard, "close", full)
     rc = cli_mod.main(["--method", "rtn", str(tiny_model), "-o", str(tmp_path / "o"), "-q"])
     err = capsys.readouterr().err
     assert_one_line_error(rc, err, "no space left on the device", "nothing was written")

@@ -110,7 +110,7 @@ def test_failure_midway_leaves_no_checkpoint(tiny_model, tiny_text, tmp_path, mo
     def boom(*a, **k):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(pl, "_write_rest", boom)
+    monkeypatch.setattr(pl, "CheckpointWriter", type("Boom", (pl.CheckpointWriter,), {"finish": boom}))
     with pytest.raises(RuntimeError):
         run(tiny_model, tiny_text, tmp_path / "out", method="rtn")
     assert list(tmp_path.iterdir()) == []
@@ -214,7 +214,8 @@ def test_linears_calibration_never_reaches_are_kept_not_dropped(tiny_model, tiny
         return model, tok
 
     monkeypatch.setattr(model_io, "load_source_model", load)
-    s = run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(4, 32, True), batch_size=batch_size)
+    s = run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(4, 32, True), batch_size=batch_size,
+            stream=False)  # the patch above is on the in-memory loader
     mlp = [f"model.layers.0.mlp.{n}_proj" for n in ("down", "gate", "up")]
     assert s.kept_dense == mlp and s.linears == 14 - 3
     assert any("kept unquantized" in line for line in s.lines())
@@ -243,5 +244,5 @@ def test_overflowing_activations_are_a_user_error_naming_the_layer(tiny_model, t
 
     monkeypatch.setattr(model_io, "load_source_model", load)
     with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\..*inputs hold NaN or Inf"):
-        run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(4, 32, True))
+        run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(4, 32, True), stream=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -226,3 +226,20 @@ def test_plugin_claims_awq_and_compressed_tensors_w4a16_but_not_w8a8():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-3:] == ["compress_export", "compress_export", "None"], r.stdout
+
+
+def test_tensor_parallel_shards_load_as_vllm_shards_them():
+    """vLLM's own parameter classes shard every checkpoint tensor rank by rank (tests/vllm_tp_shards.py): each
+    rank's output equals its slice of the whole linear, from the result before packing. Per-channel scales and
+    act-order groups are repeated on every rank of a row-parallel layer (vLLM's auto_gptq does the same); act-order
+    shards hold parts of many groups, so they run on the per-column gather kernel."""
+    here = Path(__file__).with_name("vllm_tp_shards.py")
+    r = subprocess.run([sys.executable, str(here)], capture_output=True, text=True, timeout=600)
+    res = read_result(r.stdout)
+    assert res, r.stderr[-3000:]
+    assert len(res) == 16
+    for case, got in res.items():
+        assert "error" not in got and got["max_err"] < 5e-4, (case, got)
+        uneven = "-group-row" in case and "g-1" not in case
+        assert set(got["kernels"]) == ({"torch-dequant"} if uneven else set(got["kernels"]) - {"torch-dequant"}), \
+            (case, got)

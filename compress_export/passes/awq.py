@@ -38,6 +38,7 @@ class AWQStats(HessianAccumulator):
         x2 = x.reshape(-1, x.shape[-1]).float()
         m = x2.shape[0]
         if m:
+            self.absmean = self.absmean.to(x2.device)
             total = self.n + m
             self.absmean.mul_(self.n / total).add_(x2.abs().sum(dim=0), alpha=1.0 / total)
         super().add(x2)
@@ -93,6 +94,7 @@ class AWQPass(Pass):
         s, z = group_params(W, sc.bits, sc.symmetric, sc.group_size, search=False, min_zero=o.min_zero)
         if o.clip_search:
             clip = self._clipped_rows(name, [w.shape[0] for w in weights])
+            clip = clip.to(W.device)
             if clip.any():
                 cs, cz = weighted_group_params(W[clip], stats.H, sc.bits, sc.symmetric, sc.group_size, CLIP_RATIOS,
                                                o.min_zero)

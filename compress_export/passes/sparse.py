@@ -23,7 +23,7 @@ class ColumnNorms:
         self.sq = torch.zeros(in_features, dtype=torch.float64)
 
     def add(self, x: torch.Tensor) -> None:
-        self.sq += x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0).double()
+        self.sq = self.sq.to(x.device) + x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0).double()
 
 
 class PruningPass(Pass):
