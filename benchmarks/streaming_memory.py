@@ -90,6 +90,7 @@ def depth_sweep(a) -> None:
     calib = ["--dataset", TEXT / "calib.txt", "--num-samples", str(a.samples), "--seq-len", str(a.seq_len)]
     methods = {"rtn": ["--method", "rtn", "--group-size", "128"],
                "gptq": ["--method", "gptq", "--group-size", "128", *calib]}
+    methods = {k: v for k, v in methods.items() if k in a.methods}
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
         for depth in a.depths:
             t = time.time()
@@ -131,6 +132,7 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=49152)  # the example tokenizer's size
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--llama3-8b", action="store_true", help="the 8B-shaped export instead of the depth sweep")

@@ -117,7 +117,8 @@ class StreamedSource:
             owner_name, _, attr = local.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             if t.is_floating_point():
-                t = t.to(torch.float32)
+                # a copy in every case, so no tensor of the layer keeps the mapped file alive (see _close)
+                t = t.to(torch.float32) if t.dtype != torch.float32 else t.clone()
             if attr in owner._parameters:
                 owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
             else:
@@ -152,6 +153,7 @@ class StreamedSource:
     def load_layer(self, layout, i: int) -> nn.Module:
         layer = layout.layers[i]
         self._materialize(layer, layout.full_name(i, ""))
+        self._close()  # the layer is in memory now; its mapped source pages need not stay resident while it runs
         return layer
 
     def release_layer(self, layout, i: int) -> None:
