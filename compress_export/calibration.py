@@ -56,10 +56,15 @@ def chunk_tokens(ids: torch.Tensor, num_samples: int, seq_len: int, where: str) 
     return ids[: n * seq_len].view(n, seq_len).clone()
 
 
-def from_file(tokenizer, path, num_samples: int, seq_len: int) -> torch.Tensor:
+def check_dataset(path) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserError(f"--dataset {p} does not exist")
+    return p
+
+
+def from_file(tokenizer, path, num_samples: int, seq_len: int) -> torch.Tensor:
+    p = check_dataset(path)
     text = read_text(p)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     return chunk_tokens(ids, num_samples, seq_len, f"--dataset {p}")

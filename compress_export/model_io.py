@@ -106,24 +106,14 @@ def check_not_quantized(p: Path) -> None:
         raise UserError(f"{p} is already quantized ({method}); compress the unquantized model instead")
 
 
-def tensor_files(p: Path) -> dict:
-    """{tensor name: the safetensors file holding it}, from the headers alone."""
-    where = {}
-    for f in sorted(Path(p).glob("*.safetensors")):
-        for name in safetensors_header(f):
-            if name != "__metadata__":
-                where[name] = f
-    return where
-
-
-def tensor_infos(p: Path) -> dict:
-    """{tensor name: (dtype tag, shape)} from the headers alone."""
-    infos = {}
+def tensor_index(p: Path) -> dict:
+    """{tensor name: (the safetensors file holding it, dtype tag, shape)}, from the headers alone."""
+    index = {}
     for f in sorted(Path(p).glob("*.safetensors")):
         for name, info in safetensors_header(f).items():
             if name != "__metadata__":
-                infos[name] = (info["dtype"], tuple(info["shape"]))
-    return infos
+                index[name] = (f, info["dtype"], tuple(info["shape"]))
+    return index
 
 
 def load_source_model(path, dtype=torch.float32, trust_remote_code: bool = False):
@@ -145,8 +135,12 @@ def load_source_model(path, dtype=torch.float32, trust_remote_code: bool = False
 
 def check_finite(model, where: str) -> None:
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{where}: tensor {name} has NaN or Inf values; fix the checkpoint first")
+        check_tensor_finite(t, name, where)
+
+
+def check_tensor_finite(t: torch.Tensor, name: str, where) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise UserError(f"{where}: tensor {name} has NaN or Inf values; fix the checkpoint first")
 
 
 def source_dtype(path) -> torch.dtype:

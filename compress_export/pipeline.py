@@ -18,7 +18,7 @@ import torch
 from . import model_io
 from .config import CompressionConfig
 from .errors import UserError
-from .passes import PASSES, PassOptions
+from .passes import PASSES, LinearGroup, PassOptions
 from .progress import Progress
 from .result import SparseWeight
 from .scheme import Scheme
@@ -143,12 +143,13 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
     src, out, format_, the_pass = _plan(model_dir, out_dir, config.resolved_method(), config.resolved_format(),
                                         config.to_scheme(), config.pass_options(), overwrite, config.sparsity)
     scheme, method, sparsity = the_pass.scheme, the_pass.name, the_pass.sparsity
-    dev, skeleton = preflight(src, out, config, the_pass, format_, device, trust_remote_code)
-    source = open_source(src, skeleton, stream, needs_model_forward=the_pass.needs_calibration and not dataset,
+    dev, skeleton, layout, index = preflight(src, out, config, the_pass, format_, device, trust_remote_code)
+    source = open_source(src, skeleton, index, stream,
+                         needs_model_forward=the_pass.needs_calibration and not dataset,
                          trust_remote_code=trust_remote_code)
     model, tok = source.model, source.tokenizer
-    layout = describe(model, str(src))
-    the_pass.check_layout(layout, getattr(model.config, "model_type", ""))
+    if model is not skeleton:  # loaded whole: the same structure, other module objects
+        layout = describe(model, str(src))
 
     timings = {"load": time.time() - t0}
     ids, calib_desc = None, "none (RTN)"
@@ -191,7 +192,8 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
         writer.abort()
         raise
     return Summary(
-        output=str(out), streamed=source.streamed, device=str(dev), method=method, format=format_.name, scheme=asdict(scheme) if scheme else None,
+        output=str(out), streamed=source.streamed, device=str(dev), method=method, format=format_.name,
+        scheme=asdict(scheme) if scheme else None,
         sparsity=str(sparsity or ""), decoder_layers=len(layout.layers),
         linears=len(compressed), calibration=calib_desc, seconds=time.time() - t0, kept_dense=kept_dense,
         fused_dense=layout.fused_dense,
@@ -204,25 +206,27 @@ def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_
     """Everything config.json, the safetensors headers and the model's structure (built on the meta device, no
     weights) can tell, checked before any weight is read and reported together: the device, the dataset, group
     size and packing against every layer, the pass against the architecture, the disk space. Returns (torch
-    device, the weightless model)."""
+    device, the weightless model, its layout, the checkpoint's tensor index)."""
+    from .calibration import check_dataset
     from .hardware import resolve_device
     from .source import build_skeleton
 
     problems = []
     dev = _collect(problems, resolve_device, device)
-    if the_pass.needs_calibration and config.dataset and not Path(config.dataset).exists():
-        problems.append(f"--dataset {config.dataset} does not exist")
+    if the_pass.needs_calibration and config.dataset:
+        _collect(problems, check_dataset, config.dataset)
     skeleton = build_skeleton(src, trust_remote_code)
+    index = model_io.tensor_index(src)
     layout = _collect(problems, describe, skeleton, str(src))
     if layout is not None:
         _collect(problems, check_shapes, layout, the_pass.scheme, format_, the_pass.sparsity)
         _collect(problems, the_pass.check_layout, layout, getattr(skeleton.config, "model_type", ""))
-        _collect(problems, check_disk_space, out, src, layout, the_pass.scheme, the_pass.sparsity)
+        _collect(problems, check_disk_space, out, index, layout, the_pass.scheme, the_pass.sparsity)
     if len(problems) == 1:
         raise UserError(problems[0])
     if problems:
         raise UserError(f"{len(problems)} problems with this run (no weight was read):\n  - " + "\n  - ".join(problems))
-    return dev, skeleton
+    return dev, skeleton, layout, index
 
 
 def _collect(problems: list, check, *args):
@@ -233,19 +237,18 @@ def _collect(problems: list, check, *args):
         return None
 
 
-def estimate_output_bytes(src: Path, layout, scheme, sparsity) -> int:
-    """The export's size from the headers alone: targeted linears at `bits` (plus ~fp16 scale and zero per
-    group), 2:4 values halved, everything else as it is on disk."""
+def estimate_output_bytes(index: dict, layout, scheme, sparsity) -> int:
+    """The export's size from the headers alone (`index`: model_io.tensor_index): targeted linears at `bits`
+    (plus ~fp16 scale and zero per group), 2:4 values halved, everything else as it is on disk."""
     targeted = {layout.full_name(i, n) + ".weight" for i, lin in enumerate(layout.linears) for n, _ in lin}
-    width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
     total = 0
-    for name, (dtype, shape) in model_io.tensor_infos(src).items():
+    for name, (_, dtype, shape) in index.items():
         numel = math.prod(shape)
         per = model_io.SAFETENSORS_DTYPES.get(dtype, 4)
         if name in targeted:
             keep = 0.5 if sparsity is not None and getattr(sparsity, "structured", False) else 1.0
             if scheme is None:
-                per = width.get(dtype, 2) * keep + (0.125 if keep < 1 else 0)
+                per = per * keep + (0.125 if keep < 1 else 0)
             else:
                 gs = shape[-1] if scheme.group_size in (-1, 0) else scheme.group_size
                 per = scheme.bits / 8 * keep + 3 / gs + (0.125 if keep < 1 else 0)
@@ -253,13 +256,13 @@ def estimate_output_bytes(src: Path, layout, scheme, sparsity) -> int:
     return total
 
 
-def check_disk_space(out: Path, src: Path, layout, scheme, sparsity) -> None:
+def check_disk_space(out: Path, index: dict, layout, scheme, sparsity) -> None:
     """The export (plus one shard being assembled) must fit on the output's file system."""
     import shutil
 
     from .writer import DEFAULT_SHARD_BYTES
 
-    need = estimate_output_bytes(src, layout, scheme, sparsity)
+    need = estimate_output_bytes(index, layout, scheme, sparsity)
     need += min(need, DEFAULT_SHARD_BYTES)
     where = Path(out).resolve()
     while not where.exists():
@@ -353,10 +356,10 @@ def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, prog
             states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress)
         else:
             states = _two_pass(layer, layout, i, states, the_pass, compress)
-        packed = {f"{n}.{s}" for n in done for s in ("weight", "bias")}
         for local, t in layer.state_dict().items():  # norms, buffers, linears calibration never reached
             name = layout.full_name(i, local)
-            if name not in packed:
+            owner, _, what = name.rpartition(".")
+            if not (owner in done and what in ("weight", "bias")):  # packed linears were written above
                 writer.add(name, t.to(dtype) if t.is_floating_point() else t)
         source.release_layer(layout, i)
         bar.update(i + 1, f"({len(done)} linears)")
@@ -372,7 +375,7 @@ def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result
 
     def compress(names, stats):
         results = the_pass.compress_group([mods[n].weight for n in names], stats,
-                                          layout.full_name(i, "+".join(names)))
+                                          LinearGroup(layout.full_name(i, ""), tuple(names)))
         for n, qw in zip(names, results):
             m = mods[n]
             qw.bias = m.bias.detach().clone() if m.bias is not None else None

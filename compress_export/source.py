@@ -21,11 +21,6 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 
-def _check_finite(t: torch.Tensor, name: str, where) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise UserError(f"{where}: tensor {name} has NaN or Inf values; fix the checkpoint first")
-
-
 def _deduped_state_names(module: nn.Module) -> list:
     """Parameter and persistent-buffer names, each tied tensor once (under its first name), in state_dict order."""
     keep = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
@@ -71,30 +66,27 @@ class StreamedSource:
 
     streamed = True
 
-    def __init__(self, src: Path, model: nn.Module, tokenizer, where: Dict[str, Path]):
+    def __init__(self, src: Path, model: nn.Module, tokenizer, where: Dict[str, Path], names: list):
         self.src, self.model, self.tokenizer, self._where = src, model, tokenizer, where
         self._files = {}
-        # Fixed now, while tied tensors are still shared (reading the embeddings in later unties them).
-        tied_head = _tied_head_name(model)
-        self._names = [n for n in _deduped_state_names(model) if n != tied_head]
+        self._names = names  # every tensor to write, each shared one once (fixed while tied tensors are shared)
 
     @classmethod
-    def try_open(cls, src: Path, model: nn.Module, trust_remote_code: bool = False):
-        """(source, "") when every tensor of `model` (a skeleton) maps one to one onto a checkpoint tensor, else
-        (None, why not)."""
+    def try_open(cls, src: Path, model: nn.Module, index: dict, trust_remote_code: bool = False):
+        """(source, "") when every tensor of `model` (a skeleton) maps one to one onto a checkpoint tensor of
+        `index` (model_io.tensor_index), else (None, why not)."""
         from transformers import AutoTokenizer
 
-        where = model_io.tensor_files(src)
-        wanted = set(_deduped_state_names(model))
-        tied_head = _tied_head_name(model)
-        missing = sorted(wanted - set(where))
-        extra = sorted(set(where) - wanted - {tied_head})
+        tied_head = _tied_head_name(model)  # before any read: reading the embeddings in unties them
+        names = [n for n in _deduped_state_names(model) if n != tied_head]
+        missing = sorted(set(names) - set(index))
+        extra = sorted(set(index) - set(names) - {tied_head})
         if missing or extra:
             example = (missing or extra)[0]
             return None, (f"the checkpoint's tensor names differ from the model's ({len(missing)} missing, "
                           f"{len(extra)} extra, e.g. {example}); transformers' own loader converts them")
         tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
-        return cls(src, model, tokenizer, where), ""
+        return cls(src, model, tokenizer, {n: f for n, (f, _, _) in index.items()}, names), ""
 
     def _read(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -106,7 +98,7 @@ class StreamedSource:
             t = self._files[f].get_tensor(name)
         except Exception as e:  # the header was checked up front: this is damage inside the data
             raise UserError(f"{f}: cannot read tensor {name} ({e}); the file is damaged: download it again") from None
-        _check_finite(t, name, f)
+        model_io.check_tensor_finite(t, name, f)
         return t
 
     def _materialize(self, module: nn.Module, prefix: str) -> None:
@@ -178,7 +170,6 @@ def build_skeleton(src: Path, trust_remote_code: bool = False) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_io.check_not_quantized(src)
     try:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=trust_remote_code)
         with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed for real
@@ -197,7 +188,7 @@ def _tied_head_name(model: nn.Module) -> Optional[str]:
     return next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
 
 
-def open_source(src: Path, skeleton: nn.Module, stream: Optional[bool], needs_model_forward: bool,
+def open_source(src: Path, skeleton: nn.Module, index: dict, stream: Optional[bool], needs_model_forward: bool,
                 trust_remote_code: bool = False):
     """A StreamedSource over `skeleton` when it can work (and `stream` is not False), else the whole model in
     memory.
@@ -208,7 +199,7 @@ def open_source(src: Path, skeleton: nn.Module, stream: Optional[bool], needs_mo
         why = "data-free calibration generates text with the whole model (give --dataset to stream)" \
             if needs_model_forward else ""
         if not why:
-            source, why = StreamedSource.try_open(src, skeleton, trust_remote_code)
+            source, why = StreamedSource.try_open(src, skeleton, index, trust_remote_code)
             if source is not None:
                 return source
         if stream:

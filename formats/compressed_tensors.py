@@ -63,7 +63,7 @@ class CompressedTensorsFormat(Format):
         s = self.scheme_from_config(qcfg)
         scales = t["weight_scale"].float().contiguous()
         out_f = scales.shape[0]
-        in_f = int(t["weight_shape"][1]) if "weight_shape" in t else t["weight_packed"].shape[1] * (32 // s.bits)
+        in_f, _ = self.linear_shape(t, s)
         codes = unpack(t["weight_packed"], s.bits, dim=1, aligned=True, length=in_f).to(torch.uint8)
         if s.symmetric:
             zeros = torch.full_like(scales, s.sym_zero, dtype=torch.int32)

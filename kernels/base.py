@@ -90,16 +90,15 @@ def group_order(qw: QuantizedWeight) -> Optional[torch.Tensor]:
     here, by name, rather than run wrongly."""
     if qw.has_trivial_g_idx():
         return None
-    in_f = qw.shape[1]
-    gs = in_f if qw.scheme.group_size == -1 else qw.scheme.group_size
-    perm = torch.argsort(qw.g_idx.long(), stable=True)
-    if not torch.equal(qw.g_idx.long()[perm], torch.arange(in_f) // gs):
+    if not _even_groups(qw):
+        gs = qw.shape[1] if qw.scheme.group_size == -1 else qw.scheme.group_size
         sizes = torch.bincount(qw.g_idx.long()).tolist()
         raise UserError(f"g_idx gives groups of {sorted(set(sizes))} columns; group size {gs} needs {gs} in each")
-    return perm
+    return torch.argsort(qw.g_idx.long(), stable=True)
 
 
 def _even_groups(qw: QuantizedWeight) -> bool:
+    """Whether sorting the columns by group gives runs of exactly group_size columns, group after group."""
     in_f = qw.shape[1]
     gs = in_f if qw.scheme.group_size == -1 else qw.scheme.group_size
     g = qw.g_idx.long().cpu()

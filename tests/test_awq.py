@@ -74,7 +74,7 @@ def test_clip_search_skips_query_and_key_rows():
     rows are clipped: the q/k scales are (max − min) / 15 of each group (in fp16), v's are the weighted search's."""
     from compress_export.hessian import HessianAccumulator
     from compress_export.passes.awq import CLIP_RATIOS, AWQPass
-    from compress_export.passes.base import PassOptions
+    from compress_export.passes.base import LinearGroup, PassOptions
 
     X = outlier_inputs(seed=4)
     acc = HessianAccumulator(64)
@@ -84,7 +84,7 @@ def test_clip_search_skips_query_and_key_rows():
     for w in (q, k, v):
         w[:, 7] = 1.0  # an outlier column: clipping its group pays off
     res = AWQPass(Scheme(4, 32, False), PassOptions()).compress_group(
-        [q, k, v], acc, "model.layers.0.self_attn.q_proj+self_attn.k_proj+self_attn.v_proj")
+        [q, k, v], acc, LinearGroup("model.layers.0.", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")))
     for w, r in zip((q, k), res[:2]):
         wg = w.reshape(w.shape[0], 2, 32)
         hand = (wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0)) / 15

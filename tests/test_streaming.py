@@ -98,11 +98,13 @@ def test_every_problem_is_reported_together_before_any_weight_is_read(tiny_model
 def test_disk_space_is_checked_from_the_headers(tiny_model, tmp_path, monkeypatch):
     import collections
 
+    from compress_export.model_io import tensor_index
     from compress_export.pipeline import estimate_output_bytes
     from compress_export.source import build_skeleton
     from compress_export.structure import describe
 
-    est = estimate_output_bytes(tiny_model, describe(build_skeleton(tiny_model)), Scheme(4, 32, True), None)
+    est = estimate_output_bytes(tensor_index(tiny_model), describe(build_skeleton(tiny_model)), Scheme(4, 32, True),
+                                None)
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 0, est // 2))
     with pytest.raises(UserError, match=r"GB free; this export needs about"):

@@ -88,12 +88,12 @@ class AWQPass(Pass):
             st.scale_inputs(s)
             log.debug("%s%s: scaled %s, loss %.4g → %.4g", where, m.smooth, m.balance, base, loss)
 
-    def compress_group(self, weights, stats, name):
+    def compress_group(self, weights, stats, group):
         W = torch.cat([w.float() for w in weights], dim=0)
         sc, o = self.scheme, self.options
         s, z = group_params(W, sc.bits, sc.symmetric, sc.group_size, search=False, min_zero=o.min_zero)
         if o.clip_search:
-            clip = self._clipped_rows(name, [w.shape[0] for w in weights])
+            clip = self._clipped_rows(group, [w.shape[0] for w in weights])
             clip = clip.to(W.device)
             if clip.any():
                 cs, cz = weighted_group_params(W[clip], stats.H, sc.bits, sc.symmetric, sc.group_size, CLIP_RATIOS,
@@ -102,8 +102,8 @@ class AWQPass(Pass):
         qw = quantize_with_params(W, s, z, sc)
         return split_rows(qw, [w.shape[0] for w in weights])
 
-    def _clipped_rows(self, name: str, rows: list) -> torch.Tensor:
-        """A row mask over the concatenated linears of `name` ("model.layers.3.a.q_proj+a.k_proj+a.v_proj", the
-        pipeline's group name): True where the clip search runs. The pattern matches each member's last part."""
-        keep = [self.no_clip is None or not re.search(self.no_clip, m) for m in name.split("+")]
+    def _clipped_rows(self, group, rows: list) -> torch.Tensor:
+        """A row mask over the group's concatenated linears: True where the clip search runs. The pattern
+        matches each member's local name."""
+        keep = [self.no_clip is None or not re.search(self.no_clip, m) for m in group.names]
         return torch.cat([torch.full((n,), k) for n, k in zip(rows, keep)])

@@ -5,7 +5,7 @@ The pipeline owns hooks, ordering and memory; a pass sees one group of linears t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,19 @@ class PassOptions:
     block_size: int = 128
     clip_search: bool = True
     min_zero: int = 0  # set by the pipeline from the output format's limits
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """The linears of one decoder layer that read the same input (q/k/v; gate/up), compressed in one call."""
+
+    where: str  # the layer's prefix, "model.layers.3."
+    names: Tuple[str, ...]  # the members' local names, "self_attn.q_proj", ...
+
+    @property
+    def label(self) -> str:
+        """For messages: "model.layers.3.self_attn.q_proj+self_attn.k_proj+self_attn.v_proj"."""
+        return self.where + "+".join(self.names)
 
 
 class Pass:
@@ -55,7 +68,7 @@ class Pass:
     def prepare_layer(self, layer, members: List[List[str]], stats: list, where: str) -> None:
         """Layer-wise passes: change the layer (e.g. fold scales) and its statistics before compression."""
 
-    def compress_group(self, weights: List[torch.Tensor], stats, name: str) -> List[QuantizedWeight]:
+    def compress_group(self, weights: List[torch.Tensor], stats, group: LinearGroup) -> List[QuantizedWeight]:
         raise NotImplementedError
 
     def describe(self) -> dict:

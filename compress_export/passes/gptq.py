@@ -14,9 +14,9 @@ class GPTQPass(Pass):
     def make_stats(self, in_features):
         return HessianAccumulator(in_features)
 
-    def compress_group(self, weights, stats, name):
+    def compress_group(self, weights, stats, group):
         W = torch.cat([w.float() for w in weights], dim=0)
         o = self.options
         qw = gptq_quantize(W, stats.H, self.scheme, damp=o.damp, block_size=o.block_size,
-                           clip_search=o.clip_search, min_zero=o.min_zero, sparsity=self.sparsity, name=name)
+                           clip_search=o.clip_search, min_zero=o.min_zero, sparsity=self.sparsity, name=group.label)
         return split_rows(qw, [w.shape[0] for w in weights])

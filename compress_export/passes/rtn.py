@@ -13,7 +13,7 @@ class RTNPass(Pass):
     needs_calibration = False
     uses_act_order = False
 
-    def compress_group(self, weights, stats, name):
+    def compress_group(self, weights, stats, group):
         W = torch.cat([w.float() for w in weights], dim=0)
         # RTN is the plain baseline: min-max, no clip search, unless asked for explicitly.
         qw = rtn_quantize(W, self.scheme, clip_search=False, min_zero=self.options.min_zero)

@@ -33,7 +33,7 @@ class PruningPass(Pass):
     def scores(self, W: torch.Tensor, stats) -> torch.Tensor:
         raise NotImplementedError
 
-    def compress_group(self, weights, stats, name):
+    def compress_group(self, weights, stats, group):
         W = torch.cat([w.float() for w in weights], dim=0)
         mask = mask_for(self.scores(W, stats), self.sparsity)
         return split_rows(_finish(W * mask, mask, self), [w.shape[0] for w in weights])

@@ -392,14 +392,10 @@ static void dequant_row_generic(const Job *j, int64_t n, void *out, int bf16) {
         const float s = h2f(j->scales[n * G + g]), zs = (float)j->zeros[n * G + g] * s;
         for (int64_t k = g * j->group; k < (g + 1) * j->group; k++) {
             float v = (float)code_at(j, row, k) * s - zs;
-            if (!bf16) {
+            if (!bf16)
                 ((float *)out)[k] = v;
-            } else {
-                uint32_t u;
-                memcpy(&u, &v, 4);
-                u += 0x7fffu + ((u >> 16) & 1u);
-                ((uint16_t *)out)[k] = (uint16_t)(u >> 16);
-            }
+            else
+                ((uint16_t *)out)[k] = f32_to_bf16(v);
         }
     }
 }
