@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .hessian import inverse_cholesky
-from .quant import group_params, quantize, search_params
+from .quant import group_params, search_params
 from .result import QuantizedWeight, SparseWeight
 from .scheme import Scheme
 from .sparsity import Sparsity, nm_mask
@@ -157,8 +157,11 @@ def quantize_with_params(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     n = W.shape[1]
     gs = n if scheme.group_size == -1 else scheme.group_size
     g_idx = (torch.arange(n, device=W.device) // gs).to(torch.int32)
-    codes = quantize(W, scales[:, g_idx.long()], zeros[:, g_idx.long()].float(), scheme.bits).to(torch.uint8)
-    return QuantizedWeight(codes, scales.float(), zeros.int(), g_idx, scheme)
+    # Groups are contiguous: broadcast each group's params over a [out, G, gs] view (quantize's arithmetic, in
+    # place), not gathered into [out, in] copies: on an 8B MLP that is one 470 MB temporary instead of four.
+    Wg = W.reshape(W.shape[0], -1, gs)
+    codes = torch.div(Wg, scales[..., None]).round_().add_(zeros[..., None].float()).clamp_(0, scheme.maxq)
+    return QuantizedWeight(codes.to(torch.uint8).view(W.shape), scales.float(), zeros.int(), g_idx, scheme)
 
 
 def rtn_quantize(W: torch.Tensor, scheme: Scheme, clip_search: bool = False, min_zero: int = 0) -> QuantizedWeight:
