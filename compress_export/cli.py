@@ -16,7 +16,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-VERBS = ("example-model", "eval", "convert", "serve", "validate", "list")
+VERBS = ("example-model", "eval", "convert", "serve", "validate", "list", "check")
 
 
 def _compress_parser():
@@ -245,6 +245,25 @@ def cmd_validate(argv):
     return 0 if "error" not in r["runs"]["export"]["offline"] else 1
 
 
+def cmd_check(argv):
+    p = argparse.ArgumentParser(prog="compress-export check",
+                                description="Whether vLLM can shard an export N ways (tensor parallelism), and why "
+                                            "not: attention heads, packed words and group boundaries along the "
+                                            "split axis, act-order. From config.json and the headers alone.")
+    p.add_argument("dir", metavar="OUT", help="an export")
+    p.add_argument("--tensor-parallel", type=int, nargs="+", metavar="N", default=[1, 2, 4, 8],
+                   help="the sizes to check (default 1 2 4 8)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if any(n < 1 for n in a.tensor_parallel):
+        raise UserError(f"--tensor-parallel wants sizes ≥ 1 (got {a.tensor_parallel})")
+    from .integrations.tp_plan import plan, report_lines
+
+    result = plan(a.dir, a.tensor_parallel)
+    print(json.dumps(result, indent=2) if a.json else "\n".join(report_lines(a.dir, result)))
+    return 0
+
+
 def cmd_list(argv):
     argparse.ArgumentParser(prog="compress-export list",
                             description="The registered methods, formats and kernels, and this machine's kernel "
@@ -284,13 +303,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] not in ("serve", "list", "example-model", "validate"):
+    if not argv or argv[0] not in ("serve", "list", "example-model", "validate", "check"):
         from .runtime import tune_process
 
         tune_process()  # long tensor work ahead; before torch is imported: see runtime.py
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "convert": cmd_convert, "serve": cmd_serve,
-             "validate": cmd_validate, "list": cmd_list}
+             "validate": cmd_validate, "list": cmd_list, "check": cmd_check}
     if argv[:1] != ["serve"]:  # vLLM's server installs its own handlers
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -62,6 +62,11 @@ AWQ_MAPPINGS = {"llama": _LLAMA_AWQ, "mistral": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ,
 # what attention sees (it sees q·kᵀ). Measured on SmolLM2 in benchmarks/awq_variants.py.
 AWQ_NO_CLIP = r"(^|\.)(q_proj|k_proj|query|key)$"
 
+# How vLLM splits linears under tensor parallelism: these along their inputs (row-parallel), every other along
+# its outputs (column-parallel); key/value projections are repeated whole when there are fewer KV heads than ranks.
+ROW_PARALLEL = r"(^|\.)(o_proj|down_proj|out_proj|fc2|dense|dense_4h_to_h)$"
+KV_PROJECTIONS = r"(^|\.)(k_proj|v_proj)$"
+
 # Never compressed: the output head and embeddings stay in the source precision by default.
 ALWAYS_KEEP = (r"(^|\.)lm_head$", r"embed", r"wte$", r"wpe$")
 
