@@ -18,6 +18,8 @@ import torch
 
 from compress_export import model_io
 from compress_export.errors import UserError
+from compress_export.formats.base import (format_for_config, replicated_groups, scheme_from_config,
+                                          shard_replicates_groups)
 from compress_export.structure import KV_PROJECTIONS, ROW_PARALLEL
 
 DEFAULT_SIZES = (1, 2, 4, 8)
@@ -52,14 +54,17 @@ def linear_problems(fmt, scheme, name: str, in_f: int, out_f: int, n: int, kv_re
     if re.search(ROW_PARALLEL, name):
         if in_f % n:
             return [f"{in_f} inputs do not split {n} ways"]
-        part, problems = in_f // n, []
-        problems += [f"{k} is packed along the inputs in words of {spec.pack_factor} values; a shard of {part} "
-                     "inputs ends inside a word" for k, spec in layout.items()
-                     if spec.packed_dim is not None and spec.packed_dim == spec.input_dim and
-                     not _whole_words(part, spec)]
-        gs = scheme.group_size if scheme is not None else -1
-        if gs != -1 and scheme.act_order != "group" and part % gs:
-            problems.append(f"group size {gs} does not divide a shard's {part} inputs (groups would be cut)")
+        part = in_f // n
+        groups = shard_replicates_groups(scheme, in_f, part)  # the plugin's own rule (vllm_method.create_weights)
+        if groups is not None:
+            layout = replicated_groups(layout, groups)
+        problems = [f"{k} is packed along the inputs in words of {spec.pack_factor} values; a shard of {part} "
+                    "inputs ends inside a word" for k, spec in layout.items()
+                    if spec.packed_dim is not None and spec.packed_dim == spec.input_dim and
+                    not _whole_words(part, spec)]
+        if groups is None and scheme is not None and scheme.group_size != -1 and part % scheme.group_size:
+            problems.append(f"group size {scheme.group_size} does not divide a shard's {part} inputs (groups would "
+                            "be cut)")
         return problems
     if kv_replicated and re.search(KV_PROJECTIONS, name):
         return []  # fewer key/value heads than ranks: vLLM repeats these whole
@@ -73,8 +78,6 @@ def linear_problems(fmt, scheme, name: str, in_f: int, out_f: int, n: int, kv_re
 
 def plan(path, sizes=DEFAULT_SIZES) -> dict:
     """{N: {"ok": bool, "problems": [...], "notes": [...]}} for each tensor-parallel size."""
-    from compress_export.formats.base import format_for_config, scheme_from_config
-
     p = model_io.check_model_dir(path)
     cfg = model_io.read_config(p)
     qcfg = cfg.get("quantization_config")

@@ -82,7 +82,7 @@ def codes_problem(req: KernelRequest, act_dtypes=ACT_DTYPES, group_multiple: int
     if req.in_features % 32:
         return f"in_features {req.in_features} is not a multiple of 32"
     if req.uneven_groups:
-        return "act-order groups split unevenly (a row-parallel shard of an act-order export): runs of group_size"
+        return "needs whole groups; this act-order row-parallel shard holds parts of many groups"
     gs = req.group_size
     if gs != -1 and (gs % group_multiple or req.in_features % gs):
         return f"group size {gs} must be a multiple of {group_multiple} dividing in_features {req.in_features}"
