@@ -94,8 +94,17 @@ def cmd_compress(argv):
         cfg.save(a.save_recipe)
     s = compress(a.model_dir, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                  trust_remote_code=a.trust_remote_code, device=a.device, stream=a.stream)
-    print(json.dumps(s.__dict__, indent=2) if a.json else "\n".join(s.lines()))
+    if _rank() == 0:  # under torchrun every rank returns the same summary; one is enough
+        print(json.dumps(s.__dict__, indent=2) if a.json else "\n".join(s.lines()))
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    import os
+
+    r = os.environ.get("RANK", "0")
+    return int(r) if r.isdigit() else 0
 
 
 def cmd_example_model(argv):
@@ -298,6 +307,7 @@ DISK_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota ex
 
 def main(argv=None) -> int:
     import errno
+    import os
     import signal
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -307,7 +317,10 @@ def main(argv=None) -> int:
         from .runtime import tune_process
 
         tune_process()  # long tensor work ahead; before torch is imported: see runtime.py
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    rank = _rank()  # torchrun: warnings once (rank 0), errors from every rank, prefixed with it
+    who = f"compress-export[rank {rank}]" if "WORLD_SIZE" in os.environ and rank else "compress-export"
+    logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
+                        format=f"{who + ': ' if rank else ''}%(levelname)s: %(message)s")
     verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "convert": cmd_convert, "serve": cmd_serve,
              "validate": cmd_validate, "list": cmd_list, "check": cmd_check}
     if argv[:1] != ["serve"]:  # vLLM's server installs its own handlers
@@ -319,10 +332,10 @@ def main(argv=None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"compress-export: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:
-        print(f"compress-export: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; "
+        print(f"{who}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; "
               "nothing was written", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # a disk fault, named; anything else is a bug of ours: one line, traceback behind --debug
@@ -330,10 +343,10 @@ def main(argv=None) -> int:
             raise
         name = errno.errorcode.get(getattr(e, "errno", None) or 0, "") if isinstance(e, OSError) else ""
         if name in DISK_ERRNOS:
-            print(f"compress-export: error: {DISK_ERRNOS[name]} writing {e.filename or 'the output'}; nothing "
+            print(f"{who}: error: {DISK_ERRNOS[name]} writing {e.filename or 'the output'}; nothing "
                   "was written (free space or choose another -o / --report-dir)", file=sys.stderr)
             return 2
-        print(f"compress-export: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        print(f"{who}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(run again with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
 

@@ -52,6 +52,18 @@ class HessianAccumulator:
         self.n = total
         self._full = None
 
+    def all_reduce_(self, sum_, device) -> None:
+        """Merge every rank's statistics into those of all their rows (distributed calibration). sum_(t) sums t
+        in place over the ranks. Each rank's running mean is weighted by its share of the rows, then summed."""
+        total = int(sum_(torch.tensor([float(self.n)], dtype=torch.float64, device=device)).item())
+        share = self.n / total if total else 0.0
+        self._merge(sum_, share, device)
+        self.n = total
+
+    def _merge(self, sum_, share: float, device) -> None:
+        sum_(self._storage(device).mul_(share))
+        self._full = None
+
     def scale_inputs(self, s: torch.Tensor) -> None:
         """The statistics of inputs x/s (x divided per channel), without re-running the forward."""
         inv = 1.0 / s.float()

@@ -1,10 +1,11 @@
-"""The one pipeline the CLI, the Python API and (later) torchrun drive.
+"""The one pipeline the CLI, the Python API and torchrun (distributed.py) drive.
 
 validate everything → load → calibration ids → layer by layer: stats forward, compress, pack, propagate →
 write atomically. Passes never see hooks; formats never see the model.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import resource
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import model_io
+from .distributed import Dist, check_distributable, join
 from .config import CompressionConfig
 from .errors import UserError
 from .passes import PASSES, LinearGroup, PassOptions
@@ -50,6 +52,7 @@ class Summary:
     fused_dense: list = field(default_factory=list)  # fused expert tensors (not nn.Linear), written as-is
     streamed: bool = False  # read one decoder layer at a time from the shards (else the whole model in memory)
     device: str = "cpu"
+    ranks: int = 1  # processes that shared the calibration (torchrun)
 
     def lines(self):
         what = " ".join(x for x in (f"sparsity {self.sparsity}" if self.sparsity else "",
@@ -62,7 +65,8 @@ class Summary:
               if self.kept_dense else []),
             *([f"  kept unquantized (fused MoE expert tensors, not supported yet): {len(self.fused_dense)}, e.g. "
                f"{self.fused_dense[0]}"] if self.fused_dense else []),
-            f"  {self.seconds:.1f} s on {self.device}, peak RSS {self.peak_rss_mb:.0f} MB "
+            f"  {self.seconds:.1f} s on {self.device}{f' × {self.ranks} ranks' if self.ranks > 1 else ''}, "
+            f"peak RSS {self.peak_rss_mb:.0f} MB "
             f"({'streamed layer by layer' if self.streamed else 'whole model in memory'})",
             f"  size {self.size_before_mb:.1f} MB → {self.size_after_mb:.1f} MB "
             f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.2f}× smaller)",
@@ -131,75 +135,99 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
     set, on the CPU) before its format packs it.
     device: where each layer's statistics and sweeps run (auto, cpu, cuda, cuda:N); the layer moves there and back.
     stream: None (default) reads one decoder layer at a time from the shards when the checkpoint allows it, so
-    memory does not grow with depth; False loads the whole model; True insists on streaming."""
+    memory does not grow with depth; False loads the whole model; True insists on streaming.
+    Under torchrun (or inside an initialised torch.distributed group) the ranks share the calibration and the
+    sweeps, and rank 0 writes (distributed.py)."""
     if settings:
         if config is not None:
             raise TypeError("compress() takes a CompressionConfig or keyword settings, not both")
         config = config_from_settings(**settings)
     config = config or CompressionConfig()
-    dataset, num_samples, seq_len = config.dataset, config.num_samples, config.seq_len
-    batch_size, seed = config.batch_size, config.seed
     t0 = time.time()
     src, out, format_, the_pass = _plan(model_dir, out_dir, config.resolved_method(), config.resolved_format(),
                                         config.to_scheme(), config.pass_options(), overwrite, config.sparsity)
-    scheme, method, sparsity = the_pass.scheme, the_pass.name, the_pass.sparsity
     dev, skeleton, layout, index = preflight(src, out, config, the_pass, format_, device, trust_remote_code)
-    source = open_source(src, skeleton, index, stream,
-                         needs_model_forward=the_pass.needs_calibration and not dataset,
-                         trust_remote_code=trust_remote_code)
-    model, tok = source.model, source.tokenizer
-    if model is not skeleton:  # loaded whole: the same structure, other module objects
-        layout = describe(model, str(src))
-
-    timings = {"load": time.time() - t0}
-    ids, calib_desc = None, "none (RTN)"
-    if the_pass.needs_calibration:
-        from .calibration import calibration_ids
-
-        t = time.time()
-        bar = Progress(num_samples, "data-free calibration", enabled=progress) if not dataset else None
-        ids = calibration_ids(model, tok, dataset, num_samples, seq_len, seed,
-                              progress=bar.update if bar else None)
-        calib_desc = f"{ids.shape[0]}×{ids.shape[1]} tokens from {dataset or 'the model itself (data-free)'}"
-        timings["calibration_data"] = time.time() - t
-
-    writer = CheckpointWriter(out)
+    dist, dev = join(dev)  # torchrun (or the caller's process group): this rank's place; else a run of one
     try:
-        compressed = _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, progress, timings,
-                                 on_result, dev)
-        kept_dense = sorted({layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
-                            - compressed)
-        if kept_dense:  # never dropped: written as they are, listed as unquantized, reported
-            log.warning("%d targeted linear(s) never ran during calibration (e.g. MoE experts no token was routed "
-                        "to) and are kept unquantized: %s", len(kept_dense), ", ".join(kept_dense[:6]))
-        if layout.fused_dense:
-            log.warning("%d fused MoE expert tensor(s) are not nn.Linear layers and stay unquantized (e.g. %s)",
-                        len(layout.fused_dense), layout.fused_dense[0])
-        dtype = model_io.source_dtype(src)
-        for name, t in source.outer_tensors(layout.layers_path):
-            writer.add(name, t.to(dtype) if t.is_floating_point() else t)
-        ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
-        extra = {"method": method, "calibration": calib_desc, **asdict(the_pass.options)}
-        if sparsity is not None:
-            extra["sparsity"] = str(sparsity)
-        cfg = model_io.read_config(src)
-        qc = format_.quantization_config(scheme, ignore, extra)
-        if qc is not None:
-            cfg["quantization_config"] = qc
-        cfg.update(format_.config_extras(ignore, extra))
-        writer.finish(cfg, src, overwrite)
-    except BaseException:
-        writer.abort()
-        raise
+        check_distributable(dist, layout)
+        source = open_source(src, skeleton, index, stream,
+                             needs_model_forward=the_pass.needs_calibration and not config.dataset,
+                             trust_remote_code=trust_remote_code)
+        if source.model is not skeleton:  # loaded whole: the same structure, other module objects
+            layout = describe(source.model, str(src))
+        timings = {"load": time.time() - t0}
+        ids, calib_desc = _calibration(source, the_pass, config, progress and dist.main, timings, dist)
+        writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
+        try:
+            compressed = _run_layers(source, layout, the_pass, format_, writer, ids, config.batch_size,
+                                     progress and dist.main, timings, on_result, dev, dist)
+            kept_dense = sorted({layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
+                                - compressed)
+            if writer is not None:
+                _finish(writer, source, src, layout, the_pass, format_, compressed, kept_dense, calib_desc,
+                        overwrite)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        dist.barrier()  # every rank returns once the checkpoint is in place
+    finally:
+        dist.close()
+    scheme = the_pass.scheme
     return Summary(
-        output=str(out), streamed=source.streamed, device=str(dev), method=method, format=format_.name,
-        scheme=asdict(scheme) if scheme else None,
-        sparsity=str(sparsity or ""), decoder_layers=len(layout.layers),
+        output=str(out), streamed=source.streamed, device=str(dev), method=the_pass.name, format=format_.name,
+        scheme=asdict(scheme) if scheme else None, ranks=dist.world,
+        sparsity=str(the_pass.sparsity or ""), decoder_layers=len(layout.layers),
         linears=len(compressed), calibration=calib_desc, seconds=time.time() - t0, kept_dense=kept_dense,
         fused_dense=layout.fused_dense,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
     )
+
+
+def _calibration(source, the_pass, config: CompressionConfig, progress: bool, timings: dict, dist):
+    """(ids [samples, seq_len], description) of the calibration set, or (None, ...) for passes without one.
+    Rank 0 makes it (data-free generation is slow) and every rank receives the same ids."""
+    if not the_pass.needs_calibration:
+        return None, "none (RTN)"
+    from .calibration import calibration_ids
+
+    t = time.time()
+    made = None
+    if dist.main:
+        dataset = config.dataset
+        bar = Progress(config.num_samples, "data-free calibration", enabled=progress) if not dataset else None
+        ids = calibration_ids(source.model, source.tokenizer, dataset, config.num_samples, config.seq_len,
+                              config.seed, progress=bar.update if bar else None)
+        made = ids, f"{ids.shape[0]}×{ids.shape[1]} tokens from {dataset or 'the model itself (data-free)'}"
+    made = dist.broadcast_object(made)
+    timings["calibration_data"] = time.time() - t
+    return made
+
+
+def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kept_dense: list, calib_desc: str,
+            overwrite: bool) -> None:
+    """The tensors outside the decoder layers, config.json with the format's quantization_config, and the
+    atomic rename into place."""
+    if kept_dense:  # never dropped: written as they are, listed as unquantized, reported
+        log.warning("%d targeted linear(s) never ran during calibration (e.g. MoE experts no token was routed "
+                    "to) and are kept unquantized: %s", len(kept_dense), ", ".join(kept_dense[:6]))
+    if layout.fused_dense:
+        log.warning("%d fused MoE expert tensor(s) are not nn.Linear layers and stay unquantized (e.g. %s)",
+                    len(layout.fused_dense), layout.fused_dense[0])
+    dtype = model_io.source_dtype(src)
+    for name, t in source.outer_tensors(layout.layers_path):
+        writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+    ignore = [n for n, m in source.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
+    extra = {"method": the_pass.name, "calibration": calib_desc, **asdict(the_pass.options)}
+    if the_pass.sparsity is not None:
+        extra["sparsity"] = str(the_pass.sparsity)
+    cfg = model_io.read_config(src)
+    qc = format_.quantization_config(the_pass.scheme, ignore, extra)
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    cfg.update(format_.config_extras(ignore, extra))
+    writer.finish(cfg, src, overwrite)
 
 
 def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_, device, trust_remote_code):
@@ -333,31 +361,34 @@ def auto_batch_size(model, ids) -> int:
 
 @torch.no_grad()
 def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, progress, timings, on_result=None,
-                device=torch.device("cpu")) -> set:
-    """Each decoder layer in turn: read it, move it to `device`, compress its linears, write it, drop it."""
+                device=torch.device("cpu"), dist=Dist()) -> set:
+    """Each decoder layer in turn: read it, move it to `device`, compress its linears, write it, drop it.
+    writer None: a distributed rank other than 0, which computes its share and writes nothing."""
     t = time.time()
-    states = None
+    states, single = None, False
     if ids is not None:
         source.load_inputs(layout.layers_path)
         batch_size = batch_size or auto_batch_size(source.model, ids)
-        states = to_device(capture_layer0_inputs(source.model, layout.layers[0], ids, batch_size), device)
+        # decided on the whole set, so that any number of ranks runs the same algorithm
+        single = ids.shape[0] <= batch_size and not the_pass.layer_wise
+        states = to_device(capture_layer0_inputs(source.model, layout.layers[0], dist.samples(ids), batch_size),
+                           device)
         source.release_inputs(layout.layers_path)
     timings["capture"] = time.time() - t
     bar = Progress(len(layout.layers), "compressing decoder layers", enabled=progress)
-    done, t0 = set(), time.time()
+    done, t0, turns = set(), time.time(), itertools.count()
     dtype = format_.storage_dtype
     for i in range(len(layout.layers)):
         layer = source.load_layer(layout, i).to(device)
-        compress = _group_compressor(layout, i, the_pass, format_, writer, done, on_result)
+        compress = _group_compressor(layout, i, the_pass, format_, writer, done, on_result, dist, turns)
         if states is None:
-            for n, _ in layout.linears[i]:
-                compress([n], None)
-        elif len(states) == 1 and not the_pass.layer_wise:
-            states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress)
+            compress([([n], None) for n, _ in layout.linears[i]])
+        elif single:
+            states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress, dist)
         else:
-            states = _two_pass(layer, layout, i, states, the_pass, compress)
-        for local, t in layer.state_dict().items():  # norms, buffers, linears calibration never reached
-            name = layout.full_name(i, local)
+            states = _two_pass(layer, layout, i, states, the_pass, compress, dist)
+        for local, t in layer.state_dict().items() if writer is not None else ():
+            name = layout.full_name(i, local)  # norms, buffers, linears calibration never reached
             owner, _, what = name.rpartition(".")
             if not (owner in done and what in ("weight", "bias")):  # packed linears were written above
                 writer.add(name, t.to(dtype) if t.is_floating_point() else t)
@@ -367,15 +398,17 @@ def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, prog
     return done
 
 
-def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result):
-    """compress(names, stats): one group of layer i's linears that share an input, compressed, packed, written,
-    and replaced in the layer by what was written (later linears and layers calibrate on the compressed
-    function)."""
+def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result, dist, turns):
+    """compress([(names, stats), ...]): groups of layer i's linears that share an input, each compressed (by the
+    rank whose turn it is, when distributed), packed, written, and replaced in the layer by what was written
+    (later linears and layers calibrate on the compressed function)."""
     mods = dict(layout.linears[i])
 
-    def compress(names, stats):
-        results = the_pass.compress_group([mods[n].weight for n in names], stats,
-                                          LinearGroup(layout.full_name(i, ""), tuple(names)))
+    def sweep(names, stats):
+        return the_pass.compress_group([mods[n].weight for n in names], stats,
+                                       LinearGroup(layout.full_name(i, ""), tuple(names)))
+
+    def apply(names, results):
         for n, qw in zip(names, results):
             m = mods[n]
             qw.bias = m.bias.detach().clone() if m.bias is not None else None
@@ -386,14 +419,20 @@ def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result
             qw = qw.to("cpu")
             if on_result is not None:
                 on_result(layout.full_name(i, n), qw)
-            for suffix, tensor in format_.pack(qw).items():
+            for suffix, tensor in format_.pack(qw).items() if writer is not None else ():
                 writer.add(f"{layout.full_name(i, n)}.{suffix}", tensor)
             done.add(layout.full_name(i, n))
+
+    def compress(groups):
+        owners = [dist.owner(next(turns)) for _ in groups]
+        mine = [sweep(*g) if o == dist.rank else None for g, o in zip(groups, owners)]  # all ranks at once
+        for (names, _), results, o in zip(groups, mine, owners):
+            apply(names, dist.broadcast_results(results, o))
 
     return compress
 
 
-def _single_pass(layer, linears, state, the_pass, compress):
+def _single_pass(layer, linears, state, the_pass, compress, dist):
     """One forward: each group is compressed when first called, on every calibration token at once."""
     hidden, kw = state
     groups = probe_groups(layer, linears, hidden, kw)
@@ -401,7 +440,8 @@ def _single_pass(layer, linears, state, the_pass, compress):
     def on_group(names, x):
         stats = the_pass.make_stats(x.shape[-1])
         stats.add(x)
-        compress(names, stats)
+        dist.merge_stats(stats)
+        compress([(names, stats)])
 
     hooks = CompressOnFirstCall(dict(linears), groups, on_group)
     try:
@@ -411,7 +451,7 @@ def _single_pass(layer, linears, state, the_pass, compress):
     return [(out, kw)]
 
 
-def _two_pass(layer, layout, i, states, the_pass, compress):
+def _two_pass(layer, layout, i, states, the_pass, compress, dist):
     """Chunked calibration set: a statistics forward over all chunks, compress, then a propagation forward."""
     groups = InputGroups(layout.linears[i], the_pass.make_stats)
     try:
@@ -420,7 +460,9 @@ def _two_pass(layer, layout, i, states, the_pass, compress):
             groups.next_batch()
     finally:
         groups.remove()
-    the_pass.prepare_layer(layer, groups.members, groups.stats, layout.full_name(i, ""))
-    for names, stats in zip(groups.members, groups.stats):
-        compress(names, stats)
+    dist.check_same(groups.members, f"{layout.full_name(i, '')[:-1]}: the linear groups")
+    for stats in groups.stats:
+        dist.merge_stats(stats)
+    the_pass.prepare_layer(layer, groups.members, groups.stats, layout.full_name(i, ""))  # same on every rank
+    compress(list(zip(groups.members, groups.stats)))
     return [(run_layer(layer, h, kw), kw) for h, kw in states]

@@ -43,6 +43,10 @@ class AWQStats(HessianAccumulator):
             self.absmean.mul_(self.n / total).add_(x2.abs().sum(dim=0), alpha=1.0 / total)
         super().add(x2)
 
+    def _merge(self, sum_, share: float, device) -> None:
+        self.absmean = sum_(self.absmean.to(device).mul_(share))
+        super()._merge(sum_, share, device)
+
     def scale_inputs(self, s: torch.Tensor) -> None:
         super().scale_inputs(s)
         self.absmean.div_(s.float())

@@ -25,6 +25,10 @@ class ColumnNorms:
     def add(self, x: torch.Tensor) -> None:
         self.sq = self.sq.to(x.device) + x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0).double()
 
+    def all_reduce_(self, sum_, device) -> None:
+        """Distributed calibration: the sums of every rank's rows (sum_(t) sums t in place over the ranks)."""
+        self.sq = sum_(self.sq.to(device))
+
 
 class PruningPass(Pass):
     uses_act_order = False

@@ -1,0 +1,192 @@
+"""Distributed calibration (compress_export/distributed.py) with real gloo process groups on the CPU.
+
+Three facts, each against an independent reference:
+- the merged statistics of two ranks equal those of one process over all the rows (fp32 summation order only:
+  relative 1e-5), and a broadcast result arrives bit for bit;
+- with the same rows on both ranks the merge is exact in floating point (x·½ + x·½ = x), so any difference left
+  would be the partition and broadcast machinery's: the two-rank export must be bit-identical to one process;
+- `torchrun -m compress_export` with the samples really split: the statistics differ only in rounding order, which
+  can tip a code at a rounding boundary (GPTQ then carries that row's error differently). Tolerance: at least
+  99% of codes identical and the exports' perplexity on the text within 0.5% of each other; every tensor that is not a
+  compressed linear is bit-identical.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+
+from compress_export.loading import read_quantized, read_tensors
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
+                                not torch.distributed.is_gloo_available(), reason="torch without gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world: int, *args):
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
+
+
+def _join(rank, world, port):
+    torch.set_num_threads(1)  # the same GEMM blocking in every process, so only the data split differs
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
+    from compress_export.distributed import join
+
+    return join(torch.device("cpu"))[0]
+
+
+def _stats_worker(rank, world, port, out_dir):
+    from compress_export.passes.awq import AWQStats
+    from compress_export.passes.sparse import ColumnNorms
+
+    dist = _join(rank, world, port)
+    x = _rows()
+    mine = torch.tensor_split(x, world)[rank]  # uneven: 301 rows over 2 ranks
+    merged = {}
+    for name, cls in (("awq", AWQStats), ("norms", ColumnNorms)):
+        st = cls(x.shape[1])
+        st.add(mine[:100])
+        st.add(mine[100:])
+        dist.merge_stats(st)
+        merged[name] = st
+    src = 1 if world > 1 else 0
+    sent = _results() if rank == src else None
+    got = dist.broadcast_results(sent, src)
+    if rank == 0:
+        torch.save({"H": merged["awq"].H, "n": merged["awq"].n, "absmean": merged["awq"].absmean,
+                    "sq": merged["norms"].sq, "got": [(type(r).__name__, vars(r)) for r in got]},
+                   Path(out_dir) / f"world{world}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _results() -> list:
+    """What rank 1 sends: one QuantizedWeight and one SparseWeight with a bool mask (which gloo cannot carry as
+    bool)."""
+    from compress_export.result import QuantizedWeight, SparseWeight
+    from compress_export.scheme import Scheme
+    from compress_export.sparsity import Sparsity
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8, generator=g)
+    mask = torch.rand(8, 64, generator=g) > 0.5
+    return [QuantizedWeight(codes, torch.rand(8, 2, generator=g), torch.full((8, 2), 8, dtype=torch.int32),
+                            torch.arange(64, dtype=torch.int32) // 32, Scheme(4, 32), mask=mask),
+            SparseWeight(torch.randn(8, 64, generator=g), mask, Sparsity.parse("2:4"))]
+
+
+def _rows() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(301, 48, generator=g) * torch.rand(48, generator=g) * 4
+
+
+def test_merged_statistics_equal_one_process_and_results_arrive_exactly(tmp_path):
+    _spawn(_stats_worker, 2, str(tmp_path))
+    two = torch.load(tmp_path / "world2.pt", weights_only=False)  # our own file, written just above
+    x = _rows().double()
+    H = 2 * x.t() @ x / x.shape[0]  # the definitions, in float64, independent of the accumulator code
+    assert two["n"] == 301
+    torch.testing.assert_close(two["H"].double(), H, rtol=1e-5, atol=1e-5 * H.abs().max().item())
+    torch.testing.assert_close(two["absmean"].double(), x.abs().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two["sq"], x.pow(2).sum(0), rtol=1e-6, atol=0)  # fp32 squares
+    (qname, q), (sname, s) = two["got"]
+    assert (qname, sname) == ("QuantizedWeight", "SparseWeight")
+    want_q, want_s = _results()
+    for k, v in vars(want_q).items():
+        assert torch.equal(q[k], v) and q[k].dtype == v.dtype if torch.is_tensor(v) else q[k] == v, k
+    for k, v in vars(want_s).items():
+        assert torch.equal(s[k], v) and s[k].dtype == v.dtype if torch.is_tensor(v) else str(s[k]) == str(v), k
+
+
+def _export_worker(rank, world, port, model, out, settings, same_rows):
+    from compress_export.distributed import Dist
+    from compress_export.pipeline import compress
+
+    _join(rank, world, port)
+    if same_rows:  # every rank calibrates on every sample: the merge is then exact in floating point
+        Dist.samples = lambda self, ids: ids
+    compress(model, out, progress=False, **settings)
+    torch.distributed.destroy_process_group()
+
+
+CASES = {
+    "gptq": dict(method="gptq", fmt="gptq", bits=4, group_size=32),
+    "gptq-act-two-pass": dict(method="gptq", fmt="gptq", bits=3, group_size=32, act_order="group", batch_size=2),
+    "awq": dict(method="awq", fmt="awq", bits=4, group_size=32),
+    "sparsegpt-w4": dict(method="sparsegpt", fmt="compressed-tensors", sparsity="2:4", bits=4, group_size=32),
+    "wanda": dict(method="wanda", fmt="sparse24", sparsity="2:4"),
+    "rtn": dict(method="rtn", fmt="gptq", bits=4, group_size=32),
+}
+
+
+@pytest.fixture(scope="module")
+def model64(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("dist") / "tiny", layers=3)
+
+
+def _settings(case, tiny_text):
+    from compress_export.scheme import Scheme
+
+    c = dict(CASES[case])
+    scheme = None
+    if "bits" in c:
+        scheme = Scheme(bits=c.pop("bits"), group_size=c.pop("group_size"), act_order=c.pop("act_order", "none"),
+                        symmetric=c["method"] != "awq")
+    return dict(c, scheme=scheme, dataset=str(tiny_text), num_samples=6, seq_len=32)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_on_the_same_rows_write_the_one_process_export_bit_for_bit(case, model64, tiny_text, tmp_path):
+    s = _settings(case, tiny_text)
+    _spawn(_export_worker, 1, str(model64), str(tmp_path / "one"), s, False)
+    _spawn(_export_worker, 2, str(model64), str(tmp_path / "two"), s, True)
+    one, two = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+    assert not list(tmp_path.glob(".*partial*"))  # only rank 0 wrote, and it finished
+
+
+def _ppl(model_dir, text: Path) -> float:
+    from compress_export.evaluate import perplexity
+    from compress_export.loading import load_model
+
+    model, tok = load_model(model_dir)
+    return perplexity(model, tok, text.read_text(), window=32, windows=8).token_perplexity
+
+
+def test_torchrun_splits_the_samples_and_matches_one_process_within_tolerance(model64, tiny_text, tmp_path):
+    args = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--dataset", str(tiny_text),
+            "--num-samples", "9", "--seq-len", "64", "-q"]  # 5 + 4 samples
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "compress_export", str(model64), "-o", str(tmp_path / "one"), *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "compress_export", str(model64), "-o", str(tmp_path / "two"), *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote ") == 1 and "× 2 ranks" in two.stdout  # rank 0 alone reports
+    _, a, rest_a = read_quantized(tmp_path / "one")
+    _, b, rest_b = read_quantized(tmp_path / "two")
+    assert a.keys() == b.keys() and rest_a.keys() == rest_b.keys()
+    assert all(torch.equal(rest_a[k], rest_b[k]) for k in rest_a)
+    same = sum((a[k].codes == b[k].codes).sum().item() for k in a)
+    total = sum(a[k].codes.numel() for k in a)
+    assert same / total >= 0.99, f"{same}/{total} codes identical"
+    pa, pb = _ppl(tmp_path / "one", tiny_text), _ppl(tmp_path / "two", tiny_text)
+    assert abs(pa - pb) <= 0.005 * pa, (pa, pb)
