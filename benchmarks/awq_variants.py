@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common import TEXT, cli, example_model
 
-from compress_export.passes.awq import AWQPass
+from compress_export.passes.awq_pass import AWQPass
 from compress_export.pipeline import compress
 from compress_export.scheme import Scheme
 from compress_export.structure import AWQ_NO_CLIP

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
+from .formats import FORMATS
+from .passes import PASSES, PassOptions, default_scheme
 from .scheme import PRESETS, Scheme
 
 
@@ -55,15 +57,11 @@ class CompressionConfig:
         return "gptq"
 
     def resolved_method(self) -> str:
-        from compress_export.formats import FORMATS
-
         return self.method or FORMATS.get(self.resolved_format()).default_method
 
     def to_scheme(self) -> Optional[Scheme]:
         """The scheme these fields describe; None for a pruning run that asked for no bits (no quantization).
         A group size of 0 stays 0 ("auto") until the pipeline has read the model's shapes."""
-        from compress_export.passes import PASSES
-
         method = self.resolved_method()
         pass_cls = PASSES.get(method)
         if pass_cls.prunes and self.bits is None and self.scheme is None:
@@ -71,16 +69,12 @@ class CompressionConfig:
         if self.scheme:
             base = PRESETS[self.scheme]
         else:
-            from compress_export.pipeline import default_scheme
-
             base = default_scheme(method)
         kw = {k: getattr(self, k) for k in ("bits", "group_size", "symmetric", "act_order")
               if getattr(self, k) is not None}
         return base.with_(**kw)
 
     def pass_options(self):
-        from compress_export.passes import PassOptions
-
         return PassOptions(damp=self.damp, clip_search=self.clip_search)
 
     # -- recipes -----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from . import model_io
 from .distributed import Dist, check_distributable, join
 from .config import CompressionConfig
 from .errors import UserError
-from .passes import PASSES, LinearGroup, PassOptions
+from .passes import PASSES, LinearGroup, PassOptions, default_scheme
 from .progress import Progress
 from .result import SparseWeight
 from .scheme import Scheme
@@ -307,11 +307,6 @@ def config_from_settings(method=None, fmt=None, scheme: Optional[Scheme] = None,
     return CompressionConfig.from_scheme(scheme, method=method, format=fmt,
                                          sparsity=None if sparsity is None else str(sparsity),
                                          damp=opts.damp, clip_search=opts.clip_search, **rest)
-
-
-def default_scheme(method: str) -> Scheme:
-    """4-bit, automatic group size, static act-order, with the pass's own defaults (AWQ: asymmetric)."""
-    return Scheme(bits=4, group_size=0, act_order="static", **PASSES.get(method).scheme_defaults)
 
 
 def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity=None):

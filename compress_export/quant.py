@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from .result import QuantizedWeight
+from .scheme import Scheme
+
 # GPTQ's MSE clip search: shrink the range by up to 20% in 1% steps; the error norm 2.4 weights large
 # errors more than L2 but less than max-abs, which tracks perplexity better than either (Frantar et al.).
 CLIP_GRID = 100
@@ -130,3 +133,22 @@ def weighted_group_params(w: torch.Tensor, H: torch.Tensor, bits: int, symmetric
         best = torch.where(better, err, best)
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
     return best_s, best_z
+
+
+def quantize_with_params(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    """Round W [out, in] with given group params [out, G] over contiguous groups (no error feedback)."""
+    n = W.shape[1]
+    gs = n if scheme.group_size == -1 else scheme.group_size
+    g_idx = (torch.arange(n, device=W.device) // gs).to(torch.int32)
+    # Groups are contiguous: broadcast each group's params over a [out, G, gs] view (quantize's arithmetic, in
+    # place), not gathered into [out, in] copies: on an 8B MLP that is one 470 MB temporary instead of four.
+    Wg = W.reshape(W.shape[0], -1, gs)
+    codes = torch.div(Wg, scales[..., None]).round_().add_(zeros[..., None].float()).clamp_(0, scheme.maxq)
+    return QuantizedWeight(codes.to(torch.uint8).view(W.shape), scales.float(), zeros.int(), g_idx, scheme)
+
+
+def rtn_quantize(W: torch.Tensor, scheme: Scheme, clip_search: bool = False, min_zero: int = 0) -> QuantizedWeight:
+    """Round-to-nearest with min-max (optionally MSE-clipped) group params: the baseline."""
+    W = W.detach().float()
+    s, z = group_params(W, scheme.bits, scheme.symmetric, scheme.group_size, clip_search, min_zero)
+    return quantize_with_params(W, s, z, scheme)

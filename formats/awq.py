@@ -11,8 +11,9 @@ The interleave is a permutation handed to the one shared packer (packing.py), no
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict
+from typing import ClassVar, Dict, Tuple
 
 import torch
 
@@ -77,26 +78,53 @@ class AWQFormat(Format):
         }
 
     def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
-        # Symmetric weights are stored as zero points of 8: AWQ GEMM always carries qzeros.
-        return {
-            "quant_method": "awq",
-            "bits": 4,
-            "group_size": scheme.group_size,
-            "zero_point": True,
-            "version": "gemm",
-            "modules_to_not_convert": ignore,
-            "quantizer": [f"compress-export:{__version__}"],
-            "compress_export": {**extra, "symmetric": scheme.symmetric},
-        }
+        return AWQConfig.from_scheme(scheme, ignore, extra).to_dict()
 
     @staticmethod
     def scheme_from_config(qcfg: dict) -> Scheme:
+        return AWQConfig.parse(qcfg).scheme
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """config.json's quantization_config of an AWQ GEMM checkpoint (AutoAWQ, transformers and vLLM read it):
+    always 4-bit with zero points. A symmetric export stores zero points of 8, and says it was symmetric in
+    its own `compress_export` entry (no AWQ reader has the notion)."""
+
+    group_size: int
+    symmetric: bool = False
+    modules_to_not_convert: Tuple[str, ...] = ()
+    compress_export: dict = field(default_factory=dict)
+    quant_method: ClassVar[str] = "awq"
+    bits: ClassVar[int] = 4
+    version: ClassVar[str] = "gemm"
+
+    @classmethod
+    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> "AWQConfig":
+        return cls(group_size=scheme.group_size, symmetric=scheme.symmetric, modules_to_not_convert=tuple(ignore),
+                   compress_export=extra)
+
+    @classmethod
+    def parse(cls, qcfg: dict) -> "AWQConfig":
         version = str(qcfg.get("version", "gemm")).lower()
-        if version != "gemm":
+        if version != cls.version:
             raise UserError(f"AWQ version {version!r} is not supported (only 'gemm')")
-        if int(qcfg.get("bits", qcfg.get("w_bit", 4))) != 4:
+        if int(qcfg.get("bits", qcfg.get("w_bit", 4))) != cls.bits:
             raise UserError("AWQ GEMM checkpoints are 4-bit")
         if not qcfg.get("zero_point", True):
             raise UserError("AWQ checkpoints without zero points are not supported")
-        sym = bool((qcfg.get("compress_export") or {}).get("symmetric", False))
-        return Scheme(4, int(qcfg.get("group_size", qcfg.get("q_group_size", 128))), sym, "none")
+        ours = dict(qcfg.get("compress_export") or {})
+        return cls(group_size=int(qcfg.get("group_size", qcfg.get("q_group_size", 128))),
+                   symmetric=bool(ours.get("symmetric", False)),
+                   modules_to_not_convert=tuple(qcfg.get("modules_to_not_convert") or ()), compress_export=ours)
+
+    @property
+    def scheme(self) -> Scheme:
+        return Scheme(self.bits, self.group_size, self.symmetric, "none")
+
+    def to_dict(self) -> dict:
+        return {"quant_method": self.quant_method, "bits": self.bits, "group_size": self.group_size,
+                "zero_point": True, "version": self.version,
+                "modules_to_not_convert": list(self.modules_to_not_convert),
+                "quantizer": [f"compress-export:{__version__}"],
+                "compress_export": {**self.compress_export, "symmetric": self.symmetric}}

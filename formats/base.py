@@ -9,7 +9,7 @@ import torch
 
 from compress_export.errors import UserError
 from compress_export.registry import Registry
-from compress_export.result import QuantizedWeight
+from compress_export.result import QuantizedWeight, SparseWeight
 from compress_export.scheme import Scheme
 
 FORMATS: Registry = Registry("format")
@@ -177,8 +177,6 @@ def format_for_config(qcfg: dict) -> Format:
 def _check_values(name: str, w) -> None:
     """What a checkpoint can hold that unpacking cannot catch: zero points outside the code range, groups
     outside the scales, scales that are not finite numbers."""
-    from compress_export.result import SparseWeight
-
     if isinstance(w, SparseWeight):
         if not torch.isfinite(w.values).all():
             raise UserError(f"{name}: its weight values hold NaN or Inf")

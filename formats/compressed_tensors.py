@@ -12,8 +12,9 @@ no value straddles two words; a row whose length is not a multiple of pf is zero
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict
+from typing import ClassVar, Dict, Tuple
 
 import torch
 
@@ -92,28 +93,7 @@ class CompressedTensorsFormat(Format):
         return specs
 
     def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
-        weights = {
-            "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
-            "group_size": None if scheme.group_size == -1 else scheme.group_size,
-            "strategy": "channel" if scheme.group_size == -1 else "group",
-            "block_structure": None, "dynamic": False, "actorder": _ACTORDER[scheme.act_order],
-            "scale_dtype": None, "zp_dtype": None, "observer": "minmax", "observer_kwargs": {},
-        }
-        return {
-            "quant_method": "compressed-tensors",
-            "format": "pack-quantized",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": "pack-quantized"}},
-            "ignore": ignore,
-            "kv_cache_scheme": None,
-            "global_compression_ratio": None,
-            "quantization_status": "compressed",
-            "sparsity_config": {},
-            "transform_config": {},
-            "version": CT_VERSION,
-            "quantizer": [f"compress-export:{__version__}"],
-            "compress_export": extra,
-        }
+        return CompressedTensorsConfig.from_scheme(scheme, ignore, extra).to_dict()
 
     @classmethod
     def claims(cls, qcfg: dict) -> bool:
@@ -128,13 +108,33 @@ class CompressedTensorsFormat(Format):
 
     @staticmethod
     def scheme_from_config(qcfg: dict) -> Scheme:
+        return CompressedTensorsConfig.parse(qcfg).scheme
+
+
+@dataclass(frozen=True)
+class CompressedTensorsConfig:
+    """config.json's quantization_config of a compressed-tensors weight-only int checkpoint (`pack-quantized`),
+    one config group targeting every Linear, as the compressed-tensors library and llm-compressor write it."""
+
+    scheme: Scheme
+    ignore: Tuple[str, ...] = ()
+    compress_export: dict = field(default_factory=dict)
+    quant_method: ClassVar[str] = "compressed-tensors"
+    format: ClassVar[str] = "pack-quantized"
+
+    @classmethod
+    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> "CompressedTensorsConfig":
+        return cls(scheme, tuple(ignore), extra)
+
+    @classmethod
+    def parse(cls, qcfg: dict) -> "CompressedTensorsConfig":
         groups = qcfg.get("config_groups") or {}
         if len(groups) != 1:
             raise UserError(f"compressed-tensors: expected one config group, found {len(groups)}")
         (group,) = groups.values()
         fmt = group.get("format") or qcfg.get("format")
         w = group.get("weights") or {}
-        if fmt != "pack-quantized" or w.get("type") != "int" or group.get("input_activations"):
+        if fmt != cls.format or w.get("type") != "int" or group.get("input_activations"):
             raise UserError(f"compressed-tensors: only weight-only int pack-quantized is read (got format={fmt!r}, "
                             f"type={w.get('type')!r}, input_activations={group.get('input_activations')!r})")
         if w.get("strategy") not in ("group", "channel"):
@@ -143,4 +143,30 @@ class CompressedTensorsFormat(Format):
         act = {None: "none", "static": "static", "group": "group", "weight": "static"}.get(w.get("actorder"))
         if act is None:
             raise UserError(f"compressed-tensors: actorder {w.get('actorder')!r} is not supported")
-        return Scheme(int(w["num_bits"]), gs, bool(w.get("symmetric", True)), act)
+        scheme = Scheme(int(w["num_bits"]), gs, bool(w.get("symmetric", True)), act)
+        return cls(scheme, tuple(qcfg.get("ignore") or ()), dict(qcfg.get("compress_export") or {}))
+
+    def to_dict(self) -> dict:
+        s = self.scheme
+        weights = {
+            "num_bits": s.bits, "type": "int", "symmetric": s.symmetric,
+            "group_size": None if s.group_size == -1 else s.group_size,
+            "strategy": "channel" if s.group_size == -1 else "group",
+            "block_structure": None, "dynamic": False, "actorder": _ACTORDER[s.act_order],
+            "scale_dtype": None, "zp_dtype": None, "observer": "minmax", "observer_kwargs": {},
+        }
+        return {
+            "quant_method": self.quant_method,
+            "format": self.format,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": self.format}},
+            "ignore": list(self.ignore),
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": CT_VERSION,
+            "quantizer": [f"compress-export:{__version__}"],
+            "compress_export": self.compress_export,
+        }

@@ -9,8 +9,9 @@ Per quantized linear with W [out, in], G groups:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict
+from typing import ClassVar, Dict, Tuple
 
 import torch
 
@@ -71,29 +72,58 @@ class GPTQFormat(Format):
         }
 
     def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
-        return {
-            "quant_method": "gptq",
-            "bits": scheme.bits,
-            "group_size": scheme.group_size,
-            "desc_act": scheme.act_order == "group",
-            "sym": scheme.symmetric,
-            "static_groups": scheme.act_order == "static",
-            "true_sequential": True,
-            "lm_head": False,
-            "checkpoint_format": "gptq",
-            "damp_percent": extra.get("damp", 0.01),
-            "quantizer": [f"compress-export:{__version__}"],
-            "modules_not_quantized": ignore,
-            "compress_export": extra,
-        }
+        return GPTQConfig.from_scheme(scheme, ignore, extra).to_dict()
 
     @staticmethod
     def scheme_from_config(qcfg: dict) -> Scheme:
-        if qcfg.get("checkpoint_format", "gptq") != "gptq":
+        return GPTQConfig.parse(qcfg).scheme
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """config.json's quantization_config of a GPTQ v1 checkpoint, the fields AutoGPTQ, GPTQModel, transformers
+    and vLLM read. desc_act: columns were visited in act-order and g_idx regroups them; static_groups: act-order
+    with groups fixed before the sweep (g_idx stays i // group_size)."""
+
+    bits: int
+    group_size: int  # -1: one group per output channel
+    sym: bool
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    modules_not_quantized: Tuple[str, ...] = ()
+    compress_export: dict = field(default_factory=dict)  # how it was made (method, calibration, options)
+    quant_method: ClassVar[str] = "gptq"
+    checkpoint_format: ClassVar[str] = "gptq"
+
+    @classmethod
+    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> "GPTQConfig":
+        return cls(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric,
+                   desc_act=scheme.act_order == "group", static_groups=scheme.act_order == "static",
+                   damp_percent=extra.get("damp", 0.01), modules_not_quantized=tuple(ignore), compress_export=extra)
+
+    @classmethod
+    def parse(cls, qcfg: dict) -> "GPTQConfig":
+        if qcfg.get("checkpoint_format", "gptq") != cls.checkpoint_format:
             raise UserError(f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported "
                             "(only v1 'gptq')")
-        act = "group" if qcfg.get("desc_act") else ("static" if qcfg.get("static_groups") else "none")
-        return Scheme(int(qcfg["bits"]), int(qcfg.get("group_size", -1)), bool(qcfg.get("sym", True)), act)
+        return cls(bits=int(qcfg["bits"]), group_size=int(qcfg.get("group_size", -1)), sym=bool(qcfg.get("sym", True)),
+                   desc_act=bool(qcfg.get("desc_act")), static_groups=bool(qcfg.get("static_groups")),
+                   damp_percent=float(qcfg.get("damp_percent", 0.01)),
+                   modules_not_quantized=tuple(qcfg.get("modules_not_quantized") or ()),
+                   compress_export=dict(qcfg.get("compress_export") or {}))
+
+    @property
+    def scheme(self) -> Scheme:
+        act = "group" if self.desc_act else ("static" if self.static_groups else "none")
+        return Scheme(self.bits, self.group_size, self.sym, act)
+
+    def to_dict(self) -> dict:
+        return {"quant_method": self.quant_method, "bits": self.bits, "group_size": self.group_size,
+                "desc_act": self.desc_act, "sym": self.sym, "static_groups": self.static_groups,
+                "true_sequential": True, "lm_head": False, "checkpoint_format": self.checkpoint_format,
+                "damp_percent": self.damp_percent, "quantizer": [f"compress-export:{__version__}"],
+                "modules_not_quantized": list(self.modules_not_quantized), "compress_export": self.compress_export}
 
 
 def _default_g_idx(n: int, group_size: int) -> torch.Tensor:

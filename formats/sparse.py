@@ -21,8 +21,9 @@ under `compress_export_sparsity` (no quantization_config, so engines treat it as
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict, Optional
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -138,18 +139,42 @@ class Sparse24Format(Format):
         return specs
 
     def quantization_config(self, scheme: Optional[Scheme], ignore: list, extra: dict) -> dict:
-        weights = None if scheme is None else {"num_bits": scheme.bits, "group_size": scheme.group_size,
-                                               "symmetric": scheme.symmetric}
-        return {"quant_method": self.quant_method, "sparsity": "2:4", "format_version": 1, "weights": weights,
-                "value_dtype": str(self.storage_dtype).replace("torch.", ""), "ignore": ignore,
-                "quantizer": [f"compress-export:{__version__}"], "compress_export": extra}
+        return Sparse24Config(scheme, self.storage_dtype, tuple(ignore), extra).to_dict()
 
     def scheme_from_config(self, qcfg: dict) -> Optional[Scheme]:
+        parsed = Sparse24Config.parse(qcfg)
+        self.storage_dtype = parsed.value_dtype
+        return parsed.scheme
+
+
+@dataclass(frozen=True)
+class Sparse24Config:
+    """config.json's quantization_config of our 2:4 format: the kept values' dtype (unquantized) or the 4-bit
+    scheme of their codes, and the linears left dense."""
+
+    scheme: Optional[Scheme]  # None: kept values stored as floats of value_dtype
+    value_dtype: torch.dtype = torch.float16
+    ignore: Tuple[str, ...] = ()
+    compress_export: dict = field(default_factory=dict)
+    quant_method: ClassVar[str] = "compress_export_sparse24"
+    format_version: ClassVar[int] = 1
+
+    @classmethod
+    def parse(cls, qcfg: dict) -> "Sparse24Config":
         if qcfg.get("sparsity") != "2:4":
             raise UserError(f"sparse24 checkpoint with sparsity {qcfg.get('sparsity')!r}: only 2:4 is defined")
-        self.storage_dtype = _DTYPES.get(qcfg.get("value_dtype", "float16"), torch.float16)
         w = qcfg.get("weights")
-        return None if w is None else Scheme(int(w["num_bits"]), int(w["group_size"]), bool(w["symmetric"]))
+        scheme = None if w is None else Scheme(int(w["num_bits"]), int(w["group_size"]), bool(w["symmetric"]))
+        return cls(scheme, _DTYPES.get(qcfg.get("value_dtype", "float16"), torch.float16),
+                   tuple(qcfg.get("ignore") or ()), dict(qcfg.get("compress_export") or {}))
+
+    def to_dict(self) -> dict:
+        s = self.scheme
+        weights = None if s is None else {"num_bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
+        return {"quant_method": self.quant_method, "sparsity": "2:4", "format_version": self.format_version,
+                "weights": weights, "value_dtype": str(self.value_dtype).replace("torch.", ""),
+                "ignore": list(self.ignore), "quantizer": [f"compress-export:{__version__}"],
+                "compress_export": self.compress_export}
 
 
 @register_format("dense")

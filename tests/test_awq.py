@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_written_as_computed, recorder
 
-from compress_export.awq import fold_scale, quadratic_error, rtn_dequant, search_scale
+from compress_export.scaling import fold_scale, quadratic_error, rtn_dequant, search_scale
 from compress_export.errors import UserError
 from compress_export.loading import load_model
 from compress_export.pipeline import compress
@@ -73,7 +73,7 @@ def test_clip_search_skips_query_and_key_rows():
     """In a fused q/k/v group the q and k rows keep their min-max ranges (the reference's choice) and only v's
     rows are clipped: the q/k scales are (max − min) / 15 of each group (in fp16), v's are the weighted search's."""
     from compress_export.hessian import HessianAccumulator
-    from compress_export.passes.awq import CLIP_RATIOS, AWQPass
+    from compress_export.passes.awq_pass import CLIP_RATIOS, AWQPass
     from compress_export.passes.base import LinearGroup, PassOptions
 
     X = outlier_inputs(seed=4)

@@ -51,8 +51,8 @@ def _join(rank, world, port):
 
 
 def _stats_worker(rank, world, port, out_dir):
-    from compress_export.passes.awq import AWQStats
-    from compress_export.passes.sparse import ColumnNorms
+    from compress_export.passes.awq_pass import AWQStats
+    from compress_export.passes.pruning import ColumnNorms
 
     dist = _join(rank, world, port)
     x = _rows()

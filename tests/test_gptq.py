@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from compress_export.errors import UserError
-from compress_export.gptq import gptq_quantize, rtn_quantize
+from compress_export.quant import rtn_quantize
+from compress_export.sweep import gptq_quantize
 from compress_export.hessian import HessianAccumulator, inverse_cholesky
 from compress_export.scheme import Scheme
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from compress_export.errors import UserError
-from compress_export.gptq import gptq_quantize
+from compress_export.sweep import gptq_quantize
 from compress_export.hessian import HessianAccumulator
 from compress_export.kernels import KERNELS, KernelRequest, choose_kernel
 from compress_export.kernels.linear import QuantLinear

@@ -6,10 +6,10 @@ import torch
 
 from conftest import assert_written_as_computed, recorder
 
-from compress_export.awq import quadratic_error
+from compress_export.scaling import quadratic_error
 from compress_export.errors import UserError
 from compress_export.formats import FORMATS
-from compress_export.gptq import gptq_quantize
+from compress_export.sweep import gptq_quantize
 from compress_export.kernels import KERNELS, KernelRequest, choose_kernel
 from compress_export.loading import load_model
 from compress_export.pipeline import compress

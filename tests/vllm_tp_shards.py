@@ -13,7 +13,7 @@ import torch
 import vllm.model_executor.parameter as vparam
 
 from compress_export.formats import FORMATS
-from compress_export.gptq import gptq_quantize
+from compress_export.sweep import gptq_quantize
 from compress_export.integrations.vllm_method import CompressExportConfig, CompressExportLinearMethod
 from compress_export.scheme import Scheme
 

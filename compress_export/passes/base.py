@@ -75,6 +75,11 @@ class Pass:
         return {"method": self.name, **self.options.__dict__}
 
 
+def default_scheme(method: str) -> Scheme:
+    """4-bit, automatic group size, static act-order, with the pass's own defaults (AWQ: asymmetric)."""
+    return Scheme(bits=4, group_size=0, act_order="static", **PASSES.get(method).scheme_defaults)
+
+
 def split_rows(qw, sizes: List[int]) -> list:
     """Undo the row concatenation of linears compressed together (all per-row data splits the same way)."""
     out, start = [], 0

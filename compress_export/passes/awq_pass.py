@@ -12,11 +12,10 @@ import re
 
 import torch
 
-from compress_export.awq import fold_scale, search_scale
 from compress_export.errors import UserError
 from compress_export.hessian import HessianAccumulator
-from compress_export.gptq import quantize_with_params
-from compress_export.quant import group_params, weighted_group_params
+from compress_export.quant import group_params, quantize_with_params, weighted_group_params
+from compress_export.scaling import fold_scale, search_scale
 from compress_export.structure import AWQ_MAPPINGS, AWQ_NO_CLIP
 
 from .base import Pass, register_pass, split_rows
@@ -85,25 +84,24 @@ class AWQPass(Pass):
             if len(gids) != 1 or None in gids:
                 raise UserError(f"{where}: {', '.join(m.balance)} do not read the same input; "
                                 "AWQ cannot scale them together")
-            st = stats[gids.pop()]
+            shared = stats[gids.pop()]  # the balanced linears' common input statistics
             W = torch.cat([b.weight.float() for b in bal], dim=0)
-            s, loss, base = search_scale(W, st.H, st.absmean, self.scheme)
+            s, loss, base = search_scale(W, shared.H, shared.absmean, self.scheme)
             fold_scale(smooth, bal, s)
-            st.scale_inputs(s)
+            shared.scale_inputs(s)
             log.debug("%s%s: scaled %s, loss %.4g → %.4g", where, m.smooth, m.balance, base, loss)
 
     def compress_group(self, weights, stats, group):
         W = torch.cat([w.float() for w in weights], dim=0)
-        sc, o = self.scheme, self.options
-        s, z = group_params(W, sc.bits, sc.symmetric, sc.group_size, search=False, min_zero=o.min_zero)
-        if o.clip_search:
-            clip = self._clipped_rows(group, [w.shape[0] for w in weights])
-            clip = clip.to(W.device)
+        scheme, opts = self.scheme, self.options
+        scales, zeros = group_params(W, scheme.bits, scheme.symmetric, scheme.group_size, search=False,
+                                     min_zero=opts.min_zero)
+        if opts.clip_search:
+            clip = self._clipped_rows(group, [w.shape[0] for w in weights]).to(W.device)
             if clip.any():
-                cs, cz = weighted_group_params(W[clip], stats.H, sc.bits, sc.symmetric, sc.group_size, CLIP_RATIOS,
-                                               o.min_zero)
-                s[clip], z[clip] = cs, cz
-        qw = quantize_with_params(W, s, z, sc)
+                scales[clip], zeros[clip] = weighted_group_params(W[clip], stats.H, scheme.bits, scheme.symmetric,
+                                                                  scheme.group_size, CLIP_RATIOS, opts.min_zero)
+        qw = quantize_with_params(W, scales, zeros, scheme)
         return split_rows(qw, [w.shape[0] for w in weights])
 
     def _clipped_rows(self, group, rows: list) -> torch.Tensor:

@@ -2,18 +2,18 @@
 
 Each produces a SparseWeight (values with exact zeros and the keep mask) or, with a scheme (--bits), a
 QuantizedWeight whose pruned codes equal their zero point. The masks all come from sparsity.mask_for; SparseGPT
-runs the GPTQ sweep with pruning (gptq.py) on the shared Hessian core.
+runs the GPTQ sweep with pruning (sweep.py) on the shared Hessian core.
 """
 from __future__ import annotations
 
 import torch
 
-from compress_export.gptq import rtn_quantize
+from compress_export.quant import rtn_quantize
 from compress_export.result import QuantizedWeight, SparseWeight
 from compress_export.sparsity import mask_for
 
 from .base import Pass, register_pass, split_rows
-from .gptq import GPTQPass
+from .gptq_pass import GPTQPass
 
 
 class ColumnNorms:

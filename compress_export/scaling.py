@@ -10,7 +10,7 @@ from typing import Tuple
 
 import torch
 
-from .gptq import rtn_quantize
+from .quant import rtn_quantize
 from .scheme import Scheme
 
 SCALE_GRID = 20  # α ∈ {0, 0.05, …, 0.95}: s = mean|x|^α, α = 0 is "no scaling"

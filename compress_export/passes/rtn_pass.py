@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from compress_export.gptq import rtn_quantize
+from compress_export.quant import rtn_quantize
 
 from .base import Pass, register_pass, split_rows
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from compress_export.gptq import gptq_quantize
+from compress_export.sweep import gptq_quantize
 from compress_export.hessian import HessianAccumulator
 
 from .base import Pass, register_pass, split_rows
