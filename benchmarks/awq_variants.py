@@ -1,7 +1,9 @@
 """AWQ's reference behaviours, measured: the clip search on every linear (this project's first AWQ) against
-skipping it on the query and key projections (AutoAWQ, llm-compressor: `structure.AWQ_NO_CLIP`, the default).
+skipping it on the query and key projections (AutoAWQ, llm-compressor: `structure.AWQ_NO_CLIP`, the default);
+and a scale scored on the balance linears' own output (from the Hessian) against the output of the whole
+attention or MLP block, re-run on the recorded calibration inputs (AutoAWQ, llm-compressor: `AWQPass.score`).
 
-  python benchmarks/awq_variants.py [--num-samples 64] [--seq-len 512] [--group-size 64]
+  python benchmarks/awq_variants.py [--num-samples 64] [--seq-len 512] [--group-size 64] [--variants K ...]
 
 SmolLM2 AWQ W4 asymmetric, calibrated on the first NUM_SAMPLES × SEQ_LEN tokens of calib.txt, written in the AWQ
 format and scored by `compress-export eval` on eval.txt (the shared protocol). Both variants in one run; the
@@ -22,7 +24,10 @@ from compress_export.pipeline import compress
 from compress_export.scheme import Scheme
 from compress_export.structure import AWQ_NO_CLIP
 
-VARIANTS = {"clip every linear": None, "no clip on q/k (reference)": AWQ_NO_CLIP}
+# name → (AWQPass.no_clip, AWQPass.score)
+VARIANTS = {"clip every linear": (None, "linear"),
+            "no clip on q/k (reference)": (AWQ_NO_CLIP, "linear"),
+            "no clip on q/k, block-output scale score (reference)": (AWQ_NO_CLIP, "block")}
 
 
 def main():
@@ -30,11 +35,15 @@ def main():
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--variants", type=int, nargs="+", help="indices into the variants (default all): " +
+                   "; ".join(f"{i} {n}" for i, n in enumerate(VARIANTS)))
     a = p.parse_args()
+    chosen = [n for i, n in enumerate(VARIANTS) if a.variants is None or i in a.variants]
     model, rows = example_model(), []
+    default_score = AWQPass.score
     try:
-        for name, pattern in VARIANTS.items():
-            AWQPass.no_clip = pattern
+        for name in chosen:
+            AWQPass.no_clip, AWQPass.score = VARIANTS[name]
             with tempfile.TemporaryDirectory() as tmp:
                 out, t = Path(tmp) / "awq", time.time()
                 compress(model, out, method="awq", fmt="awq", scheme=Scheme(4, a.group_size, False),
@@ -47,7 +56,7 @@ def main():
                          "seconds": seconds})
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        AWQPass.no_clip = AWQ_NO_CLIP
+        AWQPass.no_clip, AWQPass.score = AWQ_NO_CLIP, default_score
     print(f"\nSmolLM2 AWQ W4 g{a.group_size} asym, {a.num_samples}×{a.seq_len} calibration tokens, eval.txt\n")
     print("| variant | token ppl | word ppl | bits/byte | compress s |\n|---|---|---|---|---|")
     for r in rows:

@@ -449,15 +449,19 @@ def _single_pass(layer, linears, state, the_pass, compress, dist):
 def _two_pass(layer, layout, i, states, the_pass, compress, dist):
     """Chunked calibration set: a statistics forward over all chunks, compress, then a propagation forward."""
     groups = InputGroups(layout.linears[i], the_pass.make_stats)
+    observers = the_pass.observe_layer(layer)
     try:
         for hidden, kw in states:
             run_layer(layer, hidden, kw)
             groups.next_batch()
     finally:
         groups.remove()
+        for h in observers:
+            h.remove()
     dist.check_same(groups.members, f"{layout.full_name(i, '')[:-1]}: the linear groups")
     for stats in groups.stats:
         dist.merge_stats(stats)
-    the_pass.prepare_layer(layer, groups.members, groups.stats, layout.full_name(i, ""))  # same on every rank
+    the_pass.prepare_layer(layer, groups.members, groups.stats, layout.full_name(i, ""),  # same on every rank
+                           sum_over_ranks=dist.sum_ if dist.active else None)
     compress(list(zip(groups.members, groups.stats)))
     return [(run_layer(layer, h, kw), kw) for h, kw in states]

@@ -2,7 +2,8 @@
 
 The objective is the paper's, L(s) = ‖Q(W·diag(s))·diag(s)⁻¹·X − W·X‖² summed over every calibration token,
 evaluated exactly as tr(ΔW H ΔWᵀ) with H = 2XᵀX/n (the shared Hessian core): one matrix product per grid
-point instead of re-running the layer on stored activations.
+point instead of re-running the layer on stored activations. AutoAWQ and llm-compressor score q/k/v and gate/up
+on the output of the whole attention or MLP block instead; `search_scale` takes that loss as a function.
 """
 from __future__ import annotations
 
@@ -26,27 +27,38 @@ def rtn_dequant(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     return rtn_quantize(W, scheme).dequantize()
 
 
+def candidate_scales(x_absmean: torch.Tensor, grid: int = SCALE_GRID) -> torch.Tensor:
+    """The grid of per-input-channel scales AWQ tries: s_k = mean|x|^(k/grid), normalised so √(max·min) = 1 as
+    in the reference. Returns [grid, in]; row 0 is no scaling."""
+    x = x_absmean.float().clamp(min=0)
+    alphas = torch.arange(grid, device=x.device, dtype=torch.float32)[:, None] / grid
+    s = x[None].pow(alphas).clamp(min=1e-4)
+    return s / (s.amax(dim=1, keepdim=True) * s.amin(dim=1, keepdim=True)).sqrt()
+
+
+def scaled_dequant(W: torch.Tensor, s: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """The weight the balance linears act with on their original input once s is folded and W·s quantized."""
+    return rtn_dequant(W * s, scheme) / s
+
+
 @torch.no_grad()
 def search_scale(W: torch.Tensor, H: torch.Tensor, x_absmean: torch.Tensor, scheme: Scheme,
-                 grid: int = SCALE_GRID) -> Tuple[torch.Tensor, float, float]:
+                 grid: int = SCALE_GRID, loss_of=None, reduce_sum=None) -> Tuple[torch.Tensor, float, float]:
     """Best per-input-channel scale s [in] for the balance weights W [rows, in] (concatenated).
 
-    Returns (s, loss at s, loss without scaling). s is normalised so √(max·min) = 1, as in the reference.
-    """
+    loss_of(effective W) -> summed error: None scores the balance linears' own output, tr(ΔW H ΔWᵀ); AWQ's
+    references score the output of the block the linears sit in (the pass passes that in). reduce_sum sums the
+    grid's losses over distributed ranks when each rank saw only its own tokens.
+    Returns (s, loss at s, loss without scaling)."""
     W = W.float()
-    x = x_absmean.float().clamp(min=0)
-    best_s, best_loss, base = torch.ones_like(x), float("inf"), float("nan")
-    for k in range(grid):
-        alpha = k / grid
-        s = x.pow(alpha).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        D = W - rtn_dequant(W * s, scheme) / s
-        loss = quadratic_error(D, H)
-        if k == 0:
-            base = loss
-        if loss < best_loss:
-            best_loss, best_s = loss, s
-    return best_s, best_loss, base
+    candidates = candidate_scales(x_absmean, grid)
+    losses = torch.tensor([quadratic_error(W - scaled_dequant(W, s, scheme), H) if loss_of is None
+                           else float(loss_of(scaled_dequant(W, s, scheme))) for s in candidates],
+                          dtype=torch.float64)
+    if reduce_sum is not None:
+        losses = reduce_sum(losses)
+    best = int(torch.argmin(losses))
+    return candidates[best], float(losses[best]), float(losses[0])
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -42,17 +42,20 @@ class ScaleMapping:
     """AWQ: `smooth` (a norm, or a linear whose output rows feed the balance linears) absorbs 1/s; the balance
     linears, which all read smooth's output, absorb s on their input columns. Names are local to a decoder layer.
     `when_shapes_match`: apply only if smooth's output width equals the balance linears' input width (v_proj →
-    o_proj breaks under grouped-query attention)."""
+    o_proj breaks under grouped-query attention). `inspect`: the module whose output scores a scale when AWQ
+    scores on the block (AutoAWQ's module2inspect); None scores the balance linears' own output."""
 
     smooth: str
     balance: Tuple[str, ...]
     when_shapes_match: bool = False
+    inspect: Optional[str] = None
 
 
 _LLAMA_AWQ = (
-    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 inspect="self_attn"),
     ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",), when_shapes_match=True),
-    ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
     ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
 )
 # model_type → mappings. Only families whose norms scale as y = w·x̂ (so 1/s folds into w) and whose layer

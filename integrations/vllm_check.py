@@ -19,17 +19,19 @@ def read_result(stdout: str):
 
 
 def prompt_top1(llm, token_ids: list) -> dict:
-    """vLLM's own top-1 next token and its log-probability at every position of a prompt (prompt logprobs)."""
+    """vLLM's own top-1 next token and its log-probability at every position of a prompt, and the
+    log-probability of the prompt's actual next token (prompt logprobs)."""
     from vllm import SamplingParams, TokensPrompt
 
     out = llm.generate([TokensPrompt(prompt_token_ids=token_ids)],
                        SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0))[0]
-    top, lp = [], []
-    for d in out.prompt_logprobs[1:]:  # position 0 has no prediction
+    top, lp, actual = [], [], []
+    for d, nxt in zip(out.prompt_logprobs[1:], token_ids[1:]):  # position 0 has no prediction
         best = min(d.items(), key=lambda kv: kv[1].rank)
         top.append(int(best[0]))
         lp.append(float(best[1].logprob))
-    return {"top1": top, "top1_logprob": lp}
+        actual.append(float(d[nxt].logprob))  # vLLM always reports the prompt's own token too
+    return {"top1": top, "top1_logprob": lp, "token_logprob": actual}
 
 
 def decode_speed(llm, prompt: str, max_tokens: int, batch: int, repeats: int) -> float:
@@ -78,11 +80,14 @@ def main(argv=None) -> int:
     p.add_argument("--score-ids", help="a JSON file with a list of token ids: also report vLLM's top-1 "
                                        "prediction and log-probability at each position (conformance checks)")
     p.add_argument("--dtype", help="engine dtype (default: this machine's fastest, see compress_export.hardware)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM workers sharding the model")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes to time decode at, e.g. 1,4")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (median)")
     a = p.parse_args(argv)
     ids = json.load(open(a.score_ids)) if a.score_ids else None
     kw = {"dtype": a.dtype} if a.dtype else {}
+    if a.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = a.tensor_parallel_size
     batches = [int(b) for b in a.batches.split(",")]
     print("RESULT " + json.dumps(run(a.model, a.prompt, a.max_tokens, ids, batches, a.repeats, **kw)), flush=True)
     from compress_export.integrations.vllm_offline import exit_after_results

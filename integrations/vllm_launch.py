@@ -17,12 +17,35 @@ from typing import List
 from compress_export.hardware import fast_dtype, has_cuda
 
 
-def cpu_environment(env=None) -> dict:
+def cpu_environment(env=None, tensor_parallel: int = 1) -> dict:
     env = dict(os.environ if env is None else env)
     if not has_cuda():
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if tensor_parallel > 1:
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", thread_binding(tensor_parallel))
     return env
+
+
+def thread_binding(ranks: int, cores=None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: the cores split into contiguous ranges, one per rank,
+    or, with fewer cores than ranks, each rank on one core in turn. vLLM's own "auto" binds one NUMA node per
+    rank and refuses more ranks than nodes (one node on these machines)."""
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if len(cores) < ranks:
+        return "|".join(str(cores[r % len(cores)]) for r in range(ranks))
+    per = len(cores) // ranks
+    return "|".join(",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(ranks))
+
+
+def tensor_parallel_arg(args: List[str]) -> int:
+    """--tensor-parallel-size N / -tp N / --tensor-parallel-size=N among vLLM's CLI arguments (1 if absent)."""
+    for i, a in enumerate(args):
+        if a in ("--tensor-parallel-size", "-tp") and i + 1 < len(args) and args[i + 1].isdigit():
+            return int(args[i + 1])
+        if a.startswith("--tensor-parallel-size=") and a.split("=", 1)[1].isdigit():
+            return int(a.split("=", 1)[1])
+    return 1
 
 
 def engine_defaults() -> dict:
@@ -66,7 +89,7 @@ def _patch_version_lookup() -> None:
 def main(argv=None) -> int:
     """argv: [subcommand, ...] as for the `vllm` command, e.g. ["serve", OUT, "--port", "8000"]."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.update(cpu_environment())
+    os.environ.update(cpu_environment(tensor_parallel=tensor_parallel_arg(argv)))
     if argv and argv[0] in ("serve", "bench", "run-batch"):
         argv = argv[:1] + argv[1:] + default_args(argv[1:])
     _patch_version_lookup()

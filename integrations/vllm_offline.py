@@ -185,7 +185,7 @@ def load_llm(model: str, max_model_len: int, **kwargs):
     eager, small KV cache; each yields to an explicit kwarg). Returns (llm, facts about the load)."""
     from compress_export.integrations.vllm_launch import cpu_environment, engine_defaults
 
-    os.environ.update(cpu_environment())
+    os.environ.update(cpu_environment(tensor_parallel=int(kwargs.get("tensor_parallel_size") or 1)))
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships our inspection functions
     from vllm import LLM
 

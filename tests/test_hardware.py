@@ -38,3 +38,20 @@ def test_this_machines_flags_are_read():
         pytest.skip("no /proc/cpuinfo flags here")
     assert hardware.cpu_kind() in ("AVX2", "AVX-512", "AVX-512 bf16", "other")
     assert hardware.fast_dtype("cpu") == ("bfloat16" if hardware.native_bf16() else "float32")
+
+
+def test_tensor_parallel_workers_get_their_own_cores(monkeypatch):
+    """vLLM's CPU "auto" binding wants a NUMA node per worker; the launcher splits the cores instead (by hand)."""
+    assert vllm_launch.thread_binding(2, cores=range(8)) == "0,1,2,3|4,5,6,7"
+    assert vllm_launch.thread_binding(3, cores=range(8)) == "0,1|2,3|4,5"
+    assert vllm_launch.thread_binding(3, cores=[0, 1]) == "0|1|0"
+    assert vllm_launch.tensor_parallel_arg(["serve", "OUT", "-tp", "3"]) == 3
+    assert vllm_launch.tensor_parallel_arg(["serve", "OUT", "--tensor-parallel-size=2"]) == 2
+    assert vllm_launch.tensor_parallel_arg(["serve", "OUT", "--port", "8000"]) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    env = vllm_launch.cpu_environment({}, tensor_parallel=2)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_launch.cpu_environment({}, tensor_parallel=1)
+    assert vllm_launch.cpu_environment({"VLLM_CPU_OMP_THREADS_BIND": "0|0"}, tensor_parallel=2)[
+        "VLLM_CPU_OMP_THREADS_BIND"] == "0|0"  # the user's own binding wins

@@ -57,6 +57,11 @@ class AWQPass(Pass):
     layer_wise = True
     scheme_defaults = {"symmetric": False}
     no_clip = AWQ_NO_CLIP  # linears (local names) whose ranges are kept min-max; None clips every linear
+    # How a candidate scale is scored: "linear", the balance linears' own output error (from the Hessian), or
+    # "block", the output error of the block they sit in (mapping.inspect: attention, MLP), re-run on the
+    # recorded calibration inputs, as AutoAWQ and llm-compressor do. Measured in benchmarks/awq_variants.py.
+    score = "linear"
+    _blocks: dict = {}
 
     def check_layout(self, layout, model_type: str) -> None:
         if model_type not in AWQ_MAPPINGS:
@@ -67,29 +72,43 @@ class AWQPass(Pass):
     def make_stats(self, in_features):
         return AWQStats(in_features)
 
-    def prepare_layer(self, layer, members, stats, where: str) -> None:
+    def observe_layer(self, layer) -> list:
+        """Block scoring: record each inspected block's inputs and output during the statistics forward."""
+        self._blocks = {}
+        if self.score != "block":
+            return []
+        mods = dict(layer.named_modules())
+        handles = []
+        for name in {m.inspect for m in self.mappings if m.inspect and m.inspect in mods}:
+            calls = self._blocks.setdefault(name, [])
+
+            def hook(mod, args, kwargs, out, calls=calls):
+                calls.append((args, dict(kwargs), _first(out).detach()))
+
+            handles.append(mods[name].register_forward_hook(hook, with_kwargs=True))
+        return handles
+
+    def prepare_layer(self, layer, members, stats, where: str, sum_over_ranks=None) -> None:
         group_of = {n: gi for gi, names in enumerate(members) for n in names}
         mods = dict(layer.named_modules())
         for m in self.mappings:
-            smooth, bal = mods.get(m.smooth), [mods.get(b) for b in m.balance]
-            if smooth is None or None in bal:
-                missing = [n for n in (m.smooth, *m.balance) if mods.get(n) is None]
-                raise UserError(f"{where}: AWQ mapping {m.smooth} → {m.balance} does not fit this layer "
-                                f"(no module {missing[0]})")
-            if any(b.in_features != smooth.weight.shape[0] for b in bal):
-                if m.when_shapes_match:
-                    continue
-                raise UserError(f"{where}: {m.smooth} output width does not match {m.balance} input width")
+            smooth, bal = _mapping_modules(m, mods, where)
+            if smooth is None:
+                continue
             gids = {group_of.get(b) for b in m.balance}
             if len(gids) != 1 or None in gids:
                 raise UserError(f"{where}: {', '.join(m.balance)} do not read the same input; "
                                 "AWQ cannot scale them together")
             shared = stats[gids.pop()]  # the balanced linears' common input statistics
             W = torch.cat([b.weight.float() for b in bal], dim=0)
-            s, loss, base = search_scale(W, shared.H, shared.absmean, self.scheme)
+            calls = self._blocks.get(m.inspect) if m.inspect else None
+            loss_of = _block_loss(mods[m.inspect], bal, calls) if calls else None
+            s, loss, base = search_scale(W, shared.H, shared.absmean, self.scheme, loss_of=loss_of,
+                                         reduce_sum=sum_over_ranks if loss_of else None)
             fold_scale(smooth, bal, s)
             shared.scale_inputs(s)
             log.debug("%s%s: scaled %s, loss %.4g → %.4g", where, m.smooth, m.balance, base, loss)
+        self._blocks = {}
 
     def compress_group(self, weights, stats, group):
         W = torch.cat([w.float() for w in weights], dim=0)
@@ -109,3 +128,42 @@ class AWQPass(Pass):
         matches each member's local name."""
         keep = [self.no_clip is None or not re.search(self.no_clip, m) for m in group.names]
         return torch.cat([torch.full((n,), k) for n, k in zip(rows, keep)])
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _mapping_modules(m, mods: dict, where: str):
+    """(smooth module, balance linears) of mapping m in this layer; (None, None) when a shape-conditional mapping
+    does not apply (v_proj → o_proj under grouped-query attention)."""
+    smooth, bal = mods.get(m.smooth), [mods.get(b) for b in m.balance]
+    if smooth is None or None in bal:
+        missing = [n for n in (m.smooth, *m.balance) if mods.get(n) is None]
+        raise UserError(f"{where}: AWQ mapping {m.smooth} → {m.balance} does not fit this layer "
+                        f"(no module {missing[0]})")
+    if any(b.in_features != smooth.weight.shape[0] for b in bal):
+        if m.when_shapes_match:
+            return None, None
+        raise UserError(f"{where}: {m.smooth} output width does not match {m.balance} input width")
+    return smooth, bal
+
+
+def _block_loss(block, balance: list, calls: list):
+    """loss_of(effective W) for search_scale: the squared error of `block`'s output over the recorded calls
+    when the balance linears act with the rows of W (concatenated) and every other weight is as it is."""
+    sizes = [b.weight.shape[0] for b in balance]
+
+    @torch.no_grad()
+    def loss_of(effective: torch.Tensor) -> float:
+        originals = [b.weight.data for b in balance]
+        try:
+            for b, w in zip(balance, effective.split(sizes)):
+                b.weight.data = w.to(b.weight.dtype)
+            return sum(float((_first(block(*args, **kwargs)).float() - ref.float()).pow(2).sum())
+                       for args, kwargs, ref in calls)
+        finally:
+            for b, w in zip(balance, originals):
+                b.weight.data = w
+
+    return loss_of

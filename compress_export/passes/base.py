@@ -65,8 +65,14 @@ class Pass:
     def check_layout(self, layout, model_type: str) -> None:
         """Raise a UserError before any work when this model's structure does not suit the pass."""
 
-    def prepare_layer(self, layer, members: List[List[str]], stats: list, where: str) -> None:
-        """Layer-wise passes: change the layer (e.g. fold scales) and its statistics before compression."""
+    def observe_layer(self, layer) -> list:
+        """Layer-wise passes: hooks of the pass's own for the statistics forward (removed after it)."""
+        return []
+
+    def prepare_layer(self, layer, members: List[List[str]], stats: list, where: str, sum_over_ranks=None) -> None:
+        """Layer-wise passes: change the layer (e.g. fold scales) and its statistics before compression.
+        sum_over_ranks(t): sums t in place over distributed ranks (None in a run of one), for anything a pass
+        measures on its own rank's tokens."""
 
     def compress_group(self, weights: List[torch.Tensor], stats, group: LinearGroup) -> List[QuantizedWeight]:
         raise NotImplementedError
