@@ -28,7 +28,8 @@ def _compress_parser():
     p = argparse.ArgumentParser(
         prog="compress-export",
         description="Compress a Hugging Face causal LM into a checkpoint a serving engine runs at once. "
-                    f"Other verbs: {', '.join(VERBS)} (compress-export VERB --help).",
+                    f"Other verbs: {', '.join(VERBS)} (compress-export VERB --help). Distributed calibration: "
+                    "torchrun --nproc-per-node N -m compress_export ARGS (the same arguments).",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)")
     p.add_argument("-o", "--output", help="output directory (default: derived from the input and settings)")

@@ -219,6 +219,8 @@ def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kep
     for name, t in source.outer_tensors(layout.layers_path):
         writer.add(name, t.to(dtype) if t.is_floating_point() else t)
     ignore = [n for n, m in source.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
+    # fused expert modules stay dense: named in ignore too, so engines that read it leave them unquantized
+    ignore += sorted({n.rpartition(".")[0] for n in layout.fused_dense})
     extra = {"method": the_pass.name, "calibration": calib_desc, **asdict(the_pass.options)}
     if the_pass.sparsity is not None:
         extra["sparsity"] = str(the_pass.sparsity)

@@ -31,9 +31,11 @@ def candidate_scales(x_absmean: torch.Tensor, grid: int = SCALE_GRID) -> torch.T
     """The grid of per-input-channel scales AWQ tries: s_k = mean|x|^(k/grid), normalised so √(max·min) = 1 as
     in the reference. Returns [grid, in]; row 0 is no scaling."""
     x = x_absmean.float().clamp(min=0)
-    alphas = torch.arange(grid, device=x.device, dtype=torch.float32)[:, None] / grid
-    s = x[None].pow(alphas).clamp(min=1e-4)
-    return s / (s.amax(dim=1, keepdim=True) * s.amin(dim=1, keepdim=True)).sqrt()
+    rows = []
+    for k in range(grid):  # a scalar exponent per row: a tensor of exponents rounds the last bit differently
+        s = x.pow(k / grid).clamp(min=1e-4)
+        rows.append(s / (s.max() * s.min()).sqrt())
+    return torch.stack(rows)
 
 
 def scaled_dequant(W: torch.Tensor, s: torch.Tensor, scheme: Scheme) -> torch.Tensor:

@@ -171,3 +171,57 @@ def test_awq_mappings_fit_the_other_supported_families(tmp_path, tiny_text, mode
         with torch.no_grad():
             errs[method] = (model(input_ids=ids).logits - base).pow(2).mean().item()
     assert errs["awq"] < errs["rtn"], errs
+
+
+def test_block_score_picks_the_scale_that_minimises_the_blocks_own_output_error(tmp_path):
+    """AWQPass.score = "block": the folded scale of q/k/v is the grid point whose quantized q/k/v change the
+    attention block's output least, recomputed here by hand on the same recorded inputs."""
+    from conftest import make_tiny_llama
+
+    from compress_export.passes.awq_pass import AWQPass
+    from compress_export.scaling import candidate_scales, scaled_dequant
+    from compress_export.sequential import InputGroups, run_layer
+
+    path = make_tiny_llama(tmp_path / "m", layers=1)
+    model = load_model(path)[0]
+    layer = model.model.layers[0]
+    scheme = Scheme(4, 32, False)
+    p = AWQPass(scheme)
+    p.check_layout(None, "llama")
+    p.score = "block"
+    calls = []
+    attn = layer.self_attn
+    h = attn.register_forward_hook(lambda m, a, kw, out: calls.append((a, dict(kw), out[0].detach())),
+                                   with_kwargs=True)
+    groups = InputGroups([(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)], p.make_stats)
+    observers = p.observe_layer(layer)
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+    emb = model.model.embed_tokens(ids)
+    pos = torch.arange(32)[None].expand(4, -1)
+    kw = {"position_embeddings": model.model.rotary_emb(emb, pos), "attention_mask": None, "position_ids": pos}
+    with torch.no_grad():
+        run_layer(layer, emb, kw)
+    h.remove()
+    groups.remove()
+    for o in observers:
+        o.remove()
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    W = torch.cat([m.weight.detach().float() for m in qkv])
+    norm_before = layer.input_layernorm.weight.detach().clone()
+    stats = groups.stats[groups.group_of["self_attn.q_proj"]]
+    cands = candidate_scales(stats.absmean)
+    errors = []
+    with torch.no_grad():
+        for s in cands:  # by hand: swap the weights in, run attention on the recorded call, put them back
+            eff = scaled_dequant(W, s, scheme).split([m.weight.shape[0] for m in qkv])
+            saved = [m.weight.data for m in qkv]
+            for m, w in zip(qkv, eff):
+                m.weight.data = w
+            errors.append(sum(float((attn(*a, **k)[0] - ref).pow(2).sum()) for a, k, ref in calls))
+            for m, w in zip(qkv, saved):
+                m.weight.data = w
+        p.prepare_layer(layer, groups.members, groups.stats, "model.layers.0.")
+    chosen = norm_before / layer.input_layernorm.weight.detach()  # the fold divided the norm by s
+    k = min(range(len(errors)), key=errors.__getitem__)
+    assert max(errors) > 1.01 * min(errors)  # the grid points differ, so picking the right one means something
+    torch.testing.assert_close(chosen, cands[k], rtol=1e-5, atol=1e-6)

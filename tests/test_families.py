@@ -1,5 +1,7 @@
 """Every model family structure.py lists, end to end on a tiny random model: export (RTN W8 and GPTQ W4), load
 with our loader, logits close to the original's. A family that cannot pass this is not listed."""
+import json
+
 import pytest
 import torch
 
@@ -52,6 +54,8 @@ def test_family_end_to_end(model_type, tmp_path, tiny_text):
         fused = sorted(n for n, p in ref.named_parameters() if p.dim() == 3)  # transformers 5's fused experts
         assert sorted(s.fused_dense) == fused, s  # reported as unquantized, never silently
         assert ("fused MoE" in "\n".join(s.lines())) == bool(fused)
+        qc = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+        assert {n.rpartition(".")[0] for n in fused} <= set(qc["modules_not_quantized"])  # and listed as dense
         model, _ = load_model(tmp_path / name)
         with torch.no_grad():
             got = model(input_ids=ids).logits
