@@ -15,7 +15,7 @@ from typing import Optional
 
 from .errors import UserError
 from .formats import FORMATS
-from .passes import PASSES, PassOptions, default_scheme
+from .passes import AWQ_SCORES, PASSES, PassOptions, default_scheme
 from .scheme import PRESETS, Scheme
 
 
@@ -35,6 +35,7 @@ class CompressionConfig:
     batch_size: Optional[int] = None
     damp: float = 0.01
     clip_search: bool = True
+    awq_score: str = "block"  # AWQ scale candidates scored on the block's output ("block") or the linears' ("linear")
     seed: int = 0
 
     def __post_init__(self):
@@ -47,6 +48,8 @@ class CompressionConfig:
             raise UserError(f"batch_size must be at least 1 (got {self.batch_size})")
         if not 0 <= self.damp < 1:
             raise UserError(f"damp must be in [0, 1) (got {self.damp})")
+        if self.awq_score not in AWQ_SCORES:
+            raise UserError(f"awq_score must be one of {', '.join(AWQ_SCORES)} (got {self.awq_score!r})")
 
     # -- what the pipeline needs -------------------------------------------------------------------------------
     def resolved_format(self) -> str:
@@ -75,7 +78,7 @@ class CompressionConfig:
         return base.with_(**kw)
 
     def pass_options(self):
-        return PassOptions(damp=self.damp, clip_search=self.clip_search)
+        return PassOptions(damp=self.damp, clip_search=self.clip_search, awq_score=self.awq_score)
 
     # -- recipes -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -222,6 +222,8 @@ def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kep
     # fused expert modules stay dense: named in ignore too, so engines that read it leave them unquantized
     ignore += sorted({n.rpartition(".")[0] for n in layout.fused_dense})
     extra = {"method": the_pass.name, "calibration": calib_desc, **asdict(the_pass.options)}
+    if the_pass.name != "awq":
+        extra.pop("awq_score")
     if the_pass.sparsity is not None:
         extra["sparsity"] = str(the_pass.sparsity)
     cfg = model_io.read_config(src)
@@ -308,7 +310,8 @@ def config_from_settings(method=None, fmt=None, scheme: Optional[Scheme] = None,
     opts = options or PassOptions()
     return CompressionConfig.from_scheme(scheme, method=method, format=fmt,
                                          sparsity=None if sparsity is None else str(sparsity),
-                                         damp=opts.damp, clip_search=opts.clip_search, **rest)
+                                         damp=opts.damp, clip_search=opts.clip_search,
+                                         awq_score=rest.pop("awq_score", opts.awq_score), **rest)
 
 
 def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity=None):

@@ -117,11 +117,6 @@ def _export_worker(rank, world, port, model, out, settings, same_rows):
     from compress_export.pipeline import compress
 
     _join(rank, world, port)
-    score = settings.pop("awq_score", None)
-    if score:  # AWQ scoring on the block's output: each rank's loss covers its own tokens, summed over ranks
-        from compress_export.passes.awq_pass import AWQPass
-
-        AWQPass.score = score
     if same_rows:  # every rank calibrates on every sample: the merge is then exact in floating point
         Dist.samples = lambda self, ids: ids
     compress(model, out, progress=False, **settings)
@@ -131,8 +126,10 @@ def _export_worker(rank, world, port, model, out, settings, same_rows):
 CASES = {
     "gptq": dict(method="gptq", fmt="gptq", bits=4, group_size=32),
     "gptq-act-two-pass": dict(method="gptq", fmt="gptq", bits=3, group_size=32, act_order="group", batch_size=2),
+    # the block score's losses are each rank's own tokens, summed over the ranks; the linear score's come from
+    # the merged Hessian
     "awq": dict(method="awq", fmt="awq", bits=4, group_size=32),
-    "awq-block-score": dict(method="awq", fmt="awq", bits=4, group_size=32, awq_score="block"),
+    "awq-linear-score": dict(method="awq", fmt="awq", bits=4, group_size=32, awq_score="linear"),
     "sparsegpt-w4": dict(method="sparsegpt", fmt="compressed-tensors", sparsity="2:4", bits=4, group_size=32),
     "wanda": dict(method="wanda", fmt="sparse24", sparsity="2:4"),
     "rtn": dict(method="rtn", fmt="gptq", bits=4, group_size=32),

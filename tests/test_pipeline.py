@@ -152,6 +152,25 @@ def test_options_reach_the_config(tiny_model, tiny_text, tmp_path):
     run(tiny_model, tiny_text, tmp_path / "out", method="gptq", options=PassOptions(damp=0.05))
     q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert q["damp_percent"] == 0.05 and q["compress_export"]["method"] == "gptq"
+    assert "awq_score" not in q["compress_export"]  # AWQ's own option is recorded only for AWQ exports
+
+
+def test_awq_score_option_from_the_cli_reaches_the_pass_and_the_config(tiny_model, tiny_text, tmp_path):
+    from compress_export.cli import main
+    from compress_export.config import CompressionConfig
+    from compress_export.errors import UserError
+
+    for score in ("linear", "block"):
+        assert main([str(tiny_model), "-o", str(tmp_path / score), "--method", "awq", "--format", "awq",
+                     "--group-size", "32", "--dataset", str(tiny_text), "--num-samples", "4", "--seq-len", "32",
+                     "--awq-score", score, "-q"]) == 0
+        q = json.loads((tmp_path / score / "config.json").read_text())["quantization_config"]
+        assert q["compress_export"]["awq_score"] == score
+    _, a, _ = read_quantized(tmp_path / "linear")
+    _, b, _ = read_quantized(tmp_path / "block")
+    assert any(not torch.equal(a[k].codes, b[k].codes) for k in a)  # the option changed what the pass did
+    with pytest.raises(UserError, match="awq_score"):
+        CompressionConfig(awq_score="output")
 
 
 def test_convert_repacks_the_same_numbers_into_every_format(tiny_model, tiny_text, tmp_path):

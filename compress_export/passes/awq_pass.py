@@ -57,10 +57,9 @@ class AWQPass(Pass):
     layer_wise = True
     scheme_defaults = {"symmetric": False}
     no_clip = AWQ_NO_CLIP  # linears (local names) whose ranges are kept min-max; None clips every linear
-    # How a candidate scale is scored: "linear", the balance linears' own output error (from the Hessian), or
-    # "block", the output error of the block they sit in (mapping.inspect: attention, MLP), re-run on the
-    # recorded calibration inputs, as AutoAWQ and llm-compressor do. Measured in benchmarks/awq_variants.py.
-    score = "linear"
+    # How a candidate scale is scored (passes.base.AWQ_SCORES); None: the run's --awq-score (PassOptions).
+    # Set on the class only by benchmarks and tests that compare the two.
+    score = None
     _blocks: dict = {}
 
     def check_layout(self, layout, model_type: str) -> None:
@@ -75,7 +74,7 @@ class AWQPass(Pass):
     def observe_layer(self, layer) -> list:
         """Block scoring: record each inspected block's inputs and output during the statistics forward."""
         self._blocks = {}
-        if self.score != "block":
+        if (self.score or self.options.awq_score) != "block":
             return []
         mods = dict(layer.named_modules())
         handles = []

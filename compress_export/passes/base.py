@@ -17,12 +17,19 @@ PASSES: Registry = Registry("method")
 register_pass = PASSES.register
 
 
+# How AWQ scores a scale candidate: "block", the output error of the attention or MLP block the balance linears sit
+# in, re-run on the recorded calibration inputs (AutoAWQ, llm-compressor); "linear", the balance linears' own
+# output error from the Hessian (no re-run: 9× faster on SmolLM2, 2% worse perplexity; benchmarks/awq_variants.py).
+AWQ_SCORES = ("block", "linear")
+
+
 @dataclass(frozen=True)
 class PassOptions:
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = True
     min_zero: int = 0  # set by the pipeline from the output format's limits
+    awq_score: str = "block"  # see AWQ_SCORES
 
 
 @dataclass(frozen=True)
