@@ -142,3 +142,35 @@ def test_transformers_with_compressed_tensors_loads_the_tiny_export(tiny_model, 
                  num_samples=8, seq_len=32, progress=False)
         r = compare_reference(out, tiny_text, window=64)
         assert r["top1_agreement"] >= 0.99 and r["max_abs_dlogit"] < 1e-3, (name, r)
+
+
+def test_quantization_configs_are_the_fields_engines_read_and_parse_back():
+    """Each format's typed config model writes the keys AutoGPTQ/GPTQModel, AutoAWQ, compressed-tensors and vLLM
+    read, with the values written out by hand here, and parses its own output back to the same model."""
+    from compress_export import __version__
+    from compress_export.formats.awq import AWQConfig
+    from compress_export.formats.compressed_tensors import CompressedTensorsConfig
+    from compress_export.formats.gptq import GPTQConfig
+    from compress_export.formats.sparse import Sparse24Config
+
+    ours = [f"compress-export:{__version__}"]
+    extra = {"method": "gptq", "damp": 0.05}
+    gptq = FORMATS.get("gptq")().quantization_config(Scheme(3, 32, False, "group"), ["lm_head"], extra)
+    assert gptq == {"quant_method": "gptq", "bits": 3, "group_size": 32, "desc_act": True, "sym": False,
+                    "static_groups": False, "true_sequential": True, "lm_head": False, "checkpoint_format": "gptq",
+                    "damp_percent": 0.05, "quantizer": ours, "modules_not_quantized": ["lm_head"],
+                    "compress_export": extra}
+    awq = FORMATS.get("awq")().quantization_config(Scheme(4, 64, True), [], {"method": "awq"})
+    assert awq == {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm",
+                   "modules_to_not_convert": [], "quantizer": ours,
+                   "compress_export": {"method": "awq", "symmetric": True}}
+    ct = FORMATS.get("compressed-tensors")().quantization_config(Scheme(8, -1, True), ["lm_head"], {})
+    w = ct["config_groups"]["group_0"]["weights"]
+    assert (ct["format"], w["num_bits"], w["strategy"], w["group_size"], w["actorder"], ct["ignore"]) == \
+        ("pack-quantized", 8, "channel", None, None, ["lm_head"])
+    for model, qcfg in ((GPTQConfig, gptq), (AWQConfig, awq), (CompressedTensorsConfig, ct)):
+        assert model.parse(qcfg).to_dict() == qcfg
+    s24 = Sparse24Config(Scheme(4, 32, True), torch.bfloat16, ("lm_head",), {})
+    assert s24.to_dict()["value_dtype"] == "bfloat16" and Sparse24Config.parse(s24.to_dict()) == s24
+    assert GPTQConfig.parse(gptq).scheme == Scheme(3, 32, False, "group")
+    assert AWQConfig.parse(awq).scheme == Scheme(4, 64, True, "none")
