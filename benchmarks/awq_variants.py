@@ -1,7 +1,7 @@
 """AWQ's reference behaviours, measured: the clip search on every linear (this project's first AWQ) against
 skipping it on the query and key projections (AutoAWQ, llm-compressor: `structure.AWQ_NO_CLIP`, the default);
 and a scale scored on the balance linears' own output (from the Hessian) against the output of the whole
-attention or MLP block, re-run on the recorded calibration inputs (AutoAWQ, llm-compressor: `AWQPass.score`).
+attention or MLP block, re-run on the recorded calibration inputs (AutoAWQ, llm-compressor: `--awq-score`).
 
   python benchmarks/awq_variants.py [--num-samples 64] [--seq-len 512] [--group-size 64] [--variants K ...]
 
@@ -24,7 +24,7 @@ from compress_export.pipeline import compress
 from compress_export.scheme import Scheme
 from compress_export.structure import AWQ_NO_CLIP
 
-# name → (AWQPass.no_clip, AWQPass.score)
+# name → (AWQPass.no_clip, the awq_score setting)
 VARIANTS = {"clip every linear": (None, "linear"),
             "no clip on q/k (reference)": (AWQ_NO_CLIP, "linear"),
             "no clip on q/k, block-output scale score (reference)": (AWQ_NO_CLIP, "block")}
@@ -40,15 +40,14 @@ def main():
     a = p.parse_args()
     chosen = [n for i, n in enumerate(VARIANTS) if a.variants is None or i in a.variants]
     model, rows = example_model(), []
-    default_score = AWQPass.score
     try:
         for name in chosen:
-            AWQPass.no_clip, AWQPass.score = VARIANTS[name]
+            AWQPass.no_clip, score = VARIANTS[name]
             with tempfile.TemporaryDirectory() as tmp:
                 out, t = Path(tmp) / "awq", time.time()
                 compress(model, out, method="awq", fmt="awq", scheme=Scheme(4, a.group_size, False),
                          dataset=str(TEXT / "calib.txt"), num_samples=a.num_samples, seq_len=a.seq_len,
-                         progress=False)
+                         awq_score=score, progress=False)
                 seconds = round(time.time() - t, 1)
                 ev = cli("eval", out, "--text", TEXT / "eval.txt")
             rows.append({"variant": name, "token_ppl": round(ev["token_perplexity"], 2),
@@ -56,7 +55,7 @@ def main():
                          "seconds": seconds})
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        AWQPass.no_clip, AWQPass.score = AWQ_NO_CLIP, default_score
+        AWQPass.no_clip = AWQ_NO_CLIP
     print(f"\nSmolLM2 AWQ W4 g{a.group_size} asym, {a.num_samples}×{a.seq_len} calibration tokens, eval.txt\n")
     print("| variant | token ppl | word ppl | bits/byte | compress s |\n|---|---|---|---|---|")
     for r in rows:

@@ -312,7 +312,6 @@ DISK_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota ex
 
 def main(argv=None) -> int:
     import errno
-    import os
     import signal
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -323,7 +322,7 @@ def main(argv=None) -> int:
 
         tune_process()  # long tensor work ahead; before torch is imported: see runtime.py
     rank = _rank()  # torchrun: warnings once (rank 0), errors from every rank, prefixed with it
-    who = f"compress-export[rank {rank}]" if "WORLD_SIZE" in os.environ and rank else "compress-export"
+    who = f"compress-export[rank {rank}]" if rank else "compress-export"
     logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
                         format=f"{who + ': ' if rank else ''}%(levelname)s: %(message)s")
     verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "convert": cmd_convert, "serve": cmd_serve,

@@ -53,10 +53,11 @@ def search_scale(W: torch.Tensor, H: torch.Tensor, x_absmean: torch.Tensor, sche
     grid's losses over distributed ranks when each rank saw only its own tokens.
     Returns (s, loss at s, loss without scaling)."""
     W = W.float()
+    if loss_of is None:
+        def loss_of(effective):
+            return quadratic_error(W - effective, H)
     candidates = candidate_scales(x_absmean, grid)
-    losses = torch.tensor([quadratic_error(W - scaled_dequant(W, s, scheme), H) if loss_of is None
-                           else float(loss_of(scaled_dequant(W, s, scheme))) for s in candidates],
-                          dtype=torch.float64)
+    losses = torch.tensor([float(loss_of(scaled_dequant(W, s, scheme))) for s in candidates], dtype=torch.float64)
     if reduce_sum is not None:
         losses = reduce_sum(losses)
     best = int(torch.argmin(losses))

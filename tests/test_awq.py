@@ -174,10 +174,11 @@ def test_awq_mappings_fit_the_other_supported_families(tmp_path, tiny_text, mode
 
 
 def test_block_score_picks_the_scale_that_minimises_the_blocks_own_output_error(tmp_path):
-    """AWQPass.score = "block": the folded scale of q/k/v is the grid point whose quantized q/k/v change the
+    """awq_score "block": the folded scale of q/k/v is the grid point whose quantized q/k/v change the
     attention block's output least, recomputed here by hand on the same recorded inputs."""
     from conftest import make_tiny_llama
 
+    from compress_export.passes import PassOptions
     from compress_export.passes.awq_pass import AWQPass
     from compress_export.scaling import candidate_scales, scaled_dequant
     from compress_export.sequential import InputGroups, run_layer
@@ -186,9 +187,8 @@ def test_block_score_picks_the_scale_that_minimises_the_blocks_own_output_error(
     model = load_model(path)[0]
     layer = model.model.layers[0]
     scheme = Scheme(4, 32, False)
-    p = AWQPass(scheme)
+    p = AWQPass(scheme, PassOptions(awq_score="block"))
     p.check_layout(None, "llama")
-    p.score = "block"
     calls = []
     attn = layer.self_attn
     h = attn.register_forward_hook(lambda m, a, kw, out: calls.append((a, dict(kw), out[0].detach())),

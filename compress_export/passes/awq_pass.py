@@ -57,10 +57,7 @@ class AWQPass(Pass):
     layer_wise = True
     scheme_defaults = {"symmetric": False}
     no_clip = AWQ_NO_CLIP  # linears (local names) whose ranges are kept min-max; None clips every linear
-    # How a candidate scale is scored (passes.base.AWQ_SCORES); None: the run's --awq-score (PassOptions).
-    # Set on the class only by benchmarks and tests that compare the two.
-    score = None
-    _blocks: dict = {}
+    _blocks: dict = {}  # inspected block name → its recorded calls (block scoring), for the layer being prepared
 
     def check_layout(self, layout, model_type: str) -> None:
         if model_type not in AWQ_MAPPINGS:
@@ -74,7 +71,7 @@ class AWQPass(Pass):
     def observe_layer(self, layer) -> list:
         """Block scoring: record each inspected block's inputs and output during the statistics forward."""
         self._blocks = {}
-        if (self.score or self.options.awq_score) != "block":
+        if self.options.awq_score != "block":
             return []
         mods = dict(layer.named_modules())
         handles = []
