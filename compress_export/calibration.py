@@ -1,8 +1,20 @@
-"""Calibration data: a .txt, a .jsonl with a `text` field, a local `datasets` directory, or none (data-free).
+"""Calibration data. `--dataset` takes a path or one of two reserved names:
 
-Files are tokenized whole and cut into the first N non-overlapping chunks of seq_len tokens, no shuffling, so
-the same file always gives the same samples. Without a dataset the model writes its own calibration text
-(data-free, as in LLM-QAT): each sample starts from a seeded random token and is sampled from the model.
+- `builtin` (the default when --dataset is not given): compress_export/data/calibration.txt, ~40k tokens of
+  varied English written for this project (narrative, expository, dialogue, verse drama, instructions, lists,
+  letters, code, tables and numbers). It is cut into every whole window of seq_len tokens and num_samples of them
+  are picked evenly spaced across the text, so a small set still sees every register. Reading it takes well
+  under a second and needs no model. Only when more windows are asked for than it holds (77 × 512 with SmolLM2's
+  tokenizer, so the default 64 × 512 fits) does the model continue seeded passages of it to fill the rest:
+  KV-cached, batched sampling, slow on CPU, so large sets are better given as --dataset.
+- `self`: the model writes its own calibration text (data-free, as in LLM-QAT): each sample starts from a seeded
+  random token and is sampled from the model. Slow (most of a CPU run) and worse than real text; kept for models
+  whose tokenizer makes the built-in text meaningless, and to reproduce older exports.
+- a path: a .txt, a .jsonl with a `text` field, or a local `datasets` directory, tokenized whole and cut into the
+  first N non-overlapping chunks of seq_len tokens, no shuffling. A file literally named `builtin` or `self` is
+  given as ./builtin.
+
+Every source is deterministic: the same text (and seed, where the model writes) gives the same samples.
 """
 from __future__ import annotations
 
@@ -17,11 +29,13 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+BUILTIN, SELF = "builtin", "self"  # the reserved --dataset names (see the module docstring)
+PROMPT_TOKENS = 32  # real tokens that start each model-continued sample; the model writes the rest
+
 
 def read_text(path: Path) -> str:
     if path.is_dir():
         try:
-            import datasets  # noqa: F401
             from datasets import load_from_disk
         except ImportError:
             raise UserError(f"--dataset {path} is a directory: reading it needs the `datasets` package") from None
@@ -56,10 +70,14 @@ def chunk_tokens(ids: torch.Tensor, num_samples: int, seq_len: int, where: str) 
     return ids[: n * seq_len].view(n, seq_len).clone()
 
 
-def check_dataset(path) -> Path:
+def check_dataset(path) -> str:
+    """The reserved name as given, else the path after checking it exists (run in preflight, before any load)."""
+    if path in (BUILTIN, SELF):
+        return path
     p = Path(path)
     if not p.exists():
-        raise UserError(f"--dataset {p} does not exist")
+        raise UserError(f"--dataset {p} does not exist (give a .txt, .jsonl or datasets directory, or `{BUILTIN}` "
+                        f"for the built-in text, or `{SELF}` for text the model writes itself)")
     return p
 
 
@@ -92,10 +110,92 @@ def data_free(model, tokenizer, num_samples: int, seq_len: int, seed: int = 0, b
     return torch.cat(out)
 
 
-def calibration_ids(model, tokenizer, dataset: Optional[str], num_samples: int, seq_len: int,
-                    seed: int = 0, progress=None) -> torch.Tensor:
+def builtin_text() -> str:
+    from importlib.resources import files
+
+    return (files("compress_export") / "data" / "calibration.txt").read_text(encoding="utf-8")
+
+
+def spread_windows(ids: torch.Tensor, num_samples: int, seq_len: int) -> torch.Tensor:
+    """min(num_samples, all) whole windows of seq_len tokens, evenly spaced over ids, the first one at token 0."""
+    count = ids.numel() // seq_len
+    take = min(num_samples, count)
+    windows = ids[: count * seq_len].view(count, seq_len)
+    return windows[[i * count // take for i in range(take)]].clone()
+
+
+def _the_model(model):
+    """`model`, or what it returns when it is a loader: a streamed source has no weights in memory, so the caller
+    passes a callable and the whole model is loaded only if text must be generated."""
+    return model if isinstance(model, torch.nn.Module) or not callable(model) else model()
+
+
+@torch.no_grad()
+def continue_passages(model, prompts: torch.Tensor, seq_len: int, seed: int, banned=(), batch_size: int = 32,
+                      top_k: int = 50, progress=None) -> torch.Tensor:
+    """Each row of prompts [n, p] continued by the model to seq_len tokens: temperature-1 top-k sampling with a
+    KV cache (one token per step after the prompt's forward), batch_size rows at a time, from a generator seeded
+    here (the global RNG is left alone). `banned` ids (special tokens) are never sampled, so the text runs on
+    instead of ending in an end-of-turn marker and whatever follows it."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device  # the model runs where it is; sampling stays on the CPU generator
+    out = []
+    for b in range(0, prompts.shape[0], batch_size):
+        seq = prompts[b:b + batch_size]
+        step = model(input_ids=seq.to(dev), use_cache=True)
+        while seq.shape[1] < seq_len:
+            logits = step.logits[:, -1].float().cpu()
+            logits[:, list(banned)] = float("-inf")
+            top, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+            nxt = idx.gather(-1, torch.multinomial(top.softmax(-1), 1, generator=gen))
+            seq = torch.cat([seq, nxt], 1)
+            if seq.shape[1] < seq_len:
+                step = model(input_ids=nxt.to(dev), past_key_values=step.past_key_values, use_cache=True)
+        out.append(seq)
+        if progress:
+            progress(b + seq.shape[0], prompts.shape[0])
+    return torch.cat(out)
+
+
+def from_builtin(model, tokenizer, num_samples: int, seq_len: int, seed: int = 0, progress=None):
+    """(ids, how many samples the model continued): evenly spread windows of the built-in text, then, only if
+    it runs out, passages of it at seeded random offsets continued by the model."""
+    ids = tokenizer(builtin_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    real = spread_windows(ids, num_samples, seq_len) if ids.numel() >= seq_len else ids[:0].view(0, seq_len)
+    missing = num_samples - real.shape[0]
+    if missing == 0:
+        return real, 0
+    log.warning("the built-in calibration text holds %d samples of %d tokens; the model writes the other %d "
+                "(slow on CPU: give --dataset for large sets)", real.shape[0], seq_len, missing)
+    p = max(1, min(PROMPT_TOKENS, seq_len // 2, ids.numel()))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - p + 1, (missing,), generator=gen).tolist()
+    prompts = torch.stack([ids[s:s + p] for s in starts])
+    written = continue_passages(_the_model(model), prompts, seq_len, seed, banned=tokenizer.all_special_ids,
+                                progress=progress)
+    return torch.cat([real, written]), missing
+
+
+def calibration_set(model, tokenizer, dataset: Optional[str], num_samples: int, seq_len: int, seed: int = 0,
+                    progress=None):
+    """(ids [num_samples, seq_len], a description naming the source) for --dataset `dataset` (None: builtin).
+    `model` may be a loader (see _the_model); it is called only when the model has to write text.
+    progress(done, total) is called while the model writes."""
     if num_samples <= 0 or seq_len <= 1:
         raise UserError("--num-samples must be ≥ 1 and --seq-len ≥ 2")
-    if dataset:
-        return from_file(tokenizer, dataset, num_samples, seq_len)
-    return data_free(model, tokenizer, num_samples, seq_len, seed, progress=progress)
+    dataset = dataset or BUILTIN
+    if dataset == SELF:
+        ids = data_free(_the_model(model), tokenizer, num_samples, seq_len, seed, progress=progress)
+        return ids, f"{ids.shape[0]}×{seq_len} tokens from the model itself (--dataset {SELF}, data-free, seed {seed})"
+    if dataset == BUILTIN:
+        ids, written = from_builtin(model, tokenizer, num_samples, seq_len, seed, progress)
+        note = f"; {written} samples continued by the model from its passages, seed {seed}" if written else ""
+        return ids, f"{ids.shape[0]}×{seq_len} tokens from the built-in calibration text (--dataset {BUILTIN}{note})"
+    ids = from_file(tokenizer, dataset, num_samples, seq_len)
+    return ids, f"{ids.shape[0]}×{seq_len} tokens from {dataset}"
+
+
+def calibration_ids(model, tokenizer, dataset: Optional[str], num_samples: int, seq_len: int,
+                    seed: int = 0, progress=None) -> torch.Tensor:
+    """The ids of calibration_set, without the description."""
+    return calibration_set(model, tokenizer, dataset, num_samples, seq_len, seed, progress)[0]

@@ -39,7 +39,9 @@ def _compress_parser():
                    help="compression pass (default: the format's namesake; gptq for compressed-tensors)")
     p.add_argument("--sparsity", help="prune: N:M (2:4) or a fraction (0.5, unstructured); with --method "
                                       "magnitude, wanda or sparsegpt (default sparsegpt); add --bits to quantize too")
-    p.add_argument("--scheme", choices=sorted(PRESETS), help="preset; --bits/--group-size/... override it")
+    p.add_argument("--scheme", choices=sorted(PRESETS), help="preset; --bits/--group-size/... override it. W8A8: "
+                   "int8 weights and per-token int8 activations, written as compressed-tensors int-quantized, "
+                   "which vLLM runs with its own int8 kernels")
     p.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int,
                    help="columns per scale group; -1 = per output channel (default: 128 if it divides every "
@@ -56,8 +58,9 @@ def _compress_parser():
                    help="AWQ: score each scale candidate on the attention/MLP block's output (block, the default, "
                         "as AutoAWQ does) or on the scaled linears' own output (linear: about 9x faster, slightly "
                         "worse)")
-    p.add_argument("--dataset", help=".txt, .jsonl (`text` field) or a datasets directory "
-                                     "(default: data-free, text sampled from the model itself)")
+    p.add_argument("--dataset", help="calibration text: builtin (the default: ~40k tokens of varied English "
+                                     "shipped with the package), self (data-free: text the model writes itself, "
+                                     "slow), or a .txt, .jsonl (`text` field) or datasets directory")
     p.add_argument("--num-samples", type=int, help="calibration samples (default 64)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 512)")
     p.add_argument("--batch-size", type=int, help="calibration samples per forward (default: all at once "
@@ -76,7 +79,21 @@ def _compress_parser():
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.add_argument("--version", action="version", version=f"compress-export {__version__}")
+    _beyond_weight_only(p)
     return p
+
+
+def _beyond_weight_only(p) -> None:
+    """Flags of the passes around the weight pass: SmoothQuant before it, the low-rank correction after it."""
+    g = p.add_argument_group("around the weight pass")
+    g.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="W8A8: SmoothQuant before the weight pass, moving activation outliers into the weights "
+                        "(α in (0, 1]; default 0.5 for W8A8 with rtn/gptq; 0 turns it off)")
+    g.add_argument("--lowrank-rank", type=int, metavar="R",
+                   help="add a rank-R correction of each linear's quantization error (EoRA), written as a LoRA "
+                        "adapter in OUT/lowrank (compress-export serve enables it; plain vllm serve needs "
+                        "--enable-lora --lora-modules corr=OUT/lowrank --max-lora-rank R or more; our loader and "
+                        "from_pretrained apply it)")
 
 
 def config_from_args(a):
@@ -87,7 +104,8 @@ def config_from_args(a):
     return cfg.with_(method=a.method, format=a.format, scheme=a.scheme, bits=a.bits, group_size=a.group_size,
                      symmetric=a.symmetric, act_order=a.act_order, sparsity=a.sparsity, dataset=a.dataset,
                      num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, damp=a.damp,
-                     seed=a.seed, clip_search=False if a.no_clip_search else None, awq_score=a.awq_score)
+                     seed=a.seed, clip_search=False if a.no_clip_search else None, awq_score=a.awq_score,
+                     smoothquant=a.smoothquant, lowrank_rank=a.lowrank_rank)
 
 
 def cmd_compress(argv):
@@ -148,23 +166,45 @@ def cmd_eval(argv):
     p.add_argument("--text", required=True, help="UTF-8 text to score, e.g. ../shared/data/text/eval.txt")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window", type=int, default=512)
+    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                   help="torch: our loader in fp32 (default); vllm: vLLM's prompt log-probabilities, i.e. what "
+                        "vLLM serves (its kernels, dtype and any activation quantization)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="--engine vllm: the engine dtype (default: this machine's fastest)")
+    p.add_argument("--no-lowrank", dest="lowrank", action="store_false",
+                   help="leave out the export's low-rank correction (OUT/lowrank; applied by default)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     from pathlib import Path
 
-    from .evaluate import perplexity
-    from .loading import load_model
+    from .lowrank import ADAPTER_DIR
 
     if not Path(a.text).is_file():
         raise UserError(f"--text {a.text} is not a file")
-    model, tok = load_model(a.dir)
-    r = perplexity(model, tok, Path(a.text).read_text(encoding="utf-8"), a.window, a.windows)
-    if a.json:
-        print(json.dumps(r.as_dict(), indent=2))
+    if a.engine == "vllm":
+        from compress_export.integrations.validate import vllm_perplexity
+        from compress_export.model_io import check_model_dir
+
+        adapter = Path(a.dir) / ADAPTER_DIR
+        lora = adapter if a.lowrank and adapter.is_dir() else None
+        res = vllm_perplexity(check_model_dir(a.dir), a.text, a.window, a.windows, a.dtype, lora=lora)
+        r, where = res["perplexity"], f"vLLM {res.get('quantization') or 'unquantized'}, {res.get('dtype')}"
+        r["kernels"] = res.get("kernels")
+        where += ", with its low-rank adapter" if lora else ""
     else:
-        print(f"{a.dir}: token ppl {r.token_perplexity:.3f}  word ppl {r.word_perplexity:.2f}  "
-              f"byte ppl {r.byte_perplexity:.4f}  bits/byte {r.bits_per_byte:.4f}  "
-              f"({r.windows}×{a.window} tokens, {r.seconds:.1f} s)")
+        from .evaluate import perplexity
+        from .loading import load_model
+
+        model, tok = load_model(a.dir, lowrank=a.lowrank)
+        r, where = perplexity(model, tok, Path(a.text).read_text(encoding="utf-8"), a.window, a.windows).as_dict(), \
+            "our loader, float32"
+        where += ", with its low-rank adapter" if a.lowrank and (Path(a.dir) / ADAPTER_DIR).is_dir() else ""
+    if a.json:
+        print(json.dumps({**r, "engine": where}, indent=2))
+    else:
+        print(f"{a.dir}: token ppl {r['token_perplexity']:.3f}  word ppl {r['word_perplexity']:.2f}  "
+              f"byte ppl {r['byte_perplexity']:.4f}  bits/byte {r['bits_per_byte']:.4f}  "
+              f"({r['windows']}×{a.window} tokens, {r['seconds']:.1f} s; {where})")
     return 0
 
 
@@ -173,7 +213,9 @@ SERVE_HELP = """usage: compress-export serve OUT_DIR [vLLM serve arguments]
 Start vLLM's OpenAI-compatible server (`vllm serve OUT_DIR`) with settings that work on this machine: on a CPU,
 the CPU platform forced, the CPU's fastest dtype ({dtype} here), eager mode and a 1 GiB KV cache
 (VLLM_CPU_KVCACHE_SPACE). Every vLLM flag after OUT_DIR is passed through and overrides ours (`vllm serve --help`
-lists them); our plugin runs the export's compressed linears where vLLM has no kernel for them."""
+lists them); our plugin runs the export's compressed linears where vLLM has no kernel for them. An export with a
+low-rank correction (OUT/lowrank, from --lowrank-rank) is served with it as the LoRA adapter `corr`
+(--enable-lora --lora-modules corr=OUT/lowrank): requests naming the model `corr` get the corrected model."""
 
 
 def cmd_serve(argv):

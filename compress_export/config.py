@@ -29,7 +29,7 @@ class CompressionConfig:
     symmetric: Optional[bool] = None
     act_order: Optional[str] = None
     sparsity: Optional[str] = None  # "2:4" or a fraction such as "0.5"; needs a pruning method
-    dataset: Optional[str] = None  # .txt, .jsonl or a datasets folder; None: data-free calibration
+    dataset: Optional[str] = None  # .txt, .jsonl, a datasets folder, "builtin" or "self"; None: "builtin"
     num_samples: int = 64
     seq_len: int = 512
     batch_size: Optional[int] = None
@@ -37,6 +37,9 @@ class CompressionConfig:
     clip_search: bool = True
     awq_score: str = "block"  # AWQ scale candidates scored on the block's output ("block") or the linears' ("linear")
     seed: int = 0
+    smoothquant: Optional[float] = None  # W8A8: SmoothQuant's α before the weight pass; None: 0.5 where it applies
+    # (W8A8 with RTN/GPTQ on a model with mappings), else off; 0: off
+    lowrank_rank: int = 0  # rank of the low-rank error correction (a LoRA adapter in OUT/lowrank); 0: none
 
     def __post_init__(self):
         if self.scheme is not None and self.scheme not in PRESETS:
@@ -48,6 +51,10 @@ class CompressionConfig:
             raise UserError(f"batch_size must be at least 1 (got {self.batch_size})")
         if not 0 <= self.damp < 1:
             raise UserError(f"damp must be in [0, 1) (got {self.damp})")
+        if self.smoothquant is not None and not 0 <= self.smoothquant <= 1:
+            raise UserError(f"smoothquant must be an α between 0 and 1 (got {self.smoothquant})")
+        if self.lowrank_rank < 0:
+            raise UserError(f"lowrank_rank must be 0 (none) or a positive rank (got {self.lowrank_rank})")
         if self.awq_score not in AWQ_SCORES:
             raise UserError(f"awq_score must be one of {', '.join(AWQ_SCORES)} (got {self.awq_score!r})")
 
@@ -55,6 +62,8 @@ class CompressionConfig:
     def resolved_format(self) -> str:
         if self.format:
             return self.format
+        if self.scheme and PRESETS[self.scheme].act_bits == 8:
+            return "compressed-tensors"  # the one format that records activation quantization (int-quantized)
         if self.sparsity:
             return "sparse24" if ":" in str(self.sparsity) else "dense"
         return "gptq"
@@ -123,4 +132,6 @@ class CompressionConfig:
         if scheme is not None:
             kw.update(bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric,
                       act_order=scheme.act_order)
+            if scheme.act_bits == 8:
+                kw.setdefault("scheme", "W8A8")
         return cls(**{k: v for k, v in kw.items() if v is not None})

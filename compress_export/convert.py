@@ -5,12 +5,14 @@ be expressed (3-bit into AWQ GEMM, a zero point of 0 into GPTQ v1) is refused be
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from . import model_io
 from .errors import UserError
 from .loading import read_quantized
+from .lowrank import ADAPTER_DIR
 from .writer import CheckpointWriter, check_output_path
 
 
@@ -43,6 +45,8 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
             writer.add(name, t)
         new_cfg = dict(cfg)
         new_cfg["quantization_config"] = target.quantization_config(scheme, ignore, extra)
+        if (src / ADAPTER_DIR).is_dir():  # the low-rank correction is the same numbers in every format
+            shutil.copytree(src / ADAPTER_DIR, writer.tmp / ADAPTER_DIR)
         return writer.finish(new_cfg, src, overwrite)
     except BaseException:
         writer.abort()

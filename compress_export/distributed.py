@@ -65,6 +65,15 @@ class Dist:
                 t.copy_(moved)
         return t
 
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place element-wise maximum over ranks (SmoothQuant's activation ranges)."""
+        if self.active:
+            moved = t.to(self.device)
+            torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.MAX)
+            if moved is not t:
+                t.copy_(moved)
+        return t
+
     def merge_stats(self, stats) -> None:
         """One linear group's statistics, merged so that every rank holds those of the whole calibration set."""
         if self.active and stats is not None:

@@ -2,7 +2,7 @@
 
 Packed linears are unpacked by their format into the QuantizedWeight they came from, then either dequantized
 into ordinary nn.Linear weights (`mode="dequant"`, exact reference) or run through the kernel registry
-(`mode="kernel"`). Only safetensors are read; no remote code unless asked.
+(`mode="kernel"`). W8A8 linears run their int8 kernel in both modes (activation quantization is part of them). Only safetensors are read; no remote code unless asked.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from . import model_io
 from .errors import UserError
+from .lowrank import ADAPTER_DIR, apply_adapter
 
 
 def read_tensors(path: Path) -> dict:
@@ -36,7 +37,7 @@ def read_quantized(path) -> tuple:
         raise UserError(f"{p} has no quantization_config: it is not an export")
     fmt = format_for_config(qcfg)
     tensors = read_tensors(p)
-    first = fmt.primary
+    first = fmt.primary_tensor(qcfg)
     modules = sorted(k[: -len(first) - 1] for k in tensors if k.endswith("." + first))
     groups = defaultdict(dict)
     for k in list(tensors):
@@ -46,8 +47,10 @@ def read_quantized(path) -> tuple:
     return cfg, {m: fmt.read(m, groups[m], qcfg) for m in modules}, tensors
 
 
-def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_code: bool = False):
-    """Return (model, tokenizer). A plain (unquantized) directory loads as transformers would load it."""
+def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_code: bool = False,
+               lowrank: bool = True):
+    """Return (model, tokenizer). A plain (unquantized) directory loads as transformers would load it.
+    lowrank: apply the export's low-rank correction (OUT/lowrank) when it has one."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     p = model_io.check_model_dir(path)
@@ -86,10 +89,16 @@ def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_co
                         f"unexpected {unexpected[:4]})")
     model.tie_weights()
     model = model.to(dtype).eval()
-    if mode == "kernel":
+    # W8A8 linears always run their int8 kernel: quantizing activations per token is part of the model's function,
+    # which a dequantized weight cannot express
+    run = qweights if mode == "kernel" else {n: q for n, q in qweights.items() if getattr(q.scheme, "act_bits", 16) == 8}
+    if run:
         from compress_export.kernels.linear import replace_linears
 
-        replace_linears(model, qweights, dtype)
+        replace_linears(model, run, dtype)
+    adapter = p / ADAPTER_DIR
+    if lowrank and adapter.is_dir():
+        apply_adapter(model, adapter)
     return model, tok
 
 

@@ -24,6 +24,9 @@ from .passes import PASSES, LinearGroup, PassOptions, default_scheme
 from .progress import Progress
 from .result import SparseWeight
 from .scheme import Scheme
+from .lowrank import ADAPTER_DIR, check_rank, hessian_basis, lowrank_correction, save_adapter, storage_dtype
+from .result import corrected
+from .smoothing import Smoothing
 from .sequential import (CompressOnFirstCall, InputGroups, capture_layer0_inputs, probe_groups, run_layer,
                          to_device)
 from .source import open_source
@@ -53,13 +56,16 @@ class Summary:
     streamed: bool = False  # read one decoder layer at a time from the shards (else the whole model in memory)
     device: str = "cpu"
     ranks: int = 1  # processes that shared the calibration (torchrun)
+    lowrank_rank: int = 0  # rank of the low-rank correction written as a LoRA adapter in OUT/lowrank (0: none)
+    smoothquant: Optional[float] = None  # SmoothQuant's α when it ran (W8A8), else None
 
     def lines(self):
         what = " ".join(x for x in (f"sparsity {self.sparsity}" if self.sparsity else "",
                                     str(self.scheme) if self.scheme else "") if x)
         return [
             f"wrote {self.output}",
-            f"  {self.method} → {self.format} {what}",
+            f"  {self.method} → {self.format} {what}"
+            + (f"; SmoothQuant α = {self.smoothquant}" if self.smoothquant is not None else ""),
             f"  {self.linears} linears in {self.decoder_layers} decoder layers; calibration: {self.calibration}",
             *([f"  kept unquantized (never reached by calibration): {', '.join(self.kept_dense)}"]
               if self.kept_dense else []),
@@ -70,6 +76,8 @@ class Summary:
             f"({'streamed layer by layer' if self.streamed else 'whole model in memory'})",
             f"  size {self.size_before_mb:.1f} MB → {self.size_after_mb:.1f} MB "
             f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.2f}× smaller)",
+            *([f"  low-rank correction: rank {self.lowrank_rank}, a LoRA adapter in {self.output}/lowrank "
+               f"(compress-export serve enables it; vLLM requests name the model 'corr')"] if self.lowrank_rank else []),
         ]
 
 
@@ -77,7 +85,7 @@ def default_output(model_dir: Path, method: str, fmt: str, scheme: Optional[Sche
     tag = method + (f"-sp{str(sparsity).replace(':', 'of')}" if sparsity else "")
     if scheme is not None:
         g = "pc" if scheme.group_size == -1 else f"g{scheme.group_size}"
-        tag += f"-w{scheme.bits}{g}" + ("" if scheme.symmetric else "-asym")
+        tag += f"-w{scheme.bits}{g}" + ("a8" if scheme.act_bits == 8 else "") + ("" if scheme.symmetric else "-asym")
     return Path.cwd() / f"{model_dir.resolve().name}-{fmt}-{tag}"
 
 
@@ -147,25 +155,28 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
     src, out, format_, the_pass = _plan(model_dir, out_dir, config.resolved_method(), config.resolved_format(),
                                         config.to_scheme(), config.pass_options(), overwrite, config.sparsity)
     dev, skeleton, layout, index = preflight(src, out, config, the_pass, format_, device, trust_remote_code)
+    smoothing = _smoothing(config, the_pass, skeleton)
+    calibrate = the_pass.needs_calibration or smoothing is not None
     dist, dev = join(dev)  # torchrun (or the caller's process group): this rank's place; else a run of one
     try:
         check_distributable(dist, layout)
-        source = open_source(src, skeleton, index, stream,
-                             needs_model_forward=the_pass.needs_calibration and not config.dataset,
+        # only text the model writes itself needs the whole model (calibration loads it then, even when streaming)
+        source = open_source(src, skeleton, index, stream, needs_model_forward=calibrate and config.dataset == "self",
                              trust_remote_code=trust_remote_code)
         if source.model is not skeleton:  # loaded whole: the same structure, other module objects
             layout = describe(source.model, str(src))
         timings = {"load": time.time() - t0}
-        ids, calib_desc = _calibration(source, the_pass, config, progress and dist.main, timings, dist)
+        ids, calib_desc = _calibration(source, calibrate, config, progress and dist.main, timings, dist)
         writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
+        lowrank = LowRank(config.lowrank_rank) if config.lowrank_rank else None
         try:
             compressed = _run_layers(source, layout, the_pass, format_, writer, ids, config.batch_size,
-                                     progress and dist.main, timings, on_result, dev, dist)
+                                     progress and dist.main, timings, on_result, dev, dist, smoothing, lowrank)
             kept_dense = sorted({layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
                                 - compressed)
             if writer is not None:
                 _finish(writer, source, src, layout, the_pass, format_, compressed, kept_dense, calib_desc,
-                        overwrite)
+                        overwrite, smoothing, lowrank)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -176,7 +187,8 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
     scheme = the_pass.scheme
     return Summary(
         output=str(out), streamed=source.streamed, device=str(dev), method=the_pass.name, format=format_.name,
-        scheme=asdict(scheme) if scheme else None, ranks=dist.world,
+        scheme=asdict(scheme) if scheme else None, ranks=dist.world, lowrank_rank=config.lowrank_rank,
+        smoothquant=smoothing.alpha if smoothing is not None else None,
         sparsity=str(the_pass.sparsity or ""), decoder_layers=len(layout.layers),
         linears=len(compressed), calibration=calib_desc, seconds=time.time() - t0, kept_dense=kept_dense,
         fused_dense=layout.fused_dense,
@@ -185,28 +197,46 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
     )
 
 
-def _calibration(source, the_pass, config: CompressionConfig, progress: bool, timings: dict, dist):
-    """(ids [samples, seq_len], description) of the calibration set, or (None, ...) for passes without one.
-    Rank 0 makes it (data-free generation is slow) and every rank receives the same ids."""
-    if not the_pass.needs_calibration:
+def _smoothing(config: CompressionConfig, the_pass, skeleton) -> Optional[Smoothing]:
+    """SmoothQuant's plan when asked for (a UserError when it does not fit the scheme, pass or model)."""
+    return Smoothing.plan(config.smoothquant, the_pass.scheme, the_pass.name,
+                          getattr(skeleton.config, "model_type", ""))
+
+
+def _calibration(source, needed: bool, config: CompressionConfig, progress: bool, timings: dict, dist):
+    """(ids [samples, seq_len], description) of the calibration set, or (None, ...) when nothing needs one (RTN
+    without SmoothQuant). Rank 0 makes it (text the model writes is slow) and every rank receives the same ids.
+    The description names the source: a path, the built-in text (the default) or the model itself."""
+    if not needed:
         return None, "none (RTN)"
-    from .calibration import calibration_ids
+    from .calibration import calibration_set
 
     t = time.time()
     made = None
     if dist.main:
-        dataset = config.dataset
-        bar = Progress(config.num_samples, "data-free calibration", enabled=progress) if not dataset else None
-        ids = calibration_ids(source.model, source.tokenizer, dataset, config.num_samples, config.seq_len,
-                              config.seed, progress=bar.update if bar else None)
-        made = ids, f"{ids.shape[0]}×{ids.shape[1]} tokens from {dataset or 'the model itself (data-free)'}"
+        # a streamed source's weights are on the meta device: the whole model is loaded only if it must write
+        # text; a skeleton with auto_map was built with --trust-remote-code, so that load needs the same
+        remote = bool(getattr(getattr(source.model, "config", None), "auto_map", None))
+
+        def load_whole():
+            return model_io.load_source_model(source.src, trust_remote_code=remote)[0]
+
+        bar = []
+
+        def writing(done, total):  # a progress bar only while the model writes (reading text is instant)
+            if not bar:
+                bar.append(Progress(total, "calibration text written by the model", enabled=progress))
+            bar[0].update(done)
+
+        made = calibration_set(load_whole if source.streamed else source.model, source.tokenizer, config.dataset,
+                               config.num_samples, config.seq_len, config.seed, progress=writing)
     made = dist.broadcast_object(made)
     timings["calibration_data"] = time.time() - t
     return made
 
 
 def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kept_dense: list, calib_desc: str,
-            overwrite: bool) -> None:
+            overwrite: bool, smoothing=None, lowrank=None) -> None:
     """The tensors outside the decoder layers, config.json with the format's quantization_config, and the
     atomic rename into place."""
     if kept_dense:  # never dropped: written as they are, listed as unquantized, reported
@@ -226,6 +256,11 @@ def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kep
         extra.pop("awq_score")
     if the_pass.sparsity is not None:
         extra["sparsity"] = str(the_pass.sparsity)
+    if smoothing is not None:
+        extra["smoothquant"] = smoothing.alpha
+    if lowrank is not None:
+        extra["lowrank"] = {"rank": lowrank.rank, "adapter": ADAPTER_DIR}
+        lowrank.save(writer.tmp / ADAPTER_DIR, src)
     cfg = model_io.read_config(src)
     qc = format_.quantization_config(the_pass.scheme, ignore, extra)
     if qc is not None:
@@ -245,7 +280,7 @@ def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_
 
     problems = []
     dev = _collect(problems, resolve_device, device)
-    if the_pass.needs_calibration and config.dataset:
+    if config.dataset:  # checked whenever given (SmoothQuant may calibrate a pass that needs no statistics)
         _collect(problems, check_dataset, config.dataset)
     skeleton = build_skeleton(src, trust_remote_code)
     index = model_io.tensor_index(src)
@@ -253,6 +288,8 @@ def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_
     if layout is not None:
         _collect(problems, check_shapes, layout, the_pass.scheme, format_, the_pass.sparsity)
         _collect(problems, the_pass.check_layout, layout, getattr(skeleton.config, "model_type", ""))
+        _collect(problems, _smoothing, config, the_pass, skeleton)
+        _collect(problems, check_rank, config.lowrank_rank, layout)
         _collect(problems, check_disk_space, out, index, layout, the_pass.scheme, the_pass.sparsity)
     if len(problems) == 1:
         raise UserError(problems[0])
@@ -361,9 +398,10 @@ def auto_batch_size(model, ids) -> int:
 
 @torch.no_grad()
 def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, progress, timings, on_result=None,
-                device=torch.device("cpu"), dist=Dist()) -> set:
-    """Each decoder layer in turn: read it, move it to `device`, compress its linears, write it, drop it.
-    writer None: a distributed rank other than 0, which computes its share and writes nothing."""
+                device=torch.device("cpu"), dist=Dist(), smoothing=None, lowrank=None) -> set:
+    """Each decoder layer in turn: read it, move it to `device`, smooth it (SmoothQuant, when asked), compress its
+    linears, write it, drop it. writer None: a distributed rank other than 0, which computes its share and writes
+    nothing."""
     t = time.time()
     states, single = None, False
     if ids is not None:
@@ -380,9 +418,12 @@ def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, prog
     dtype = format_.storage_dtype
     for i in range(len(layout.layers)):
         layer = source.load_layer(layout, i).to(device)
-        compress = _group_compressor(layout, i, the_pass, format_, writer, done, on_result, dist, turns)
-        if states is None:
+        compress = _group_compressor(layout, i, the_pass, format_, writer, done, on_result, dist, turns, lowrank)
+        if states is not None and smoothing is not None:
+            smoothing.apply(layer, states, dist.max_ if dist.active else None)
+        if states is None or not the_pass.needs_calibration:  # RTN: no statistics (after SmoothQuant: propagate)
             compress([([n], None) for n, _ in layout.linears[i]])
+            states = states and [(run_layer(layer, h, kw), kw) for h, kw in states]
         elif single:
             states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress, dist)
         else:
@@ -398,25 +439,33 @@ def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, prog
     return done
 
 
-def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result, dist, turns):
+def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result, dist, turns, lowrank=None):
     """compress([(names, stats), ...]): groups of layer i's linears that share an input, each compressed (by the
-    rank whose turn it is, when distributed), packed, written, and replaced in the layer by what was written
-    (later linears and layers calibrate on the compressed function)."""
+    rank whose turn it is, when distributed), given its low-rank correction when asked, packed, written, and
+    replaced in the layer by what it computes (later linears and layers calibrate on the compressed function)."""
     mods = dict(layout.linears[i])
 
     def sweep(names, stats):
-        return the_pass.compress_group([mods[n].weight for n in names], stats,
-                                       LinearGroup(layout.full_name(i, ""), tuple(names)))
+        results = the_pass.compress_group([mods[n].weight for n in names], stats,
+                                          LinearGroup(layout.full_name(i, ""), tuple(names)))
+        for r in results:
+            if isinstance(r, SparseWeight):  # float values are stored in the source dtype: round them now, so
+                # the result in memory, later layers' calibration and the file all hold the same numbers
+                r.values = r.values.to(format_.storage_dtype).to(r.values.dtype)
+        if lowrank is not None:
+            basis = hessian_basis(getattr(stats, "H", None))  # once per group: its linears share the input
+            for n, r in zip(names, results):
+                lowrank.correct(r, mods[n].weight, basis)
+        return results
 
     def apply(names, results):
         for n, qw in zip(names, results):
             m = mods[n]
             qw.bias = m.bias.detach().clone() if m.bias is not None else None
-            if isinstance(qw, SparseWeight):  # float values are stored in the source dtype: round them now, so
-                # the result in memory, later layers' calibration and the file all hold the same numbers
-                qw.values = qw.values.to(format_.storage_dtype).to(qw.values.dtype)
-            m.weight.data.copy_(qw.dequantize(m.weight.dtype))
+            m.weight.data.copy_(corrected(qw, m.weight.dtype))
             qw = qw.to("cpu")
+            if lowrank is not None:
+                lowrank.factors[layout.full_name(i, n)] = (qw.lora_a, qw.lora_b)
             if on_result is not None:
                 on_result(layout.full_name(i, n), qw)
             for suffix, tensor in format_.pack(qw).items() if writer is not None else ():
@@ -430,6 +479,26 @@ def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result
             apply(names, dist.broadcast_results(results, o))
 
     return compress
+
+
+class LowRank:
+    """The run's low-rank corrections: computed per linear after its weight pass, kept (they are small) and
+    written as one LoRA adapter when the export is complete."""
+
+    def __init__(self, rank: int):
+        self.rank, self.factors = rank, {}
+
+    def correct(self, result, weight: torch.Tensor, basis) -> None:
+        """Set result.lora_a / lora_b from its error against the weight it replaces (basis: hessian_basis of its
+        inputs), rounded to the adapter's storage dtype now, so the layer, later calibration and the file hold the
+        same numbers."""
+        A, B = lowrank_correction(weight.float() - result.dequantize(torch.float32), basis, self.rank)
+        dt = storage_dtype(A, B)
+        result.lora_a, result.lora_b = A.to(dt).float(), B.to(dt).float()
+
+    def save(self, folder: Path, src: Path) -> None:
+        packed = {n: (a.to(storage_dtype(a, b)), b.to(storage_dtype(a, b))) for n, (a, b) in self.factors.items()}
+        save_adapter(folder, packed, self.rank, src.name)
 
 
 def _single_pass(layer, linears, state, the_pass, compress, dist):

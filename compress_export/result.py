@@ -24,6 +24,8 @@ class QuantizedWeight:
     bias:   optional float tensor [out], carried through unchanged.
     mask:   optional bool [out, in], True where a weight is kept (pruned codes equal their zero point, so they
             dequantize to exactly 0).
+    lora_a, lora_b: optional float32 [rank, in] and [out, rank], the low-rank correction of the compression error
+            (lowrank.py): the layer acts with dequantize() + lora_b @ lora_a.
     """
 
     codes: torch.Tensor
@@ -33,6 +35,8 @@ class QuantizedWeight:
     scheme: Scheme
     bias: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
+    lora_a: Optional[torch.Tensor] = None
+    lora_b: Optional[torch.Tensor] = None
 
     @property
     def shape(self):
@@ -61,13 +65,16 @@ class QuantizedWeight:
 
 @dataclass
 class SparseWeight:
-    """A pruned, unquantized weight: values float32 [out, in] with exact zeros where mask [out, in] is False."""
+    """A pruned, unquantized weight: values float32 [out, in] with exact zeros where mask [out, in] is False.
+    lora_a / lora_b: as in QuantizedWeight."""
 
     values: torch.Tensor
     mask: torch.Tensor
     sparsity: object  # compress_export.sparsity.Sparsity
     bias: Optional[torch.Tensor] = None
     scheme: None = None
+    lora_a: Optional[torch.Tensor] = None
+    lora_b: Optional[torch.Tensor] = None
 
     @property
     def shape(self):
@@ -78,6 +85,14 @@ class SparseWeight:
 
     def to(self, device) -> "SparseWeight":
         return _moved(self, device)
+
+
+def corrected(result, dtype=torch.float32) -> torch.Tensor:
+    """The weight a layer acts with: the dequantized result plus its low-rank correction, if any."""
+    w = result.dequantize(torch.float32)
+    if result.lora_a is not None:
+        w = w + result.lora_b.float() @ result.lora_a.float()
+    return w.to(dtype)
 
 
 def _moved(result, device):

@@ -21,6 +21,9 @@ class Scheme:
     group_size: int = 128  # -1: one group per output channel; 0: auto (128, else 64, else 32 if they divide)
     symmetric: bool = True
     act_order: str = "none"
+    # Activations: 16 = left in the serving dtype (weight-only); 8 = int8, per token, dynamic and symmetric,
+    # quantized by the engine at run time (W8A8: vLLM's own int8 kernels, oneDNN on CPU, CUTLASS on GPU).
+    act_bits: int = 16
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -29,6 +32,12 @@ class Scheme:
             raise UserError(f"--group-size {self.group_size} must be positive or -1 (per output channel)")
         if self.act_order not in ACT_ORDERS:
             raise UserError(f"--act-order {self.act_order!r}: choose one of {ACT_ORDERS}")
+        if self.act_bits not in (8, 16):
+            raise UserError(f"activation bits {self.act_bits}: choose 16 (weight-only) or 8 (--scheme W8A8)")
+        if self.act_bits == 8 and (self.bits, self.group_size, self.symmetric) != (8, -1, True):
+            raise UserError("8-bit activations (--scheme W8A8) need 8-bit symmetric weights with one scale per "
+                            f"output channel, what engines' int8 kernels run; got --bits {self.bits} --group-size "
+                            f"{self.group_size}{'' if self.symmetric else ' --asym'} (drop those flags)")
 
     @property
     def maxq(self) -> int:
@@ -48,6 +57,7 @@ class Scheme:
 
 PRESETS = {
     "W8A16": Scheme(bits=8, group_size=-1),
+    "W8A8": Scheme(bits=8, group_size=-1, act_bits=8),
     "W4A16": Scheme(bits=4, group_size=128),
     "W4A16_ASYM": Scheme(bits=4, group_size=128, symmetric=False),
     "W3A16": Scheme(bits=3, group_size=128),

@@ -61,6 +61,13 @@ _LLAMA_AWQ = (
 # model_type → mappings. Only families whose norms scale as y = w·x̂ (so 1/s folds into w) and whose layer
 # structure matches are listed; Gemma's (1 + w) norms and Phi-3's fused projections need their own entries.
 AWQ_MAPPINGS = {"llama": _LLAMA_AWQ, "mistral": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ, "qwen3": _LLAMA_AWQ}
+# SmoothQuant: only the norms feeding q/k/v and gate/up absorb scales, as in the paper and llm-compressor's default
+# mappings (a norm's per-channel weight takes 1/s for free; v→o and up→down, which AWQ also balances, are left).
+_LLAMA_SMOOTH = (
+    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+SMOOTH_MAPPINGS = {"llama": _LLAMA_SMOOTH, "mistral": _LLAMA_SMOOTH, "qwen2": _LLAMA_SMOOTH, "qwen3": _LLAMA_SMOOTH}
 # AWQ's clip search skips the query and key projections in AutoAWQ and llm-compressor: their output error is not
 # what attention sees (it sees q·kᵀ). Measured on SmolLM2 in benchmarks/awq_variants.py.
 AWQ_NO_CLIP = r"(^|\.)(q_proj|k_proj|query|key)$"

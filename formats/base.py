@@ -39,6 +39,7 @@ class Format:
     name = "base"
     quant_method = ""
     supported_bits: tuple = ()
+    activation_bits: tuple = (16,)  # 8: it can also record int8 activation quantization (W8A8) for the engine
     default_method = "gptq"  # the pass used when --method is not given
     # The smallest zero point the format can store (GPTQ v1 stores zero-1, so an asymmetric zero of 0 is lost).
     min_zero = 0
@@ -51,6 +52,9 @@ class Format:
         if scheme is None:
             raise UserError(f"--format {self.name} stores quantized weights: add --bits, or write pruned weights "
                             "with --format sparse24 (2:4) or --format dense")
+        if scheme.act_bits not in self.activation_bits:
+            raise UserError(f"--format {self.name} is weight-only; 8-bit activations (W8A8) are written as "
+                            "--format compressed-tensors (int-quantized), which vLLM runs with its own int8 kernels")
         if scheme.bits not in self.supported_bits:
             raise UserError(
                 f"--format {self.name} cannot store {scheme.bits}-bit weights (it stores {self.supported_bits})"
@@ -96,6 +100,10 @@ class Format:
     def linear_shape(self, t: Dict[str, torch.Tensor], scheme) -> Tuple[int, int]:
         raise NotImplementedError
 
+    def primary_tensor(self, qcfg: dict) -> str:
+        """`primary` for this checkpoint (compressed-tensors' W8A8 stores another layout than its 4-bit)."""
+        return self.primary
+
     def read(self, name: str, tensors: Dict[str, torch.Tensor], qcfg: dict, groups: Optional[int] = None):
         """Unpack one linear after checking its tensors against this format's own layout: a missing or extra
         tensor, a wrong shape or dtype, out-of-range zero points or groups, or non-finite scales end as one
@@ -103,14 +111,15 @@ class Format:
         groups: a tensor-parallel shard whose per-group tensors hold all `groups` groups of the whole linear
         (see replicated_groups)."""
         scheme = scheme_from_config(qcfg)
-        if self.primary not in tensors:
-            raise UserError(f"{name}: tensor {name}.{self.primary} is missing ({self.name} stores it for every "
+        primary = self.primary_tensor(qcfg)
+        if primary not in tensors:
+            raise UserError(f"{name}: tensor {name}.{primary} is missing ({self.name} stores it for every "
                             "packed linear)")
         try:
             in_f, out_f = self.linear_shape(tensors, scheme)
-        except (IndexError, ValueError, RuntimeError, TypeError):
-            raise UserError(f"{name}: {name}.{self.primary} has an impossible shape "
-                            f"{tuple(tensors[self.primary].shape)}") from None
+        except (IndexError, ValueError, RuntimeError, TypeError, KeyError):
+            raise UserError(f"{name}: {name}.{primary} has an impossible shape "
+                            f"{tuple(tensors[primary].shape)}") from None
         layout = self.tensor_layout(scheme, in_f, out_f)
         if groups is not None:
             layout = replicated_groups(layout, groups)

@@ -1,4 +1,5 @@
-"""compressed-tensors `pack-quantized` (what llm-compressor writes and vLLM's `compressed-tensors` method reads).
+"""compressed-tensors `pack-quantized` and `int-quantized` (what llm-compressor writes and vLLM's
+`compressed-tensors` method reads).
 
 Per quantized linear with W [out, in], G groups, b bits, pf = 32 // b values per word (word-aligned layout:
 no value straddles two words; a row whose length is not a multiple of pf is zero-padded at its end):
@@ -8,6 +9,12 @@ no value straddles two words; a row whose length is not a multiple of pf is zero
   weight_zero_point  int32 [ceil(out/pf), G]    asymmetric only: zero points packed along dim 0 (OUTPUT)
   weight_shape       int64 [2]                  (out, in)
   weight_g_idx       int32 [in]                 act-order with regrouped columns ("actorder": "group") only
+  bias               as in the source model, when the linear has one
+
+W8A8 (8-bit symmetric per-channel weights, int8 activations quantized per token at run time) is `int-quantized`,
+the layout vLLM's own int8 kernels load as they are (no plugin):
+  weight             int8  [out, in]                the signed value q − 128 of our code q
+  weight_scale       fp32  [out, 1]                 vLLM's parameter dtype (our scales are fp16-exact anyway)
   bias               as in the source model, when the linear has one
 """
 from __future__ import annotations
@@ -34,9 +41,16 @@ _ACTORDER = {"none": None, "static": "static", "group": "group"}
 class CompressedTensorsFormat(Format):
     quant_method = "compressed-tensors"
     supported_bits = (2, 3, 4, 8)
+    activation_bits = (8, 16)
 
     def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
         s = qw.scheme
+        if s.act_bits == 8:
+            out = {"weight": (qw.codes.int() - s.sym_zero).to(torch.int8).contiguous(),
+                   "weight_scale": qw.scales.float().contiguous()}
+            if qw.bias is not None:
+                out["bias"] = qw.bias
+            return out
         out = {
             "weight_packed": pack(qw.codes.int(), s.bits, dim=1, aligned=True),
             "weight_scale": qw.scales.half().contiguous(),
@@ -53,7 +67,14 @@ class CompressedTensorsFormat(Format):
     primary = "weight_packed"
     optional = ("weight_shape",)
 
+    def primary_tensor(self, qcfg: dict) -> str:
+        # int-quantized: `weight` also names every unquantized weight, so the scale marks a quantized linear
+        return "weight_scale" if self.scheme_from_config(qcfg).act_bits == 8 else self.primary
+
     def linear_shape(self, t, scheme):
+        if "weight" in t:  # int-quantized
+            out_f, in_f = t["weight"].shape
+            return in_f, out_f
         if "weight_shape" in t:
             out_f, in_f = (int(v) for v in t["weight_shape"].tolist())
             return in_f, out_f
@@ -63,6 +84,11 @@ class CompressedTensorsFormat(Format):
     def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict, shape=None) -> QuantizedWeight:
         s = self.scheme_from_config(qcfg)
         scales = t["weight_scale"].float().contiguous()
+        if s.act_bits == 8:
+            codes = (t["weight"].int() + s.sym_zero).to(torch.uint8).contiguous()
+            zeros = torch.full_like(scales, s.sym_zero, dtype=torch.int32)
+            return QuantizedWeight(codes, scales, zeros, torch.zeros(codes.shape[1], dtype=torch.int32), s,
+                                   t.get("bias"))
         out_f = scales.shape[0]
         in_f, _ = self.linear_shape(t, s)
         codes = unpack(t["weight_packed"], s.bits, dim=1, aligned=True, length=in_f).to(torch.uint8)
@@ -77,6 +103,9 @@ class CompressedTensorsFormat(Format):
         return QuantizedWeight(codes.contiguous(), scales, zeros.int().contiguous(), g_idx, s, t.get("bias"))
 
     def tensor_layout(self, scheme: Scheme, in_f: int, out_f: int) -> Dict[str, TensorSpec]:
+        if scheme.act_bits == 8:
+            return {"weight": TensorSpec((out_f, in_f), torch.int8, 1, 0),
+                    "weight_scale": TensorSpec((out_f, 1), torch.float32, 1, 0, per_group=True)}
         pf = Fraction(32 // scheme.bits)
         G = 1 if scheme.group_size == -1 else in_f // max(1, scheme.group_size)
         specs = {
@@ -97,7 +126,8 @@ class CompressedTensorsFormat(Format):
 
     @classmethod
     def claims(cls, qcfg: dict) -> bool:
-        """Only weight-only pack-quantized integer checkpoints (W8A8, FP8, sparse ones stay with vLLM)."""
+        """Integer pack-quantized and W8A8 int-quantized checkpoints (FP8 and sparse ones are not ours to read).
+        Our vLLM plugin still leaves W8A8 to vLLM's own int8 kernels (vllm_route.decide)."""
         if qcfg.get("quant_method") != cls.quant_method:
             return False
         try:
@@ -113,14 +143,16 @@ class CompressedTensorsFormat(Format):
 
 @dataclass(frozen=True)
 class CompressedTensorsConfig:
-    """config.json's quantization_config of a compressed-tensors weight-only int checkpoint (`pack-quantized`),
-    one config group targeting every Linear, as the compressed-tensors library and llm-compressor write it."""
+    """config.json's quantization_config of a compressed-tensors int checkpoint, one config group targeting every
+    Linear, as the compressed-tensors library and llm-compressor write it: weight-only `pack-quantized`, or W8A8
+    `int-quantized` with dynamic per-token int8 input activations."""
 
     scheme: Scheme
     ignore: Tuple[str, ...] = ()
     compress_export: dict = field(default_factory=dict)
     quant_method: ClassVar[str] = "compressed-tensors"
     format: ClassVar[str] = "pack-quantized"
+    int_format: ClassVar[str] = "int-quantized"
 
     @classmethod
     def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> "CompressedTensorsConfig":
@@ -134,8 +166,10 @@ class CompressedTensorsConfig:
         (group,) = groups.values()
         fmt = group.get("format") or qcfg.get("format")
         w = group.get("weights") or {}
-        if fmt != cls.format or w.get("type") != "int" or group.get("input_activations"):
-            raise UserError(f"compressed-tensors: only weight-only int pack-quantized is read (got format={fmt!r}, "
+        act_bits = _activation_bits(group.get("input_activations"))
+        if fmt != (cls.int_format if act_bits == 8 else cls.format) or w.get("type") != "int" or act_bits is None:
+            raise UserError(f"compressed-tensors: only int pack-quantized (weight-only) and int-quantized W8A8 "
+                            f"(dynamic per-token int8 activations) are read (got format={fmt!r}, "
                             f"type={w.get('type')!r}, input_activations={group.get('input_activations')!r})")
         if w.get("strategy") not in ("group", "channel"):
             raise UserError(f"compressed-tensors: strategy {w.get('strategy')!r} is not supported (group, channel)")
@@ -143,7 +177,7 @@ class CompressedTensorsConfig:
         act = {None: "none", "static": "static", "group": "group", "weight": "static"}.get(w.get("actorder"))
         if act is None:
             raise UserError(f"compressed-tensors: actorder {w.get('actorder')!r} is not supported")
-        scheme = Scheme(int(w["num_bits"]), gs, bool(w.get("symmetric", True)), act)
+        scheme = Scheme(int(w["num_bits"]), gs, bool(w.get("symmetric", True)), act, act_bits)
         return cls(scheme, tuple(qcfg.get("ignore") or ()), dict(qcfg.get("compress_export") or {}))
 
     def to_dict(self) -> dict:
@@ -155,11 +189,13 @@ class CompressedTensorsConfig:
             "block_structure": None, "dynamic": False, "actorder": _ACTORDER[s.act_order],
             "scale_dtype": None, "zp_dtype": None, "observer": "minmax", "observer_kwargs": {},
         }
+        fmt = self.int_format if s.act_bits == 8 else self.format
         return {
             "quant_method": self.quant_method,
-            "format": self.format,
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": self.format}},
+            "format": fmt,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": INT8_PER_TOKEN if s.act_bits == 8 else None,
+                                          "output_activations": None, "format": fmt}},
             "ignore": list(self.ignore),
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
@@ -170,3 +206,19 @@ class CompressedTensorsConfig:
             "quantizer": [f"compress-export:{__version__}"],
             "compress_export": self.compress_export,
         }
+
+
+# Input activations of W8A8: int8, one scale per token computed at run time, symmetric (vLLM's dynamic int8 path).
+INT8_PER_TOKEN = {
+    "num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+    "block_structure": None, "dynamic": True, "actorder": None, "scale_dtype": None, "zp_dtype": None,
+    "observer": None, "observer_kwargs": {},
+}
+
+
+def _activation_bits(acts) -> object:
+    """16 when activations are not quantized, 8 for dynamic per-token symmetric int8, None for anything else."""
+    if not acts:
+        return 16
+    want = {k: INT8_PER_TOKEN[k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic")}
+    return 8 if all(acts.get(k) == v for k, v in want.items()) else None

@@ -25,16 +25,17 @@ from compress_export.structure import KV_PROJECTIONS, ROW_PARALLEL
 DEFAULT_SIZES = (1, 2, 4, 8)
 
 
-def packed_linears(path: Path, fmt, scheme) -> dict:
+def packed_linears(path: Path, fmt, scheme, qcfg: dict) -> dict:
     """{module name: (in_features, out_features)} of every packed linear, from the headers."""
     from safetensors import safe_open
 
     index = model_io.tensor_index(path)
+    primary = fmt.primary_tensor(qcfg)
     out = {}
     for name, (f, _, _) in index.items():
-        if not name.endswith("." + fmt.primary):
+        if not name.endswith("." + primary):
             continue
-        mod = name[: -len(fmt.primary) - 1]
+        mod = name[: -len(primary) - 1]
         t = {k[len(mod) + 1:]: torch.empty(shape, device="meta") for k, (_, _, shape) in index.items()
              if k.startswith(mod + ".") and "." not in k[len(mod) + 1:]}
         if "weight_shape" in t:  # compressed-tensors records the shape as two numbers
@@ -84,7 +85,7 @@ def plan(path, sizes=DEFAULT_SIZES) -> dict:
     if not qcfg:
         raise UserError(f"{p} has no quantization_config: it is not an export")
     fmt, scheme = format_for_config(qcfg), scheme_from_config(qcfg)
-    linears = packed_linears(p, fmt, scheme)
+    linears = packed_linears(p, fmt, scheme, qcfg)
     heads = cfg.get("num_attention_heads") or 1
     kv = cfg.get("num_key_value_heads") or heads
     result = {}

@@ -22,6 +22,7 @@ import weakref
 from pathlib import Path
 
 from compress_export.errors import UserError
+from compress_export.lowrank import ADAPTER_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -75,6 +76,9 @@ def _save_as_read(model, source: Path, original_save):
         for name in TOKENIZER_FILES:
             if (source / name).exists() and not (Path(save_directory) / name).exists():
                 shutil.copy2(source / name, Path(save_directory) / name)
+        adapter = source / ADAPTER_DIR  # the low-rank correction travels with the export
+        if adapter.is_dir() and not (Path(save_directory) / ADAPTER_DIR).exists():
+            shutil.copytree(adapter, Path(save_directory) / ADAPTER_DIR)
         return result
 
     save_pretrained.__doc__ = original_save.__doc__
@@ -92,7 +96,9 @@ class AutoCompressedModelForCausalLM:
                         device_map=None, output_dir=None, trust_remote_code: bool = False, progress: bool = True,
                         **kwargs):
         """Load an export (or, with export=True, compress MODEL_DIR first). dtype: the activation dtype (default:
-        this machine's fastest, bf16 on CPUs with AVX-512 bf16, else float32; bf16 on CUDA)."""
+        this machine's fastest, bf16 on CPUs with AVX-512 bf16, else float32; bf16 on CUDA). An export's low-rank
+        correction (OUT/lowrank) is applied (by our transformers quantizer, as the export describes the model with
+        it; `load_model(OUT, lowrank=False)` gives the model without it)."""
         import torch
         from transformers import AutoModelForCausalLM
 

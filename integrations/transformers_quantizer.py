@@ -155,8 +155,12 @@ def _make_classes():
             qcfg = raw_quantization_config(checkpoint_files) or self.quantization_config.to_dict()
             self.quantization_config = CompressExportHfConfig(**qcfg)  # saved back as it was read
             self._fmt, self._qcfg = format_for_config(qcfg), qcfg
-            primary = self._fmt.primary
+            primary = self._fmt.primary_tensor(qcfg)
             headers = safetensors_headers(checkpoint_files)
+            from compress_export.lowrank import ADAPTER_DIR
+
+            folders = {Path(f).parent / ADAPTER_DIR for f in checkpoint_files or ()}
+            self._adapter = next((d for d in folders if d.is_dir()), None)
             self._stored = {k: dt for k, (dt, _) in headers.items()}
             packed = sorted({k[: -len(primary) - 1] for k in headers if k.endswith("." + primary)})
             for name in packed:
@@ -186,6 +190,10 @@ def _make_classes():
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child,
                             QuantLinear(w, dtype, device.type, fmt=self._fmt, source=tensors).to(device))
+            if self._adapter is not None:  # the export's low-rank correction is part of the model it describes
+                from compress_export.lowrank import apply_adapter
+
+                apply_adapter(model, self._adapter)
 
         def get_state_dict_and_metadata(self, model):
             return state_dict_as_stored(model, getattr(self, "_stored", {})), {}

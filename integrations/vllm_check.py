@@ -11,6 +11,8 @@ import statistics
 import sys
 import time
 
+from compress_export.integrations.vllm_offline import generate
+
 
 def read_result(stdout: str):
     """The JSON of the `RESULT ` line a subprocess printed (this module's protocol), or None."""
@@ -23,7 +25,7 @@ def prompt_top1(llm, token_ids: list) -> dict:
     log-probability of the prompt's actual next token (prompt logprobs)."""
     from vllm import SamplingParams, TokensPrompt
 
-    out = llm.generate([TokensPrompt(prompt_token_ids=token_ids)],
+    out = generate(llm, [TokensPrompt(prompt_token_ids=token_ids)],
                        SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0))[0]
     top, lp, actual = [], [], []
     for d, nxt in zip(out.prompt_logprobs[1:], token_ids[1:]):  # position 0 has no prediction
@@ -43,7 +45,7 @@ def decode_speed(llm, prompt: str, max_tokens: int, batch: int, repeats: int) ->
     rates = []
     for _ in range(repeats):
         t = time.perf_counter()
-        outs = llm.generate([prompt] * batch, sp, use_tqdm=False)
+        outs = generate(llm, [prompt] * batch, sp, use_tqdm=False)
         rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
     return round(statistics.median(rates), 2)
 
@@ -52,19 +54,19 @@ def run(model: str, prompt: str, max_tokens: int, score_ids: list | None = None,
         **llm_kwargs) -> dict:
     from compress_export.integrations.vllm_offline import engine_facts, load_llm
 
-    llm, facts = load_llm(model, 1024, **llm_kwargs)
+    llm, facts = load_llm(model, 1024, **llm_kwargs)  # lora=FOLDER among them: every request carries it
     facts.update(engine_facts(llm))
     from vllm import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
+    generate(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
     t1 = time.time()
-    out = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0]
+    out = generate(llm, [prompt], greedy, use_tqdm=False)[0].outputs[0]
     gen_s = time.time() - t1
     res = {"model": model, "quantization": facts["quantization"], "dtype": facts["dtype"],
            "kernels": facts.get("kernels"), "text": out.text, "tokens": len(out.token_ids),
            "load_s": facts["load_s"], "generate_s": round(gen_s, 3),
-           "decode_tok_s": round(len(out.token_ids) / gen_s, 2)}
+           "decode_tok_s": round(len(out.token_ids) / gen_s, 2), "lora": facts.get("lora")}
     if repeats > 1 or tuple(batches) != (1,):
         res["decode_tok_s_by_batch"] = {str(b): decode_speed(llm, prompt, max_tokens, b, repeats) for b in batches}
     if score_ids:
@@ -83,11 +85,14 @@ def main(argv=None) -> int:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM workers sharding the model")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes to time decode at, e.g. 1,4")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (median)")
+    p.add_argument("--lora", help="a LoRA adapter folder applied to every request (an export's OUT/lowrank)")
     a = p.parse_args(argv)
     ids = json.load(open(a.score_ids)) if a.score_ids else None
     kw = {"dtype": a.dtype} if a.dtype else {}
     if a.tensor_parallel_size > 1:
         kw["tensor_parallel_size"] = a.tensor_parallel_size
+    if a.lora:
+        kw["lora"] = a.lora
     batches = [int(b) for b in a.batches.split(",")]
     print("RESULT " + json.dumps(run(a.model, a.prompt, a.max_tokens, ids, batches, a.repeats, **kw)), flush=True)
     from compress_export.integrations.vllm_offline import exit_after_results

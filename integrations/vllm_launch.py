@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import sys
+from pathlib import Path
 from typing import List
 
 from compress_export.hardware import fast_dtype, has_cuda
@@ -70,6 +71,22 @@ def default_args(user_args: List[str]) -> List[str]:
     return extra
 
 
+def lora_args(model_dir: str, user_args: List[str]) -> List[str]:
+    """An export with a low-rank correction (OUT/lowrank) is served with it as the LoRA adapter `corr` (requests
+    that name the model `corr` get the corrected model, the export's own name the uncorrected one), unless the
+    user set vLLM's LoRA flags themselves."""
+    from compress_export.lowrank import ADAPTER_DIR, ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
+
+    rank = adapter_rank(Path(model_dir))
+    given = {a.split("=")[0] for a in user_args if a.startswith("--")}
+    if rank is None or given & {"--enable-lora", "--lora-modules"}:
+        return []
+    extra = ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={Path(model_dir).resolve() / ADAPTER_DIR}"]
+    if "--max-lora-rank" not in given:
+        extra += ["--max-lora-rank", str(vllm_max_lora_rank(rank))]
+    return extra
+
+
 def _patch_version_lookup() -> None:
     try:
         md.version("vllm")
@@ -92,6 +109,8 @@ def main(argv=None) -> int:
     os.environ.update(cpu_environment(tensor_parallel=tensor_parallel_arg(argv)))
     if argv and argv[0] in ("serve", "bench", "run-batch"):
         argv = argv[:1] + argv[1:] + default_args(argv[1:])
+    if argv[:1] == ["serve"] and len(argv) > 1:
+        argv += lora_args(argv[1], argv[2:])
     _patch_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -169,6 +169,11 @@ class CompressExportLinearMethod(LinearMethodBase):
             delattr(layer, n)
         for n, t in kernel.tensors().items():
             layer.register_buffer(f"ce_{n}", t, persistent=False)
+        # vLLM's LoRA layers find a quantized base layer's device through its packed weight's name (weight_packed,
+        # qweight): alias the kernel's first tensor there, so LoRA adapters (low-rank corrections) can wrap it
+        first = next(iter(kernel.tensors().values()), None)
+        if first is not None:
+            layer.register_buffer("weight_packed", first, persistent=False)
         layer.ce_kernel = kernel
         layer.ce_kernel_name = kernel.name
 

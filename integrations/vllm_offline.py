@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 
 def _stage(name: str) -> None:
@@ -60,7 +61,9 @@ def kernels_in_use(model) -> dict:
         if name:
             name = f"compress_export:{name}"
         else:
-            k = getattr(getattr(mod, "quant_method", None), "kernel", None)
+            qm = getattr(mod, "quant_method", None)
+            # compressed-tensors keeps its kernel on the layer's scheme (W8A8: the int8 kernel)
+            k = getattr(qm, "kernel", None) or getattr(getattr(mod, "scheme", None), "kernel", None)
             name = f"vllm:{type(k).__name__}" if k is not None else None
         if name:
             counts[name] = counts.get(name, 0) + 1
@@ -103,7 +106,7 @@ def greedy(llm, tok, prompts: list, max_new_tokens: int) -> list:
         else:
             ids = tok(p["text"])["input_ids"]
         batch.append(TokensPrompt(prompt_token_ids=list(ids)))
-    outs = llm.generate(batch, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+    outs = generate(llm, batch, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
     return [{"prompt": p["text"], "chat": bool(p.get("chat")), "text": o.outputs[0].text,
              "token_ids": list(o.outputs[0].token_ids)} for p, o in zip(prompts, outs)]
 
@@ -117,7 +120,7 @@ def perplexity(llm, tok, text_ids: list, window: int, windows: int) -> dict:
 
     ids = cut_windows(torch.tensor(text_ids), window, windows)
     t0 = time.perf_counter()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
+    outs = generate(llm, [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
                         SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
     loss = torch.tensor([[-pos[int(t)].logprob for pos, t in zip(o.prompt_logprobs[1:], row[1:])]
                          for o, row in zip(outs, ids)], dtype=torch.float64)
@@ -129,7 +132,7 @@ def _timed(llm, prompt_ids: list, max_tokens: int) -> float:
 
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     t = time.perf_counter()
-    llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], sp, use_tqdm=False)
+    generate(llm, [TokensPrompt(prompt_token_ids=prompt_ids)], sp, use_tqdm=False)
     return time.perf_counter() - t
 
 
@@ -153,7 +156,7 @@ def throughput(llm, text_ids: list, num_prompts: int, input_len: int, output_len
     prompts = [TokensPrompt(prompt_token_ids=_cut(text_ids, input_len, 300 + k)) for k in range(num_prompts)]
     sp = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     t = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
+    outs = generate(llm, prompts, sp, use_tqdm=False)
     dt = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = num_prompts * input_len
@@ -180,9 +183,10 @@ def exit_after_results(code: int = 0) -> None:
     os._exit(code)
 
 
-def load_llm(model: str, max_model_len: int, **kwargs):
+def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
     """vLLM's offline engine with this platform's working settings (CPU: forced platform, the CPU's fastest dtype,
-    eager, small KV cache; each yields to an explicit kwarg). Returns (llm, facts about the load)."""
+    eager, small KV cache; each yields to an explicit kwarg). lora: a LoRA adapter folder (an export's low-rank
+    correction) applied to every request. Returns (llm, facts about the load)."""
     from compress_export.integrations.vllm_launch import cpu_environment, engine_defaults
 
     os.environ.update(cpu_environment(tensor_parallel=int(kwargs.get("tensor_parallel_size") or 1)))
@@ -190,20 +194,44 @@ def load_llm(model: str, max_model_len: int, **kwargs):
     from vllm import LLM
 
     kwargs = {**engine_defaults(), **kwargs}
+    if lora:
+        from compress_export.lowrank import ADAPTER_NAME, vllm_max_lora_rank
+
+        rank = int(json.loads((Path(lora) / "adapter_config.json").read_text())["r"])
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(rank))
     t0 = time.perf_counter()
     llm = LLM(model=model, max_model_len=max_model_len, seed=0, **kwargs)
     _ENGINES.append(llm)
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        _LORA[id(llm)] = LoRARequest(ADAPTER_NAME, 1, str(Path(lora).resolve()))
     cfg = llm.llm_engine.vllm_config.model_config
     return llm, {"model": model, "load_s": round(time.perf_counter() - t0, 2), "quantization": cfg.quantization,
-                 "dtype": str(cfg.dtype).replace("torch.", "")}
+                 "dtype": str(cfg.dtype).replace("torch.", ""), "lora": lora}
+
+
+_LORA: dict = {}  # id(llm) → the LoRARequest every generate call of that engine carries
+
+
+def generate(llm, prompts, params, **kw):
+    """llm.generate, with the engine's LoRA adapter (if it was loaded with one) on every request."""
+    if id(llm) in _LORA:
+        kw["lora_request"] = _LORA[id(llm)]
+    return llm.generate(prompts, params, **kw)
 
 
 def run(spec: dict) -> dict:
+    """Every figure the spec asks for; `"only": "perplexity"` measures just that (compress-export eval)."""
     _stage("loading the model in vLLM")
-    llm, res = load_llm(spec["model"], spec["max_model_len"], **spec.get("engine", {}))
+    llm, res = load_llm(spec["model"], spec["max_model_len"], spec.get("lora"), **spec.get("engine", {}))
     res.update(engine_facts(llm))
     tok = llm.get_tokenizer()
     text_ids = _text_ids(tok, spec["text"])
+    if spec.get("only") == "perplexity":
+        _stage("perplexity (prompt logprobs)")
+        res["perplexity"] = perplexity(llm, tok, text_ids, spec["window"], spec["windows"])
+        return res
     _timed(llm, _cut(text_ids, 8, 0), 2)  # warm-up
     _stage("greedy outputs")
     res["greedy"] = greedy(llm, tok, spec["prompts"], spec["max_new_tokens"])

@@ -176,6 +176,8 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
         scheme = format_for_config(qcfg).scheme_from_config(qcfg)
     except (UserError, KeyError, ValueError, TypeError):
         return Route(False, "not a checkpoint format compress-export reads")
+    if scheme is not None and scheme.act_bits == 8:
+        return Route(False, "W8A8 int8: vLLM's own int8 kernels run it (oneDNN on CPU, CUTLASS on GPU)")
     mode = os.environ.get("COMPRESS_EXPORT_VLLM", "auto")
     if mode not in MODES:
         log.warning("COMPRESS_EXPORT_VLLM=%s is not one of %s; using auto", mode, MODES)

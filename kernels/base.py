@@ -15,6 +15,7 @@ from compress_export.registry import Registry
 from compress_export.result import QuantizedWeight, SparseWeight
 
 KERNELS: Registry = Registry("kernel")
+WEIGHT_ONLY = "weight-only: keeps activations in float, and this layer's scheme quantizes them to int8 (W8A8)"
 register_kernel = KERNELS.register
 
 
@@ -32,6 +33,7 @@ class KernelRequest:
     # act-order groups that are not runs of group_size columns once sorted: a row-parallel tensor-parallel shard
     # of an act-order export holds a part of many groups. Only kernels that gather per column can run it.
     uneven_groups: bool = False
+    act_bits: int = 16  # 8: the layer's activations are quantized to int8 per token at run time (W8A8)
 
     @classmethod
     def for_weight(cls, qw, act_dtype: torch.dtype, device: str) -> "KernelRequest":
@@ -44,7 +46,7 @@ class KernelRequest:
             sp = "2:4" if _is_24(qw.mask) else ""
         has_g_idx = not qw.has_trivial_g_idx()
         return cls(s.bits, s.group_size, s.symmetric, has_g_idx, qw.shape[1], qw.shape[0], act_dtype, device, sp,
-                   uneven_groups=has_g_idx and not _even_groups(qw))
+                   uneven_groups=has_g_idx and not _even_groups(qw), act_bits=s.act_bits)
 
 
 class LinearKernel:

@@ -23,7 +23,7 @@ import torch
 from compress_export.hardware import native_bf16
 from compress_export.result import QuantizedWeight
 
-from .base import KernelRequest, LinearKernel, group_order, register_kernel, restore
+from .base import WEIGHT_ONLY, KernelRequest, LinearKernel, group_order, register_kernel, restore
 
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -77,6 +77,8 @@ def codes_problem(req: KernelRequest, act_dtypes=ACT_DTYPES, group_multiple: int
     """Why the packed-codes layout cannot hold this layer ("" when it can): shared by the CPU and CUDA kernels."""
     if req.bits not in (2, 3, 4, 8):
         return f"runs 2/3/4/8-bit codes, not {req.bits}-bit"
+    if req.act_bits != 16:
+        return WEIGHT_ONLY
     if req.act_dtype not in act_dtypes:
         return f"activations must be one of {[str(d).replace('torch.', '') for d in act_dtypes]} (got {req.act_dtype})"
     if req.in_features % 32:

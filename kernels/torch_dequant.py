@@ -15,7 +15,7 @@ import torch
 
 from compress_export.result import QuantizedWeight
 
-from .base import KernelRequest, LinearKernel, group_order, register_kernel, restore
+from .base import WEIGHT_ONLY, KernelRequest, LinearKernel, group_order, register_kernel, restore
 
 
 @register_kernel("torch-dequant")
@@ -29,6 +29,8 @@ class TorchDequantKernel(LinearKernel):
             return False, f"activations must be floating point, got {req.act_dtype}"
         if req.bits > 8:
             return False, f"{req.bits}-bit weights are not integer codes"
+        if req.act_bits != 16:
+            return False, WEIGHT_ONLY
         if req.group_size != -1 and req.in_features % req.group_size:
             return False, f"group size {req.group_size} does not divide in_features {req.in_features}"
         return True, ""

@@ -127,6 +127,29 @@ def test_impossible_pair_and_convert_errors_are_one_line(tiny_model, tiny_text, 
     assert_one_line_error(rc, err, "no quantization_config")
 
 
+def test_w8a8_lowrank_flags_through_the_command(tiny_model, tiny_text, tmp_path):
+    """--scheme W8A8 writes compressed-tensors int-quantized by default; --smoothquant and --lowrank-rank reach
+    the pipeline (recorded in the export); bad combinations are one line before any weight."""
+    import json
+
+    rc, out, err = cli("--scheme", "W8A8", "--smoothquant", "0.5", "--lowrank-rank", "4", "--dataset", tiny_text,
+                       "--num-samples", 4, "--seq-len", 32, "-q", "--json", tiny_model, "-o", tmp_path / "w8")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["format"] == "compressed-tensors" and s["scheme"]["act_bits"] == 8 and s["lowrank_rank"] == 4
+    qc = json.loads((tmp_path / "w8" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "int-quantized" and qc["compress_export"]["smoothquant"] == 0.5
+    assert qc["compress_export"]["lowrank"]["rank"] == 4 and (tmp_path / "w8" / "lowrank").is_dir()
+    rc, _, err = cli("--smoothquant", "0.5", "--dataset", tiny_text, tiny_model, "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "--smoothquant", "W8A8")
+    rc, _, err = cli("--scheme", "W8A8", "--format", "awq", tiny_model, "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "--format awq is weight-only")
+    rc, _, err = cli("--method", "rtn", "--group-size", "32", "--lowrank-rank", "500", tiny_model, "-o",
+                     tmp_path / "x")
+    assert_one_line_error(rc, err, "--lowrank-rank 500 exceeds")
+    assert not (tmp_path / "x").exists()
+
+
 def test_allocator_tuning_applies_before_torch_and_can_be_turned_off():
     code = ("import os, sys; from compress_export.runtime import tune_process; ok = tune_process(); "
             "print(ok, os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")

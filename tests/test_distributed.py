@@ -133,6 +133,9 @@ CASES = {
     "sparsegpt-w4": dict(method="sparsegpt", fmt="compressed-tensors", sparsity="2:4", bits=4, group_size=32),
     "wanda": dict(method="wanda", fmt="sparse24", sparsity="2:4"),
     "rtn": dict(method="rtn", fmt="gptq", bits=4, group_size=32),
+    # SmoothQuant's activation ranges are max-reduced over ranks; the low-rank factors travel with the results
+    "w8a8-smoothquant-lowrank": dict(method="gptq", fmt="compressed-tensors", bits=8, group_size=-1, act_bits=8,
+                                     smoothquant=0.5, lowrank_rank=4),
 }
 
 
@@ -148,7 +151,7 @@ def _settings(case, tiny_text):
     scheme = None
     if "bits" in c:
         scheme = Scheme(bits=c.pop("bits"), group_size=c.pop("group_size"), act_order=c.pop("act_order", "none"),
-                        symmetric=c["method"] != "awq")
+                        symmetric=c["method"] != "awq", act_bits=c.pop("act_bits", 16))
     return dict(c, scheme=scheme, dataset=str(tiny_text), num_samples=6, seq_len=32)
 
 
@@ -161,6 +164,10 @@ def test_two_ranks_on_the_same_rows_write_the_one_process_export_bit_for_bit(cas
     assert one.keys() == two.keys()
     for k in one:
         assert torch.equal(one[k], two[k]), k
+    adapters = [d / "lowrank" / "adapter_model.safetensors" for d in (tmp_path / "one", tmp_path / "two")]
+    assert adapters[0].is_file() == ("lowrank_rank" in CASES[case])
+    if adapters[0].is_file():
+        assert adapters[0].read_bytes() == adapters[1].read_bytes()
     assert not list(tmp_path.glob(".*partial*"))  # only rank 0 wrote, and it finished
 
 

@@ -114,6 +114,69 @@ def test_tiny_exports_in_vllm_match_our_loader(fmt, method, scheme, tiny_text, t
     assert conf["max_abs_dlogprob"] < 1e-3, conf
 
 
+def _tiny_vllm_model(tmp_path):
+    """The tiny random Llama in a shape vLLM's CPU attention runs (head size 64)."""
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama(tmp_path / "tiny", hidden=128, inter=256, heads=2, kv_heads=1, max_pos=2048)
+
+
+def test_w8a8_is_served_by_vllms_own_int8_kernel_with_the_plugin_off(tiny_text, tmp_path):
+    """GPTQ W8A8 after SmoothQuant, our plugin not even loaded (VLLM_PLUGINS=""): vLLM's compressed-tensors method
+    and its own int8 kernel run every linear; `eval --engine vllm` scores it, and its perplexity is our int8
+    kernel's (exact int32 arithmetic) within 2%: vLLM's oneDNN GEMM on AVX2 CPUs is not bit-exact (max gap 0.06
+    in log-probability measured here on this model)."""
+    import os
+
+    from compress_export.config import CompressionConfig
+    from compress_export.pipeline import compress
+
+    out = tmp_path / "w8a8"
+    compress(_tiny_vllm_model(tmp_path), out, CompressionConfig(scheme="W8A8", method="gptq", smoothquant=0.5,
+                                                                dataset=str(tiny_text), num_samples=8, seq_len=32),
+             progress=False)
+    text = tmp_path / "eval.txt"
+    text.write_text(tiny_text.read_text())
+    runs = {}
+    for engine in ("vllm", "torch"):
+        r = subprocess.run([sys.executable, "-m", "compress_export.cli", "eval", str(out), "--text", str(text),
+                            "--window", "64", "--windows", "4", "--engine", engine, "--json"], capture_output=True,
+                           text=True, timeout=900, env={**os.environ, "VLLM_PLUGINS": ""})
+        assert r.returncode == 0, r.stderr[-4000:]
+        runs[engine] = json.loads(r.stdout)
+    v = runs["vllm"]
+    assert "compressed-tensors" in v["engine"] and v["kernels"], v
+    assert all(k.startswith("vllm:") for k in v["kernels"]), v["kernels"]
+    assert v["token_perplexity"] == pytest.approx(runs["torch"]["token_perplexity"], rel=0.02)
+
+
+def test_lowrank_adapter_is_served_as_a_lora_and_matches_our_loader(tiny_text, tmp_path):
+    """GPTQ W2 + rank 16 correction: vLLM with OUT/lowrank as a LoRA on our plugin's kernel gives our loader's
+    log-probabilities (which apply the adapter); without the adapter they differ, so the check can fail."""
+    from transformers import AutoTokenizer
+
+    from compress_export.config import CompressionConfig
+    from compress_export.integrations.conformance import compare_top1
+    from compress_export.pipeline import compress
+
+    out = tmp_path / "w2r16"
+    compress(_tiny_vllm_model(tmp_path), out, CompressionConfig(method="gptq", bits=2, group_size=32,
+                                                                lowrank_rank=16, dataset=str(tiny_text),
+                                                                num_samples=8, seq_len=32), progress=False)
+    ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
+    res = vllm_check(out, tmp_path, ids, args=[*FP32, "--lora", str(out / "lowrank")])
+    assert res["quantization"] == "compress_export" and res["lora"], res
+    with_adapter = compare_top1(out, ids, res)
+    assert with_adapter["max_abs_dlogprob"] < 1e-3, with_adapter
+    from compress_export.loading import load_model
+    import torch
+
+    plain, _ = load_model(out, lowrank=False)
+    logp = torch.log_softmax(plain(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    gap = (logp.gather(1, torch.tensor(res["top1"])[:, None])[:, 0] - torch.tensor(res["top1_logprob"])).abs().max()
+    assert float(gap) > 10 * with_adapter["max_abs_dlogprob"] + 1e-3
+
+
 def test_sparse24_runs_in_vllm_and_agrees_with_our_loader(smollm2_s24, eval_txt, tmp_path):
     """vLLM has no 2:4 kernel any more: our plugin claims the checkpoint and runs the registry's kernel."""
     from compress_export.integrations.conformance import compare_top1, first_window_ids

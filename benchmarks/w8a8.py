@@ -1,0 +1,111 @@
+"""W8A8 int8 (compressed-tensors int-quantized) served by vLLM's own int8 kernels, with and without SmoothQuant:
+perplexity from vLLM's prompt log-probabilities, prefill and decode speed, against the unquantized model.
+
+  python benchmarks/w8a8.py [--models smollm2,1b] [--variants rtn,rtn-sq,gptq,gptq-sq] [--alpha 0.5]
+                            [--dtype float32] [--out benchmarks/results/w8a8.json]
+
+- smollm2: SmolLM2-135M-Instruct; GPTQ and SmoothQuant calibrate on 64 × 512 tokens of calib.txt.
+- 1b: a random-weight Llama of 1.07 B parameters (benchmarks/common.random_llama); its perplexity is noise, its
+  speed is that of a 1B model. Calibration there: 16 × 256 tokens.
+Every model runs in its own vLLM process with our plugin not loaded (VLLM_PLUGINS=""), so vLLM's own kernels run
+everything; the engine dtype is the machine's fastest (hardware.fast_dtype) unless --dtype says otherwise.
+Per model: token perplexity on eval.txt (16 × 512-token windows, the shared protocol) from vLLM, and from our
+loader (its int8 kernel: the same per-token int8 × per-channel int8 arithmetic, exactly in integers; vLLM's
+oneDNN GEMM on AVX2 CPUs is close but not bit-exact); prefill tokens/s = 512 / time to first token of a
+512-token prompt; decode tokens/s at batch 1 (32 new tokens after that prompt); offline throughput of 16 prompts
+of 128 tokens generating 64 each. Medians of 3 where repeated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import TEXT, cli, example_model, random_llama, size_mb
+
+from compress_export.hardware import cpu_kind, fast_dtype
+from compress_export.integrations.validate import PROMPTS, ValidateOptions, _offline_spec, _run_offline, _Steps
+
+VARIANTS = {
+    "rtn": ["--method", "rtn", "--smoothquant", "0"],
+    "rtn-sq": ["--method", "rtn", "--smoothquant", "{alpha}"],
+    "gptq": ["--method", "gptq", "--smoothquant", "0"],
+    "gptq-sq": ["--method", "gptq", "--smoothquant", "{alpha}"],
+}
+OPTIONS = ValidateOptions(max_new_tokens=8, windows=16, latency_lengths=((512, 32),), latency_repeats=3,
+                          num_prompts=16, input_len=128, output_len=64, serve=False, prompts=(PROMPTS[0],))
+
+
+def serve_figures(model: Path, dtype: str, logs: Path, tag: str) -> dict:
+    os.environ["VLLM_PLUGINS"] = ""  # vLLM's own kernels only (the child process inherits it)
+    spec = _offline_spec(model, OPTIONS, TEXT / "eval.txt")
+    spec["engine"] = {"dtype": dtype}
+    res = _run_offline(model, spec, logs, tag, _Steps(5, tag, enabled=False), timeout=3600)
+    if "error" in res:
+        return {"error": res["error"][:300]}
+    lat = res["latency"][0]
+    return {"vllm_ppl": round(res["perplexity"]["token_perplexity"], 3), "quantization": res.get("quantization"),
+            "kernels": res.get("kernels"), "prefill_tok_s": round(lat["input_len"] / (lat["ttft_ms"] / 1e3), 1),
+            "decode_tok_s": lat["decode_tok_s"], "throughput_out_tok_s": res["throughput"]["output_tok_s"]}
+
+
+def rows_for(name: str, base: Path, calib: list, variants: list, alpha: float, dtype: str, tmp: Path,
+             ours: bool = True) -> list:
+    rows = []
+    for v in ["original"] + variants:
+        t = time.time()
+        if v == "original":
+            target, rec = base, {"model": name, "variant": "original", "compress_s": 0.0}
+        else:
+            target = tmp / f"{name}-{v}"
+            args = [a.format(alpha=alpha) for a in VARIANTS[v]]
+            needs_data = v != "rtn"
+            s = cli("--scheme", "W8A8", *args, *(calib if needs_data else []), base, "-o", target, "-q")
+            rec = {"model": name, "variant": v, "compress_s": round(s["seconds"], 1)}
+        rec["size_mb"] = size_mb(target)
+        if ours:
+            rec["ours_ppl"] = round(cli("eval", target, "--text", TEXT / "eval.txt")["token_perplexity"], 3)
+        rec.update(serve_figures(target, dtype, tmp, f"{name}-{v}"))
+        rows.append(rec)
+        print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="smollm2,1b")
+    p.add_argument("--variants", default="rtn,rtn-sq,gptq,gptq-sq")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--dtype", default=fast_dtype("cpu"))
+    p.add_argument("--no-ours", action="store_true", help="skip our loader's perplexity (speed runs)")
+    p.add_argument("--out", help="also write the rows as JSON here")
+    a = p.parse_args()
+    variants = a.variants.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "smollm2" in a.models:
+            calib = ["--dataset", TEXT / "calib.txt", "--num-samples", "64", "--seq-len", "512"]
+            rows += rows_for("SmolLM2-135M", Path(example_model()), calib, variants, a.alpha, a.dtype, tmp,
+                             not a.no_ours)
+        if "1b" in a.models:
+            calib = ["--dataset", TEXT / "calib.txt", "--num-samples", "16", "--seq-len", "256"]
+            rows += rows_for("Llama-1B (random)", random_llama(tmp / "llama-1b"), calib, variants, a.alpha,
+                             a.dtype, tmp, not a.no_ours)
+    print(f"\n{cpu_kind()} CPU, vLLM engine dtype {a.dtype}, plugin not loaded; SmoothQuant α = {a.alpha}\n")
+    cols = ["model", "variant", "vllm_ppl", "ours_ppl", "prefill_tok_s", "decode_tok_s", "throughput_out_tok_s",
+            "size_mb", "compress_s"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, r.get("error", "–"))) for c in cols) + " |")
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

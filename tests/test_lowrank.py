@@ -1,0 +1,156 @@
+"""Low-rank error correction (EoRA): the math against an independent derivation, the PEFT adapter on disk, and our
+loader applying it."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama, recorder
+
+from compress_export.config import CompressionConfig
+from compress_export.errors import UserError
+from compress_export.lowrank import lowrank_correction, read_adapter
+from compress_export.pipeline import compress
+
+
+def weighted_error(D, H):
+    return float(torch.einsum("oi,ij,oj->", D.double(), H.double(), D.double()))
+
+
+def test_a_low_rank_error_is_recovered_exactly():
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 24, generator=g, dtype=torch.float64)
+    X = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    for H in (None, X.T @ X):
+        A, B = lowrank_correction(E, H, 3)
+        assert A.shape == (3, 24) and B.shape == (40, 3)
+        assert torch.allclose((B @ A).double(), E, atol=1e-4)
+
+
+def test_weighted_correction_is_the_optimum_a_cholesky_derivation_gives():
+    """Independent route to the same optimum: with H = L Lᵀ (Cholesky), ‖(E − BA)L‖_F is minimised by the truncated
+    SVD of E·L mapped back by L⁻¹. EoRA (through H's eigenvectors) must reach that error, and beat the plain SVD of
+    E in the inputs' metric; without H it is the plain truncated SVD."""
+    g = torch.Generator().manual_seed(1)
+    E = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    X = torch.randn(500, 32, generator=g, dtype=torch.float64) * torch.logspace(0, 1.5, 32, dtype=torch.float64)
+    H = X.T @ X
+    r = 6
+    L = torch.linalg.cholesky(H)
+    U, S, Vh = torch.linalg.svd(E @ L, full_matrices=False)
+    best = (U[:, :r] * S[:r]) @ Vh[:r] @ torch.linalg.inv(L)
+    A, B = lowrank_correction(E, H, r)
+    ours = weighted_error(E - (B @ A).double(), H)
+    assert ours == pytest.approx(weighted_error(E - best, H), rel=1e-4)
+    A0, B0 = lowrank_correction(E, None, r)
+    assert ours < 0.9 * weighted_error(E - (B0 @ A0).double(), H)
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    assert torch.allclose((B0 @ A0).double(), (U[:, :r] * S[:r]) @ Vh[:r], atol=1e-4)
+
+
+def test_rank_larger_than_a_linear_is_refused_before_any_weight(tiny_model, tiny_text, tmp_path):
+    with pytest.raises(UserError, match=r"--lowrank-rank 100 exceeds model\.layers\.0\..*use at most"):
+        compress(tiny_model, tmp_path / "x", CompressionConfig(method="rtn", lowrank_rank=100), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_lowrank_export_is_a_peft_adapter_our_loader_applies(tiny_model, tiny_text, tmp_path):
+    """GPTQ W2 + rank 8: the adapter holds exactly the in-memory corrections (fp16, lora_alpha = r), every linear
+    has one, and our loader's model equals the uncorrected one with each weight replaced by Q + B·A by hand."""
+    from compress_export.loading import load_model, read_quantized
+
+    results, on_result = recorder()
+    out = tmp_path / "w2r8"
+    cfg = CompressionConfig(method="gptq", bits=2, group_size=32, lowrank_rank=8, dataset=str(tiny_text),
+                            num_samples=8, seq_len=32)
+    s = compress(tiny_model, out, cfg, progress=False, on_result=on_result)
+    assert s.lowrank_rank == 8 and any("low-rank correction: rank 8" in ln for ln in s.lines())
+    acfg, factors = read_adapter(out / "lowrank")
+    raw = json.loads((out / "lowrank" / "adapter_config.json").read_text())
+    assert (raw["peft_type"], raw["r"], raw["lora_alpha"]) == ("LORA", 8, 8)
+    assert set(raw["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"}
+    assert sorted(factors) == sorted(results)
+    for name, qw in results.items():
+        A, B = factors[name]
+        assert A.dtype == torch.float16 and A.shape == (8, qw.shape[1]) and B.shape == (qw.shape[0], 8)
+        assert torch.equal(A.float(), qw.lora_a) and torch.equal(B.float(), qw.lora_b)
+    corrected, tok = load_model(out)
+    plain, _ = load_model(out, lowrank=False)
+    _, qweights, _ = read_quantized(out)
+    with torch.no_grad():
+        for name, qw in qweights.items():
+            A, B = factors[name]
+            plain.get_submodule(name).weight.copy_(qw.dequantize() + B.float() @ A.float())
+    ids = tok(tiny_text.read_text(), return_tensors="pt")["input_ids"][:, :64]
+    with torch.no_grad():
+        a, b = corrected(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    from compress_export import AutoCompressedModelForCausalLM
+
+    hf = AutoCompressedModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, a, atol=1e-4)
+    hf.save_pretrained(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "lowrank" / "adapter_model.safetensors").is_file()
+    from compress_export.convert import convert
+
+    ct = convert(out, "compressed-tensors", str(tmp_path / "ct"))
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (ct / "lowrank" / f).read_bytes() == (out / "lowrank" / f).read_bytes()
+
+
+def test_rtn_correction_is_the_plain_svd_of_each_error(tmp_path):
+    """RTN has no activation statistics: each linear's correction is the truncated SVD of W − Q (fp16-rounded)."""
+    model = make_tiny_llama(tmp_path / "m", hidden=64, inter=128)
+    results, on_result = recorder()
+    compress(model, tmp_path / "o", CompressionConfig(method="rtn", bits=2, group_size=32, lowrank_rank=16),
+             progress=False, on_result=on_result)
+    from compress_export.loading import load_model
+
+    base, _ = load_model(model)
+    for name, qw in results.items():
+        E = base.get_submodule(name).weight.detach().double() - qw.dequantize().double()
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+        best = (U[:, :16] * S[:16]) @ Vh[:16]
+        assert torch.allclose((qw.lora_b @ qw.lora_a).double(), best, atol=2e-3 * float(E.abs().max())), name
+
+
+def test_gptq_correction_uses_the_hessian_of_the_linears_own_inputs(tmp_path, tiny_text):
+    """Layer 0's q_proj reads the normed embeddings, which compression does not change: recomputing its Hessian
+    here from the calibration tokens, EoRA of W − Q must give the correction the pipeline wrote."""
+    from compress_export.loading import load_model
+
+    model = make_tiny_llama(tmp_path / "m", hidden=64, inter=128)
+    results, on_result = recorder()
+    compress(model, tmp_path / "o", CompressionConfig(method="gptq", bits=2, group_size=32, lowrank_rank=8,
+                                                      dataset=str(tiny_text), num_samples=4, seq_len=32),
+             progress=False, on_result=on_result)
+    base, tok = load_model(model)
+    ids = tok(tiny_text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0][:128]
+    seen = []
+    q = base.model.layers[0].self_attn.q_proj
+    hook = q.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        base(input_ids=ids.view(4, 32))
+    hook.remove()
+    X = seen[0]
+    qw = results["model.layers.0.self_attn.q_proj"]
+    E = q.weight.detach().double() - qw.dequantize().double()
+    A, B = lowrank_correction(E, X.T @ X, 8)
+    ours = (qw.lora_b @ qw.lora_a).double()
+    assert torch.allclose(ours, (B @ A).double(), atol=2e-3 * float(ours.abs().max()))
+    A0, B0 = lowrank_correction(E, None, 8)  # the unweighted one differs: the check can fail
+    assert not torch.allclose(ours, (B0 @ A0).double(), atol=2e-3 * float(ours.abs().max()))
+
+
+def test_serve_adds_the_adapter_unless_the_user_set_lora_flags(tmp_path):
+    from compress_export.integrations.vllm_launch import lora_args
+
+    (tmp_path / "lowrank").mkdir()
+    (tmp_path / "lowrank" / "adapter_config.json").write_text(json.dumps({"r": 48}))
+    args = lora_args(str(tmp_path), ["--port", "8000"])
+    assert args == ["--enable-lora", "--lora-modules", f"corr={tmp_path.resolve() / 'lowrank'}",
+                    "--max-lora-rank", "64"]
+    assert lora_args(str(tmp_path), ["--enable-lora"]) == []
+    assert lora_args(str(tmp_path / "lowrank"), []) == []  # no adapter there
