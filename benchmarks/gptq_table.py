@@ -31,8 +31,7 @@ def parse_row(name: str) -> list:
     args = ["--method", method, "--bits", bits, "--group-size", group or "-1", "--act-order", act or "static",
             "--format", fmt or "gptq"]
     args.append("--asym" if asym else "--sym")
-    if not datafree:
-        args += ["--dataset", TEXT / "calib.txt"]
+    args += ["--dataset", "self" if datafree else TEXT / "calib.txt"]  # -datafree: the model writes its own text
     return args + ["--num-samples", "64", "--seq-len", "512"]
 
 

@@ -90,6 +90,8 @@ def save_adapter(folder: Path, factors: Dict[str, Tuple[torch.Tensor, torch.Tens
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    # readable like the rest of the export (save_file left it 0600 here)
+    (folder / "adapter_model.safetensors").chmod(0o644)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
         "target_modules": sorted({n.rpartition(".")[2] for n in factors}), "bias": "none",

@@ -196,8 +196,8 @@ def open_source(src: Path, skeleton: nn.Module, index: dict, stream: Optional[bo
     needs_model_forward: data-free calibration generates text with the whole model, so it cannot stream.
     """
     if stream is not False:
-        why = "data-free calibration generates text with the whole model (give --dataset to stream)" \
-            if needs_model_forward else ""
+        why = ("data-free calibration (--dataset self) generates text with the whole model (give another "
+               "--dataset, or none, to stream)") if needs_model_forward else ""
         if not why:
             source, why = StreamedSource.try_open(src, skeleton, index, trust_remote_code)
             if source is not None:

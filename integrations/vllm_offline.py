@@ -120,8 +120,12 @@ def perplexity(llm, tok, text_ids: list, window: int, windows: int) -> dict:
 
     ids = cut_windows(torch.tensor(text_ids), window, windows)
     t0 = time.perf_counter()
-    outs = generate(llm, [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids],
-                        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    if id(llm) in _LORA:  # vLLM 0.32's CPU LoRA path fails on prompt logprobs of several requests in one batch
+        outs = [o for p in prompts for o in generate(llm, [p], params, use_tqdm=False)]
+    else:
+        outs = generate(llm, prompts, params, use_tqdm=False)
     loss = torch.tensor([[-pos[int(t)].logprob for pos, t in zip(o.prompt_logprobs[1:], row[1:])]
                          for o, row in zip(outs, ids)], dtype=torch.float64)
     return summarize(tok, ids, loss, time.perf_counter() - t0).as_dict()

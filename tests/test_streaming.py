@@ -119,7 +119,7 @@ def test_disk_space_is_checked_from_the_headers(tiny_model, tmp_path, monkeypatc
 def test_stream_true_refuses_what_cannot_stream(tiny_model, tmp_path):
     with pytest.raises(UserError, match="data-free calibration"):
         compress(tiny_model, tmp_path / "o", method="gptq", scheme=Scheme(4, 32, True), stream=True,
-                 num_samples=2, seq_len=8, progress=False)
+                 num_samples=2, seq_len=8, progress=False, dataset="self")
 
 
 def test_device_option_is_checked():
