@@ -129,9 +129,9 @@ def read_adapter(folder: Path) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torc
     return cfg, factors
 
 
-def adapter_rank(export_dir: Path) -> Optional[int]:
-    """The rank of the export's low-rank adapter, or None when it has none."""
-    p = Path(export_dir) / ADAPTER_DIR / "adapter_config.json"
+def adapter_rank(folder: Path) -> Optional[int]:
+    """The rank of the LoRA adapter in `folder` (an export's OUT/lowrank), or None when there is none."""
+    p = Path(folder) / "adapter_config.json"
     if not p.is_file():
         return None
     return int(json.loads(p.read_text())["r"])

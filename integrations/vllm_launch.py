@@ -77,7 +77,7 @@ def lora_args(model_dir: str, user_args: List[str]) -> List[str]:
     user set vLLM's LoRA flags themselves."""
     from compress_export.lowrank import ADAPTER_DIR, ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
 
-    rank = adapter_rank(Path(model_dir))
+    rank = adapter_rank(Path(model_dir) / ADAPTER_DIR)
     given = {a.split("=")[0] for a in user_args if a.startswith("--")}
     if rank is None or given & {"--enable-lora", "--lora-modules"}:
         return []

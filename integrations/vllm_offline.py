@@ -199,9 +199,11 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
 
     kwargs = {**engine_defaults(), **kwargs}
     if lora:
-        from compress_export.lowrank import ADAPTER_NAME, vllm_max_lora_rank
+        from compress_export.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
 
-        rank = int(json.loads((Path(lora) / "adapter_config.json").read_text())["r"])
+        rank = adapter_rank(lora)
+        if rank is None:
+            raise ValueError(f"{lora}: no adapter_config.json (not a LoRA adapter folder)")
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(rank))
     t0 = time.perf_counter()
     llm = LLM(model=model, max_model_len=max_model_len, seed=0, **kwargs)
