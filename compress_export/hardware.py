@@ -34,6 +34,18 @@ def native_bf16(flags=None) -> bool:
     return any(f in flags for f in CPU_BF16_FLAGS)
 
 
+# Any of these gives oneDNN an int8 dot product that sums u8×s8 products straight into int32 (vpdpbusd, AMX).
+CPU_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def saturating_int8_gemm(flags=None) -> bool:
+    """vLLM's CPU int8 GEMM (oneDNN) is inexact here: an x86 CPU with AVX2 but no VNNI, where oneDNN multiplies
+    with vpmaddubsw and adds each pair of u8×s8 products in a saturating int16. Measured on an AVX2 CPU: 12.7%
+    relative error on full-range operands, bit for bit the saturating model (benchmarks/int8_exactness.py)."""
+    flags = cpu_flags() if flags is None else flags
+    return "avx2" in flags and not any(f in flags for f in CPU_INT8_DOT_FLAGS)
+
+
 def cpu_kind(flags=None) -> str:
     """A short name for the CPU kind as far as our kernels and dtypes care: "AVX-512 bf16", "AVX-512", "AVX2" or
     "other"."""

@@ -9,7 +9,9 @@ finds a kernel for the model's layer shapes on this platform. One gap of vLLM's 
 
 Then the plugin claims the checkpoint where vLLM has no kernel, and on the CPU also wherever our compiled kernel
 (`cpu-wna16`) runs it: measured faster than vLLM's CPU kernel (benchmarks/README.md). On CUDA, vLLM's Marlin and
-Machete kernels are faster than ours and it steps aside. COMPRESS_EXPORT_VLLM=always|never forces either way.
+Machete kernels are faster than ours and it steps aside. W8A8 int8 is vLLM's, except on x86 CPUs without VNNI,
+where vLLM's int8 GEMM is inexact and ours is exact (`w8a8_route`). COMPRESS_EXPORT_VLLM=always|never forces
+either way.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ import torch
 
 from compress_export.errors import UserError
 from compress_export.formats import format_for_config
+from compress_export.hardware import saturating_int8_gemm
 from compress_export.kernels import KernelRequest, choose_kernel
+from compress_export.kernels.int8 import extension as int8_extension
 
 METHOD_NAME = "compress_export"
 MODES = ("auto", "always", "never")
@@ -166,8 +170,23 @@ def our_kernel(scheme, device: str, act_dtype: torch.dtype, hf_config=None) -> O
     return "+".join(sorted(names))
 
 
-def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=None) -> Route:
-    """Whether our method claims this checkpoint, and why."""
+def w8a8_route(device: str, flags=None) -> Route:
+    """W8A8 int8: vLLM's own kernels (CUTLASS on GPU, oneDNN on CPU) are fast and exact, except oneDNN on x86 CPUs
+    without VNNI, whose int16 pair sums saturate (hardware.saturating_int8_gemm); there our exact int8 GEMM runs it
+    when it is built."""
+    theirs = "CPUInt8ScaledMMLinearKernel" if device == "cpu" else None
+    if device != "cpu" or not saturating_int8_gemm(flags):
+        return Route(False, "W8A8 int8: vLLM's own int8 kernel runs it exactly "
+                            f"({'oneDNN with VNNI/AMX' if device == 'cpu' else 'CUTLASS'})", None, theirs)
+    if int8_extension() is None:
+        return Route(False, "W8A8 int8: our exact int8 GEMM is not built, so vLLM's oneDNN kernel runs it (inexact "
+                            "on this CPU without VNNI: int16 pair sums saturate)", None, theirs)
+    return Route(True, "W8A8 int8 on a CPU without VNNI: vLLM's oneDNN GEMM adds u8×s8 pairs in saturating int16; "
+                       "our exact int8 GEMM runs it", "int8-dynamic", theirs)
+
+
+def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=None, flags=None) -> Route:
+    """Whether our method claims this checkpoint, and why (`flags`: the CPU's, for tests of other CPU kinds)."""
     if user_quant == METHOD_NAME:
         return Route(True, "asked for by name (--quantization compress_export)")
     if user_quant not in (None, qcfg.get("quant_method")):
@@ -176,8 +195,6 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
         scheme = format_for_config(qcfg).scheme_from_config(qcfg)
     except (UserError, KeyError, ValueError, TypeError):
         return Route(False, "not a checkpoint format compress-export reads")
-    if scheme is not None and scheme.act_bits == 8:
-        return Route(False, "W8A8 int8: vLLM's own int8 kernels run it (oneDNN on CPU, CUTLASS on GPU)")
     mode = os.environ.get("COMPRESS_EXPORT_VLLM", "auto")
     if mode not in MODES:
         log.warning("COMPRESS_EXPORT_VLLM=%s is not one of %s; using auto", mode, MODES)
@@ -188,6 +205,8 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
 
     device = device or ("cuda" if current_platform.is_cuda_alike() else "cpu" if current_platform.is_cpu()
                         else current_platform.device_type)
+    if scheme is not None and scheme.act_bits == 8:
+        return w8a8_route(device, flags)
     act_dtype = act_dtype or engine_dtype(hf_config)
     ours = our_kernel(scheme, device, act_dtype, hf_config)
     theirs, why = vllm_native(qcfg, act_dtype, hf_config)

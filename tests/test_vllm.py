@@ -121,7 +121,7 @@ def _tiny_vllm_model(tmp_path):
     return make_tiny_llama(tmp_path / "tiny", hidden=128, inter=256, heads=2, kv_heads=1, max_pos=2048)
 
 
-def test_w8a8_is_served_by_vllms_own_int8_kernel_with_the_plugin_off(tiny_text, tmp_path):
+def test_w8a8_is_served_by_vllms_int8_kernel_with_the_plugin_off_and_exactly_with_it_on(tiny_text, tmp_path):
     """GPTQ W8A8 after SmoothQuant, our plugin not even loaded (VLLM_PLUGINS=""): vLLM's compressed-tensors method
     and its own int8 kernel run every linear; `eval --engine vllm` scores it, and its perplexity is our int8
     kernel's (exact int32 arithmetic) within 2%: vLLM's oneDNN GEMM on AVX2 CPUs is not bit-exact (max gap 0.06
@@ -129,6 +129,8 @@ def test_w8a8_is_served_by_vllms_own_int8_kernel_with_the_plugin_off(tiny_text, 
     import os
 
     from compress_export.config import CompressionConfig
+    from compress_export.hardware import saturating_int8_gemm
+    from compress_export.kernels.int8 import extension as int8_extension
     from compress_export.pipeline import compress
 
     out = tmp_path / "w8a8"
@@ -138,16 +140,25 @@ def test_w8a8_is_served_by_vllms_own_int8_kernel_with_the_plugin_off(tiny_text, 
     text = tmp_path / "eval.txt"
     text.write_text(tiny_text.read_text())
     runs = {}
-    for engine in ("vllm", "torch"):
+    for engine, plugins in (("vllm", ""), ("torch", ""), ("plugin", None)):
+        env = {**os.environ, "VLLM_PLUGINS": plugins} if plugins is not None else os.environ
         r = subprocess.run([sys.executable, "-m", "compress_export.cli", "eval", str(out), "--text", str(text),
-                            "--window", "64", "--windows", "4", "--engine", engine, "--json"], capture_output=True,
-                           text=True, timeout=900, env={**os.environ, "VLLM_PLUGINS": ""})
+                            "--window", "64", "--windows", "4", "--engine", engine.replace("plugin", "vllm"),
+                            "--json", *FP32], capture_output=True, text=True, timeout=900, env=env)
         assert r.returncode == 0, r.stderr[-4000:]
         runs[engine] = json.loads(r.stdout)
-    v = runs["vllm"]
+    v, ours = runs["vllm"], runs["torch"]["token_perplexity"]
     assert "compressed-tensors" in v["engine"] and v["kernels"], v
     assert all(k.startswith("vllm:") for k in v["kernels"]), v["kernels"]
-    assert v["token_perplexity"] == pytest.approx(runs["torch"]["token_perplexity"], rel=0.02)
+    assert v["token_perplexity"] == pytest.approx(ours, rel=0.02)
+    # With our plugin loaded: where vLLM's int8 GEMM saturates (x86 without VNNI), ours runs every linear and
+    # vLLM's perplexity is our loader's exact one; elsewhere vLLM keeps it.
+    p = runs["plugin"]
+    if saturating_int8_gemm() and int8_extension() is not None:
+        assert set(p["kernels"]) == {"compress_export:int8-dynamic"}, p["kernels"]
+        assert p["token_perplexity"] == pytest.approx(ours, rel=1e-4), (p, ours)
+    else:
+        assert all(k.startswith("vllm:") for k in p["kernels"]), p["kernels"]
 
 
 def test_lowrank_adapter_is_served_as_a_lora_and_matches_our_loader(tiny_text, tmp_path):
@@ -288,26 +299,39 @@ def test_plugin_route_on_a_mocked_cuda_gpu():
     assert not v["gptq w4 sym static"]["claim"]  # a Triton kernel of vLLM's still runs it there
 
 
-def test_plugin_claims_awq_and_compressed_tensors_w4a16_but_not_w8a8():
+def test_plugin_claims_awq_and_compressed_tensors_w4a16_and_w8a8_only_where_vllms_int8_gemm_saturates():
+    """W8A8 is vLLM's on GPUs and on CPUs with VNNI or AMX; on x86 CPUs without VNNI (oneDNN's saturating int16
+    pair sums) our exact int8 GEMM claims it. Both CPU kinds are decided here from their flags, and this CPU for
+    real through vLLM's own entry point."""
     from compress_export.formats import FORMATS
-    from compress_export.scheme import Scheme
+    from compress_export.hardware import saturating_int8_gemm
+    from compress_export.kernels.int8 import extension
+    from compress_export.scheme import PRESETS, Scheme
 
     awq = FORMATS.get("awq")().quantization_config(Scheme(4, 64, False), ["lm_head"], {})
     ct = FORMATS.get("compressed-tensors")().quantization_config(Scheme(4, 64, True, "static"), ["lm_head"], {})
-    w8a8 = json.loads(json.dumps(ct))
-    w8a8["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int", "dynamic": True}
-    w8a8["format"] = w8a8["config_groups"]["group_0"]["format"] = "int-quantized"
+    w8a8 = FORMATS.get("compressed-tensors")().quantization_config(PRESETS["W8A8"], ["lm_head"], {})
     code = "\n".join([
         "import json, os, sys",
         "os.environ['VLLM_TARGET_DEVICE'] = 'cpu'",
         "from compress_export.integrations.vllm_method import CompressExportConfig as C",
+        "from compress_export.integrations.vllm_route import decide",
         "for q in json.loads(sys.argv[1]):",
         "    print(C.override_quantization_method(q, None))",
+        "for dev, flags in (('cpu', ['avx2', 'fma']), ('cpu', ['avx2', 'avx512f', 'avx512_vnni']),",
+        "                   ('cpu', ['avx2', 'amx_int8']), ('cuda', ['avx2'])):",
+        "    r = decide(q, None, device=dev, flags=frozenset(flags))",
+        "    print(r.claim, r.ours, r.reason)",
     ])
     r = subprocess.run([sys.executable, "-c", code, json.dumps([awq, ct, w8a8])], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-3:] == ["compress_export", "compress_export", "None"], r.stdout
+    lines = r.stdout.strip().splitlines()
+    here = "compress_export" if saturating_int8_gemm() and extension() is not None else "None"
+    assert lines[-7:-4] == ["compress_export", "compress_export", here], r.stdout
+    avx2, vnni, amx, cuda = lines[-4:]
+    assert avx2.startswith("True int8-dynamic") == (extension() is not None) and "saturating" in avx2, avx2
+    assert vnni.startswith("False") and "VNNI" in vnni and amx.startswith("False") and "CUTLASS" in cuda, lines
 
 
 def test_tensor_parallel_shards_load_as_vllm_shards_them():

@@ -1,6 +1,7 @@
 """W8A8: the int8 kernel against hand-worked arithmetic, the int-quantized layout against the compressed-tensors
 library, SmoothQuant's scales and fold, and the export end to end on the tiny Llama."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from compress_export.config import CompressionConfig
 from compress_export.errors import UserError
 from compress_export.formats import FORMATS
 from compress_export.kernels import KERNELS, KernelRequest, choose_kernel
+from compress_export.kernels import int8
 from compress_export.pipeline import compress
 from compress_export.result import QuantizedWeight
 from compress_export.scheme import PRESETS
@@ -46,6 +48,68 @@ def test_int8_kernel_is_per_token_int8_times_per_channel_int8():
     assert torch.equal(got[2], torch.zeros(48))
     back = kernel.quantized_weight()
     assert torch.equal(back.codes, qw.codes) and torch.equal(back.scales, qw.scales)
+
+
+def saturating_pair_sum(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What an AVX2 int8 GEMM without VNNI computes (vpmaddubsw): x shifted to u8 by +128, each adjacent pair of
+    u8 × s8 products added in a saturating int16, minus 128·Σw. The model the exact kernel is tested against."""
+    if xq.shape[1] % 2:  # a zero weight column pairs the odd one out and adds nothing
+        xq, w = torch.nn.functional.pad(xq, (0, 1)), torch.nn.functional.pad(w, (0, 1))
+    u = xq.long() + 128
+    pairs = (u[:, None, :] * w.long()[None]).view(u.shape[0], w.shape[0], -1, 2).sum(-1).clamp(-32768, 32767)
+    return pairs.sum(-1) - 128 * w.long().sum(1)[None]
+
+
+@pytest.mark.skipif(int8.extension() is None, reason="the compiled int8 GEMM is not built (no C compiler)")
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_compiled_int8_gemm_is_exact_where_a_saturating_pair_sum_is_not(isa):
+    """Full-range int8 operands, every tile remainder (rows of x 1..5, weight rows not a multiple of 4, K not a
+    multiple of 16): the compiled GEMM equals the integer product computed in float64 (exact below 2^53), and the
+    operands are such that the saturating int16 pair sum differs, so this check can tell the two apart."""
+    ext = int8.extension()
+    ext.set_isa(isa)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for m, k, n in [(1, 576, 64), (2, 64, 7), (3, 577, 13), (5, 1536, 9), (33, 40, 4)]:
+            xq = torch.randint(-128, 128, (m, k), generator=g).to(torch.int8)
+            w = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)
+            want = xq.double() @ w.double().t()
+            got = int8.int8_matmul(xq, w)
+            assert got.dtype == torch.int32 and torch.equal(got.double(), want), (m, k, n)
+            assert not torch.equal(saturating_pair_sum(xq, w).double(), want), (m, k, n)
+    finally:
+        ext.set_isa("auto")
+    assert ext.isa() in ("avx2", "generic")
+
+
+@pytest.mark.skipif(int8.extension() is None, reason="the compiled int8 GEMM is not built (no C compiler)")
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_compiled_w8a8_linear_gives_the_torch_expressions_floats(isa):
+    """The one-call CPU kernel (quantize per token, exact GEMM, both scales) against the torch expression it
+    replaces: the same floats, bit for bit, including an all-zero token, a rounding tie (x/s = 2.5) and a token
+    with NaN, whose outputs must be NaN."""
+    ext = int8.extension()
+    ext.set_isa(isa)
+    try:
+        qw = random_w8a8(out_f=37, in_f=70, seed=3)
+        w = (qw.codes.int() - 128).to(torch.int8).contiguous()
+        scale = qw.scales.float().view(1, -1).contiguous()
+        x = torch.randn(6, 70, generator=torch.Generator().manual_seed(4)) * 3
+        x[1] = 0
+        x[2, :2] = torch.tensor([127.0, 2.5])  # s = 1: the tie rounds to even (2)
+        x[3, 5] = float("nan")
+        got, want = int8.w8a8_linear(x, w, scale), int8.w8a8_reference(x, w, scale)
+        assert torch.isnan(got[3]).all() and torch.isnan(want[3]).all()
+        keep = [0, 1, 2, 4, 5]
+        assert torch.equal(got[keep], want[keep]) and torch.equal(got[1], torch.zeros(37))
+    finally:
+        ext.set_isa("auto")
+
+
+def test_compiled_int8_gemm_is_built_where_a_compiler_exists():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    assert int8.extension() is not None
 
 
 def test_weight_only_kernels_refuse_int8_activations_by_name():

@@ -22,8 +22,7 @@
  * Threads: OpenMP over output rows. Linked against libgomp.so.1, which resolves to the copy torch has already
  * loaded (torch is imported first), so torch.set_num_threads and vLLM's thread binding govern both.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "cpu_common.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -274,8 +273,7 @@ AVX2 static void dequant_row_avx2(const Job *j, int64_t n, void *out, int bf16) 
 }
 #endif
 
-enum { ISA_GENERIC = 0, ISA_AVX2 = 1 };
-static int g_isa = ISA_GENERIC;
+int g_isa = ISA_GENERIC;
 
 static void detect_isa(void) {
     g_isa = ISA_GENERIC;
@@ -459,11 +457,16 @@ static PyMethodDef methods[] = {
      "gemm(bits, M, N, K, group, x, qw, scales, zeros, y, nthreads, bf16=0): y[M,N] = x[M,K] · dequant(W)ᵀ "
      "(addresses; x and y bf16 when bf16=1, else fp32)"},
     {"dequant", py_dequant, METH_VARARGS, "dequant(bits, N, K, group, n0, n1, qw, scales, zeros, out, bf16, nthreads): rows n0..n1 of W"},
+    {"int8_gemm", py_int8_gemm, METH_VARARGS,
+     "int8_gemm(M, N, K, xq, w, acc, nthreads): acc[M,N] int32 = xq[M,K] int8 · w[N,K] int8ᵀ, exact (addresses)"},
+    {"int8_linear", py_int8_linear, METH_VARARGS,
+     "int8_linear(M, N, K, x, w, scale, y, nthreads): y[M,N] fp32 = W8A8 of x[M,K] fp32 (per-token int8) and "
+     "w[N,K] int8 with per-channel scale[N] fp32 (addresses)"},
     {"isa", py_isa, METH_NOARGS, "the instruction-set path in use: avx2 or generic"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('generic'|'auto'): force the portable path (tests) or detect"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "CPU W{2,3,4,8}A16 kernels", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "CPU W{2,3,4,8}A16 and exact W8A8 kernels", -1, methods};
 
 PyMODINIT_FUNC PyInit__cpu(void) {
     detect_isa();
