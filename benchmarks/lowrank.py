@@ -1,10 +1,11 @@
 """Low-rank error correction (EoRA) on top of GPTQ: perplexity by rank, adapter size, and what vLLM makes of it.
 
-  python benchmarks/lowrank.py [--bits 3,2] [--ranks 0,16,64] [--vllm 3:64] [--out benchmarks/results/lowrank.json]
+  python benchmarks/lowrank.py [--bits 3,2] [--ranks 0,16,64] [--vllm 3:64] [--num-samples 64 --seq-len 512]
+                               [--out benchmarks/results/lowrank.json]
 
-SmolLM2-135M-Instruct, GPTQ W{bits} g64 (static act-order), calibrated on 64 × 512 tokens of calib.txt, with a
-rank-r correction of every linear's error (`--lowrank-rank r`, a LoRA adapter in OUT/lowrank). Perplexity on
-eval.txt by the shared protocol through our loader (fp32; it applies the adapter). The gap closed is
+SmolLM2-135M-Instruct, GPTQ W{bits} g64 (static act-order), calibrated on calib.txt (64 × 512 tokens unless
+told), with a rank-r correction of every linear's error (`--lowrank-rank r`, a LoRA adapter in OUT/lowrank).
+Perplexity on eval.txt by the shared protocol through our loader (fp32; it applies the adapter). The gap closed is
 (ppl(rank 0) − ppl(rank r)) / (ppl(rank 0) − ppl(unquantized)).
 For each --vllm BITS:RANK pair, the export is also served by vLLM (plugin kernel for the 3/2-bit base, the adapter
 as a LoRA): perplexity from its prompt log-probabilities, and batch-1 decode tokens/s (64 tokens, median of 3)
@@ -49,11 +50,13 @@ def main():
     p.add_argument("--bits", default="3,2")
     p.add_argument("--ranks", default="0,16,64")
     p.add_argument("--vllm", default="3:64", help="BITS:RANK pairs also served by vLLM (comma-separated; '' none)")
+    p.add_argument("--num-samples", type=int, default=64, help="calibration windows of calib.txt")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
     p.add_argument("--out")
     a = p.parse_args()
     base = Path(example_model())
     serve = {tuple(int(v) for v in pair.split(":")) for pair in a.vllm.split(",") if pair}
-    calib = ["--dataset", TEXT / "calib.txt", "--num-samples", "64", "--seq-len", "512"]
+    calib = ["--dataset", TEXT / "calib.txt", "--num-samples", a.num_samples, "--seq-len", a.seq_len]
     ref = round(cli("eval", base, "--text", TEXT / "eval.txt")["token_perplexity"], 3)
     rows = [{"bits": 16, "rank": 0, "token_ppl": ref, "size_mb": size_mb(base)}]
     print(json.dumps(rows[0]), flush=True)
@@ -76,7 +79,8 @@ def main():
     for r in rows:
         if r["bits"] in zero and r["rank"]:
             r["gap_closed"] = f"{(zero[r['bits']] - r['token_ppl']) / (zero[r['bits']] - ref):.0%}"
-    print(f"\n{cpu_kind()} CPU; SmolLM2-135M GPTQ g64, 64×512 calibration tokens; eval.txt 16×512\n")
+    print(f"\n{cpu_kind()} CPU; SmolLM2-135M GPTQ g64, {a.num_samples}×{a.seq_len} calibration tokens; "
+          "eval.txt 16×512\n")
     cols = ["bits", "rank", "token_ppl", "gap_closed", "word_ppl", "size_mb", "adapter_mb", "compress_s",
             "vllm_ppl", "decode_tok_s", "decode_tok_s_no_adapter"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

@@ -58,7 +58,8 @@ def serve_figures(model: Path, dtype: str, logs: Path, tag: str, plugin: bool = 
     if DECODE_BATCHES:  # batch-1 decode from the latency run subtracts a long prefill; this one times decode alone
         r = vllm_check(model, "--max-tokens", 64, "--repeats", 3, "--batches", DECODE_BATCHES, "--dtype", dtype)
         res["decode_by_batch"] = r.get("decode_tok_s_by_batch") or r.get("error", "")[-200:]
-    return {"decode_by_batch": res.get("decode_by_batch"), "vllm_ppl": round(res["perplexity"]["token_perplexity"], 3), "quantization": res.get("quantization"),
+    return {"decode_by_batch": res.get("decode_by_batch"),
+            "vllm_ppl": round(res["perplexity"]["token_perplexity"], 3), "quantization": res.get("quantization"),
             "kernels": res.get("kernels"), "prefill_tok_s": round(lat["input_len"] / (lat["ttft_ms"] / 1e3), 1),
             "decode_tok_s": lat["decode_tok_s"], "throughput_out_tok_s": res["throughput"]["output_tok_s"]}
 
