@@ -16,17 +16,6 @@
  * once per tile. Threads: OpenMP over weight rows; libgomp resolves to the copy torch has loaded.
  */
 #include "cpu_common.h"
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define CE_X86 1
-#endif
 
 typedef struct {
     int64_t M, N, K;

@@ -23,17 +23,6 @@
  * loaded (torch is imported first), so torch.set_num_threads and vLLM's thread binding govern both.
  */
 #include "cpu_common.h"
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define CE_X86 1
-#endif
 
 typedef struct {
     int bits;
