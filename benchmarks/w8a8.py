@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import TEXT, cli, example_model, random_llama, size_mb, vllm_check
@@ -38,25 +39,36 @@ VARIANTS = {
     "gptq": ["--method", "gptq", "--smoothquant", "0"],
     "gptq-sq": ["--method", "gptq", "--smoothquant", "{alpha}"],
 }
-DECODE_BATCHES = ""  # --decode-batches
 OPTIONS = ValidateOptions(max_new_tokens=8, windows=16, latency_lengths=((512, 32),), latency_repeats=3,
                           num_prompts=16, input_len=128, output_len=64, serve=False, prompts=(PROMPTS[0],))
 
 
-def serve_figures(model: Path, dtype: str, logs: Path, tag: str, plugin: bool = False) -> dict:
+@dataclass(frozen=True)
+class Run:
+    """How every row is made: vLLM's engine dtype, the scratch folder, our loader's ppl or not, the plugin rows,
+    and the batch sizes of the decode-alone timing ("" none)."""
+    dtype: str
+    tmp: Path
+    ours: bool = True
+    plugin: bool = False
+    decode_batches: str = ""
+
+
+def serve_figures(model: Path, run: Run, tag: str, plugin: bool = False) -> dict:
     # the child process inherits it: "" loads no plugin, so vLLM's own kernels run everything
     if plugin:
         os.environ.pop("VLLM_PLUGINS", None)
     else:
         os.environ["VLLM_PLUGINS"] = ""
     spec = _offline_spec(model, OPTIONS, TEXT / "eval.txt")
-    spec["engine"] = {"dtype": dtype}
-    res = _run_offline(model, spec, logs, tag, _Steps(5, tag, enabled=False), timeout=3600)
+    spec["engine"] = {"dtype": run.dtype}
+    res = _run_offline(model, spec, run.tmp, tag, _Steps(5, tag, enabled=False), timeout=3600)
     if "error" in res:
         return {"error": res["error"][:300]}
     lat = res["latency"][0]
-    if DECODE_BATCHES:  # batch-1 decode from the latency run subtracts a long prefill; this one times decode alone
-        r = vllm_check(model, "--max-tokens", 64, "--repeats", 3, "--batches", DECODE_BATCHES, "--dtype", dtype)
+    if run.decode_batches:  # the latency run's decode subtracts a long prefill; this one times decode alone
+        r = vllm_check(model, "--max-tokens", 64, "--repeats", 3, "--batches", run.decode_batches,
+                       "--dtype", run.dtype)
         res["decode_by_batch"] = r.get("decode_tok_s_by_batch") or r.get("error", "")[-200:]
     return {"decode_by_batch": res.get("decode_by_batch"),
             "vllm_ppl": round(res["perplexity"]["token_perplexity"], 3), "quantization": res.get("quantization"),
@@ -64,29 +76,28 @@ def serve_figures(model: Path, dtype: str, logs: Path, tag: str, plugin: bool = 
             "decode_tok_s": lat["decode_tok_s"], "throughput_out_tok_s": res["throughput"]["output_tok_s"]}
 
 
-def rows_for(name: str, base: Path, calib: list, variants: list, alpha: float, dtype: str, tmp: Path,
-             ours: bool = True, plugin: bool = False) -> list:
+def rows_for(name: str, base: Path, calib: list, variants: list, alpha: float, run: Run) -> list:
     rows = []
     for v in ["original"] + variants:
         t = time.time()
         if v == "original":
             target, rec = base, {"model": name, "variant": "original", "compress_s": 0.0}
         else:
-            target = tmp / f"{name}-{v}"
+            target = run.tmp / f"{name}-{v}"
             args = [a.format(alpha=alpha) for a in VARIANTS[v]]
             needs_data = v != "rtn"
             s = cli("--scheme", "W8A8", *args, *(calib if needs_data else []), base, "-o", target, "-q")
             rec = {"model": name, "variant": v, "compress_s": round(s["seconds"], 1)}
         rec["size_mb"] = size_mb(target)
-        if ours:
+        if run.ours:
             rec["ours_ppl"] = round(cli("eval", target, "--text", TEXT / "eval.txt")["token_perplexity"], 3)
-        rec.update(serve_figures(target, dtype, tmp, f"{name}-{v}"))
+        rec.update(serve_figures(target, run, f"{name}-{v}"))
         rows.append(rec)
         print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
-        if plugin and v != "original":  # the same export with our plugin loaded: its route decides who runs it
+        if run.plugin and v != "original":  # the same export with our plugin loaded: its route decides who runs it
             t = time.time()
             rec = {**{k: rec[k] for k in ("model", "size_mb", "compress_s", "ours_ppl") if k in rec},
-                   "variant": f"{v} (plugin)", **serve_figures(target, dtype, tmp, f"{name}-{v}-plugin", True)}
+                   "variant": f"{v} (plugin)", **serve_figures(target, run, f"{name}-{v}-plugin", True)}
             rows.append(rec)
             print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
     return rows
@@ -107,20 +118,16 @@ def main():
                         "e.g. 1,4: on a 1B model the latency run's decode figure subtracts a 15 s prefill")
     p.add_argument("--out", help="also write the rows as JSON here")
     a = p.parse_args()
-    global DECODE_BATCHES
-    DECODE_BATCHES = a.decode_batches
     variants = a.variants.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        run = Run(a.dtype, Path(tmp), not a.no_ours, a.plugin, a.decode_batches)
         if "smollm2" in a.models:
             calib = ["--dataset", TEXT / "calib.txt", "--num-samples", "64", "--seq-len", "512"]
-            rows += rows_for("SmolLM2-135M", Path(example_model()), calib, variants, a.alpha, a.dtype, tmp,
-                             not a.no_ours, a.plugin)
+            rows += rows_for("SmolLM2-135M", Path(example_model()), calib, variants, a.alpha, run)
         if "1b" in a.models:
             calib = ["--dataset", TEXT / "calib.txt", "--num-samples", "16", "--seq-len", "256"]
-            rows += rows_for("Llama-1B (random)", random_llama(tmp / "llama-1b"), calib, variants, a.alpha,
-                             a.dtype, tmp, not a.no_ours, a.plugin)
+            rows += rows_for("Llama-1B (random)", random_llama(run.tmp / "llama-1b"), calib, variants, a.alpha, run)
     plug = "rows marked (plugin) with our plugin loaded, the others without" if a.plugin else "plugin not loaded"
     print(f"\n{cpu_kind()} CPU, vLLM engine dtype {a.dtype}, {plug}; SmoothQuant α = {a.alpha}\n")
     cols = ["model", "variant", "vllm_ppl", "ours_ppl", "prefill_tok_s", "decode_tok_s", "throughput_out_tok_s",
