@@ -1,22 +1,26 @@
 """Low-rank error correction (EoRA) on top of GPTQ: perplexity by rank, adapter size, and what vLLM makes of it.
 
   python benchmarks/lowrank.py [--bits 3,2] [--ranks 0,16,64] [--vllm 3:64] [--num-samples 64 --seq-len 512]
-                               [--out benchmarks/results/lowrank.json]
+                               [--no-lora-ppl] [--out benchmarks/results/lowrank.json]
 
 SmolLM2-135M-Instruct, GPTQ W{bits} g64 (static act-order), calibrated on calib.txt (64 × 512 tokens unless
 told), with a rank-r correction of every linear's error (`--lowrank-rank r`, a LoRA adapter in OUT/lowrank).
 Perplexity on eval.txt by the shared protocol through our loader (fp32; it applies the adapter). The gap closed is
 (ppl(rank 0) − ppl(rank r)) / (ppl(rank 0) − ppl(unquantized)).
-For each --vllm BITS:RANK pair, the export is also served by vLLM (plugin kernel for the 3/2-bit base, the adapter
-as a LoRA): perplexity from its prompt log-probabilities, and batch-1 decode tokens/s (64 tokens, median of 3)
-with and without the adapter.
+For each --vllm BITS:RANK pair, the export is also served by vLLM (plugin kernel for the 3/2-bit base) three ways:
+the adapter as a LoRA, the correction fused into our plugin's linears (COMPRESS_EXPORT_LOWRANK=fused,
+integrations/vllm_lowrank.py), and the base alone: perplexity from its prompt log-probabilities (the LoRA run scores
+one window at a time, about 10 minutes here; --no-lora-ppl skips it), and batch-1 decode tokens/s (64 tokens,
+median of 3).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import TEXT, cli, example_model, size_mb, vllm_check
@@ -29,19 +33,41 @@ def adapter_mb(d: Path) -> float:
     return round(f.stat().st_size / 1e6, 1) if f.exists() else 0.0
 
 
-def served(d: Path, rank: int) -> dict:
+@contextmanager
+def fused():
+    """vLLM subprocesses started inside see COMPRESS_EXPORT_LOWRANK=fused."""
+    old = os.environ.get("COMPRESS_EXPORT_LOWRANK")
+    os.environ["COMPRESS_EXPORT_LOWRANK"] = "fused"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["COMPRESS_EXPORT_LOWRANK"]
+        else:
+            os.environ["COMPRESS_EXPORT_LOWRANK"] = old
+
+
+def vllm_ppl(d: Path, lora=None) -> float:
     from compress_export.integrations.validate import vllm_perplexity
 
-    out = {}
+    res = vllm_perplexity(d, TEXT / "eval.txt", 512, 16, progress=False, lora=lora)
+    return round(res["perplexity"]["token_perplexity"], 3)
+
+
+def decode(d: Path, *extra) -> dict:
+    r = vllm_check(d, "--max-tokens", 64, "--repeats", 3, *extra)
+    return r.get("decode_tok_s_by_batch", {}).get("1", r.get("error", "")[-200:])
+
+
+def served(d: Path, rank: int, lora_ppl: bool = True) -> dict:
     lora = d / "lowrank" if rank else None
-    out["vllm_ppl"] = round(vllm_perplexity(d, TEXT / "eval.txt", 512, 16, progress=False, lora=lora)
-                            ["perplexity"]["token_perplexity"], 3)
-    for tag, extra in (("decode_tok_s", ["--lora", lora] if lora else []), ("decode_tok_s_no_adapter", [])):
-        if tag == "decode_tok_s_no_adapter" and not lora:
-            continue
-        r = vllm_check(d, "--max-tokens", 64, "--repeats", 3, *extra)
-        out[tag] = r.get("decode_tok_s_by_batch", {}).get("1", r.get("error", "")[-200:])
-        out.setdefault("kernels", r.get("kernels"))
+    out = {"vllm_ppl": vllm_ppl(d, lora)} if lora_ppl or not lora else {}
+    out["decode_tok_s"] = decode(d, *(["--lora", lora] if lora else []))
+    if lora:
+        out["decode_tok_s_no_adapter"] = decode(d)
+        with fused():
+            out["vllm_ppl_fused"] = vllm_ppl(d)
+            out["decode_tok_s_fused"] = decode(d)
     return out
 
 
@@ -52,6 +78,7 @@ def main():
     p.add_argument("--vllm", default="3:64", help="BITS:RANK pairs also served by vLLM (comma-separated; '' none)")
     p.add_argument("--num-samples", type=int, default=64, help="calibration windows of calib.txt")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
+    p.add_argument("--no-lora-ppl", action="store_true", help="skip vLLM's perplexity with the adapter as a LoRA")
     p.add_argument("--out")
     a = p.parse_args()
     base = Path(example_model())
@@ -72,7 +99,7 @@ def main():
                        "word_ppl": round(ev["word_perplexity"], 1), "size_mb": size_mb(out),
                        "adapter_mb": adapter_mb(out), "compress_s": round(s["seconds"], 1)}
                 if (bits, rank) in serve:
-                    rec.update(served(out, rank))
+                    rec.update(served(out, rank, not a.no_lora_ppl))
                 rows.append(rec)
                 print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
     zero = {r["bits"]: r["token_ppl"] for r in rows if r["rank"] == 0 and r["bits"] != 16}
@@ -82,7 +109,7 @@ def main():
     print(f"\n{cpu_kind()} CPU; SmolLM2-135M GPTQ g64, {a.num_samples}×{a.seq_len} calibration tokens; "
           "eval.txt 16×512\n")
     cols = ["bits", "rank", "token_ppl", "gap_closed", "word_ppl", "size_mb", "adapter_mb", "compress_s",
-            "vllm_ppl", "decode_tok_s", "decode_tok_s_no_adapter"]
+            "vllm_ppl", "vllm_ppl_fused", "decode_tok_s", "decode_tok_s_fused", "decode_tok_s_no_adapter"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |")

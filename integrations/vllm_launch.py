@@ -74,12 +74,15 @@ def default_args(user_args: List[str]) -> List[str]:
 def lora_args(model_dir: str, user_args: List[str]) -> List[str]:
     """An export with a low-rank correction (OUT/lowrank) is served with it as the LoRA adapter `corr` (requests
     that name the model `corr` get the corrected model, the export's own name the uncorrected one), unless the
-    user set vLLM's LoRA flags themselves."""
+    user set vLLM's LoRA flags themselves, or asked for the correction to be fused into our plugin's linears
+    (COMPRESS_EXPORT_LOWRANK=fused, integrations/vllm_lowrank.py)."""
     from compress_export.lowrank import ADAPTER_DIR, ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
+
+    from .vllm_lowrank import fused_requested
 
     rank = adapter_rank(Path(model_dir) / ADAPTER_DIR)
     given = {a.split("=")[0] for a in user_args if a.startswith("--")}
-    if rank is None or given & {"--enable-lora", "--lora-modules"}:
+    if rank is None or given & {"--enable-lora", "--lora-modules"} or fused_requested():
         return []
     extra = ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={Path(model_dir).resolve() / ADAPTER_DIR}"]
     if "--max-lora-rank" not in given:

@@ -26,7 +26,8 @@ from compress_export.formats import format_for_config
 from compress_export.formats.base import ignored_modules, replicated_groups, shard_replicates_groups
 from compress_export.kernels import KernelRequest, choose_kernel
 
-from .vllm_route import METHOD_NAME, decide, log
+from . import vllm_lowrank
+from .vllm_route import METHOD_NAME, Route, decide, log
 
 
 class CompressExportConfig(QuantizationConfig):
@@ -39,6 +40,14 @@ class CompressExportConfig(QuantizationConfig):
         names = ignored_modules(qcfg)
         self.not_quantized = {n for n in names if not n.startswith("re:")}
         self.not_quantized_re = [re.compile(n[3:]) for n in names if n.startswith("re:")]
+        self._lowrank = None  # the export's low-rank factors, read at the first linear when fused (vllm_lowrank)
+
+    def lowrank_factors(self) -> Optional[dict]:
+        if not vllm_lowrank.fused_requested():
+            return None
+        if self._lowrank is None:
+            self._lowrank = vllm_lowrank.read_factors()
+        return self._lowrank
 
     def __repr__(self):
         return f"CompressExportConfig({self.fmt.name}, {self.scheme})"
@@ -73,6 +82,8 @@ class CompressExportConfig(QuantizationConfig):
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
         route = decide(hf_quant_cfg, user_quant, hf_config)
+        if not route.claim and vllm_lowrank.fused_requested():  # only our linears apply a fused correction
+            route = Route(True, f"{vllm_lowrank.ENV}=fused (our linears apply the low-rank correction)")
         log.info("compress-export plugin %s this checkpoint: %s", "claims" if route.claim else "leaves vLLM",
                  route.reason)
         return METHOD_NAME if route.claim else None
@@ -88,7 +99,7 @@ class CompressExportConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             if not self.is_quantized(prefix):
                 return UnquantizedLinearMethod()
-            return CompressExportLinearMethod(self)
+            return CompressExportLinearMethod(self, prefix)
         return None
 
 
@@ -114,8 +125,8 @@ class CompressExportLinearMethod(LinearMethodBase):
     """Allocates the format's tensors as vLLM parameters (so vLLM's loader fills and shards them), then
     unpacks them into a QuantizedWeight and hands that to the kernel the registry chooses."""
 
-    def __init__(self, config: CompressExportConfig):
-        self.config = config
+    def __init__(self, config: CompressExportConfig, prefix: str = ""):
+        self.config, self.prefix = config, prefix
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
@@ -145,6 +156,7 @@ class CompressExportLinearMethod(LinearMethodBase):
         layer.ce_tensor_names = tuple(layout)
         layer.ce_act_dtype = params_dtype
         layer.ce_shape = (out_f, in_f)
+        layer.ce_parts = list(output_partition_sizes)
 
     def process_weights_after_loading(self, layer) -> None:
         tensors = {n: getattr(layer, n).data for n in layer.ce_tensor_names}
@@ -176,7 +188,27 @@ class CompressExportLinearMethod(LinearMethodBase):
             layer.register_buffer("weight_packed", first, persistent=False)
         layer.ce_kernel = kernel
         layer.ce_kernel_name = kernel.name
+        self._fuse_lowrank(layer, device)
+
+    def _fuse_lowrank(self, layer, device) -> None:
+        """Keep this linear's low-rank pair (vllm_lowrank) beside its kernel when the correction is fused."""
+        factors = self.config.lowrank_factors()
+        if factors is None:
+            return
+        if getattr(layer, "tp_size", 1) > 1:
+            raise ValueError(f"{vllm_lowrank.ENV}=fused needs tensor-parallel size 1 ({self.prefix} is sharded "
+                             f"{layer.tp_size} ways); serve the correction as a LoRA instead")
+        leaf = self.prefix.rpartition(".")[2]
+        parts = getattr(self.config, "packed_modules_mapping", {}).get(leaf, [])
+        pair = vllm_lowrank.fused_pair(factors, self.prefix, parts, layer.ce_parts, layer.ce_shape[1],
+                                       layer.ce_act_dtype)
+        if pair is not None:
+            layer.register_buffer("ce_lowrank_A", pair[0].to(device), persistent=False)
+            layer.register_buffer("ce_lowrank_B", pair[1].to(device), persistent=False)
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = layer.ce_kernel(x)
+        A = getattr(layer, "ce_lowrank_A", None)
+        if A is not None:  # the fused low-rank correction: y += B·(A·x)
+            y = y + (x.to(A.dtype) @ A.t() @ layer.ce_lowrank_B.t()).to(y.dtype)
         return y + bias if bias is not None else y

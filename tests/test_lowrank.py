@@ -154,3 +154,35 @@ def test_serve_adds_the_adapter_unless_the_user_set_lora_flags(tmp_path):
                     "--max-lora-rank", "64"]
     assert lora_args(str(tmp_path), ["--enable-lora"]) == []
     assert lora_args(str(tmp_path / "lowrank"), []) == []  # no adapter there
+    with pytest.MonkeyPatch.context() as mp:  # fused into our plugin's linears: no LoRA adapter as well
+        mp.setenv("COMPRESS_EXPORT_LOWRANK", "fused")
+        assert lora_args(str(tmp_path), ["--port", "8000"]) == []
+        mp.setenv("COMPRESS_EXPORT_LOWRANK", "fuse")
+        with pytest.raises(ValueError, match="COMPRESS_EXPORT_LOWRANK=fuse is not one of lora, fused"):
+            lora_args(str(tmp_path), [])
+
+
+def test_fused_pair_gives_each_part_of_a_fused_linear_its_own_correction():
+    """vLLM's qkv_proj with q and v corrected (ranks 2 and 3) and k not: one pair of matmuls with the stacked A and
+    block-diagonal B equals each part's B·A·x on its own rows, computed separately, and zero on k's rows."""
+    from compress_export.integrations.vllm_lowrank import fused_pair
+
+    g = torch.Generator().manual_seed(0)
+    aq, bq = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
+    av, bv = torch.randn(3, 6, generator=g), torch.randn(2, 3, generator=g)
+    factors = {"model.layers.0.self_attn.q_proj": (aq, bq), "model.layers.0.self_attn.v_proj": (av, bv)}
+    A, B = fused_pair(factors, "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"], [4, 2, 2], 6,
+                      torch.float64)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    y = x @ A.t() @ B.t()
+    assert A.shape == (5, 6) and B.shape == (8, 5)
+    torch.testing.assert_close(y[:, :4], x @ aq.double().t() @ bq.double().t())
+    assert torch.equal(y[:, 4:6], torch.zeros(5, 2, dtype=torch.float64))
+    torch.testing.assert_close(y[:, 6:], x @ av.double().t() @ bv.double().t())
+    # an unfused linear is its own single part; one the adapter does not correct gets no pair
+    A1, B1 = fused_pair(factors, "model.layers.0.self_attn.q_proj", [], [4], 6, torch.float32)
+    assert torch.equal(A1, aq) and torch.equal(B1, bq)
+    assert fused_pair(factors, "model.layers.0.self_attn.o_proj", [], [6], 6, torch.float32) is None
+    with pytest.raises(ValueError, match="v_proj: the low-rank pair is"):
+        fused_pair(factors, "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"], [4, 2, 3], 6,
+                   torch.float32)

@@ -161,9 +161,10 @@ def test_w8a8_is_served_by_vllms_int8_kernel_with_the_plugin_off_and_exactly_wit
         assert all(k.startswith("vllm:") for k in p["kernels"]), p["kernels"]
 
 
-def test_lowrank_adapter_is_served_as_a_lora_and_matches_our_loader(tiny_text, tmp_path):
-    """GPTQ W2 + rank 16 correction: vLLM with OUT/lowrank as a LoRA on our plugin's kernel gives our loader's
-    log-probabilities (which apply the adapter); without the adapter they differ, so the check can fail."""
+def test_lowrank_adapter_is_served_as_a_lora_and_fused_and_matches_our_loader(tiny_text, tmp_path):
+    """GPTQ W2 + rank 16 correction: vLLM with OUT/lowrank as a LoRA on our plugin's kernel, and with the correction
+    fused into our plugin's linears (COMPRESS_EXPORT_LOWRANK=fused, no LoRA), gives our loader's log-probabilities
+    (which apply the adapter); without the adapter they differ, so the check can fail."""
     from transformers import AutoTokenizer
 
     from compress_export.config import CompressionConfig
@@ -179,11 +180,15 @@ def test_lowrank_adapter_is_served_as_a_lora_and_matches_our_loader(tiny_text, t
     assert res["quantization"] == "compress_export" and res["lora"], res
     with_adapter = compare_top1(out, ids, res)
     assert with_adapter["max_abs_dlogprob"] < 1e-3, with_adapter
+    fused = vllm_check(out, tmp_path, ids, env={"COMPRESS_EXPORT_LOWRANK": "fused"}, args=FP32)
+    assert fused["quantization"] == "compress_export" and not fused["lora"], fused
+    assert compare_top1(out, ids, fused)["max_abs_dlogprob"] < 1e-3
     from compress_export.loading import load_model
     import torch
 
     plain, _ = load_model(out, lowrank=False)
-    logp = torch.log_softmax(plain(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    with torch.no_grad():
+        logp = torch.log_softmax(plain(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
     gap = (logp.gather(1, torch.tensor(res["top1"])[:, None])[:, 0] - torch.tensor(res["top1_logprob"])).abs().max()
     assert float(gap) > 10 * with_adapter["max_abs_dlogprob"] + 1e-3
 
