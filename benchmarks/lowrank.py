@@ -34,10 +34,10 @@ def adapter_mb(d: Path) -> float:
 
 
 @contextmanager
-def fused():
-    """vLLM subprocesses started inside see COMPRESS_EXPORT_LOWRANK=fused."""
+def lowrank_mode(mode: str):
+    """vLLM subprocesses started inside see COMPRESS_EXPORT_LOWRANK=mode (lora or fused), whatever the shell has."""
     old = os.environ.get("COMPRESS_EXPORT_LOWRANK")
-    os.environ["COMPRESS_EXPORT_LOWRANK"] = "fused"
+    os.environ["COMPRESS_EXPORT_LOWRANK"] = mode
     try:
         yield
     finally:
@@ -54,20 +54,26 @@ def vllm_ppl(d: Path, lora=None) -> float:
     return round(res["perplexity"]["token_perplexity"], 3)
 
 
-def decode(d: Path, *extra) -> dict:
+def decode(d: Path, out: dict, *extra):
+    """Batch-1 decode tokens/s (or the error's tail), and the kernels that ran, into `out`."""
     r = vllm_check(d, "--max-tokens", 64, "--repeats", 3, *extra)
+    out.setdefault("kernels", r.get("kernels"))
     return r.get("decode_tok_s_by_batch", {}).get("1", r.get("error", "")[-200:])
 
 
 def served(d: Path, rank: int, lora_ppl: bool = True) -> dict:
     lora = d / "lowrank" if rank else None
-    out = {"vllm_ppl": vllm_ppl(d, lora)} if lora_ppl or not lora else {}
-    out["decode_tok_s"] = decode(d, *(["--lora", lora] if lora else []))
+    out = {}
+    with lowrank_mode("lora"):
+        if lora_ppl or not lora:
+            out["vllm_ppl"] = vllm_ppl(d, lora)
+        out["decode_tok_s"] = decode(d, out, *(["--lora", lora] if lora else []))
+        if lora:
+            out["decode_tok_s_no_adapter"] = decode(d, out)
     if lora:
-        out["decode_tok_s_no_adapter"] = decode(d)
-        with fused():
+        with lowrank_mode("fused"):
             out["vllm_ppl_fused"] = vllm_ppl(d)
-            out["decode_tok_s_fused"] = decode(d)
+            out["decode_tok_s_fused"] = decode(d, out)
     return out
 
 

@@ -185,12 +185,14 @@ def cmd_eval(argv):
         from compress_export.integrations.validate import vllm_perplexity
         from compress_export.model_io import check_model_dir
 
-        adapter = Path(a.dir) / ADAPTER_DIR
-        lora = adapter if a.lowrank and adapter.is_dir() else None
+        from compress_export.integrations.vllm_lowrank import served_lora
+
+        lora = served_lora(a.dir, wanted=a.lowrank)  # None when fused: our plugin's linears apply it then
         res = vllm_perplexity(check_model_dir(a.dir), a.text, a.window, a.windows, a.dtype, lora=lora)
         r, where = res["perplexity"], f"vLLM {res.get('quantization') or 'unquantized'}, {res.get('dtype')}"
         r["kernels"] = res.get("kernels")
-        where += ", with its low-rank adapter" if lora else ""
+        fused = a.lowrank and lora is None and (Path(a.dir) / ADAPTER_DIR).is_dir()
+        where += ", with its low-rank adapter" if lora else ", its low-rank correction fused" if fused else ""
     else:
         from .evaluate import perplexity
         from .loading import load_model
@@ -217,7 +219,7 @@ lists them); our plugin runs the export's compressed linears where vLLM has no k
 low-rank correction (OUT/lowrank, from --lowrank-rank) is served with it as the LoRA adapter `corr`
 (--enable-lora --lora-modules corr=OUT/lowrank): requests naming the model `corr` get the corrected model.
 With COMPRESS_EXPORT_LOWRANK=fused in the environment our plugin applies the correction inside its linears
-instead: the export's own name serves the corrected model, and CPU decode is 1.6-1.9× faster than through vLLM's
+instead: the export's own name serves the corrected model, and CPU decode is 1.5-2.0× faster than through vLLM's
 LoRA layers (SmolLM2 W3 + rank 64; benchmarks/README.md)."""
 
 

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compress_export.errors import UserError
-from compress_export.lowrank import ADAPTER_DIR, ADAPTER_NAME
+from compress_export.integrations.vllm_lowrank import served_lora
+from compress_export.lowrank import ADAPTER_NAME
 from compress_export.progress import Progress
 
 PROMPTS = [
@@ -250,7 +251,8 @@ def _run_served(model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, pr
     server = vllm_serve.Server(model_dir, logs / f"{tag}-serve.log", name=tag, max_model_len=opts.max_model_len(),
                                extra=["--dtype", opts.dtype] if opts.dtype else [])
     # `compress-export serve` registers an export's low-rank correction as the LoRA `corr`: requests name it
-    tag = ADAPTER_NAME if (Path(model_dir) / ADAPTER_DIR).is_dir() else tag
+    # (fused into our plugin's linears instead, the export's own name serves the corrected model)
+    tag = ADAPTER_NAME if served_lora(model_dir) is not None else tag
     try:
         with TreeMemory(lambda: server.proc.pid if server.proc else None) as mem, server:
             res["start_s"] = server.start_s
@@ -368,8 +370,8 @@ def _measure(tag: str, d: Path, opts: ValidateOptions, text: Path, logs: Path, s
 
     chat = _has_chat_template(d)
     spec = _offline_spec(d, opts, text)
-    adapter = d / ADAPTER_DIR  # an export's low-rank correction is part of what it serves
-    if adapter.is_dir():
+    adapter = served_lora(d)  # an export's low-rank correction is part of what it serves (a LoRA, unless fused)
+    if adapter is not None:
         spec["lora"] = str(adapter)
     if not chat:
         spec["prompts"] = [p for p in spec["prompts"] if not p.get("chat")]

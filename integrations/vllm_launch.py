@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import sys
-from pathlib import Path
 from typing import List
 
 from compress_export.hardware import fast_dtype, has_cuda
@@ -76,15 +75,19 @@ def lora_args(model_dir: str, user_args: List[str]) -> List[str]:
     that name the model `corr` get the corrected model, the export's own name the uncorrected one), unless the
     user set vLLM's LoRA flags themselves, or asked for the correction to be fused into our plugin's linears
     (COMPRESS_EXPORT_LOWRANK=fused, integrations/vllm_lowrank.py)."""
-    from compress_export.lowrank import ADAPTER_DIR, ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
+    from compress_export.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
 
-    from .vllm_lowrank import fused_requested
+    from .vllm_lowrank import check_no_lora, served_lora
 
-    rank = adapter_rank(Path(model_dir) / ADAPTER_DIR)
     given = {a.split("=")[0] for a in user_args if a.startswith("--")}
-    if rank is None or given & {"--enable-lora", "--lora-modules"} or fused_requested():
+    if given & {"--enable-lora", "--lora-modules"}:
+        check_no_lora(" ".join(a for a in user_args if a.startswith("--lora-modules")) or "an adapter")
         return []
-    extra = ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={Path(model_dir).resolve() / ADAPTER_DIR}"]
+    folder = served_lora(model_dir)
+    if folder is None:
+        return []
+    rank = adapter_rank(folder)
+    extra = ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={folder.resolve()}"]
     if "--max-lora-rank" not in given:
         extra += ["--max-lora-rank", str(vllm_max_lora_rank(rank))]
     return extra

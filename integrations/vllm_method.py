@@ -7,6 +7,7 @@ decision and its reason are logged once per checkpoint in vLLM's log.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
+from compress_export.errors import UserError
 from compress_export.formats import format_for_config
 from compress_export.formats.base import ignored_modules, replicated_groups, shard_replicates_groups
 from compress_export.kernels import KernelRequest, choose_kernel
@@ -40,14 +42,28 @@ class CompressExportConfig(QuantizationConfig):
         names = ignored_modules(qcfg)
         self.not_quantized = {n for n in names if not n.startswith("re:")}
         self.not_quantized_re = [re.compile(n[3:]) for n in names if n.startswith("re:")]
-        self._lowrank = None  # the export's low-rank factors, read at the first linear when fused (vllm_lowrank)
+        self._lowrank = None  # the export's low-rank factors not yet fused, read at the first linear (vllm_lowrank)
+        self.lowrank_checked = False
 
     def lowrank_factors(self) -> Optional[dict]:
         if not vllm_lowrank.fused_requested():
             return None
         if self._lowrank is None:
+            from vllm.config import get_current_vllm_config
+
+            if get_current_vllm_config().lora_config is not None:  # its LoRA layers could add the adapter again
+                raise ValueError(f"{vllm_lowrank.ENV}=fused applies the export's correction inside our plugin's "
+                                 f"linears; run without --enable-lora, or unset {vllm_lowrank.ENV}")
             self._lowrank = vllm_lowrank.read_factors()
         return self._lowrank
+
+    def check_lowrank_used(self) -> None:
+        """At the first forward, every layer has taken its pair: any left would silently not be applied."""
+        self.lowrank_checked = True
+        if self._lowrank:
+            left = sorted(self._lowrank)
+            raise ValueError(f"{vllm_lowrank.ENV}=fused: {len(left)} linears of the correction match no linear our "
+                             f"plugin runs (first: {left[0]}); unset {vllm_lowrank.ENV} to serve it as a LoRA")
 
     def __repr__(self):
         return f"CompressExportConfig({self.fmt.name}, {self.scheme})"
@@ -83,7 +99,7 @@ class CompressExportConfig(QuantizationConfig):
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
         route = decide(hf_quant_cfg, user_quant, hf_config)
         if not route.claim and vllm_lowrank.fused_requested():  # only our linears apply a fused correction
-            route = Route(True, f"{vllm_lowrank.ENV}=fused (our linears apply the low-rank correction)")
+            route = _fused_claim(hf_quant_cfg, user_quant, route)
         log.info("compress-export plugin %s this checkpoint: %s", "claims" if route.claim else "leaves vLLM",
                  route.reason)
         return METHOD_NAME if route.claim else None
@@ -101,6 +117,23 @@ class CompressExportConfig(QuantizationConfig):
                 return UnquantizedLinearMethod()
             return CompressExportLinearMethod(self, prefix)
         return None
+
+
+def _fused_claim(hf_quant_cfg, user_quant, route) -> Route:
+    """Claim a checkpoint vLLM would run itself, because the correction is fused into our linears; refuse where
+    the user asked for another method or our plugin cannot read the format."""
+    env = vllm_lowrank.ENV
+    if os.environ.get("COMPRESS_EXPORT_VLLM") == "never":
+        raise UserError(f"{env}=fused needs our plugin to run the linears, but COMPRESS_EXPORT_VLLM=never; unset one")
+    if user_quant and user_quant != METHOD_NAME:
+        raise UserError(f"{env}=fused needs our plugin (--quantization {METHOD_NAME}), not --quantization "
+                        f"{user_quant}; unset {env} to serve the correction as a LoRA")
+    try:
+        format_for_config(hf_quant_cfg)
+    except Exception:
+        raise UserError(f"{env}=fused, but compress-export does not read this checkpoint's format ({route.reason}); "
+                        f"unset {env}") from None
+    return Route(True, f"{env}=fused (our linears apply the low-rank correction)")
 
 
 def _make_param(spec, weight_loader):
@@ -207,6 +240,8 @@ class CompressExportLinearMethod(LinearMethodBase):
             layer.register_buffer("ce_lowrank_B", pair[1].to(device), persistent=False)
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.config.lowrank_checked:
+            self.config.check_lowrank_used()
         y = layer.ce_kernel(x)
         A = getattr(layer, "ce_lowrank_A", None)
         if A is not None:  # the fused low-rank correction: y += B·(A·x)

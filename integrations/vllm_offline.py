@@ -199,8 +199,10 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
 
     kwargs = {**engine_defaults(), **kwargs}
     if lora:
+        from compress_export.integrations.vllm_lowrank import check_no_lora
         from compress_export.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
 
+        check_no_lora(lora)
         rank = adapter_rank(lora)
         if rank is None:
             raise ValueError(f"{lora}: no adapter_config.json (not a LoRA adapter folder)")

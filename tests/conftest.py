@@ -46,6 +46,13 @@ def make_tiny_llama(path: Path, *, tie=True, hidden=64, inter=128, layers=2, see
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_fused_lowrank_from_the_shell(monkeypatch):
+    """COMPRESS_EXPORT_LOWRANK=fused in a developer's or CI's shell would change what vLLM runs in every test (the
+    tests that want it set it themselves)."""
+    monkeypatch.delenv("COMPRESS_EXPORT_LOWRANK", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")

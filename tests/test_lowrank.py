@@ -154,12 +154,33 @@ def test_serve_adds_the_adapter_unless_the_user_set_lora_flags(tmp_path):
                     "--max-lora-rank", "64"]
     assert lora_args(str(tmp_path), ["--enable-lora"]) == []
     assert lora_args(str(tmp_path / "lowrank"), []) == []  # no adapter there
-    with pytest.MonkeyPatch.context() as mp:  # fused into our plugin's linears: no LoRA adapter as well
-        mp.setenv("COMPRESS_EXPORT_LOWRANK", "fused")
-        assert lora_args(str(tmp_path), ["--port", "8000"]) == []
-        mp.setenv("COMPRESS_EXPORT_LOWRANK", "fuse")
-        with pytest.raises(ValueError, match="COMPRESS_EXPORT_LOWRANK=fuse is not one of lora, fused"):
-            lora_args(str(tmp_path), [])
+
+
+def test_a_fused_correction_is_never_also_a_lora_nor_silently_dropped(tmp_path, monkeypatch):
+    """COMPRESS_EXPORT_LOWRANK=fused: our plugin's linears apply OUT/lowrank, so no path attaches it as a LoRA too
+    (that would add it twice), an export vLLM runs without our plugin (no quantization_config) is refused rather
+    than served uncorrected, and asking for the export without its correction is refused too."""
+    from compress_export.integrations.vllm_launch import lora_args
+    from compress_export.integrations.vllm_lowrank import check_no_lora, served_lora
+
+    (tmp_path / "lowrank").mkdir()
+    (tmp_path / "lowrank" / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert served_lora(tmp_path) == tmp_path / "lowrank" and served_lora(tmp_path, wanted=False) is None
+    monkeypatch.setenv("COMPRESS_EXPORT_LOWRANK", "fused")
+    with pytest.raises(UserError, match="has no quantization_config, so vLLM runs it without our plugin"):
+        lora_args(str(tmp_path), [])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"bits": 4}}))
+    assert lora_args(str(tmp_path), ["--port", "8000"]) == [] and served_lora(tmp_path) is None
+    with pytest.raises(UserError, match="run this export without its correction"):
+        served_lora(tmp_path, wanted=False)
+    with pytest.raises(UserError, match="do not also attach"):
+        lora_args(str(tmp_path), ["--enable-lora", "--lora-modules", "corr=x"])
+    with pytest.raises(UserError, match="do not also attach"):
+        check_no_lora(tmp_path / "lowrank")
+    monkeypatch.setenv("COMPRESS_EXPORT_LOWRANK", "fuse")
+    with pytest.raises(UserError, match="COMPRESS_EXPORT_LOWRANK=fuse is not one of lora, fused"):
+        lora_args(str(tmp_path), [])
 
 
 def test_fused_pair_gives_each_part_of_a_fused_linear_its_own_correction():
@@ -171,18 +192,25 @@ def test_fused_pair_gives_each_part_of_a_fused_linear_its_own_correction():
     aq, bq = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
     av, bv = torch.randn(3, 6, generator=g), torch.randn(2, 3, generator=g)
     factors = {"model.layers.0.self_attn.q_proj": (aq, bq), "model.layers.0.self_attn.v_proj": (av, bv)}
-    A, B = fused_pair(factors, "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"], [4, 2, 2], 6,
-                      torch.float64)
+    A, B = fused_pair(dict(factors), "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"],
+                      [4, 2, 2], 6, torch.float64)
     x = torch.randn(5, 6, generator=g, dtype=torch.float64)
     y = x @ A.t() @ B.t()
     assert A.shape == (5, 6) and B.shape == (8, 5)
     torch.testing.assert_close(y[:, :4], x @ aq.double().t() @ bq.double().t())
     assert torch.equal(y[:, 4:6], torch.zeros(5, 2, dtype=torch.float64))
     torch.testing.assert_close(y[:, 6:], x @ av.double().t() @ bv.double().t())
-    # an unfused linear is its own single part; one the adapter does not correct gets no pair
-    A1, B1 = fused_pair(factors, "model.layers.0.self_attn.q_proj", [], [4], 6, torch.float32)
-    assert torch.equal(A1, aq) and torch.equal(B1, bq)
-    assert fused_pair(factors, "model.layers.0.self_attn.o_proj", [], [6], 6, torch.float32) is None
+    # an unfused linear is its own single part, and the pair it used leaves `factors` (leftovers are reported);
+    # one the adapter does not correct gets no pair
+    left = dict(factors)
+    A1, B1 = fused_pair(left, "model.layers.0.self_attn.q_proj", [], [4], 6, torch.float32)
+    assert torch.equal(A1, aq) and torch.equal(B1, bq) and list(left) == ["model.layers.0.self_attn.v_proj"]
+    assert fused_pair(left, "model.layers.0.self_attn.o_proj", [], [6], 6, torch.float32) is None
+    # Phi-3: one checkpoint module (qkv_proj) that vLLM splits into 3 output parts is one pair over all its rows
+    aqkv, bqkv = torch.randn(2, 6, generator=g), torch.randn(8, 2, generator=g)
+    A3, B3 = fused_pair({"model.layers.0.self_attn.qkv_proj": (aqkv, bqkv)}, "model.layers.0.self_attn.qkv_proj",
+                        ["qkv_proj"], [4, 2, 2], 6, torch.float32)
+    assert torch.equal(A3, aqkv) and torch.equal(B3, bqkv)
     with pytest.raises(ValueError, match="v_proj: the low-rank pair is"):
-        fused_pair(factors, "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"], [4, 2, 3], 6,
-                   torch.float32)
+        fused_pair(dict(factors), "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"], [4, 2, 3],
+                   6, torch.float32)

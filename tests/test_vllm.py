@@ -263,6 +263,31 @@ def test_plugin_route_on_this_cpu():
         assert fp32["claim"] and bf16["claim"] and fp32["ours"] == bf16["ours"] == "cpu-wna16", out
 
 
+def test_a_fused_correction_makes_the_plugin_claim_what_it_reads_and_refuses_conflicting_settings():
+    """COMPRESS_EXPORT_LOWRANK=fused: where the route would leave a checkpoint to vLLM, the plugin claims it (only
+    its linears apply the correction); with COMPRESS_EXPORT_VLLM=never, another --quantization, or a format we do
+    not read it stops with an error naming the setting instead of serving the export uncorrected."""
+    out = run_code("\n".join([
+        "import compress_export.integrations.vllm_method as M",
+        "M.decide = lambda *a, **k: R.Route(False, 'left to vLLM')",
+        "os.environ['COMPRESS_EXPORT_LOWRANK'] = 'fused'",
+        "print(C.override_quantization_method(q, None))",
+        "def err(*a):",
+        "    try:",
+        "        C.override_quantization_method(*a)",
+        "    except Exception as e:",
+        "        print(type(e).__name__, e)",
+        "err({'quant_method': 'fp8'}, None)",
+        "err(q, 'awq')",
+        "os.environ['COMPRESS_EXPORT_VLLM'] = 'never'",
+        "err(q, None)",
+    ]))
+    assert out[0] == "compress_export", out
+    assert out[1].startswith("UserError COMPRESS_EXPORT_LOWRANK=fused, but compress-export does not read"), out
+    assert out[2].startswith("UserError COMPRESS_EXPORT_LOWRANK=fused needs our plugin") and "awq" in out[2], out
+    assert "COMPRESS_EXPORT_VLLM=never" in out[3], out
+
+
 def test_plugin_steps_aside_where_vllms_cpu_kernel_runs_it_and_ours_does_not():
     """As on an AVX-512 wheel (its 4-bit op present) with our compiled kernel missing: in bf16 vLLM's own
     CPUWNA16 kernel runs the checkpoint and the plugin steps aside; in fp32 vLLM refuses, so the plugin claims.
