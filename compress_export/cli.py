@@ -219,7 +219,7 @@ lists them); our plugin runs the export's compressed linears where vLLM has no k
 low-rank correction (OUT/lowrank, from --lowrank-rank) is served with it as the LoRA adapter `corr`
 (--enable-lora --lora-modules corr=OUT/lowrank): requests naming the model `corr` get the corrected model.
 With COMPRESS_EXPORT_LOWRANK=fused in the environment our plugin applies the correction inside its linears
-instead: the export's own name serves the corrected model, and CPU decode is 1.5-2.0× faster than through vLLM's
+instead: the export's own name serves the corrected model, and CPU decode is 1.6-1.8× faster than through vLLM's
 LoRA layers (SmolLM2 W3 + rank 64; benchmarks/README.md)."""
 
 

@@ -1,8 +1,8 @@
 """The low-rank correction (OUT/lowrank) applied inside our plugin's linears, instead of as a vLLM LoRA adapter.
 
 Why: vLLM's CPU LoRA path costs about 0.45 ms per adapted linear per step (SmolLM2 GPTQ W3 +
-rank 64: 7.0-7.6 against 21-29 tokens/s decode, benchmarks/lowrank.py). Fused, each linear adds two small products,
-y = Q(W)·x + B·(A·x), to the kernel call it already makes: 11.7-14.1 tokens/s with the same perplexity. The
+rank 64: 5.2-7.6 against 21-29 tokens/s decode, benchmarks/lowrank.py). Fused, each linear adds two small products,
+y = Q(W)·x + B·(A·x), to the kernel call it already makes: 9.4-14.1 tokens/s with the same perplexity. The
 factors are not small (rank 64 here: 117 MB a token in fp32 with B's zero blocks), so it is not free either.
 
 Opt-in: COMPRESS_EXPORT_LOWRANK=fused (in the environment of `compress-export serve`, `vllm serve` or the offline
