@@ -177,7 +177,7 @@ def cmd_eval(argv):
     a = p.parse_args(argv)
     from pathlib import Path
 
-    from .lowrank import ADAPTER_DIR
+    from .lowrank import ADAPTER_DIR, adapter_rank
 
     if not Path(a.text).is_file():
         raise UserError(f"--text {a.text} is not a file")
@@ -185,13 +185,13 @@ def cmd_eval(argv):
         from compress_export.integrations.validate import vllm_perplexity
         from compress_export.model_io import check_model_dir
 
-        from compress_export.integrations.vllm_lowrank import served_lora
+        from compress_export.integrations.vllm_lowrank import fused_requested, served_lora
 
         lora = served_lora(a.dir, wanted=a.lowrank)  # None when fused: our plugin's linears apply it then
         res = vllm_perplexity(check_model_dir(a.dir), a.text, a.window, a.windows, a.dtype, lora=lora)
         r, where = res["perplexity"], f"vLLM {res.get('quantization') or 'unquantized'}, {res.get('dtype')}"
         r["kernels"] = res.get("kernels")
-        fused = a.lowrank and lora is None and (Path(a.dir) / ADAPTER_DIR).is_dir()
+        fused = a.lowrank and fused_requested() and adapter_rank(Path(a.dir) / ADAPTER_DIR) is not None
         where += ", with its low-rank adapter" if lora else ", its low-rank correction fused" if fused else ""
     else:
         from .evaluate import perplexity

@@ -17,7 +17,6 @@ parts. A part the adapter does not correct has no block.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -45,6 +44,7 @@ def served_lora(model_dir, wanted: bool = True) -> Optional[Path]:
     it is fused (our plugin applies it then; a LoRA as well would apply it twice). Asking for the export without
     its correction while it is fused is an error: the plugin would still apply it."""
     from compress_export.lowrank import ADAPTER_DIR
+    from compress_export.model_io import read_config
 
     folder = Path(model_dir) / ADAPTER_DIR
     if not (folder / "adapter_config.json").is_file():
@@ -53,8 +53,7 @@ def served_lora(model_dir, wanted: bool = True) -> Optional[Path]:
         if not wanted:
             raise UserError(f"{ENV}=fused applies {folder} inside our plugin's linears; set {ENV}=lora (or unset "
                             "it) to run this export without its correction")
-        if not (Path(model_dir) / "config.json").is_file() or \
-                "quantization_config" not in json.loads((Path(model_dir) / "config.json").read_text()):
+        if not (Path(model_dir) / "config.json").is_file() or "quantization_config" not in read_config(model_dir):
             raise UserError(f"{ENV}=fused: {model_dir} has no quantization_config, so vLLM runs it without our "
                             f"plugin and nothing would apply {folder}; unset {ENV} to serve it as a LoRA")
         return None
