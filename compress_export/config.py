@@ -107,20 +107,32 @@ class CompressionConfig:
             raise UserError(f"{where}: {e}") from None
 
     def save(self, path) -> Path:
+        """Write the recipe atomically (never half a file, never through a link at its name)."""
+        from .safety import write_text_atomic
+
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
     def load(cls, path) -> "CompressionConfig":
+        from .safety import read_json, regular_file
+
         path = Path(path)
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = read_json(regular_file(path, "--recipe"), f"--recipe {path}")
         except OSError as e:
             raise UserError(f"--recipe {path}: cannot read it ({e.strerror or e})") from None
-        except ValueError as e:
-            raise UserError(f"--recipe {path}: not valid JSON ({e})") from None
         return cls.from_dict(d, where=f"--recipe {path}")
+
+    @classmethod
+    def is_recipe(cls, path) -> bool:
+        """Whether `path` holds a recipe (what save writes): --save-recipe --overwrite replaces nothing else."""
+        try:
+            cls.load(path)
+        except (UserError, OSError):
+            return False
+        return True
 
     def with_(self, **kw) -> "CompressionConfig":
         """A copy with the given fields replaced; None values leave the field as it is (unset CLI flags)."""

@@ -5,14 +5,14 @@ be expressed (3-bit into AWQ GEMM, a zero point of 0 into GPTQ v1) is refused be
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
-from . import model_io
 from .errors import UserError
-from .loading import read_quantized
+from .export_check import check_export
+from .loading import read_export
 from .lowrank import ADAPTER_DIR
+from .safety import copy_tree
 from .writer import CheckpointWriter, check_output_path
 
 
@@ -20,8 +20,9 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
     from compress_export.formats import FORMATS, format_for_config
     from compress_export.formats.base import ignored_modules
 
-    src = model_io.check_model_dir(src)
-    cfg, qweights, rest = read_quantized(src)
+    info = check_export(src)  # what eval refuses, convert refuses too: before anything is read or written
+    src = info.path
+    cfg, qweights, rest = read_export(info)  # NaN or Inf in any tensor is refused here
     source_fmt = format_for_config(cfg["quantization_config"])
     target = FORMATS.get(fmt)()
     scheme = source_fmt.scheme_from_config(cfg["quantization_config"])
@@ -46,7 +47,7 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
         new_cfg = dict(cfg)
         new_cfg["quantization_config"] = target.quantization_config(scheme, ignore, extra)
         if (src / ADAPTER_DIR).is_dir():  # the low-rank correction is the same numbers in every format
-            shutil.copytree(src / ADAPTER_DIR, writer.tmp / ADAPTER_DIR)
+            copy_tree(src / ADAPTER_DIR, writer.tmp / ADAPTER_DIR)  # content only, links refused
         return writer.finish(new_cfg, src, overwrite)
     except BaseException:
         writer.abort()

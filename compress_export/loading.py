@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from . import model_io
 from .errors import UserError
+from .export_check import check_export
 from .lowrank import ADAPTER_DIR, apply_adapter
 
 
@@ -27,16 +28,21 @@ def read_tensors(path: Path) -> dict:
 
 
 def read_quantized(path) -> tuple:
-    """(config dict, {module name: QuantizedWeight}, {other tensor name: tensor}) of an export."""
-    from compress_export.formats import format_for_config
+    """(config dict, {module name: QuantizedWeight}, {other tensor name: tensor}) of an export, checked first
+    (export_check) and refusing NaN or Inf in any of its tensors."""
+    return read_export(check_export(path))
 
-    p = model_io.check_model_dir(path)
-    cfg = model_io.read_config(p)
+
+def read_export(info) -> tuple:
+    """read_quantized of an export export_check.check_export has passed."""
+    p, cfg = info.path, info.config
     qcfg = cfg.get("quantization_config")
     if not qcfg:
         raise UserError(f"{p} has no quantization_config: it is not an export")
-    fmt = format_for_config(qcfg)
+    fmt = info.fmt
     tensors = read_tensors(p)
+    for k, t in tensors.items():  # every tensor is read anyway: a NaN scale or norm is named, not a NaN perplexity
+        model_io.check_tensor_finite(t, k, p)
     first = fmt.primary_tensor(qcfg)
     modules = sorted(k[: -len(first) - 1] for k in tensors if k.endswith("." + first))
     groups = defaultdict(dict)
@@ -51,16 +57,16 @@ def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_co
                lowrank: bool = True):
     """Return (model, tokenizer). A plain (unquantized) directory loads as transformers would load it.
     lowrank: apply the export's low-rank correction (OUT/lowrank) when it has one."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    p = model_io.check_model_dir(path)
-    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
-    cfg_dict = model_io.read_config(p)
-    if not cfg_dict.get("quantization_config"):
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+    info = check_export(path, quantized=False)  # the tensors against config.json before any is read
+    p = info.path
+    if not info.config.get("quantization_config"):  # refuses remote code not allowed and missing weights
+        model, tok = model_io.load_source_model(p, dtype, trust_remote_code)
+        model_io.check_finite(model, str(p))
         return model.eval(), tok
-    cfg, qweights, rest = read_quantized(p)
+    tok = model_io.load_tokenizer(p, trust_remote_code)
+    cfg, qweights, rest = read_export(info)
     plain = dict(cfg)
     plain.pop("quantization_config")
     if "model_type" not in plain:

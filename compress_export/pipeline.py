@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import model_io
+from . import model_io, safety
 from .distributed import Dist, check_distributable, join
 from .config import CompressionConfig
 from .errors import UserError
@@ -31,7 +31,7 @@ from .sequential import (CompressOnFirstCall, InputGroups, capture_layer0_inputs
                          to_device)
 from .source import open_source
 from .structure import describe
-from .writer import CheckpointWriter, check_output_path, dir_weight_bytes
+from .writer import CheckpointWriter, dir_weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
         if source.model is not skeleton:  # loaded whole: the same structure, other module objects
             layout = describe(source.model, str(src))
         timings = {"load": time.time() - t0}
-        ids, calib_desc = _calibration(source, calibrate, config, progress and dist.main, timings, dist)
+        ids, calib_desc = _calibration(source, calibrate, config, progress and dist.main, timings, dist,
+                                       trust_remote_code)
         writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
         lowrank = LowRank(config.lowrank_rank) if config.lowrank_rank else None
         try:
@@ -176,7 +177,7 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
                                 - compressed)
             if writer is not None:
                 _finish(writer, source, src, layout, the_pass, format_, compressed, kept_dense, calib_desc,
-                        overwrite, smoothing, lowrank)
+                        overwrite, smoothing, lowrank, trust_remote_code)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -203,7 +204,8 @@ def _smoothing(config: CompressionConfig, the_pass, skeleton) -> Optional[Smooth
                           getattr(skeleton.config, "model_type", ""))
 
 
-def _calibration(source, needed: bool, config: CompressionConfig, progress: bool, timings: dict, dist):
+def _calibration(source, needed: bool, config: CompressionConfig, progress: bool, timings: dict, dist,
+                 trust_remote_code: bool = False):
     """(ids [samples, seq_len], description) of the calibration set, or (None, ...) when nothing needs one (RTN
     without SmoothQuant). Rank 0 makes it (text the model writes is slow) and every rank receives the same ids.
     The description names the source: a path, the built-in text (the default) or the model itself."""
@@ -215,11 +217,9 @@ def _calibration(source, needed: bool, config: CompressionConfig, progress: bool
     made = None
     if dist.main:
         # a streamed source's weights are on the meta device: the whole model is loaded only if it must write
-        # text; a skeleton with auto_map was built with --trust-remote-code, so that load needs the same
-        remote = bool(getattr(getattr(source.model, "config", None), "auto_map", None))
-
+        # text, under the same trust as everything else (never more than the user gave)
         def load_whole():
-            return model_io.load_source_model(source.src, trust_remote_code=remote)[0]
+            return model_io.load_source_model(source.src, trust_remote_code=trust_remote_code)[0]
 
         bar = []
 
@@ -236,9 +236,10 @@ def _calibration(source, needed: bool, config: CompressionConfig, progress: bool
 
 
 def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kept_dense: list, calib_desc: str,
-            overwrite: bool, smoothing=None, lowrank=None) -> None:
+            overwrite: bool, smoothing=None, lowrank=None, trust_remote_code: bool = False) -> None:
     """The tensors outside the decoder layers, config.json with the format's quantization_config, and the
-    atomic rename into place."""
+    atomic rename into place. Without --trust-remote-code the model ran on transformers' own classes, so the
+    export describes it that way: the folder's code (auto_map and its .py files) is not carried over."""
     if kept_dense:  # never dropped: written as they are, listed as unquantized, reported
         log.warning("%d targeted linear(s) never ran during calibration (e.g. MoE experts no token was routed "
                     "to) and are kept unquantized: %s", len(kept_dense), ", ".join(kept_dense[:6]))
@@ -262,11 +263,13 @@ def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kep
         extra["lowrank"] = {"rank": lowrank.rank, "adapter": ADAPTER_DIR}
         lowrank.save(writer.tmp / ADAPTER_DIR, src)
     cfg = model_io.read_config(src)
+    if not trust_remote_code:
+        cfg.pop("auto_map", None)
     qc = format_.quantization_config(the_pass.scheme, ignore, extra)
     if qc is not None:
         cfg["quantization_config"] = qc
     cfg.update(format_.config_extras(ignore, extra))
-    writer.finish(cfg, src, overwrite)
+    writer.finish(cfg, src, overwrite, code=trust_remote_code)
 
 
 def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_, device, trust_remote_code):
@@ -274,9 +277,9 @@ def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_
     weights) can tell, checked before any weight is read and reported together: the device, the dataset, group
     size and packing against every layer, the pass against the architecture, the disk space. Returns (torch
     device, the weightless model, its layout, the checkpoint's tensor index)."""
-    from .calibration import check_dataset
+    from .calibration import check_calibration_size, check_dataset
     from .hardware import resolve_device
-    from .source import build_skeleton
+    from .source import build_skeleton, check_tensors
 
     problems = []
     dev = _collect(problems, resolve_device, device)
@@ -284,11 +287,15 @@ def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_
         _collect(problems, check_dataset, config.dataset)
     skeleton = build_skeleton(src, trust_remote_code)
     index = model_io.tensor_index(src)
+    _collect(problems, check_tensors, src, skeleton, index)
     layout = _collect(problems, describe, skeleton, str(src))
     if layout is not None:
         _collect(problems, check_shapes, layout, the_pass.scheme, format_, the_pass.sparsity)
         _collect(problems, the_pass.check_layout, layout, getattr(skeleton.config, "model_type", ""))
-        _collect(problems, _smoothing, config, the_pass, skeleton)
+        smoothing = _collect(problems, _smoothing, config, the_pass, skeleton)
+        if the_pass.needs_calibration or smoothing is not None:
+            _collect(problems, check_calibration_size, config.num_samples, config.seq_len, config.batch_size,
+                     skeleton.config, dev)
         _collect(problems, check_rank, config.lowrank_rank, layout)
         _collect(problems, check_disk_space, out, index, layout, the_pass.scheme, the_pass.sparsity)
     if len(problems) == 1:
@@ -376,7 +383,7 @@ def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity=
     if scheme is not None:
         scheme = resolve_group_size(scheme, model_io.read_config(src))
     out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme, sp)
-    check_output_path(out, src, overwrite)
+    safety.check_output(out, [src], overwrite)
     opts = options or PassOptions()
     if scheme is not None and not scheme.symmetric:
         opts = PassOptions(**{**asdict(opts), "min_zero": max(opts.min_zero, format_.min_zero)})
@@ -448,6 +455,8 @@ def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result
     def sweep(names, stats):
         results = the_pass.compress_group([mods[n].weight for n in names], stats,
                                           LinearGroup(layout.full_name(i, ""), tuple(names)))
+        for n, r in zip(names, results):  # NaN statistics (overflowing activations) show up here first
+            check_result_finite(r, layout.full_name(i, n))
         for r in results:
             if isinstance(r, SparseWeight):  # float values are stored in the source dtype: round them now, so
                 # the result in memory, later layers' calibration and the file all hold the same numbers
@@ -456,6 +465,7 @@ def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result
             basis = hessian_basis(getattr(stats, "H", None))  # once per group: its linears share the input
             for n, r in zip(names, results):
                 lowrank.correct(r, mods[n].weight, basis)
+                check_result_finite(r, layout.full_name(i, n))
         return results
 
     def apply(names, results):
@@ -479,6 +489,16 @@ def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result
             apply(names, dist.broadcast_results(results, o))
 
     return compress
+
+
+def check_result_finite(result, name: str) -> None:
+    """Stop the run, naming the layer, when a pass produced NaN or Inf (never written as an export)."""
+    for what in ("scales", "values", "lora_a", "lora_b"):
+        t = getattr(result, what, None)
+        if t is not None and not torch.isfinite(t).all():
+            raise UserError(f"{name}: the {what} computed for this layer hold NaN or Inf (its calibration "
+                            "activations overflow or the weights are extreme); nothing was written: check the "
+                            "source weights, or try --dataset with other text or --damp 0.1")
 
 
 class LowRank:

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import model_io
+from . import model_io, safety
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,6 @@ class StreamedSource:
     def try_open(cls, src: Path, model: nn.Module, index: dict, trust_remote_code: bool = False):
         """(source, "") when every tensor of `model` (a skeleton) maps one to one onto a checkpoint tensor of
         `index` (model_io.tensor_index), else (None, why not)."""
-        from transformers import AutoTokenizer
-
         tied_head = _tied_head_name(model)  # before any read: reading the embeddings in unties them
         names = [n for n in _deduped_state_names(model) if n != tied_head]
         missing = sorted(set(names) - set(index))
@@ -85,7 +83,7 @@ class StreamedSource:
             example = (missing or extra)[0]
             return None, (f"the checkpoint's tensor names differ from the model's ({len(missing)} missing, "
                           f"{len(extra)} extra, e.g. {example}); transformers' own loader converts them")
-        tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
+        tokenizer = model_io.load_tokenizer(src, trust_remote_code)
         return cls(src, model, tokenizer, {n: f for n, (f, _, _) in index.items()}, names), ""
 
     def _read(self, name: str) -> torch.Tensor:
@@ -170,6 +168,7 @@ def build_skeleton(src: Path, trust_remote_code: bool = False) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    safety.check_remote_code(src, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=trust_remote_code)
         with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed for real
@@ -206,3 +205,33 @@ def open_source(src: Path, skeleton: nn.Module, index: dict, stream: Optional[bo
             raise UserError(f"{src}: cannot stream this model layer by layer: {why}")
         log.info("loading the whole model into memory: %s", why)
     return InMemorySource(src, trust_remote_code)
+
+
+FLOAT_TAGS = ("F64", "F32", "F16", "BF16")
+
+
+def check_tensors(src: Path, model: nn.Module, index: dict) -> None:
+    """Before any weight is read: the tensors the skeleton (built from config.json) needs are in the checkpoint
+    (`index`: model_io.tensor_index) with the shapes config.json implies, float ones stored as floats. When the
+    names differ both ways (a checkpoint whose names transformers converts on load, such as fused MoE experts),
+    the whole-model load checks what it finds instead (model_io.load_source_model)."""
+    tied_head = _tied_head_name(model)
+    state = model.state_dict(keep_vars=True)
+    names = [n for n in _deduped_state_names(model) if n != tied_head]
+    missing = [n for n in names if n not in index]
+    if missing and not set(index) - set(names) - {tied_head}:
+        raise UserError(f"{src}: {len(missing)} tensor(s) the model needs are missing from its safetensors files "
+                        f"(e.g. {', '.join(missing[:3])}); the checkpoint is incomplete: download it again")
+    problems = []
+    for n in names:
+        if n not in index:
+            continue
+        f, tag, shape = index[n]
+        want = tuple(state[n].shape)
+        if tuple(shape) != want:
+            problems.append(f"{n} in {f.name} has shape {list(shape)}, config.json implies {list(want)}")
+        elif state[n].is_floating_point() and tag not in FLOAT_TAGS:
+            problems.append(f"{n} in {f.name} is stored as {tag}, not a float dtype")
+    if problems:
+        raise UserError(f"{src}: {len(problems)} tensor(s) do not match config.json: {'; '.join(problems[:3])}; "
+                        "the checkpoint and its config.json disagree: download them again")

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 import torch
 
+from . import safety
 from .errors import UserError
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".part")
@@ -21,15 +23,8 @@ DEFAULT_SHARD_BYTES = 4 << 30
 
 
 def check_output_path(out: Path, src: Path, overwrite: bool) -> None:
-    out, src = out.resolve(), src.resolve()
-    if out == src or src in out.parents:
-        raise UserError(f"output {out} is inside the input model directory {src}; choose another -o")
-    if out in src.parents:
-        raise UserError(f"output {out} contains the input model directory; choose another -o")
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} exists; pass --overwrite to replace it or choose another -o")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a directory")
+    """The output must not damage the input or anything the user did not name (safety.check_output)."""
+    safety.check_output(out, [src], overwrite)
 
 
 OWNER = ".compress-export-owner"  # in a partial folder: "PID HOST" of the run writing it
@@ -46,21 +41,20 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_partials(out: Path) -> list:
-    """Remove `.NAME.partial-*` / `.NAME.old-*` siblings of `out` left by runs that were killed (their owner
-    process is gone on this host, or they carry no owner mark); return what was removed, for one line each."""
+    """Remove `.NAME.partial-*` / `.NAME.old-*` siblings of `out` left by runs that were killed: only folders that
+    carry our owner mark naming a process of this host that is gone. A folder without the mark is the user's,
+    whatever its name, and is never touched. Returns what was removed, for one line each."""
     import socket
 
     removed = []
     for d in Path(out).parent.glob(f".{Path(out).name}.*"):
-        if not d.is_dir() or not (".partial-" in d.name or ".old-" in d.name):
+        if d.is_symlink() or not d.is_dir() or not (".partial-" in d.name or ".old-" in d.name):
             continue
         try:
             pid, host = (d / OWNER).read_text().split()
             stale = host == socket.gethostname() and not pid_alive(int(pid))
-        except (OSError, ValueError):  # no owner mark (an older version's run): stale once untouched for 10 min
-            import time
-
-            pid, stale = "?", time.time() - d.stat().st_mtime > 600
+        except (OSError, ValueError):  # no readable mark: not provably ours
+            continue
         if stale:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(f"{d.name} (left by process {pid})")
@@ -164,13 +158,11 @@ class CheckpointWriter:
         self._shards.append((self._shard.path.name, self._shard.names()))
         self._shard = None
 
-    def finish(self, config: dict, src_dir: Path, overwrite: bool = False) -> Path:
+    def finish(self, config: dict, src_dir: Path, overwrite: bool = False, code: bool = True) -> Path:
+        """code: copy the source's Python files too (a model run with --trust-remote-code needs them)."""
         self._flush()
         self._name_shards()
-        for f in sorted(Path(src_dir).iterdir()):
-            if f.is_file() and f.name not in SKIP_NAMES and not f.name.startswith(".") \
-                    and not f.name.endswith(SKIP_SUFFIXES):
-                shutil.copy2(f, self.tmp / f.name)
+        copy_side_files(Path(src_dir), self.tmp, code)
         # config.json last: a folder without it is never mistaken for a checkpoint.
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return self._commit(overwrite)
@@ -190,9 +182,13 @@ class CheckpointWriter:
 
     def _commit(self, overwrite: bool) -> Path:
         old = None
-        if self.out.exists():
+        if os.path.lexists(self.out):
             if not overwrite:
                 raise UserError(f"output {self.out} appeared while compressing; nothing was replaced")
+            # checked before the run began; checked again now, since the folder may have changed meanwhile
+            if self.out.is_symlink() or not self.out.is_dir() or \
+                    (any(self.out.iterdir()) and not safety.is_our_output(self.out)):
+                raise UserError(f"output {self.out} is no longer a compress-export output; nothing was replaced")
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             (self.out / OWNER).write_text((self.tmp / OWNER).read_text())  # if killed now, the next run cleans it
             os.rename(self.out, old)
@@ -204,6 +200,19 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def copy_side_files(src: Path, dst: Path, code: bool = True) -> None:
+    """The files beside the weights (tokenizer, generation config, chat template, README…), copied by content
+    from the source folder's top level: regular files inside it only (safety.check_entry), never weights, pickles,
+    hidden files or our own bookkeeping; Python files only when `code`."""
+    roots = safety.allowed_roots(src)
+    for f in sorted(src.iterdir()):
+        if f.name in SKIP_NAMES or f.name.startswith(".") or f.name.endswith(SKIP_SUFFIXES) or \
+                (not code and f.suffix == ".py"):
+            continue
+        if stat.S_ISREG(safety.check_entry(f, roots, src).st_mode):
+            safety.copy_file(f, dst / f.name)
 
 
 def dir_weight_bytes(path: Path) -> int:

@@ -18,8 +18,7 @@ import torch
 
 from compress_export import model_io
 from compress_export.errors import UserError
-from compress_export.formats.base import (format_for_config, replicated_groups, scheme_from_config,
-                                          shard_replicates_groups)
+from compress_export.formats.base import replicated_groups, shard_replicates_groups
 from compress_export.structure import KV_PROJECTIONS, ROW_PARALLEL
 
 DEFAULT_SIZES = (1, 2, 4, 8)
@@ -79,13 +78,14 @@ def linear_problems(fmt, scheme, name: str, in_f: int, out_f: int, n: int, kv_re
 
 def plan(path, sizes=DEFAULT_SIZES) -> dict:
     """{N: {"ok": bool, "problems": [...], "notes": [...]}} for each tensor-parallel size."""
-    p = model_io.check_model_dir(path)
-    cfg = model_io.read_config(p)
-    qcfg = cfg.get("quantization_config")
-    if not qcfg:
+    from compress_export.export_check import check_export
+
+    info = check_export(path, what="OUT")  # refused as eval refuses it: tensors that do not match config.json
+    p, cfg = info.path, info.config
+    if not cfg.get("quantization_config"):
         raise UserError(f"{p} has no quantization_config: it is not an export")
-    fmt, scheme = format_for_config(qcfg), scheme_from_config(qcfg)
-    linears = packed_linears(p, fmt, scheme, qcfg)
+    fmt, scheme = info.fmt, info.scheme
+    linears = info.packed  # each packed linear's shape as config.json gives it, its tensors checked against it
     heads = cfg.get("num_attention_heads") or 1
     kv = cfg.get("num_key_value_heads") or heads
     result = {}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from compress_export.errors import UserError
 from compress_export.lowrank import ADAPTER_DIR
+from compress_export.safety import allowed_roots, check_entry, check_output, copy_file, copy_tree
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -70,15 +71,20 @@ def _save_as_read(model, source: Path, original_save):
     stored = {k: dt for k, (dt, _) in safetensors_headers(sorted(source.glob("*.safetensors"))).items()}
 
     def save_pretrained(save_directory, *args, **kwargs):
+        # an output like -o: never the export it was read from (or inside it, or holding it), and an existing
+        # folder only if compress-export wrote it
+        check_output(save_directory, [source], overwrite=True, flag="save_pretrained")
         if getattr(model, "hf_quantizer", None) is None and "state_dict" not in kwargs:
             kwargs["state_dict"] = state_dict_as_stored(model, stored)
         result = original_save(save_directory, *args, **kwargs)
-        for name in TOKENIZER_FILES:
+        roots = allowed_roots(source)
+        for name in TOKENIZER_FILES:  # by content, regular files inside the export only
             if (source / name).exists() and not (Path(save_directory) / name).exists():
-                shutil.copy2(source / name, Path(save_directory) / name)
+                check_entry(source / name, roots, source)
+                copy_file(source / name, Path(save_directory) / name)
         adapter = source / ADAPTER_DIR  # the low-rank correction travels with the export
         if adapter.is_dir() and not (Path(save_directory) / ADAPTER_DIR).exists():
-            shutil.copytree(adapter, Path(save_directory) / ADAPTER_DIR)
+            copy_tree(adapter, Path(save_directory) / ADAPTER_DIR, roots)
         return result
 
     save_pretrained.__doc__ = original_save.__doc__
@@ -103,6 +109,7 @@ class AutoCompressedModelForCausalLM:
         from transformers import AutoModelForCausalLM
 
         from compress_export import model_io
+        from compress_export.export_check import check_export
         from compress_export.hardware import fast_dtype
 
         from .transformers_quantizer import register, route_all_to_us
@@ -114,7 +121,9 @@ class AutoCompressedModelForCausalLM:
             temp = None if output_dir else src.parent
         elif quantization_config is not None:
             raise UserError("quantization_config is for export=True; an export already carries its own")
-        cfg = model_io.read_config(src)
+        # the tensors against config.json before transformers reads any; a model with its own code (allowed here)
+        # is built by that code, which the check never runs: its packed linears are checked by their own layout
+        cfg = check_export(src, quantized=False, lenient=trust_remote_code).config
         if not cfg.get("quantization_config") and "compress_export_sparsity" not in cfg:  # dense: a plain model
             raise UserError(f"{src} is not a compressed export (its config.json has no quantization_config); "
                             "pass export=True with a quantization_config to compress it on load")

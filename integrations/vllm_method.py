@@ -97,6 +97,7 @@ class CompressExportConfig(QuantizationConfig):
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
+        check_export_folder(hf_quant_cfg, hf_config)
         route = decide(hf_quant_cfg, user_quant, hf_config)
         if not route.claim and vllm_lowrank.fused_requested():  # only our linears apply a fused correction
             route = _fused_claim(hf_quant_cfg, user_quant, route)
@@ -117,6 +118,31 @@ class CompressExportConfig(QuantizationConfig):
                 return UnquantizedLinearMethod()
             return CompressExportLinearMethod(self, prefix)
         return None
+
+
+_checked_folders: set = set()  # export folders this process has validated (vLLM may ask more than once)
+
+
+def check_export_folder(hf_quant_cfg, hf_config) -> None:
+    """Validate the export once per folder (export_check), so a broken one stops at load with one line naming
+    the tensor instead of failing deep inside vLLM's weight loading. This is where our plugin first learns the
+    folder: vLLM asks each method whether it overrides the checkpoint's, passing the model's transformers config,
+    whose name_or_path is the folder vLLM was given. Hub ids (no local folder) and formats we do not read are
+    left to vLLM; an architecture transformers cannot build (vLLM may know it) gets its packed linears checked."""
+    folder = getattr(hf_config, "name_or_path", None) or ""
+    if not folder or not os.path.isdir(folder):
+        return
+    key = os.path.realpath(folder)
+    if key in _checked_folders:
+        return
+    try:
+        format_for_config(hf_quant_cfg)
+    except Exception:  # noqa: BLE001  (not a format of ours: vLLM's own methods judge it)
+        return
+    from compress_export.export_check import check_export
+
+    check_export(key, quantized=False, what="model", lenient=True)
+    _checked_folders.add(key)
 
 
 def _fused_claim(hf_quant_cfg, user_quant, route) -> Route:

@@ -28,7 +28,7 @@ def _tiny_tokenizer():
 
 
 def make_tiny_llama(path: Path, *, tie=True, hidden=64, inter=128, layers=2, seed=0, bias=False, kv_heads=2,
-                    model_type="llama", heads=4, max_pos=256) -> Path:
+                    model_type="llama", heads=4, max_pos=512) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
