@@ -46,20 +46,24 @@ def read_text(path: Path) -> str:
         if "text" not in ds.column_names:
             raise UserError(f"--dataset {path}: no `text` column (columns: {', '.join(ds.column_names)})")
         return "\n\n".join(ds["text"])
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"--dataset {path}:{i}: each line must be a JSON object with a `text` field") from None
-        return "\n\n".join(texts)
     try:
-        return path.read_text(encoding="utf-8")
+        raw = safety.regular_file(path, "--dataset").read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--dataset {path} is not UTF-8 text (give .txt, .jsonl or a datasets directory)") from None
+    if path.suffix != ".jsonl":
+        return raw
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            text = None
+        if not isinstance(text, str):
+            raise UserError(f"--dataset {path}:{i}: each line must be a JSON object with a `text` string")
+        texts.append(text)
+    return "\n\n".join(texts)
 
 
 def chunk_tokens(ids: torch.Tensor, num_samples: int, seq_len: int, where: str) -> torch.Tensor:
@@ -101,10 +105,11 @@ def check_calibration_size(num_samples: int, seq_len: int, batch_size, model_con
         raise UserError(f"--seq-len {seq_len} is longer than the model's context (max_position_embeddings "
                         f"{max_pos} in config.json); choose --seq-len {min(512, max_pos)} or at most {max_pos}")
     if device is None or getattr(device, "type", "cpu") != "cpu":
-        return  # on a GPU the activations live there; its allocator reports a shortage clearly
+        return  # the activations live on the GPU then; a shortage there is reported as out of memory (cli.main)
     hidden = int(getattr(model_config, "hidden_size", 0) or 0)
     heads = int(getattr(model_config, "num_attention_heads", 0) or 0)
-    batch = min(batch_size or num_samples, num_samples)
+    width = max(int(getattr(model_config, "intermediate_size", 0) or 0), hidden, 1)
+    batch = min(batch_size or auto_batch(num_samples, seq_len, width), num_samples)  # as the run will batch
     # a lower bound: the layer inputs and outputs of the whole set in fp32, and one batch's attention scores
     need = 2 * num_samples * seq_len * hidden * 4 + batch * heads * seq_len * seq_len * 4
     free = available_memory()
@@ -112,6 +117,18 @@ def check_calibration_size(num_samples: int, seq_len: int, batch_size, model_con
         raise UserError(f"calibration with --num-samples {num_samples} × --seq-len {seq_len} needs at least "
                         f"{need / 1e9:.1f} GB of memory for activations, but {free / 1e9:.1f} GB is available; "
                         "lower --num-samples, --seq-len or --batch-size")
+
+
+SINGLE_PASS_BUDGET = 6 << 30  # bytes of activations we allow for one whole-calibration-set forward
+
+
+def auto_batch(num_samples: int, seq_len: int, width: int) -> int:
+    """Samples per calibration forward: the whole set (one forward per layer) when its activations fit the
+    budget, else chunks. width: the model's widest activation (intermediate or hidden size)."""
+    per_sample = seq_len * width * 4 * 8  # fp32, ~8 live tensors of the widest size
+    if per_sample * num_samples <= SINGLE_PASS_BUDGET:
+        return num_samples
+    return max(1, SINGLE_PASS_BUDGET // per_sample)
 
 
 def available_memory() -> int:

@@ -202,13 +202,12 @@ def cmd_eval(argv):
         raise UserError(f"--windows must be at least 1 (got {a.windows})")
     text = read_eval_text(a.text)
     if a.engine == "vllm":
-        from transformers import AutoTokenizer
-
         from compress_export.integrations.validate import vllm_perplexity
         from compress_export.integrations.vllm_lowrank import fused_requested, served_lora
+        from compress_export.model_io import load_tokenizer
 
         model_dir = check_export(a.dir, quantized=False).path  # what our loader refuses, before vLLM starts
-        check_eval_windows(a.text, text, AutoTokenizer.from_pretrained(str(model_dir)), a.window)
+        check_eval_windows(a.text, text, load_tokenizer(model_dir), a.window)
         lora = served_lora(a.dir, wanted=a.lowrank)  # None when fused: our plugin's linears apply it then
         res = vllm_perplexity(model_dir, a.text, a.window, a.windows, a.dtype, lora=lora)
         r, where = res["perplexity"], f"vLLM {res.get('quantization') or 'unquantized'}, {res.get('dtype')}"
@@ -262,7 +261,8 @@ def cmd_serve(argv):
     from compress_export.integrations.environment import broken_vision_stack
     from compress_export.integrations.vllm_launch import main as launch
 
-    check_export(argv[0], quantized=False, what="OUT_DIR")  # a broken export in one line, before vLLM starts
+    # a broken export in one line, before vLLM starts (lenient: vLLM may know an architecture transformers does not)
+    check_export(argv[0], quantized=False, what="OUT_DIR", lenient=True)
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:  # not imported here: launch sets the platform up first
@@ -441,7 +441,7 @@ def main(argv=None) -> int:
         if isinstance(e, OSError):
             print(f"{who}: error: {os_fault(e)}", file=sys.stderr)
             return 2
-        if isinstance(e, MemoryError):
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # the CPU's, or torch's CUDA one
             print(f"{who}: error: out of memory; nothing was written (lower --num-samples, --seq-len or "
                   "--batch-size, or use a machine with more memory)", file=sys.stderr)
             return 2

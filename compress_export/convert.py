@@ -12,16 +12,20 @@ from .errors import UserError
 from .export_check import check_export
 from .loading import read_export
 from .lowrank import ADAPTER_DIR
-from .safety import copy_tree
-from .writer import CheckpointWriter, check_output_path
+from .safety import allowed_roots, check_output, copy_tree
+from .writer import CheckpointWriter
 
 
 def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = False) -> Path:
     from compress_export.formats import FORMATS, format_for_config
     from compress_export.formats.base import ignored_modules
 
-    info = check_export(src)  # what eval refuses, convert refuses too: before anything is read or written
+    # what eval refuses, convert refuses too, before anything is read or written; lenient: convert builds no
+    # model, so an architecture only vLLM or remote code knows is converted with its linears' own layouts checked
+    info = check_export(src, lenient=True)
     src = info.path
+    out = Path(out_dir) if out_dir else src.parent / f"{src.name}-{fmt}"
+    check_output(out, [src], overwrite)  # before read_export reads every tensor: a bad -o fails at once
     cfg, qweights, rest = read_export(info)  # NaN or Inf in any tensor is refused here
     source_fmt = format_for_config(cfg["quantization_config"])
     target = FORMATS.get(fmt)()
@@ -33,8 +37,6 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
                             f"(smallest it stores: {target.min_zero}); compress again with --format {fmt}")
         if not qw.has_trivial_g_idx() and scheme.act_order != "group":
             raise UserError(f"{name}: regrouped columns (g_idx) cannot be stored by --format {fmt}")
-    out = Path(out_dir) if out_dir else src.parent / f"{src.name}-{fmt}"
-    check_output_path(out, src, overwrite)
     extra = dict(cfg["quantization_config"].get("compress_export") or {}, converted_from=source_fmt.name)
     ignore = ignored_modules(cfg["quantization_config"])
     writer = CheckpointWriter(out)
@@ -47,7 +49,8 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
         new_cfg = dict(cfg)
         new_cfg["quantization_config"] = target.quantization_config(scheme, ignore, extra)
         if (src / ADAPTER_DIR).is_dir():  # the low-rank correction is the same numbers in every format
-            copy_tree(src / ADAPTER_DIR, writer.tmp / ADAPTER_DIR)  # content only, links refused
+            # content only; links may reach where the export's own may (a hub-cache snapshot's blobs)
+            copy_tree(src / ADAPTER_DIR, writer.tmp / ADAPTER_DIR, allowed_roots(src))
         return writer.finish(new_cfg, src, overwrite)
     except BaseException:
         writer.abort()

@@ -7,7 +7,11 @@ first checks, without reading any tensor's data (well under a second even for a 
   3. the tensor set against the architecture config.json describes, built on the meta device: every nn.Linear
      either packed (all of its format's tensors, with exactly the shapes its layout gives and no others) or
      plain (`weight` [out, in], `bias`), every other parameter and persistent buffer with its shape, nothing
-     extra. compressed-tensors' two-number `weight_shape` records are the only data read (16 bytes each).
+     extra but buffers transformers drops on load (`rotary_emb.inv_freq`). Names that differ both ways within
+     the same decoder layers (unfused MoE experts transformers fuses on load) get those layers' packed linears
+     checked against their own layouts instead. compressed-tensors' two-number `weight_shape` records are the
+     only data read (16 bytes each);
+  4. the low-rank adapter OUT/lowrank when there is one: no pickle, its config, headers and factor shapes.
 Every problem found ends as ONE UserError naming the folder, the first few tensors or fields, and what to do.
 An unquantized model folder (quantized=False) is checked as a folder only: transformers renames legacy tensor
 names when it loads one, so its names are not ours to judge.
@@ -18,15 +22,20 @@ cmd_eval runs for both engines.
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import model_io
+from . import model_io, safety
 from .errors import UserError
+from .model_io import _st_clean as _clean
+from .source import FLOAT_TAGS
 
 SHOWN = 3  # problems quoted in the one-line message
-FLOAT_TAGS = ("F16", "BF16", "F32", "F64")
+# buffers old checkpoints still carry that transformers and vLLM drop on load (non-persistent since long ago)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 INT_TAGS = {"int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL"}
 SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                "num_hidden_layers", "vocab_size")
@@ -42,13 +51,15 @@ class ExportInfo:
     scheme: object = None
     index: dict = field(default_factory=dict)  # {tensor: (file, dtype tag, shape)} (model_io.tensor_index)
     packed: dict = field(default_factory=dict)  # {module: (in_features, out_features)} of every packed linear
+    ignored: tuple = ()  # stored names transformers drops on load (an old rotary_emb.inv_freq): readers skip them
 
 
 def check_export(path, *, quantized: bool = True, what: str = "DIR", lenient: bool = False) -> ExportInfo:
     """Check an export from config.json and the headers; raise one UserError for everything found wrong.
     quantized=False: an unquantized model folder passes too (eval and serve take both).
-    lenient (our vLLM plugin): an architecture transformers cannot build (vLLM may know it), or one it builds as
-    another class than config.json names, gets each packed linear's own layout checked instead of a refusal."""
+    lenient (verbs that build no model: convert, check, serve, our vLLM plugin): an architecture transformers
+    cannot build (vLLM may know it), or one it builds as another class than config.json names, gets each packed
+    linear's own layout checked instead of a refusal."""
     p = model_io.check_model_dir(path, what)
     cfg = model_io.read_config(p)
     fmt, scheme, qcfg = _format(p, cfg, quantized)
@@ -59,7 +70,22 @@ def check_export(path, *, quantized: bool = True, what: str = "DIR", lenient: bo
     packed = check.layout_only() if skeleton is None else check.against(skeleton)
     if check.problems:
         raise UserError(_refusal(p, cfg, check.problems))
-    return ExportInfo(p, cfg, fmt, scheme, check.index, packed)
+    from .lowrank import ADAPTER_DIR
+
+    if (p / ADAPTER_DIR).is_dir():  # read by eval, serve and from_pretrained: as much a stranger's file as the rest
+        _check_adapter(p / ADAPTER_DIR, _linears(skeleton, packed, check.index))
+    return ExportInfo(p, cfg, fmt, scheme, check.index, packed, tuple(sorted(check.ignored)))
+
+
+def check_served_export(folder) -> bool:
+    """Our vLLM plugin's check of the folder vLLM was given: only an export compress-export wrote is ours to
+    judge (foreign GPTQ/AWQ/compressed-tensors checkpoints run on vLLM's own kernels, and installing our plugin
+    must not make vLLM refuse them), and one that is ours is checked in full. Returns whether it was checked."""
+    if not safety.is_our_output(Path(folder)):
+        return False
+    # lenient: vLLM serves architectures transformers cannot build (an export made with --trust-remote-code)
+    check_export(folder, what="model", lenient=True)
+    return True
 
 
 def _format(p: Path, cfg: dict, quantized: bool):
@@ -119,19 +145,10 @@ class _Check:
     def __init__(self, p: Path, fmt, scheme, qcfg: dict):
         self.p, self.fmt, self.scheme, self.qcfg = p, fmt, scheme, qcfg
         self.problems: list = []
-        self.index, self._where = {}, {}  # {name: (file, tag, shape)}, {name: (file, first byte, end byte)}
-        for f in sorted(p.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                data = 8 + int.from_bytes(fh.read(8), "little")  # where the tensor data starts
-            for name, info in model_io.safetensors_header(f).items():
-                if name == "__metadata__":
-                    continue
-                if name in self.index:  # which copy a reader takes is arbitrary
-                    raise UserError(f"{p}: tensor {_clean(name)} is stored twice ({self.index[name][0].name} and "
-                                    f"{f.name}); the export is damaged: write or download it again")
-                self.index[name] = (f, info["dtype"], tuple(int(d) for d in info["shape"]))
-                start, end = (int(v) for v in info["data_offsets"])
-                self._where[name] = (f, data + start, data + end)
+        # check_model_dir has checked every header and refused a tensor stored twice
+        self.index = model_io.tensor_index(p)  # {name: (file, tag, shape)}
+        self.headers: dict = {}  # {file: its header}, read only where a weight_shape's numbers are needed
+        self.ignored: set = set()  # stored names transformers drops on load
         self.by_module = defaultdict(dict)  # {module: {suffix: (file, tag, shape)}}
         for name, entry in self.index.items():
             mod, _, suffix = name.rpartition(".")
@@ -139,7 +156,9 @@ class _Check:
 
     def against(self, model) -> dict:
         """The tensors against the skeleton's linears, parameters and persistent buffers; returns the packed
-        linears {name: (in, out)}."""
+        linears {name: (in, out)}. Names that differ both ways within the same layers are a checkpoint whose names
+        transformers converts on load (unfused MoE experts): those layers' packed linears get their own layouts
+        checked (layout_only) instead of a refusal, as source.check_tensors does for sources."""
         import torch.nn as nn
 
         fmt, problems = self.fmt, self.problems
@@ -148,7 +167,10 @@ class _Check:
         packed = {n: (m.in_features, m.out_features) for n, m in linears.items()
                   if primary and self.is_packed(n, m, primary)}
         claimed = {f"{m}.{s}" for m in packed for s in self.by_module[m]}
+        self.ignored = {n for n in self.index if _ignored(n, model)}  # buffers transformers drops on load
+        claimed |= self.ignored
         seen, done, tied = set(), set(), bool(getattr(model.config, "tie_word_embeddings", False))
+        missing = []
         for name, t in model.state_dict(keep_vars=True).items():  # in model order: the first problems first
             mod = name.rpartition(".")[0]
             if mod in packed:
@@ -160,6 +182,7 @@ class _Check:
             seen.add(id(t))
             if name not in self.index:
                 if not alias:
+                    missing.append(name)
                     problems.append(f"{name} is missing")
                 continue
             claimed.add(name)
@@ -168,8 +191,19 @@ class _Check:
                 problems.append(f"{name} has shape {list(shape)}; config.json's model needs {list(t.shape)}")
             elif (tag in FLOAT_TAGS) != t.is_floating_point():
                 problems.append(f"{name} is {tag}; the model holds it as {_dtype_name(t.dtype)}")
-        problems += [f"{_clean(n)} is not a tensor of this {model.config.model_type} model"
-                     for n in sorted(set(self.index) - claimed)]
+        extra = sorted(set(self.index) - claimed)
+        converted = _converted(missing, extra)
+        if converted:  # those layers' names are not this class's: neither missing nor extra there
+            gone = {f"{n} is missing" for n in missing if _layer(n) in converted}
+            problems[:] = [x for x in problems if x not in gone]
+            packed = {**packed, **self.layout_only(skip=set(packed), layers=converted)}
+            # what is left there must be plain (a router's weight); a packed linear's tensors without its primary
+            # one are a linear that lost it
+            lost = sorted({n.rpartition(".")[0] for n in extra if _layer(n) in converted and primary
+                           and n.rpartition(".")[0] not in packed and n.rpartition(".")[2] not in ("weight", "bias")})
+            problems += [f"{m}.{primary} is missing ({fmt.name} stores it for every packed linear)" for m in lost]
+            extra = [n for n in extra if _layer(n) not in converted]
+        problems += [f"{_clean(n)} is not a tensor of this {model.config.model_type} model" for n in extra]
         return packed
 
     def is_packed(self, name: str, mod, primary: str) -> bool:
@@ -217,30 +251,124 @@ class _Check:
         elif has_bias and "bias" not in have:
             problems.append(f"{name}.bias is missing")
 
-    def layout_only(self) -> dict:
-        """Lenient: each packed linear against the layout its own primary tensor implies (its shape read as
-        tp_plan reads it), where no skeleton says what the model holds."""
+    def layout_only(self, skip=frozenset(), layers=None) -> dict:
+        """Lenient: each packed linear (but those in `skip`, checked already; only those in `layers` when given)
+        against the layout its own primary tensor implies (its shape read as tp_plan reads it), where no skeleton
+        says what the model holds."""
         from compress_export.integrations.tp_plan import packed_linears
 
         if not self.fmt.primary:
             return {}
         try:
-            packed = packed_linears(self.p, self.fmt, self.scheme, self.qcfg)
+            packed = packed_linears(self.p, self.fmt, self.scheme, self.qcfg, self.index, self.headers)
         except Exception as e:  # noqa: BLE001  (impossible shapes in a hostile header)
             self.problems.append(f"a packed linear has an impossible shape ({type(e).__name__}: {e})")
             return {}
+        packed = {n: s for n, s in packed.items() if n not in skip and (layers is None or _layer(n) in layers)}
         for name, (in_f, out_f) in packed.items():
             self.packed_linear(name, in_f, out_f, "bias" in self.by_module[name])
         return packed
 
     def ints(self, name: str) -> list:
-        """The int64 values of a tiny tensor (compressed-tensors' weight_shape), read as bytes at the offsets
-        its header gives: the only data the check reads (16 bytes a linear)."""
-        f, start, end = self._where[name]
-        with open(f, "rb") as fh:
-            fh.seek(start)
-            raw = fh.read(end - start)
-        return [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
+        return stored_ints(self.index[name][0], name, self.headers)
+
+
+def stored_ints(f: Path, name: str, headers: dict) -> list:
+    """The int64 values of a tiny tensor (compressed-tensors' weight_shape), read as bytes at the offsets its
+    checked header gives: the only data the checks read (16 bytes a linear). `headers` caches {file: header}.
+    The data region ends the file (model_io checked that the ranges tile it), so it starts at the file's size
+    less the last tensor's end: no second parse of the header's length."""
+    header = headers.get(f)
+    if header is None:
+        header = headers[f] = model_io.safetensors_header(f)
+    info = header[name]
+    if info["dtype"] != "I64":  # raw bytes of another dtype would read as nonsense numbers
+        raise UserError(f"{_clean(f, 200)}: tensor {_clean(name)} is {info['dtype']}; it records int64 numbers")
+    start, end = info["data_offsets"]
+    last = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    with safety.open_regular(Path(f).resolve()) as fh:
+        fh.seek(fh.seek(0, os.SEEK_END) - last + start)
+        raw = fh.read(end - start)
+    return [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
+
+
+def _ignored(name: str, model) -> bool:
+    """A stored name transformers drops on load: an old non-persistent buffer, or one the model class's
+    _keys_to_ignore_on_load_unexpected patterns match (transformers applies them with re.search)."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return True
+    return any(re.search(pat, name) for pat in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()))
+
+
+def _layer(name: str):
+    """The decoder layer a tensor name belongs to ("model.layers.3" of "model.layers.3.mlp.experts.0.w1.qweight"),
+    or None for a tensor outside the layers."""
+    parts = name.split(".")
+    i = next((i for i, x in enumerate(parts) if x.isdigit()), None)
+    return None if i is None else ".".join(parts[:i + 1])
+
+
+def _converted(missing: list, extra: list) -> set:
+    """The decoder layers whose names differ as a conversion on load explains: names the skeleton needs missing
+    and unexpected ones stored in the same layer (transformers renames inside a layer, e.g. Mixtral's
+    block_sparse_moe.experts.N.w1 into mlp.experts.gate_up_proj). A tensor missing with nothing extra beside it,
+    or one outside the layers (the embedding, the final norm), is never a conversion."""
+    return ({_layer(n) for n in missing} & {_layer(n) for n in extra}) - {None}
+
+
+def _linears(skeleton, packed: dict, index: dict) -> dict:
+    """{module: (in, out)} of every linear an adapter may correct: the packed ones, and the skeleton's plain
+    nn.Linear modules (without a skeleton, every 2-D `weight` stored)."""
+    out = {}
+    if skeleton is not None:
+        import torch.nn as nn
+
+        out = {n: (m.in_features, m.out_features) for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+    else:
+        out = {n[:-7]: (s[1], s[0]) for n, (_, _, s) in index.items() if n.endswith(".weight") and len(s) == 2}
+    return {**out, **packed}
+
+
+def _check_adapter(d: Path, linears: dict) -> None:
+    """The low-rank adapter OUT/lowrank (safety.scan_folder has checked its entries with the export's): no pickle,
+    a checked adapter_config.json, checked headers, and each LoRA pair [r, in] and [out, r] for a linear the
+    export has. Its values are checked for NaN where they are read (lowrank.read_adapter)."""
+    from .lowrank import adapter_config, split_key
+
+    pickles = sorted(str(f.relative_to(d)) for f in d.rglob("*") if f.suffix in safety.PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{d} holds pickle files ({_clean(', '.join(pickles[:3]))}); pickles are never loaded: "
+                        "remove them (the adapter is read from adapter_model.safetensors only)")
+    r = adapter_config(d)["r"]
+    f = d / "adapter_model.safetensors"
+    if not f.is_file():
+        raise UserError(f"{d} has no adapter_model.safetensors; write or download the export again")
+    headers = {g: model_io.safetensors_header(g) for g in sorted(d.rglob("*.safetensors"))}
+    problems, pairs = [], defaultdict(set)
+    for name, info in headers[f].items():
+        if name == "__metadata__":
+            continue
+        key = split_key(name)
+        if key is None:
+            problems.append(f"{_clean(name)} is not a LoRA factor name (base_model.model.<module>.lora_A.weight)")
+            continue
+        mod, which = key
+        pairs[mod].add(which)
+        if mod not in linears:
+            problems.append(f"{_clean(name)} corrects {_clean(mod)}, not a linear of this export")
+            continue
+        in_f, out_f = linears[mod]
+        want = [r, in_f] if which == "A" else [out_f, r]
+        if info["shape"] != want:
+            problems.append(f"{_clean(name)} has shape {info['shape']}; rank {r} on a {out_f}×{in_f} linear "
+                            f"needs {want}")
+        elif info["dtype"] not in FLOAT_TAGS:
+            problems.append(f"{_clean(name)} is {info['dtype']}; LoRA factors are floats")
+    problems += [f"{_clean(m)} has lora_{''.join(sorted(w))} only; a LoRA pair needs A and B"
+                 for m, w in sorted(pairs.items()) if w != {"A", "B"}]
+    if problems:
+        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems, e.g. {'; '.join(problems[:SHOWN])}"
+        raise UserError(f"{f} does not match the export: {head}; write or download the export again")
 
 
 def _dtype_fits(tag: str, want) -> bool:
@@ -253,12 +381,6 @@ def _dtype_fits(tag: str, want) -> bool:
 
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _clean(s: str) -> str:
-    """A tensor name from a stranger's header, safe to put on one line."""
-    s = s if s.isprintable() else repr(s)[1:-1]
-    return s if len(s) <= 120 else s[:117] + "..."
 
 
 def _refusal(p: Path, cfg: dict, problems: list) -> str:

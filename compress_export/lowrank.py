@@ -17,17 +17,22 @@ transformers' from_pretrained through our backend apply it.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import model_io, safety
 from .errors import UserError
+from .model_io import _st_clean, _st_show
 
 ADAPTER_DIR = "lowrank"
 ADAPTER_NAME = "corr"  # the LoRA name `compress-export serve` registers
 EIG_FLOOR = 1e-6
 PREFIX = "base_model.model."
+_FACTOR = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")  # the names save_adapter writes
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 
 
@@ -104,37 +109,86 @@ def save_adapter(folder: Path, factors: Dict[str, Tuple[torch.Tensor, torch.Tens
     return folder
 
 
+def split_key(key: str) -> Optional[Tuple[str, str]]:
+    """(module, "A" or "B") of an adapter tensor name, or None when it is not a LoRA factor's name."""
+    m = _FACTOR.fullmatch(key)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def adapter_config(folder: Path) -> dict:
+    """adapter_config.json of the adapter in `folder`, checked: r an int >= 1, lora_alpha a
+    finite number, target_modules names. A stranger's file: every fault is one UserError naming file and field."""
+    p = Path(folder) / "adapter_config.json"
+    if not p.is_file():
+        raise UserError(f"{p} is missing: a LoRA adapter needs it; write or download the export again")
+    try:
+        cfg = safety.read_json(p)
+    except OSError as e:
+        raise UserError(f"{p} cannot be read ({_st_clean(e)}); check the file and its permissions") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{p} is {_st_show(cfg)}, not a JSON object of adapter settings")
+
+    def bad(key, why):
+        return UserError(f"{p}: {key} is {_st_show(cfg.get(key))}, {why}; write or download the export again")
+
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise bad("r", "not a rank (an integer >= 1)")
+    alpha = cfg.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise bad("lora_alpha", "not a number")
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad("target_modules", "not a module name or a list of them")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):  # per-module ranks or scalings: read_adapter applies one r and one lora_alpha
+            raise bad(key, "not applied here (one rank and one scaling for every module)")
+    return cfg
+
+
 def read_adapter(folder: Path) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
-    """(adapter_config, {module name: (A, B) as stored}) of a LoRA adapter, with the scaling folded into B."""
+    """(adapter_config, {module name: (A, B) as stored}) of a LoRA adapter, with the scaling folded into B. The
+    config, the header and every value are checked (NaN or Inf would make every output NaN)."""
     from safetensors import safe_open
 
     folder = Path(folder)
-    try:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}/adapter_config.json cannot be read ({e})") from None
+    cfg = adapter_config(folder)
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("fan_in_fan_out"):
-        raise UserError(f"{folder}: only plain LoRA adapters are applied (peft_type LORA, no DoRA, no fan_in_fan_out)")
-    scaling = float(cfg.get("lora_alpha", cfg["r"])) / float(cfg["r"])
+        raise UserError(f"{folder / 'adapter_config.json'}: only plain LoRA adapters are applied (peft_type LORA, "
+                        "no DoRA, no fan_in_fan_out)")
+    r = cfg["r"]
+    scaling = float(cfg.get("lora_alpha", r)) / r
+    f = folder / "adapter_model.safetensors"
+    if not f.is_file():
+        raise UserError(f"{folder} has no adapter_model.safetensors; write or download the export again")
+    model_io.safetensors_header(f)  # a damaged file is one line naming it, never safetensors' own error
     pairs: Dict[str, dict] = {}
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        for k in f.keys():
-            mod, _, which = k.removeprefix(PREFIX).rpartition(".lora_")
-            pairs.setdefault(mod, {})[which.split(".")[0]] = f.get_tensor(k)
+    with safe_open(str(f), framework="pt") as fh:
+        for k in fh.keys():
+            key = split_key(k)
+            if key is None:
+                raise UserError(f"{f}: {_st_clean(k)} is not a LoRA factor name ({PREFIX}<module>.lora_A.weight)")
+            t = fh.get_tensor(k)
+            if t.dim() != 2 or t.shape[0 if key[1] == "A" else 1] != r or not t.is_floating_point():
+                raise UserError(f"{f}: {_st_clean(k)} is {str(t.dtype)[6:]} {list(t.shape)}, not a rank-{r} LoRA "
+                                "factor; write or download the export again")
+            if not bool(torch.isfinite(t).all()):  # one NaN would make every output of the model NaN
+                raise UserError(f"{f}: tensor {_st_clean(k)} has NaN or Inf; write or download the export again")
+            pairs.setdefault(key[0], {})[key[1]] = t
     factors = {}
     for mod, ab in pairs.items():
         if set(ab) != {"A", "B"}:
-            raise UserError(f"{folder}: module {mod} has {sorted(ab)} but a LoRA pair needs A and B")
+            raise UserError(f"{f}: module {_st_clean(mod)} has {sorted(ab)} but a LoRA pair needs A and B")
         factors[mod] = (ab["A"], ab["B"] * scaling if scaling != 1 else ab["B"])
     return cfg, factors
 
 
 def adapter_rank(folder: Path) -> Optional[int]:
     """The rank of the LoRA adapter in `folder` (an export's OUT/lowrank), or None when there is none."""
-    p = Path(folder) / "adapter_config.json"
-    if not p.is_file():
+    if not (Path(folder) / "adapter_config.json").is_file():
         return None
-    return int(json.loads(p.read_text())["r"])
+    return adapter_config(folder)["r"]
 
 
 def vllm_max_lora_rank(rank: int) -> int:

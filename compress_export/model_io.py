@@ -9,7 +9,7 @@ import torch
 from . import safety
 from .errors import UserError
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = safety.PICKLE_SUFFIXES
 
 
 def check_model_dir(path, what: str = "MODEL_DIR") -> Path:
@@ -22,6 +22,7 @@ def check_model_dir(path, what: str = "MODEL_DIR") -> Path:
     if not p.is_dir():
         raise UserError(f"{what} {p} is not a directory (give a Hugging Face model directory)")
     safety.scan_folder(p, what)
+    safety.check_file_references(p)
     cfg = p / "config.json"
     if not cfg.exists():
         raise UserError(f"{p} is not a model directory: it has no config.json")
@@ -309,8 +310,11 @@ def load_source_model(path, dtype=torch.float32, trust_remote_code: bool = False
         model, info = AutoModelForCausalLM.from_pretrained(
             str(p), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
-    except (ValueError, RuntimeError) as e:
-        raise UserError(f"{p}: transformers cannot load this model ({str(e).strip().splitlines()[0][:300]})") from None
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (a stranger's config can break transformers in any way: one line)
+        raise UserError(f"{p}: transformers cannot load this model ({type(e).__name__}: "
+                        f"{_first_line(e)})") from None
     tied = {n for n in info.get("missing_keys", ()) if _tied_name(model, n)}
     missing = sorted(set(info.get("missing_keys", ())) - tied)
     bad = missing + [str(k) for k in info.get("mismatched_keys", ())]
@@ -334,9 +338,15 @@ def load_tokenizer(p: Path, trust_remote_code: bool = False):
     safety.check_remote_code(p, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, TypeError, KeyError) as e:
-        raise UserError(f"{p}: transformers cannot read its tokenizer ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises plain Exception on a bad tokenizer.json)
+        raise UserError(f"{p}: transformers cannot read its tokenizer ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def check_finite(model, where: str) -> None:

@@ -231,6 +231,10 @@ def _calibration(source, needed: bool, config: CompressionConfig, progress: bool
         made = calibration_set(load_whole if source.streamed else source.model, source.tokenizer, config.dataset,
                                config.num_samples, config.seq_len, config.seed, progress=writing)
     made = dist.broadcast_object(made)
+    vocab = getattr(getattr(source.model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and made[0].numel() and int(made[0].max()) >= vocab:  # else an IndexError later
+        raise UserError(f"{source.src}: its tokenizer gives token id {int(made[0].max())}, beyond the model's "
+                        f"vocab_size {vocab} in config.json; the tokenizer does not belong to this model")
     timings["calibration_data"] = time.time() - t
     return made
 
@@ -390,17 +394,13 @@ def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity=
     return src, out, format_, pass_cls(scheme, opts, sp)
 
 
-SINGLE_PASS_BUDGET = 6 << 30  # bytes of activations we allow for one whole-calibration-set forward
-
-
 def auto_batch_size(model, ids) -> int:
     """Whole set in one batch (one forward per layer) when its activations fit the budget, else chunks."""
+    from .calibration import auto_batch
+
     cfg = model.config
     width = max(getattr(cfg, "intermediate_size", 0) or 0, getattr(cfg, "hidden_size", 0) or 0, 1)
-    per_sample = ids.shape[1] * width * 4 * 8  # fp32, ~8 live tensors of the widest size
-    if per_sample * ids.shape[0] <= SINGLE_PASS_BUDGET:
-        return ids.shape[0]
-    return max(1, SINGLE_PASS_BUDGET // per_sample)
+    return auto_batch(ids.shape[0], ids.shape[1], width)
 
 
 @torch.no_grad()

@@ -1,15 +1,19 @@
 """The boundary between compress-export and the paths it is given. Every model folder, dataset, recipe and export
 comes from strangers; every output path is something of the user's that must not be damaged beyond what was asked.
 
-The rules (README.md, "Safety"), each enforced here and nowhere else:
-- no foreign code without --trust-remote-code (`check_remote_code`);
+The rules (README.md, "Safety") and where this module enforces them:
+- no foreign code without --trust-remote-code: `check_remote_code` refuses a model or tokenizer that exists only as
+  the folder's code, before transformers sees it (which is then always called with the user's own flag);
 - nothing read from outside the folder: links must resolve inside it (or inside the hub cache repository it is a
-  snapshot of), and special files (FIFOs, sockets, devices; /proc, /sys, /dev) are refused (`scan_folder`,
-  `regular_file`); copies are made from content, so outputs never contain links (`copy_file`, `copy_tree`);
+  snapshot of), special files (FIFOs, sockets, devices; /proc, /sys, /dev) are refused (`scan_folder`,
+  `regular_file`), and the file names a config points transformers to must be plain names inside it
+  (`check_file_references`); copies are made from content, so outputs never contain links (`copy_file`,
+  `copy_tree`);
 - never damage what the user did not name as output: an output may not be, hold or sit inside an input, nor be the
   home folder, the root or the current folder, and --overwrite replaces only a folder compress-export wrote
-  (`check_output`, `is_our_output`); stale partial folders are removed only when their owner mark says the run
-  that made them is gone (writer.remove_stale_partials).
+  (`check_output`, `is_our_output`); marks are written and read without following links (`write_mark`,
+  `read_mark`), and stale partial folders are removed only when their mark says the run that made them is gone
+  (writer.remove_stale_partials).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 SYSTEM_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))  # pseudo files: reading them leaks or blocks
 MAX_JSON_BYTES = 64 << 20  # config.json and friends: anything larger is not a config
 TRUST_FLAG = "--trust-remote-code (trust_remote_code=True in Python)"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # never read, never copied
 
 
 def _inside(p: Path, root: Path) -> bool:
@@ -149,7 +154,7 @@ def copy_tree(src: Path, dst: Path, roots: Optional[Sequence[Path]] = None) -> N
     check_entry(src, roots, src)
     Path(dst).mkdir()
     for entry in sorted(src.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.suffix in PICKLE_SUFFIXES:  # pickles are never copied
             continue
         st = check_entry(entry, roots, src)
         if stat.S_ISDIR(st.st_mode):
@@ -177,7 +182,8 @@ def _builtin(kind: str, cfg: dict) -> bool:
     if kind == "config.json":
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        return cfg.get("model_type") in CONFIG_MAPPING
+        model_type = cfg.get("model_type")
+        return isinstance(model_type, str) and model_type in CONFIG_MAPPING
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     name = cfg.get("tokenizer_class")
@@ -221,7 +227,7 @@ REPORT_MARK = ".compress-export-report"  # in a validate report folder
 def is_our_output(d: Path) -> bool:
     """Whether folder `d` was written by compress-export: an export (its config.json names us as quantizer) or a
     validate report (its mark file)."""
-    if (d / REPORT_MARK).is_file():
+    if (d / REPORT_MARK).is_file() or _older_report(d):
         return True
     try:
         cfg = read_json(d / "config.json") if (d / "config.json").is_file() else None
@@ -237,12 +243,21 @@ def is_our_output(d: Path) -> bool:
     return False
 
 
+def _older_report(d: Path) -> bool:
+    """A validate report of a version before the mark: report.json with the report's own fields."""
+    try:
+        r = read_json(d / "report.json") if (d / "report.json").is_file() else None
+    except (UserError, OSError):
+        return False
+    return isinstance(r, dict) and {"runs", "verdict", "engine"} <= set(r)
+
+
 def _protected(out: Path) -> Optional[str]:
     """Why `out` (resolved) must never be replaced: a folder that is or holds the home, the root or the cwd."""
-    for where, name in ((Path.home(), "your home folder"), (Path.cwd(), "the current folder")):
+    for home_or_cwd, name in ((Path.home, "your home folder"), (Path.cwd, "the current folder")):
         try:
-            where = where.resolve()
-        except OSError:
+            where = home_or_cwd().resolve()
+        except (OSError, RuntimeError, KeyError):  # no HOME and no passwd entry; a removed cwd
             continue
         if _inside(where, out):
             return name if where == out else f"a folder holding {name}"
@@ -318,3 +333,60 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_mark(path: Path, text: str) -> None:
+    """Create a small bookkeeping file (an owner mark) in a folder that may be the user's: whatever stands at that
+    name is removed, never followed (a planted link would make us overwrite its target)."""
+    path = Path(path)
+    if os.path.lexists(path):
+        if path.is_dir() and not path.is_symlink():
+            raise UserError(f"{path} is a folder where compress-export keeps a mark file; remove it")
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def read_mark(path: Path, limit: int = 4096) -> str:
+    """A mark file's text, read without following a link or blocking on a FIFO (OSError/UserError when it is not a
+    small regular file)."""
+    with open_regular(Path(path)) as fh:
+        return fh.read(limit).decode("utf-8", "replace")
+
+
+# -- file names a config hands to transformers ------------------------------------------------------------------
+
+def _reaches_outside(v, folder: Path, roots: Sequence[Path]) -> bool:
+    """Whether a file name from a config, opened as transformers would (as given, or inside the folder), is an
+    existing file outside the folder. A stale path from the author's machine that exists nowhere here is
+    harmless (transformers cannot open it either) and is let through, as such configs are common."""
+    if not isinstance(v, str) or not v:
+        return False
+    for candidate in (Path(v), folder / v):
+        try:
+            if candidate.exists() and not any(_inside(candidate.resolve(), r) for r in roots):
+                return True
+        except (OSError, ValueError):
+            return True  # unresolvable (a NUL in the name, a loop): not to be opened
+    return False
+
+
+def check_file_references(folder: Path) -> None:
+    """transformers opens the files tokenizer_config.json names (vocab_file, merges_file, fast_tokenizer_files…)
+    and may build from another file than config.json (configuration_files): none may reach a file outside the
+    folder, and the model is built from the config.json that was checked."""
+    roots = allowed_roots(folder)
+    tok = folder / "tokenizer_config.json"
+    cfg = read_json(tok) if tok.is_file() else None
+    for key, value in (cfg.items() if isinstance(cfg, dict) else ()):
+        if not (key.endswith("_file") or key.endswith("_files")) or value is None:
+            continue
+        for v in (value if isinstance(value, list) else [value]):
+            if _reaches_outside(v, folder, roots):
+                raise UserError(f"{tok}: {key} names {str(v)[:120]!r}, a file outside the folder; files are read "
+                                "only from inside it: fix or remove that entry")
+    conf = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    if isinstance(conf, dict) and conf.get("configuration_files"):
+        raise UserError(f"{folder / 'config.json'}: configuration_files makes transformers build the model from "
+                        "another file than the config.json that was checked; remove that entry")

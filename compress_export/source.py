@@ -173,8 +173,11 @@ def build_skeleton(src: Path, trust_remote_code: bool = False) -> nn.Module:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=trust_remote_code)
         with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed for real
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{src}: transformers cannot build this model ({str(e).splitlines()[0]})") from None
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (config.json is a stranger's: zero heads, strings for sizes, ...)
+        raise UserError(f"{src}: transformers cannot build this model from config.json ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
     model.tie_weights()  # from_pretrained ties after loading; the skeleton must share the same tensors
     return model.eval()
 

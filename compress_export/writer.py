@@ -51,9 +51,9 @@ def remove_stale_partials(out: Path) -> list:
         if d.is_symlink() or not d.is_dir() or not (".partial-" in d.name or ".old-" in d.name):
             continue
         try:
-            pid, host = (d / OWNER).read_text().split()
+            pid, host = safety.read_mark(d / OWNER).split()
             stale = host == socket.gethostname() and not pid_alive(int(pid))
-        except (OSError, ValueError):  # no readable mark: not provably ours
+        except (OSError, ValueError, UserError):  # no readable mark: not provably ours
             continue
         if stale:
             shutil.rmtree(d, ignore_errors=True)
@@ -130,7 +130,7 @@ class CheckpointWriter:
             logging.getLogger("compress_export").warning("removed a stale partial output from a killed run: %s",
                                                          what)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        (self.tmp / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        safety.write_mark(self.tmp / OWNER, f"{os.getpid()} {socket.gethostname()}\n")
         self.shard_bytes = shard_bytes
         self._shard = None
         self._shards = []  # [(file name, [tensor names])]
@@ -190,7 +190,8 @@ class CheckpointWriter:
                     (any(self.out.iterdir()) and not safety.is_our_output(self.out)):
                 raise UserError(f"output {self.out} is no longer a compress-export output; nothing was replaced")
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            (self.out / OWNER).write_text((self.tmp / OWNER).read_text())  # if killed now, the next run cleans it
+            # the old export gets our mark: if killed now, the next run cleans it (never through a planted link)
+            safety.write_mark(self.out / OWNER, safety.read_mark(self.tmp / OWNER))
             os.rename(self.out, old)
         os.rename(self.tmp, self.out)
         (self.out / OWNER).unlink(missing_ok=True)  # after the rename: until then it marks a live partial
@@ -211,8 +212,14 @@ def copy_side_files(src: Path, dst: Path, code: bool = True) -> None:
         if f.name in SKIP_NAMES or f.name.startswith(".") or f.name.endswith(SKIP_SUFFIXES) or \
                 (not code and f.suffix == ".py"):
             continue
-        if stat.S_ISREG(safety.check_entry(f, roots, src).st_mode):
-            safety.copy_file(f, dst / f.name)
+        if not stat.S_ISREG(safety.check_entry(f, roots, src).st_mode):
+            continue
+        if not code and f.name == "tokenizer_config.json":  # its auto_map would name .py files not copied
+            tok = safety.read_json(f)
+            if isinstance(tok, dict) and tok.pop("auto_map", None) is not None:
+                (dst / f.name).write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                continue
+        safety.copy_file(f, dst / f.name)
 
 
 def dir_weight_bytes(path: Path) -> int:

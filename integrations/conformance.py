@@ -15,7 +15,7 @@ def first_window_ids(model_dir, text_path, window: int = 512) -> list:
     """Token ids of the first evaluation window of a text, as the shared protocol cuts it."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     ids = tok(Path(text_path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     return ids[:window]
 
@@ -44,7 +44,7 @@ def compare_reference(export_dir, text_path, window: int = 512) -> dict:
 
     ids = torch.tensor([first_window_ids(export_dir, text_path, window)])
     ours, _ = load_model(export_dir)
-    ref = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32, trust_remote_code=False).eval()
     a, b = ours(input_ids=ids).logits[0].float(), ref(input_ids=ids).logits[0].float()
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     return {"positions": ids.shape[1], "top1_agreement": round(agree, 4),

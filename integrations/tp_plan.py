@@ -24,11 +24,13 @@ from compress_export.structure import KV_PROJECTIONS, ROW_PARALLEL
 DEFAULT_SIZES = (1, 2, 4, 8)
 
 
-def packed_linears(path: Path, fmt, scheme, qcfg: dict) -> dict:
-    """{module name: (in_features, out_features)} of every packed linear, from the headers."""
-    from safetensors import safe_open
+def packed_linears(path: Path, fmt, scheme, qcfg: dict, index=None, headers=None) -> dict:
+    """{module name: (in_features, out_features)} of every packed linear, from the headers (`index`:
+    model_io.tensor_index of path, read here when not given; `headers` caches the headers weight_shape needs)."""
+    from compress_export.export_check import stored_ints
 
-    index = model_io.tensor_index(path)
+    index = model_io.tensor_index(path) if index is None else index
+    headers = {} if headers is None else headers
     primary = fmt.primary_tensor(qcfg)
     out = {}
     for name, (f, _, _) in index.items():
@@ -37,9 +39,9 @@ def packed_linears(path: Path, fmt, scheme, qcfg: dict) -> dict:
         mod = name[: -len(primary) - 1]
         t = {k[len(mod) + 1:]: torch.empty(shape, device="meta") for k, (_, _, shape) in index.items()
              if k.startswith(mod + ".") and "." not in k[len(mod) + 1:]}
-        if "weight_shape" in t:  # compressed-tensors records the shape as two numbers
-            with safe_open(str(index[mod + ".weight_shape"][0]), "pt") as fh:
-                t["weight_shape"] = fh.get_tensor(mod + ".weight_shape")
+        if "weight_shape" in t:  # compressed-tensors records the shape as two numbers: read as export_check reads them
+            ws = mod + ".weight_shape"
+            t["weight_shape"] = torch.tensor(stored_ints(index[ws][0], ws, headers), dtype=torch.int64)
         out[mod] = fmt.linear_shape(t, scheme)
     return out
 
@@ -80,7 +82,9 @@ def plan(path, sizes=DEFAULT_SIZES) -> dict:
     """{N: {"ok": bool, "problems": [...], "notes": [...]}} for each tensor-parallel size."""
     from compress_export.export_check import check_export
 
-    info = check_export(path, what="OUT")  # refused as eval refuses it: tensors that do not match config.json
+    # refused as eval refuses it (tensors that do not match config.json), but builds no model: an architecture
+    # transformers cannot build (vLLM may know it) gets each packed linear's own layout checked
+    info = check_export(path, what="OUT", lenient=True)
     p, cfg = info.path, info.config
     if not cfg.get("quantization_config"):
         raise UserError(f"{p} has no quantization_config: it is not an export")

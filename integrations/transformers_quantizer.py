@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import os
 from pathlib import Path
@@ -108,10 +107,15 @@ def _takes_over(method: str, build_theirs):
 def raw_quantization_config(checkpoint_files) -> dict:
     """The quantization_config exactly as the checkpoint's config.json has it (transformers' own config classes
     drop the keys they do not know, such as the list of unquantized modules)."""
+    from compress_export.export_check import check_export
+
     for f in checkpoint_files or ():
-        cfg = Path(f).parent / "config.json"
-        if cfg.is_file():
-            return json.loads(cfg.read_text()).get("quantization_config") or {}
+        if (Path(f).parent / "config.json").is_file():
+            # the export as every verb checks it (headers, tensors against config.json), before transformers reads
+            # a weight; lenient: the caller may have allowed an architecture only its own code builds
+            qc = check_export(Path(f).parent, quantized=False, what="model", lenient=True).config.get(
+                "quantization_config")
+            return qc if isinstance(qc, dict) else {}
     return {}
 
 

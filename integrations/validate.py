@@ -26,7 +26,7 @@ from compress_export.errors import UserError
 from compress_export.integrations.vllm_lowrank import served_lora
 from compress_export.lowrank import ADAPTER_NAME
 from compress_export.progress import Progress
-from compress_export.safety import REPORT_MARK, check_output
+from compress_export.safety import REPORT_MARK, check_output, read_mark, regular_file, write_mark
 
 PROMPTS = [
     {"text": "The capital of France is"},
@@ -83,10 +83,12 @@ def load_prompts(path) -> tuple:
     """Greedy prompts from a file: .jsonl with {"text": ..., "chat": true|false} per line, or plain text with one
     prompt per line ("chat: " in front for a chat prompt)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--prompts {path} is not a file")
+    try:
+        lines = regular_file(path, "--prompts").read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts {path} is not UTF-8 text") from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
@@ -282,9 +284,10 @@ def _has_chat_template(model_dir: Path) -> bool:
 
 
 def _check_length(model_dir: Path, need: int) -> None:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    have = cfg.get("max_position_embeddings")
-    if have and have < need:
+    from compress_export.model_io import read_config
+
+    have = read_config(model_dir).get("max_position_embeddings")
+    if isinstance(have, int) and not isinstance(have, bool) and have < need:
         raise UserError(f"{model_dir}: max_position_embeddings {have} < {need} tokens the measurements need; "
                         "lower --window or --lengths, or use shorter --prompts")
 
@@ -357,6 +360,7 @@ def _inputs(export_dir, baseline, report_dir, text, opts: ValidateOptions, overw
     text = Path(text) if text else default_text()
     if not text.is_file():
         raise UserError(f"--text {text} is not a file")
+    regular_file(text, "--text")  # not a FIFO, not /proc
     for d in models.values():
         _check_length(d, opts.max_model_len())
     out = Path(report_dir) if report_dir else default_report_dir(models["export"])
@@ -392,9 +396,9 @@ def _remove_stale_reports(out: Path) -> None:
 
     for d in out.parent.glob(out.name + ".part-*"):
         try:
-            pid, host = (d / REPORT_MARK).read_text().split()
+            pid, host = read_mark(d / REPORT_MARK).split()
             stale = not d.is_symlink() and host == socket.gethostname() and not pid_alive(int(pid))
-        except (OSError, ValueError):
+        except (OSError, ValueError, UserError):
             continue
         if stale:
             shutil.rmtree(d, ignore_errors=True)
@@ -418,7 +422,7 @@ def validate(export_dir, baseline=None, report_dir=None, text=None, options: Val
         import socket
 
         # the mark: whose partial this is (for the stale sweep), and later that the report is ours (--overwrite)
-        (work / REPORT_MARK).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        write_mark(work / REPORT_MARK, f"{os.getpid()} {socket.gethostname()}\n")
         steps = _Steps(len(models) * (OFFLINE_STAGES + (SERVE_STAGES if opts.serve else 0)), "validate",
                        enabled=progress)
         runs = {tag: _measure(tag, d, opts, text, work / "logs", steps, timeout) for tag, d in models.items()}

@@ -127,21 +127,18 @@ def check_export_folder(hf_quant_cfg, hf_config) -> None:
     """Validate the export once per folder (export_check), so a broken one stops at load with one line naming
     the tensor instead of failing deep inside vLLM's weight loading. This is where our plugin first learns the
     folder: vLLM asks each method whether it overrides the checkpoint's, passing the model's transformers config,
-    whose name_or_path is the folder vLLM was given. Hub ids (no local folder) and formats we do not read are
-    left to vLLM; an architecture transformers cannot build (vLLM may know it) gets its packed linears checked."""
+    whose name_or_path is the folder vLLM was given. Only exports compress-export wrote are checked
+    (export_check.check_served_export): hub ids and foreign checkpoints, even in formats we read, are vLLM's to
+    judge, so installing our plugin never makes vLLM refuse a model it served before."""
     folder = getattr(hf_config, "name_or_path", None) or ""
     if not folder or not os.path.isdir(folder):
         return
     key = os.path.realpath(folder)
     if key in _checked_folders:
         return
-    try:
-        format_for_config(hf_quant_cfg)
-    except Exception:  # noqa: BLE001  (not a format of ours: vLLM's own methods judge it)
-        return
-    from compress_export.export_check import check_export
+    from compress_export.export_check import check_served_export
 
-    check_export(key, quantized=False, what="model", lenient=True)
+    check_served_export(key)
     _checked_folders.add(key)
 
 

@@ -265,7 +265,7 @@ def test_serve_and_from_pretrained_refuse_before_their_engine(exports, tmp_path,
 @pytest.mark.vllm
 def test_the_vllm_plugin_checks_each_folder_once(exports, tmp_path):
     """vLLM hands our method the model's transformers config; its name_or_path is the folder. A hub id or a
-    format we do not read is left alone."""
+    checkpoint compress-export did not write (even in a format we read) is left alone."""
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
@@ -276,5 +276,136 @@ def test_the_vllm_plugin_checks_each_folder_once(exports, tmp_path):
     with pytest.raises(UserError, match=f"{O_PROJ}.qweight is missing"):
         vllm_method.check_export_folder(qcfg, SimpleNamespace(name_or_path=str(d)))
     vllm_method.check_export_folder(qcfg, SimpleNamespace(name_or_path="someone/a-hub-model"))
-    vllm_method.check_export_folder({"quant_method": "fp8"}, SimpleNamespace(name_or_path=str(d)))
+    foreign = broken(d, tmp_path / "foreign", config=lambda c: c["quantization_config"].pop("quantizer"))
+    vllm_method.check_export_folder(qcfg, SimpleNamespace(name_or_path=str(foreign)))  # broken, but not ours
     vllm_method.check_export_folder(qcfg, SimpleNamespace(name_or_path=str(exports / "gptq")))
+
+
+# names transformers converts on load, buffers it drops, and verbs that build no model -----------------------------
+
+def gptq_linear(prefix: str, in_f: int, out_f: int) -> dict:
+    """A GPTQ W4 g32 linear's tensors (zeros), shapes as the gptq format lays them out."""
+    from compress_export.formats import FORMATS
+
+    layout = FORMATS.get("gptq")().tensor_layout(Scheme(4, 32, True), in_f, out_f)
+    return {f"{prefix}.{k}": torch.zeros(spec.shape, dtype=spec.dtype) for k, spec in layout.items()}
+
+
+@pytest.fixture(scope="module")
+def unfused_mixtral(tmp_path_factory, exports):
+    """A tiny Mixtral GPTQ export written as AutoGPTQ writes them: per-expert `block_sparse_moe.experts.N.w1/w2/w3`
+    (transformers 5 builds fused `mlp.experts.gate_up_proj`/`down_proj` and converts these names on load)."""
+    from transformers import AutoConfig
+
+    d = tmp_path_factory.mktemp("mixtral") / "gptq"
+    d.mkdir()
+    cfg = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, tie_word_embeddings=True).to_dict()
+    cfg["quantization_config"] = json.loads((exports / "gptq" / "config.json").read_text())["quantization_config"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    t = {"model.embed_tokens.weight": torch.zeros(64, 64, dtype=torch.float16),
+         "model.norm.weight": torch.ones(64, dtype=torch.float16)}
+    for i in range(2):
+        L = f"model.layers.{i}"
+        for m, (in_f, out_f) in LINEARS.items():
+            if m.startswith("self_attn."):
+                t.update(gptq_linear(f"{L}.{m}", in_f, out_f))
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            t[f"{L}.{n}.weight"] = torch.ones(64, dtype=torch.float16)
+        t[f"{L}.block_sparse_moe.gate.weight"] = torch.zeros(4, 64, dtype=torch.float16)
+        for e in range(4):
+            for w, (in_f, out_f) in {"w1": (64, 128), "w3": (64, 128), "w2": (128, 64)}.items():
+                t.update(gptq_linear(f"{L}.block_sparse_moe.experts.{e}.{w}", in_f, out_f))
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_unfused_moe_experts_pass_with_each_expert_checked_against_its_own_layout(unfused_mixtral, tmp_path):
+    info = check_export(unfused_mixtral)
+    assert info.packed["model.layers.0.self_attn.k_proj"] == (64, 32)  # from the skeleton
+    assert info.packed["model.layers.1.block_sparse_moe.experts.3.w1"] == (64, 128)  # from its own qweight
+    assert info.packed["model.layers.1.block_sparse_moe.experts.3.w2"] == (128, 64)
+    assert len(info.packed) == 2 * (4 + 4 * 3)
+    # an expert whose tensors disagree with each other is still refused
+    w2 = "model.layers.0.block_sparse_moe.experts.1.w2"
+    d = broken(unfused_mixtral, tmp_path / "b", lambda t: t.update({f"{w2}.scales": t[f"{w2}.scales"][:-1]}))
+    assert f"{w2}.scales has shape [3, 64]" in refusal(d)
+    w1 = "model.layers.1.block_sparse_moe.experts.2.w1"
+    d = broken(unfused_mixtral, tmp_path / "q", lambda t: t.pop(f"{w1}.qweight"))
+    assert f"{w1}.qweight is missing" in refusal(d)
+    # a tensor outside the layers missing is never taken for a conversion, nor one extra
+    d = broken(unfused_mixtral, tmp_path / "n", lambda t: t.pop("model.norm.weight"))
+    assert refusal(d).endswith(" does not match its config.json: model.norm.weight is missing; the export is "
+                               "incomplete or was altered: write or download it again")
+    d = broken(unfused_mixtral, tmp_path / "x", lambda t: t.update({"model.extra": torch.zeros(2)}))
+    assert "model.extra is not a tensor of this mixtral model" in refusal(d)
+
+
+def test_a_missing_tensor_with_nothing_extra_is_still_refused(exports, tmp_path):
+    name = "model.layers.1.post_attention_layernorm.weight"
+    assert f"{name} is missing" in refusal(broken(exports / "gptq", tmp_path / "n", lambda t: t.pop(name)))
+    d = broken(exports / "gptq", tmp_path / "q", lambda t: [t.pop(k) for k in list(t) if k.startswith(O_PROJ)])
+    assert f"{O_PROJ}.weight is missing" in refusal(d)  # every tensor of a linear gone: its plain weight is named
+
+
+@pytest.mark.parametrize("kind", ["gptq", "compressed-tensors", "dense"])
+def test_an_old_rotary_inv_freq_buffer_is_ignored(kind, exports, tmp_path):
+    def add(t):
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+
+    info = check_export(broken(exports / kind, tmp_path / "r", add))
+    assert info.fmt.name == FORMAT_NAME[kind] and info.ignored == ("model.layers.0.self_attn.rotary_emb.inv_freq",)
+
+
+def unbuildable(src, dst):
+    """The export at src with a model_type transformers does not know (an architecture only vLLM or remote code
+    builds); its tensors are untouched."""
+    return broken(src, dst, config=lambda c: c.update(model_type="vllm_only_arch",
+                                                      architectures=["VllmOnlyForCausalLM"]))
+
+
+def test_convert_and_check_need_no_model_build(exports, tmp_path):
+    from compress_export.convert import convert
+    from compress_export.integrations.tp_plan import plan
+
+    d = unbuildable(exports / "gptq", tmp_path / "u")
+    assert "does not describe a model transformers can build" in refusal(d)  # eval builds the model: refused
+    assert plan(d)[2]["ok"] and not plan(d)[8]["ok"]  # 4 query heads: 2 ways yes, 8 ways no
+    out = convert(d, "compressed-tensors", str(tmp_path / "ct"))
+    got = json.loads((out / "config.json").read_text())
+    assert got["model_type"] == "vllm_only_arch" and got["quantization_config"]["format"] == "pack-quantized"
+    assert check_export(out, lenient=True).packed[O_PROJ] == (64, 64)
+
+
+def test_convert_checks_its_output_before_reading_any_tensor(exports, tmp_path, monkeypatch):
+    from compress_export import convert as convert_mod
+
+    def no_read(*a, **k):
+        raise AssertionError("convert read the tensors before checking -o")
+
+    monkeypatch.setattr(convert_mod, "read_export", no_read)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        convert_mod.convert(exports / "gptq", "awq", str(tmp_path / "taken"))
+    with pytest.raises(UserError, match="was not written by compress-export"):
+        convert_mod.convert(exports / "gptq", "awq", str(tmp_path / "taken"), overwrite=True)
+    with pytest.raises(UserError, match="inside the input"):
+        convert_mod.convert(exports / "gptq", "awq", str(exports / "gptq" / "sub"))
+
+
+def test_the_served_check_judges_only_exports_compress_export_wrote(exports, tmp_path, monkeypatch):
+    """Installing our vLLM plugin must not make vLLM refuse a foreign GPTQ checkpoint it ran before."""
+    from compress_export import export_check
+
+    calls = []
+    monkeypatch.setattr(export_check, "check_export", lambda p, **kw: calls.append((str(p), kw)))
+
+    def foreign(c):
+        c["quantization_config"].pop("quantizer")
+
+    d = broken(exports / "gptq", tmp_path / "foreign", config=foreign)
+    assert export_check.check_served_export(d) is False and calls == []
+    assert export_check.check_served_export(exports / "gptq") is True
+    assert calls == [(str(exports / "gptq"), {"what": "model", "lenient": True})]

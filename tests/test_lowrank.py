@@ -214,3 +214,134 @@ def test_fused_pair_gives_each_part_of_a_fused_linear_its_own_correction():
     with pytest.raises(ValueError, match="v_proj: the low-rank pair is"):
         fused_pair(dict(factors), "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"], [4, 2, 3],
                    6, torch.float32)
+
+
+# the adapter folder is checked like the rest of the export ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def w4r8(tiny_model, tmp_path_factory):
+    """An RTN W4 g32 export of the tiny Llama (hidden 64, MLP 128, k/v 32 outputs) with a rank-8 correction."""
+    out = tmp_path_factory.mktemp("lowrank-check") / "w4r8"
+    compress(tiny_model, out, CompressionConfig(method="rtn", bits=4, group_size=32, lowrank_rank=8), progress=False)
+    return out
+
+
+def with_adapter(src, dst, config=None, tensors=None):
+    """A copy of the export at src with its adapter's config and/or tensors edited by the given functions."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    a = dst / "lowrank"
+    if config:
+        cfg = json.loads((a / "adapter_config.json").read_text())
+        cfg = config(cfg) or cfg
+        (a / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensors:
+        t = load_file(str(a / "adapter_model.safetensors"))
+        tensors(t)
+        save_file(t, str(a / "adapter_model.safetensors"))
+    return dst
+
+
+def refused_by_check(d) -> str:
+    from compress_export.export_check import check_export
+
+    with pytest.raises(UserError) as e:
+        check_export(d)
+    return str(e.value)
+
+
+K_A = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"
+K_B = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"
+
+
+def test_an_intact_adapter_passes(w4r8):
+    from compress_export.export_check import check_export
+    from compress_export.lowrank import adapter_rank
+
+    check_export(w4r8)
+    assert adapter_rank(w4r8 / "lowrank") == 8
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: [c], "is a list, not a JSON object"),
+    (lambda c: c.pop("r") and None, "r is null, not a rank"),
+    (lambda c: c.update(r=0), "r is 0, not a rank"),
+    (lambda c: c.update(r="8"), 'r is "8", not a rank'),
+    (lambda c: c.update(lora_alpha="eight"), 'lora_alpha is "eight", not a number'),
+    (lambda c: c.update(target_modules=["q_proj", 3]), "target_modules is a list, not a module name"),
+])
+def test_a_bad_adapter_config_is_one_line_naming_file_and_field(edit, field, w4r8, tmp_path):
+    from compress_export.lowrank import adapter_rank
+
+    d = with_adapter(w4r8, tmp_path / "a", config=edit)
+    f = d / "lowrank" / "adapter_config.json"
+    msg = refused_by_check(d)
+    assert str(f) in msg and field in msg, msg
+    for reader in (adapter_rank, read_adapter):  # never AttributeError, KeyError or ZeroDivisionError
+        with pytest.raises(UserError, match=field.split(",")[0]):
+            reader(d / "lowrank")
+
+
+def test_adapter_shapes_are_checked_against_the_linears(w4r8, tmp_path):
+    d = with_adapter(w4r8, tmp_path / "a", tensors=lambda t: t.update({K_A: torch.zeros(8, 32, dtype=torch.float16)}))
+    msg = refused_by_check(d)
+    assert f"{K_A} has shape [8, 32]; rank 8 on a 32×64 linear needs [8, 64]" in msg, msg
+    d = with_adapter(w4r8, tmp_path / "b", tensors=lambda t: t.update({K_B: torch.zeros(64, 8, dtype=torch.float16)}))
+    assert f"{K_B} has shape [64, 8]; rank 8 on a 32×64 linear needs [32, 8]" in refused_by_check(d)
+    d = with_adapter(w4r8, tmp_path / "c", tensors=lambda t: t.pop(K_B))
+    assert "model.layers.0.self_attn.k_proj has lora_A only" in refused_by_check(d)
+    d = with_adapter(w4r8, tmp_path / "d", tensors=lambda t: t.update(
+        {"base_model.model.model.layers.0.mlp.nope.lora_A.weight": torch.zeros(8, 64)}))
+    assert "corrects model.layers.0.mlp.nope, not a linear of this export" in refused_by_check(d)
+
+
+def test_a_damaged_adapter_header_and_pickles_are_refused(w4r8, tmp_path):
+    import shutil
+
+    d = tmp_path / "h"
+    shutil.copytree(w4r8, d)
+    f = d / "lowrank" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4])  # a truncated download
+    assert str(f) in refused_by_check(d)
+    d = tmp_path / "p"
+    shutil.copytree(w4r8, d)
+    (d / "lowrank" / "adapter_model.bin").write_bytes(b"\x80\x04 not loaded")
+    msg = refused_by_check(d)
+    assert "holds pickle files (adapter_model.bin)" in msg and "never loaded" in msg, msg
+
+
+def test_nan_in_an_adapter_factor_is_named_when_read(w4r8, tmp_path):
+    def poison(t):
+        t[K_B] = t[K_B].clone()
+        t[K_B][0, 0] = float("nan")
+
+    d = with_adapter(w4r8, tmp_path / "n", tensors=poison)
+    with pytest.raises(UserError, match=f"tensor {K_B} has NaN or Inf"):
+        read_adapter(d / "lowrank")
+
+
+def test_convert_copies_the_adapter_of_a_hub_cache_snapshot(w4r8, tmp_path):
+    """A hub snapshot's files are links into the repository's blobs: the adapter's too."""
+    import shutil
+
+    from compress_export.convert import convert
+
+    repo = tmp_path / "models--someone--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    for f in sorted(w4r8.rglob("*")):
+        rel = f.relative_to(w4r8)
+        if f.is_dir():
+            (snap / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        blob = blobs / rel.as_posix().replace("/", "_")
+        shutil.copyfile(f, blob)
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        (snap / rel).symlink_to(blob)
+    out = convert(snap, "awq", str(tmp_path / "awq"))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        got = out / "lowrank" / name
+        assert not got.is_symlink() and got.read_bytes() == (w4r8 / "lowrank" / name).read_bytes()
