@@ -61,7 +61,7 @@ def read_text(path: Path) -> str:
         except (ValueError, KeyError, TypeError, RecursionError):
             text = None
         if not isinstance(text, str):
-            raise UserError(f"--dataset {path}:{i}: each line must be a JSON object with a `text` string")
+            raise UserError(f"--dataset {path}:{i}: each line must be a JSON object with a `text` field holding a string")
         texts.append(text)
     return "\n\n".join(texts)
 

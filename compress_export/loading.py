@@ -67,6 +67,7 @@ def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_co
         return model.eval(), tok
     tok = model_io.load_tokenizer(p, trust_remote_code)
     cfg, qweights, rest = read_export(info)
+    rest = {k: v for k, v in rest.items() if k not in info.ignored}  # buffers transformers drops too (inv_freq)
     plain = dict(cfg)
     plain.pop("quantization_config")
     if "model_type" not in plain:

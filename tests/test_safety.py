@@ -142,8 +142,8 @@ def test_memory_preflight_uses_the_runs_own_batching(monkeypatch):
         check_calibration_size(1, 8193, None, cfg, cpu)
 
 
-@pytest.mark.parametrize("line,why", [('{"text": 5}', "`text` string"), ('[1, 2]', "`text` string"),
-                                      ('{"txt": "a"}', "`text` string")])
+@pytest.mark.parametrize("line,why", [('{"text": 5}', "`text` field holding a string"), ('[1, 2]', "`text` field holding a string"),
+                                      ('{"txt": "a"}', "`text` field holding a string")])
 def test_jsonl_dataset_lines_must_hold_text(tmp_path, line, why):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "fine"}\n' + line + "\n")
