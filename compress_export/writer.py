@@ -22,11 +22,6 @@ SKIP_NAMES = {"config.json", "model.safetensors.index.json", ".compress-export-e
 DEFAULT_SHARD_BYTES = 4 << 30
 
 
-def check_output_path(out: Path, src: Path, overwrite: bool) -> None:
-    """The output must not damage the input or anything the user did not name (safety.check_output)."""
-    safety.check_output(out, [src], overwrite)
-
-
 OWNER = ".compress-export-owner"  # in a partial folder: "PID HOST" of the run writing it
 
 
