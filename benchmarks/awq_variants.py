@@ -20,9 +20,9 @@ from pathlib import Path
 from common import TEXT, cli, example_model
 
 from compress_export.passes.awq_pass import AWQPass
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
-from compress_export.structure import AWQ_NO_CLIP
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
+from compress_export.core.structure import AWQ_NO_CLIP
 
 # name → (AWQPass.no_clip, the awq_score setting)
 VARIANTS = {"clip every linear": (None, "linear"),

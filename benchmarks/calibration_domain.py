@@ -23,7 +23,7 @@ from pathlib import Path
 from calibration import GPTQ_W4G64
 from common import TEXT, cli, example_model
 
-from compress_export.calibration import builtin_text
+from compress_export.io.calibration import builtin_text
 
 
 def halves(text: str) -> tuple:

@@ -14,13 +14,13 @@ TEXT = ROOT.parent / "shared" / "data" / "text"
 
 def example_model() -> str:
     """Path of the built-in SmolLM2 example model, built on first use."""
-    return subprocess.run([sys.executable, "-m", "compress_export.cli", "example-model"],
+    return subprocess.run([sys.executable, "-m", "compress_export.cli.main", "example-model"],
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
 def cli(*args) -> dict:
     """Run `compress-export ARGS --json` in a fresh process (so peak RSS is its own); the parsed summary."""
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli", *map(str, args), "--json"],
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", *map(str, args), "--json"],
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"failed: {' '.join(map(str, args))}\n{r.stderr[-3000:]}")
@@ -28,7 +28,7 @@ def cli(*args) -> dict:
 
 
 def size_mb(d) -> float:
-    from compress_export.writer import dir_weight_bytes
+    from compress_export.io.writer import dir_weight_bytes
 
     return round(dir_weight_bytes(d) / 1e6, 1)
 
@@ -47,7 +47,7 @@ def measure_rows(model: str, specs: list, out_json=None, after=None, cols=None) 
                 rec = {"row": row, "seconds": 0.0, "peak_rss_mb": None}
             elif spec[0] == "convert":
                 src = Path(tmp) / spec[1].replace(":", "of")
-                subprocess.run([sys.executable, "-m", "compress_export.cli", "convert", src, "--format", spec[2],
+                subprocess.run([sys.executable, "-m", "compress_export.cli.main", "convert", src, "--format", spec[2],
                                 "-o", target], check=True, capture_output=True)
                 rec = {"row": row, "seconds": round(time.time() - t, 1), "peak_rss_mb": None}
             else:

@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from compress_export.hardware import cpu_kind
-from compress_export.kernels import KernelRequest
+from compress_export.core.hardware import cpu_kind
+from compress_export.kernels.base import KernelRequest
 from compress_export.kernels import cpu_wna16 as ck
-from compress_export.result import QuantizedWeight
-from compress_export.scheme import Scheme
+from compress_export.core.result import QuantizedWeight
+from compress_export.core.scheme import Scheme
 
 SHAPES = {"smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
           "8b": [(4096, 4096), (14336, 4096), (4096, 14336)]}
@@ -73,7 +73,7 @@ def vllm_wna16(qw: QuantizedWeight):
         from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
         from vllm.scalar_type import scalar_types
 
-        from compress_export.formats import FORMATS
+        from compress_export.formats.base import FORMATS
         from compress_export.integrations.vllm_method import _make_param
     except Exception:  # noqa: BLE001
         return None

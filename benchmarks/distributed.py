@@ -39,7 +39,7 @@ def export(model: str, out: Path, ranks: int, args: list) -> float:
 
 def compare(one: Path, other: Path) -> dict:
     """Code agreement and the largest weight difference between two exports of the same model."""
-    from compress_export.loading import read_quantized
+    from compress_export.io.loading import read_quantized
 
     _, a, _ = read_quantized(one)
     _, b, _ = read_quantized(other)

@@ -25,7 +25,7 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # before vLLM is imported: i
 
 import torch  # noqa: E402
 
-from compress_export.hardware import cpu_kind, saturating_int8_gemm  # noqa: E402
+from compress_export.core.hardware import cpu_kind, saturating_int8_gemm  # noqa: E402
 from compress_export.kernels.int8 import extension, w8a8_linear  # noqa: E402
 
 

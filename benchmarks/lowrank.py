@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import TEXT, cli, example_model, size_mb, vllm_check
 
-from compress_export.hardware import cpu_kind
+from compress_export.core.hardware import cpu_kind
 
 
 def adapter_mb(d: Path) -> float:

@@ -25,7 +25,7 @@ import torch
 from common import TEXT, example_model
 
 from compress_export import AutoCompressedModelForCausalLM
-from compress_export.hardware import cpu_kind
+from compress_export.core.hardware import cpu_kind
 from compress_export.kernels.linear import weight_bytes
 
 
@@ -57,7 +57,7 @@ def main():
         export = a.export
         if export is None:
             export = str(Path(tmp) / "smollm2-gptq-w4g64")
-            subprocess.run([sys.executable, "-m", "compress_export.cli", "--format", "gptq", "--bits", "4",
+            subprocess.run([sys.executable, "-m", "compress_export.cli.main", "--format", "gptq", "--bits", "4",
                             "--group-size", "64", "--dataset", str(TEXT / "calib.txt"), "--num-samples", "16",
                             "--seq-len", "256", "-q", base, "-o", export], check=True, capture_output=True)
         rows = []

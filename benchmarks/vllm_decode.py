@@ -47,7 +47,7 @@ def main():
             exports = []
             for name, args in DEFAULT_EXPORTS:
                 out = str(Path(tmp) / name)
-                subprocess.run([sys.executable, "-m", "compress_export.cli", *args, "-q", base, "-o", out],
+                subprocess.run([sys.executable, "-m", "compress_export.cli.main", *args, "-q", base, "-o", out],
                                check=True, capture_output=True)
                 exports.append(out)
         rows = []

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from common import TEXT, example_model, random_llama, size_mb, vllm_check
 
-from compress_export.hardware import cpu_kind
+from compress_export.core.hardware import cpu_kind
 
 
 def export(base: Path, out: Path, args: list) -> Path:
-    subprocess.run([sys.executable, "-m", "compress_export.cli", *args, "-q", str(base), "-o", str(out)], check=True,
+    subprocess.run([sys.executable, "-m", "compress_export.cli.main", *args, "-q", str(base), "-o", str(out)], check=True,
                    capture_output=True)
     return out
 

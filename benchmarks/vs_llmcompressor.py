@@ -47,7 +47,7 @@ EVAL_SCRIPT = r'''
 import sys, json, torch
 sys.path.insert(0, sys.argv[3])
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from compress_export.evaluate import perplexity
+from compress_export.pipeline.evaluate import perplexity
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 t = AutoTokenizer.from_pretrained(sys.argv[1])
 print(json.dumps(perplexity(m, t, open(sys.argv[2], encoding="utf-8").read()).as_dict()))
@@ -84,12 +84,12 @@ def main():
         ours_out, theirs_out = Path(tmp) / "ours", Path(tmp) / "llmc"
         script = Path(tmp) / "llmc_run.py"
         script.write_text(LLMC_SCRIPT)
-        ours = run_with_rss([sys.executable, "-m", "compress_export.cli", "--method", "gptq", "--bits", "4",
+        ours = run_with_rss([sys.executable, "-m", "compress_export.cli.main", "--method", "gptq", "--bits", "4",
                              "--group-size", "64", "--act-order", "static", "--damp", "0.01", "--dataset",
                              str(calib), "--num-samples", "64", "--seq-len", "512", "-q", model, "-o",
                              str(ours_out)])
         theirs = run_with_rss([str(py), str(script), model, str(calib), str(theirs_out)])
-        ev_ours = json.loads(subprocess.run([sys.executable, "-m", "compress_export.cli", "eval", str(ours_out),
+        ev_ours = json.loads(subprocess.run([sys.executable, "-m", "compress_export.cli.main", "eval", str(ours_out),
                                              "--text", str(evalt), "--json"], capture_output=True, text=True,
                                             check=True).stdout)
         (Path(tmp) / "ev.py").write_text(EVAL_SCRIPT)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from common import TEXT, cli, example_model, random_llama, size_mb, vllm_check
 
-from compress_export.hardware import cpu_kind, fast_dtype
+from compress_export.core.hardware import cpu_kind, fast_dtype
 from compress_export.integrations.validate import PROMPTS, ValidateOptions, _offline_spec, _run_offline, _Steps
 
 VARIANTS = {

@@ -24,8 +24,8 @@ import torch
 from common import TEXT, cli, example_model
 
 import compress_export.kernels.int8 as int8
-from compress_export.evaluate import perplexity
-from compress_export.loading import load_model
+from compress_export.pipeline.evaluate import perplexity
+from compress_export.io.loading import load_model
 
 
 def perturbed_ppl(model, tok, text: str, eps: float, seed: int) -> float:

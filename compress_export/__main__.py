@@ -2,6 +2,6 @@
 `torchrun --nproc-per-node N -m compress_export ARGS` runs the same CLI in every rank."""
 import sys
 
-from .cli import main
+from compress_export.cli.main import main
 
 sys.exit(main())

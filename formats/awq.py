@@ -17,13 +17,13 @@ from typing import ClassVar, Dict, Tuple
 
 import torch
 
-from compress_export import __version__
-from compress_export.errors import UserError
-from compress_export.result import QuantizedWeight
-from compress_export.scheme import Scheme
+from compress_export._version import __version__
+from compress_export.core.errors import UserError
+from compress_export.core.result import QuantizedWeight
+from compress_export.core.scheme import Scheme
 
-from .base import Format, TensorSpec, register_format
-from .packing import pack, unpack
+from compress_export.formats.base import Format, TensorSpec, register_format
+from compress_export.formats.packing import pack, unpack
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 

@@ -7,12 +7,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from compress_export.errors import UserError
-from compress_export.registry import Registry
-from compress_export.result import QuantizedWeight, SparseWeight
-from compress_export.scheme import Scheme
+from compress_export.core.errors import UserError
+from compress_export.core.registry import Registry
+from compress_export.core.result import QuantizedWeight, SparseWeight
+from compress_export.core.scheme import Scheme
 
-FORMATS: Registry = Registry("format")
+FORMATS: Registry = Registry("format", builtins=[f"compress_export.formats.{m}" for m in
+                                                 ("gptq", "awq", "compressed_tensors", "sparse")])
 register_format = FORMATS.register
 
 

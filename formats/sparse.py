@@ -27,14 +27,14 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
-from compress_export import __version__
-from compress_export.errors import UserError
-from compress_export.result import QuantizedWeight, SparseWeight
-from compress_export.scheme import Scheme
-from compress_export.sparsity import Sparsity
+from compress_export._version import __version__
+from compress_export.core.errors import UserError
+from compress_export.core.result import QuantizedWeight, SparseWeight
+from compress_export.core.scheme import Scheme
+from compress_export.core.sparsity import Sparsity
 
-from .base import Format, TensorSpec, register_format
-from .packing import aligned_len, pack, unpack
+from compress_export.formats.base import Format, TensorSpec, register_format
+from compress_export.formats.packing import aligned_len, pack, unpack
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -24,7 +24,7 @@ def first_window_ids(model_dir, text_path, window: int = 512) -> list:
 def compare_top1(export_dir, ids: list, other: dict, mode: str = "dequant") -> dict:
     """Agreement of our loader's top-1 next token with `other` ({"top1": [...], "top1_logprob": [...]},
     one entry per position 1..n-1) and the largest log-probability gap on the other engine's top-1 tokens."""
-    from compress_export.loading import load_model
+    from compress_export.io.loading import load_model
 
     model, _ = load_model(export_dir, mode=mode)
     logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
@@ -40,7 +40,7 @@ def compare_reference(export_dir, text_path, window: int = 512) -> dict:
     decompresses the packed tensors with the compressed-tensors library): top-1 agreement and max |Δlogit|."""
     from transformers import AutoModelForCausalLM
 
-    from compress_export.loading import load_model
+    from compress_export.io.loading import load_model
 
     ids = torch.tensor([first_window_ids(export_dir, text_path, window)])
     ours, _ = load_model(export_dir)

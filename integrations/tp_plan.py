@@ -16,34 +16,12 @@ from pathlib import Path
 
 import torch
 
-from compress_export import model_io
-from compress_export.errors import UserError
+from compress_export.io import model_io
+from compress_export.core.errors import UserError
 from compress_export.formats.base import replicated_groups, shard_replicates_groups
-from compress_export.structure import KV_PROJECTIONS, ROW_PARALLEL
+from compress_export.core.structure import KV_PROJECTIONS, ROW_PARALLEL
 
 DEFAULT_SIZES = (1, 2, 4, 8)
-
-
-def packed_linears(path: Path, fmt, scheme, qcfg: dict, index=None, headers=None) -> dict:
-    """{module name: (in_features, out_features)} of every packed linear, from the headers (`index`:
-    model_io.tensor_index of path, read here when not given; `headers` caches the headers weight_shape needs)."""
-    from compress_export.export_check import stored_ints
-
-    index = model_io.tensor_index(path) if index is None else index
-    headers = {} if headers is None else headers
-    primary = fmt.primary_tensor(qcfg)
-    out = {}
-    for name, (f, _, _) in index.items():
-        if not name.endswith("." + primary):
-            continue
-        mod = name[: -len(primary) - 1]
-        t = {k[len(mod) + 1:]: torch.empty(shape, device="meta") for k, (_, _, shape) in index.items()
-             if k.startswith(mod + ".") and "." not in k[len(mod) + 1:]}
-        if "weight_shape" in t:  # compressed-tensors records the shape as two numbers: read as export_check reads them
-            ws = mod + ".weight_shape"
-            t["weight_shape"] = torch.tensor(stored_ints(index[ws][0], ws, headers), dtype=torch.int64)
-        out[mod] = fmt.linear_shape(t, scheme)
-    return out
 
 
 def _whole_words(length: int, spec) -> bool:
@@ -80,7 +58,7 @@ def linear_problems(fmt, scheme, name: str, in_f: int, out_f: int, n: int, kv_re
 
 def plan(path, sizes=DEFAULT_SIZES) -> dict:
     """{N: {"ok": bool, "problems": [...], "notes": [...]}} for each tensor-parallel size."""
-    from compress_export.export_check import check_export
+    from compress_export.io.export_check import check_export
 
     # refused as eval refuses it (tensors that do not match config.json), but builds no model: an architecture
     # transformers cannot build (vLLM may know it) gets each packed linear's own layout checked

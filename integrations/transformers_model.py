@@ -21,9 +21,9 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from compress_export.errors import UserError
-from compress_export.lowrank import ADAPTER_DIR
-from compress_export.safety import allowed_roots, check_entry, check_output, copy_file, copy_tree
+from compress_export.core.errors import UserError
+from compress_export.io.lowrank import ADAPTER_DIR
+from compress_export.io.safety import allowed_roots, check_entry, check_output, copy_file, copy_tree
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -39,14 +39,14 @@ def _device_of(device_map) -> str:
 
 
 def _has_cuda() -> bool:
-    from compress_export.hardware import has_cuda
+    from compress_export.core.hardware import has_cuda
 
     return has_cuda()
 
 
 def _export(model_dir, quantization_config, output_dir, progress, trust_remote_code) -> Path:
-    from compress_export.config import CompressionConfig
-    from compress_export.pipeline import compress
+    from compress_export.pipeline.config import CompressionConfig
+    from compress_export.pipeline.compress import compress
 
     cfg = quantization_config
     if cfg is None:
@@ -66,7 +66,7 @@ def _save_as_read(model, source: Path, original_save):
     """save_pretrained that writes the export as it was read (the quantizer's get_state_dict_and_metadata does the
     same for compressed models; this covers plain ones such as dense pruned exports) and copies its tokenizer
     files, so the saved folder is a whole export."""
-    from .transformers_quantizer import safetensors_headers, state_dict_as_stored
+    from compress_export.integrations.transformers_quantizer import safetensors_headers, state_dict_as_stored
 
     stored = {k: dt for k, (dt, _) in safetensors_headers(sorted(source.glob("*.safetensors"))).items()}
 
@@ -108,11 +108,11 @@ class AutoCompressedModelForCausalLM:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from compress_export import model_io
-        from compress_export.export_check import check_export
-        from compress_export.hardware import fast_dtype
+        from compress_export.io import model_io
+        from compress_export.io.export_check import check_export
+        from compress_export.core.hardware import fast_dtype
 
-        from .transformers_quantizer import register, route_all_to_us
+        from compress_export.integrations.transformers_quantizer import register, route_all_to_us
 
         src = model_io.check_model_dir(model_dir)
         temp = None

@@ -44,7 +44,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 def safetensors_headers(files) -> dict:
     """{tensor name: (dtype, shape)} from the headers alone (no tensor data is read)."""
-    from compress_export.model_io import safetensors_header
+    from compress_export.io.model_io import safetensors_header
 
     out = {}
     for f in files or ():
@@ -107,7 +107,7 @@ def _takes_over(method: str, build_theirs):
 def raw_quantization_config(checkpoint_files) -> dict:
     """The quantization_config exactly as the checkpoint's config.json has it (transformers' own config classes
     drop the keys they do not know, such as the list of unquantized modules)."""
-    from compress_export.export_check import check_export
+    from compress_export.io.export_check import check_export
 
     for f in checkpoint_files or ():
         if (Path(f).parent / "config.json").is_file():
@@ -154,14 +154,14 @@ def _make_classes():
         requires_calibration = True
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            from compress_export.formats import format_for_config
+            from compress_export.formats.base import format_for_config
 
             qcfg = raw_quantization_config(checkpoint_files) or self.quantization_config.to_dict()
             self.quantization_config = CompressExportHfConfig(**qcfg)  # saved back as it was read
             self._fmt, self._qcfg = format_for_config(qcfg), qcfg
             primary = self._fmt.primary_tensor(qcfg)
             headers = safetensors_headers(checkpoint_files)
-            from compress_export.lowrank import ADAPTER_DIR
+            from compress_export.io.lowrank import ADAPTER_DIR
 
             folders = {Path(f).parent / ADAPTER_DIR for f in checkpoint_files or ()}
             self._adapter = next((d for d in folders if d.is_dir()), None)
@@ -195,7 +195,7 @@ def _make_classes():
                     setattr(model.get_submodule(parent) if parent else model, child,
                             QuantLinear(w, dtype, device.type, fmt=self._fmt, source=tensors).to(device))
             if self._adapter is not None:  # the export's low-rank correction is part of the model it describes
-                from compress_export.lowrank import apply_adapter
+                from compress_export.io.lowrank import apply_adapter
 
                 apply_adapter(model, self._adapter)
 

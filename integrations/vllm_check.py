@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--score-ids", help="a JSON file with a list of token ids: also report vLLM's top-1 "
                                        "prediction and log-probability at each position (conformance checks)")
-    p.add_argument("--dtype", help="engine dtype (default: this machine's fastest, see compress_export.hardware)")
+    p.add_argument("--dtype", help="engine dtype (default: this machine's fastest, see compress_export.core.hardware)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM workers sharding the model")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes to time decode at, e.g. 1,4")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (median)")

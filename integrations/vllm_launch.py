@@ -14,7 +14,7 @@ import os
 import sys
 from typing import List
 
-from compress_export.hardware import fast_dtype, has_cuda
+from compress_export.core.hardware import fast_dtype, has_cuda
 
 
 def cpu_environment(env=None, tensor_parallel: int = 1) -> dict:
@@ -75,9 +75,9 @@ def lora_args(model_dir: str, user_args: List[str]) -> List[str]:
     that name the model `corr` get the corrected model, the export's own name the uncorrected one), unless the
     user set vLLM's LoRA flags themselves, or asked for the correction to be fused into our plugin's linears
     (COMPRESS_EXPORT_LOWRANK=fused, integrations/vllm_lowrank.py)."""
-    from compress_export.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
+    from compress_export.io.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
 
-    from .vllm_lowrank import check_no_lora, served_lora
+    from compress_export.integrations.vllm_lowrank import check_no_lora, served_lora
 
     given = {a.split("=")[0] for a in user_args if a.startswith("--")}
     if given & {"--enable-lora", "--lora-modules"}:

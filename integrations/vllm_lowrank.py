@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from compress_export.errors import UserError
+from compress_export.core.errors import UserError
 
 ENV = "COMPRESS_EXPORT_LOWRANK"
 MODES = ("lora", "fused")  # lora (default): the adapter stays a LoRA, served by vLLM's LoRA layers
@@ -43,8 +43,8 @@ def served_lora(model_dir, wanted: bool = True) -> Optional[Path]:
     """The export's OUT/lowrank to attach to vLLM as a LoRA: None when it has none, when it is not wanted, or when
     it is fused (our plugin applies it then; a LoRA as well would apply it twice). Asking for the export without
     its correction while it is fused is an error: the plugin would still apply it."""
-    from compress_export.lowrank import ADAPTER_DIR
-    from compress_export.model_io import read_config
+    from compress_export.io.lowrank import ADAPTER_DIR
+    from compress_export.io.model_io import read_config
 
     folder = Path(model_dir) / ADAPTER_DIR
     if not (folder / "adapter_config.json").is_file():
@@ -75,7 +75,7 @@ def _model_dir() -> Path:
 
 def read_factors(model_dir: Optional[Path] = None) -> dict:
     """{module name: (A [r, in], B [out, r] with the scaling folded in)} of the export's OUT/lowrank."""
-    from compress_export.lowrank import ADAPTER_DIR, read_adapter
+    from compress_export.io.lowrank import ADAPTER_DIR, read_adapter
 
     folder = Path(model_dir or _model_dir()) / ADAPTER_DIR
     if not (folder / "adapter_config.json").is_file():

@@ -23,13 +23,13 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from compress_export.errors import UserError
-from compress_export.formats import format_for_config
+from compress_export.core.errors import UserError
+from compress_export.formats.base import format_for_config
 from compress_export.formats.base import ignored_modules, replicated_groups, shard_replicates_groups
-from compress_export.kernels import KernelRequest, choose_kernel
+from compress_export.kernels.base import KernelRequest, choose_kernel
 
-from . import vllm_lowrank
-from .vllm_route import METHOD_NAME, Route, decide, log
+from compress_export.integrations import vllm_lowrank
+from compress_export.integrations.vllm_route import METHOD_NAME, Route, decide, log
 
 
 class CompressExportConfig(QuantizationConfig):
@@ -136,7 +136,7 @@ def check_export_folder(hf_quant_cfg, hf_config) -> None:
     key = os.path.realpath(folder)
     if key in _checked_folders:
         return
-    from compress_export.export_check import check_served_export
+    from compress_export.io.export_check import check_served_export
 
     check_served_export(key)
     _checked_folders.add(key)

@@ -116,7 +116,7 @@ def perplexity(llm, tok, text_ids: list, window: int, windows: int) -> dict:
     import torch
     from vllm import SamplingParams, TokensPrompt
 
-    from compress_export.evaluate import cut_windows, summarize
+    from compress_export.pipeline.evaluate import cut_windows, summarize
 
     ids = cut_windows(torch.tensor(text_ids), window, windows)
     t0 = time.perf_counter()
@@ -200,7 +200,7 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
     kwargs = {**engine_defaults(), **kwargs}
     if lora:
         from compress_export.integrations.vllm_lowrank import check_no_lora
-        from compress_export.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
+        from compress_export.io.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
 
         check_no_lora(lora)
         rank = adapter_rank(lora)

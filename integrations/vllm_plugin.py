@@ -12,7 +12,7 @@ def register() -> None:
     global _done
     if _done:
         return
-    from .environment import broken_vision_stack
+    from compress_export.integrations.environment import broken_vision_stack
 
     problem = broken_vision_stack(in_process=True)
     if problem:  # vLLM is about to fail on it; say what fixes it before its traceback does
@@ -21,7 +21,7 @@ def register() -> None:
         logging.getLogger("vllm.compress_export").error("compress-export: %s", problem)
     from vllm.model_executor.layers.quantization import register_quantization_config
 
-    from .vllm_method import METHOD_NAME, CompressExportConfig
+    from compress_export.integrations.vllm_method import METHOD_NAME, CompressExportConfig
 
     register_quantization_config(METHOD_NAME)(CompressExportConfig)
     _done = True

@@ -23,10 +23,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from compress_export.errors import UserError
-from compress_export.formats import format_for_config
-from compress_export.hardware import saturating_int8_gemm
-from compress_export.kernels import KernelRequest, choose_kernel
+from compress_export.core.errors import UserError
+from compress_export.formats.base import format_for_config
+from compress_export.core.hardware import saturating_int8_gemm
+from compress_export.kernels.base import KernelRequest, choose_kernel
 from compress_export.kernels.int8 import extension as int8_extension
 
 METHOD_NAME = "compress_export"

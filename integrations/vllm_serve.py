@@ -42,7 +42,7 @@ class Server:
         self.model_dir, self.log_path, self.name = str(model_dir), Path(log_path), name
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.cmd = [sys.executable, "-m", "compress_export.cli", "serve", self.model_dir, "--host", "127.0.0.1",
+        self.cmd = [sys.executable, "-m", "compress_export.cli.main", "serve", self.model_dir, "--host", "127.0.0.1",
                     "--port", str(self.port), "--max-model-len", str(max_model_len), "--served-model-name", name,
                     *extra]
         self.start_timeout = start_timeout

@@ -10,11 +10,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from compress_export.errors import UserError
-from compress_export.registry import Registry
-from compress_export.result import QuantizedWeight, SparseWeight
+from compress_export.core.errors import UserError
+from compress_export.core.registry import Registry
+from compress_export.core.result import QuantizedWeight, SparseWeight
 
-KERNELS: Registry = Registry("kernel")
+KERNELS: Registry = Registry("kernel", builtins=[f"compress_export.kernels.{m}" for m in
+                                                 ("torch_dequant", "dense", "cpu_wna16", "cuda_wna16", "int8")])
 WEIGHT_ONLY = "weight-only: keeps activations in float, and this layer's scheme quantizes them to int8 (W8A8)"
 register_kernel = KERNELS.register
 

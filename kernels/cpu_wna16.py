@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from compress_export.hardware import native_bf16
-from compress_export.result import QuantizedWeight
+from compress_export.core.hardware import native_bf16
+from compress_export.core.result import QuantizedWeight
 
-from .base import WEIGHT_ONLY, KernelRequest, LinearKernel, group_order, register_kernel, restore
+from compress_export.kernels.base import WEIGHT_ONLY, KernelRequest, LinearKernel, group_order, register_kernel, restore
 
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -31,7 +31,7 @@ ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def extension():
     """The compiled module, or None (then `extension_error()` says why)."""
     try:
-        from . import _cpu  # noqa: F401  (torch is imported first: the extension shares torch's OpenMP runtime)
+        from compress_export.kernels import _cpu  # noqa: F401  (torch is imported first: the extension shares torch's OpenMP runtime)
     except ImportError:
         return None
     return _cpu
@@ -42,7 +42,7 @@ _EXT = extension()
 
 def extension_error() -> str:
     try:
-        from . import _cpu  # noqa: F401
+        from compress_export.kernels import _cpu  # noqa: F401
     except ImportError as e:
         return (f"the compiled CPU kernel is not built ({e}); reinstall with a C compiler present "
                 "(pip install -e . builds kernels/csrc/cpu_wna16.c)")

@@ -16,10 +16,10 @@ import functools
 
 import torch
 
-from compress_export.result import QuantizedWeight
+from compress_export.core.result import QuantizedWeight
 
-from .base import KernelRequest, register_kernel
-from .cpu_wna16 import PackedCodes, codes_problem, unpack_codes
+from compress_export.kernels.base import KernelRequest, register_kernel
+from compress_export.kernels.cpu_wna16 import PackedCodes, codes_problem, unpack_codes
 
 DECODE_ROWS = 8
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KernelRequest, LinearKernel, register_kernel
+from compress_export.kernels.base import KernelRequest, LinearKernel, register_kernel
 
 
 @register_kernel("dense")

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from compress_export.result import QuantizedWeight
+from compress_export.core.result import QuantizedWeight
 
-from .base import KernelRequest, LinearKernel, register_kernel
+from compress_export.kernels.base import KernelRequest, LinearKernel, register_kernel
 
 
 def extension():
     """The compiled CPU kernels (kernels/csrc: the int8 entry points live beside cpu-wna16's), or None when the
     package was installed without a C compiler."""
-    from .cpu_wna16 import extension as compiled
+    from compress_export.kernels.cpu_wna16 import extension as compiled
 
     return compiled()
 

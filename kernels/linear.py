@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from compress_export.result import QuantizedWeight
+from compress_export.core.result import QuantizedWeight
 
-from .base import KernelRequest, choose_kernel
+from compress_export.kernels.base import KernelRequest, choose_kernel
 
 
 class QuantLinear(nn.Module):

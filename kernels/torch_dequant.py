@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from compress_export.result import QuantizedWeight
+from compress_export.core.result import QuantizedWeight
 
-from .base import WEIGHT_ONLY, KernelRequest, LinearKernel, group_order, register_kernel, restore
+from compress_export.kernels.base import WEIGHT_ONLY, KernelRequest, LinearKernel, group_order, register_kernel, restore
 
 
 @register_kernel("torch-dequant")

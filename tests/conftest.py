@@ -83,7 +83,7 @@ def eval_txt() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    from compress_export.example_model import example_model_dir
+    from compress_export.pipeline.example_model import example_model_dir
 
     return example_model_dir()
 
@@ -91,8 +91,8 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_w4(smollm2, calib_txt, tmp_path_factory) -> Path:
     """SmolLM2 GPTQ W4 g64 (static act-order), calibrated on 8×256 tokens of calib.txt to keep CI short."""
-    from compress_export.pipeline import compress
-    from compress_export.scheme import Scheme
+    from compress_export.pipeline.compress import compress
+    from compress_export.core.scheme import Scheme
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-gptq-w4g64"
     compress(smollm2, out, method="gptq", fmt="gptq", scheme=Scheme(4, 64, True, "static"),
@@ -109,8 +109,8 @@ def have_vllm() -> bool:
 @pytest.fixture(scope="session")
 def smollm2_awq(smollm2, calib_txt, tmp_path_factory) -> Path:
     """SmolLM2 AWQ W4 g64 asymmetric in the AWQ GEMM format, 8×256 calibration tokens."""
-    from compress_export.pipeline import compress
-    from compress_export.scheme import Scheme
+    from compress_export.pipeline.compress import compress
+    from compress_export.core.scheme import Scheme
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-w4g64"
     compress(smollm2, out, method="awq", fmt="awq", scheme=Scheme(4, 64, False),
@@ -121,7 +121,7 @@ def smollm2_awq(smollm2, calib_txt, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_ct(smollm2_awq, tmp_path_factory) -> Path:
     """The AWQ export's very numbers repacked as compressed-tensors (asymmetric: packed zero points)."""
-    from compress_export.convert import convert
+    from compress_export.pipeline.convert import convert
 
     return convert(smollm2_awq, "compressed-tensors", str(tmp_path_factory.mktemp("smollm2") / "smollm2-ct"))
 
@@ -129,7 +129,7 @@ def smollm2_ct(smollm2_awq, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_s24(smollm2, calib_txt, tmp_path_factory) -> Path:
     """SmolLM2 pruned 2:4 by SparseGPT (unquantized values, sparse24 format), 8×256 calibration tokens."""
-    from compress_export.pipeline import compress
+    from compress_export.pipeline.compress import compress
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-sparsegpt-24"
     compress(smollm2, out, method="sparsegpt", sparsity="2:4", dataset=str(calib_txt), num_samples=8, seq_len=256,
@@ -140,8 +140,8 @@ def smollm2_s24(smollm2, calib_txt, tmp_path_factory) -> Path:
 def assert_written_as_computed(out_dir, results: dict) -> None:
     """The export on disk, unpacked by its format, is exactly the pipeline's in-memory results (recorded through
     compress(on_result=...) before packing): an independent fact, not the loader checked against itself."""
-    from compress_export.loading import read_quantized
-    from compress_export.result import SparseWeight
+    from compress_export.io.loading import read_quantized
+    from compress_export.core.result import SparseWeight
 
     _, written, _ = read_quantized(out_dir)
     assert sorted(written) == sorted(results)

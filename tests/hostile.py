@@ -123,8 +123,8 @@ def untouched(root: Path, inputs=(), outputs=(), may_remove=()):
 
 
 def run(capsys, *args):
-    """compress_export.cli.main in this process: (exit code, stdout, stderr)."""
-    from compress_export.cli import main
+    """compress_export.cli.main.main in this process: (exit code, stdout, stderr)."""
+    from compress_export.cli.main import main
 
     capsys.readouterr()
     old = signal.getsignal(signal.SIGTERM)
@@ -140,7 +140,7 @@ def run_subprocess(*args, cwd, timeout=HANG_S):
     """The command in its own process, from a folder outside the repository (its kernels/ would shadow a package);
     a hang fails the test (TimeoutExpired) instead of blocking CI."""
     try:
-        r = subprocess.run([sys.executable, "-m", "compress_export.cli", *map(str, args)], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", *map(str, args)], capture_output=True,
                            text=True, cwd=cwd, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"compress-export {' '.join(map(str, args))} still ran after {timeout} s (blocked?)")
@@ -218,8 +218,8 @@ def base_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_export(base_model, tmp_path_factory) -> Path:
-    from compress_export.pipeline import compress
-    from compress_export.scheme import Scheme
+    from compress_export.pipeline.compress import compress
+    from compress_export.core.scheme import Scheme
 
     out = tmp_path_factory.mktemp("hostile-export") / "tiny-gptq"
     compress(base_model, out, method="rtn", fmt="gptq", scheme=Scheme(4, 32, True), progress=False)

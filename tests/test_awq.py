@@ -6,12 +6,12 @@ import torch
 
 from conftest import assert_written_as_computed, recorder
 
-from compress_export.scaling import fold_scale, quadratic_error, rtn_dequant, search_scale
-from compress_export.errors import UserError
-from compress_export.loading import load_model
-from compress_export.pipeline import compress
-from compress_export.quant import group_params, weighted_group_params
-from compress_export.scheme import Scheme
+from compress_export.math.scaling import fold_scale, quadratic_error, rtn_dequant, search_scale
+from compress_export.core.errors import UserError
+from compress_export.io.loading import load_model
+from compress_export.pipeline.compress import compress
+from compress_export.math.quant import group_params, weighted_group_params
+from compress_export.core.scheme import Scheme
 
 
 def outlier_inputs(n=2048, d=64, seed=0):
@@ -72,7 +72,7 @@ def test_weighted_clip_search_never_worse_than_min_max():
 def test_clip_search_skips_query_and_key_rows():
     """In a fused q/k/v group the q and k rows keep their min-max ranges (the reference's choice) and only v's
     rows are clipped: the q/k scales are (max − min) / 15 of each group (in fp16), v's are the weighted search's."""
-    from compress_export.hessian import HessianAccumulator
+    from compress_export.math.hessian import HessianAccumulator
     from compress_export.passes.awq_pass import CLIP_RATIOS, AWQPass
     from compress_export.passes.base import LinearGroup, PassOptions
 
@@ -147,7 +147,7 @@ def test_awq_mappings_fit_the_other_supported_families(tmp_path, tiny_text, mode
     original than RTN with the same scheme."""
     from conftest import make_tiny_llama
 
-    from compress_export.structure import AWQ_MAPPINGS, describe
+    from compress_export.core.structure import AWQ_MAPPINGS, describe
 
     model_dir = make_tiny_llama(tmp_path / model_type, model_type=model_type, kv_heads=4, seed=5)
     ref, tok = load_model(model_dir)
@@ -180,8 +180,8 @@ def test_block_score_picks_the_scale_that_minimises_the_blocks_own_output_error(
 
     from compress_export.passes import PassOptions
     from compress_export.passes.awq_pass import AWQPass
-    from compress_export.scaling import candidate_scales, scaled_dequant
-    from compress_export.sequential import InputGroups, run_layer
+    from compress_export.math.scaling import candidate_scales, scaled_dequant
+    from compress_export.passes.sequential import InputGroups, run_layer
 
     path = make_tiny_llama(tmp_path / "m", layers=1)
     model = load_model(path)[0]

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from compress_export.calibration import PROMPT_TOKENS, builtin_text, calibration_ids, calibration_set
-from compress_export.errors import UserError
-from compress_export.loading import load_model
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
+from compress_export.io.calibration import PROMPT_TOKENS, builtin_text, calibration_ids, calibration_set
+from compress_export.core.errors import UserError
+from compress_export.io.loading import load_model
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 
 def cli(*args, cwd=None):
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli", *map(str, args)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", *map(str, args)], capture_output=True,
                        text=True, cwd=cwd, timeout=300)
     return r.returncode, r.stdout, r.stderr
 
@@ -151,7 +151,7 @@ def test_w8a8_lowrank_flags_through_the_command(tiny_model, tiny_text, tmp_path)
 
 
 def test_allocator_tuning_applies_before_torch_and_can_be_turned_off():
-    code = ("import os, sys; from compress_export.runtime import tune_process; ok = tune_process(); "
+    code = ("import os, sys; from compress_export.cli.runtime import tune_process; ok = tune_process(); "
             "print(ok, os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
@@ -228,7 +228,7 @@ def test_broken_vision_stack_is_named_with_its_fix(tiny_model, tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli", "serve", str(tiny_model)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", "serve", str(tiny_model)], capture_output=True,
                        text=True, timeout=300, env=env)
     assert_one_line_error(r.returncode, r.stderr, "torchvision", "torchvision::nms",
                           "pip uninstall -y torchvision torchaudio torchcodec")
@@ -238,8 +238,8 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_model, tmp_path, monkeypa
     """ENOSPC while writing the checkpoint: one line, exit 2, no partial folder."""
     import errno
 
-    from compress_export import cli as cli_mod
-    from compress_export import writer
+    from compress_export.cli.main import main as cli_mod
+    from compress_export.io import writer
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".o.partial-x" / "part.safetensors"))
@@ -256,7 +256,7 @@ def test_sigterm_mid_run_leaves_nothing(tiny_model, tiny_text, tmp_path):
     import signal
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "compress_export.cli", "--method", "gptq", "--dataset",
+    p = subprocess.Popen([sys.executable, "-m", "compress_export.cli.main", "--method", "gptq", "--dataset",
                           str(tiny_text), "--num-samples", "64", "--seq-len", "64", str(tiny_model), "-o",
                           str(tmp_path / "o")], stderr=subprocess.PIPE, text=True)
     for _ in range(600):  # until the partial output exists: the run is writing

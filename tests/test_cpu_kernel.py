@@ -5,11 +5,11 @@ import shutil
 import pytest
 import torch
 
-from compress_export.kernels import KernelRequest, choose_kernel
+from compress_export.kernels.base import KernelRequest, choose_kernel
 from compress_export.kernels import cpu_wna16 as ck
 from compress_export.kernels.torch_dequant import TorchDequantKernel
-from compress_export.result import QuantizedWeight
-from compress_export.scheme import Scheme
+from compress_export.core.result import QuantizedWeight
+from compress_export.core.scheme import Scheme
 
 needs_ext = pytest.mark.skipif(ck.extension() is None, reason=ck.extension_error())
 

@@ -23,7 +23,7 @@ import torch
 
 from conftest import make_tiny_llama
 
-from compress_export.loading import read_quantized, read_tensors
+from compress_export.io.loading import read_quantized, read_tensors
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
                                 not torch.distributed.is_gloo_available(), reason="torch without gloo")
@@ -45,7 +45,7 @@ def _join(rank, world, port):
     torch.set_num_threads(1)  # the same GEMM blocking in every process, so only the data split differs
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)
-    from compress_export.distributed import join
+    from compress_export.pipeline.distributed import join
 
     return join(torch.device("cpu"))[0]
 
@@ -77,9 +77,9 @@ def _stats_worker(rank, world, port, out_dir):
 def _results() -> list:
     """What rank 1 sends: one QuantizedWeight and one SparseWeight with a bool mask (which gloo cannot carry as
     bool)."""
-    from compress_export.result import QuantizedWeight, SparseWeight
-    from compress_export.scheme import Scheme
-    from compress_export.sparsity import Sparsity
+    from compress_export.core.result import QuantizedWeight, SparseWeight
+    from compress_export.core.scheme import Scheme
+    from compress_export.core.sparsity import Sparsity
 
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8, generator=g)
@@ -113,8 +113,8 @@ def test_merged_statistics_equal_one_process_and_results_arrive_exactly(tmp_path
 
 
 def _export_worker(rank, world, port, model, out, settings, same_rows):
-    from compress_export.distributed import Dist
-    from compress_export.pipeline import compress
+    from compress_export.pipeline.distributed import Dist
+    from compress_export.pipeline.compress import compress
 
     _join(rank, world, port)
     if same_rows:  # every rank calibrates on every sample: the merge is then exact in floating point
@@ -145,7 +145,7 @@ def model64(tmp_path_factory):
 
 
 def _settings(case, tiny_text):
-    from compress_export.scheme import Scheme
+    from compress_export.core.scheme import Scheme
 
     c = dict(CASES[case])
     scheme = None
@@ -172,8 +172,8 @@ def test_two_ranks_on_the_same_rows_write_the_one_process_export_bit_for_bit(cas
 
 
 def _ppl(model_dir, text: Path) -> float:
-    from compress_export.evaluate import perplexity
-    from compress_export.loading import load_model
+    from compress_export.pipeline.evaluate import perplexity
+    from compress_export.io.loading import load_model
 
     model, tok = load_model(model_dir)
     return perplexity(model, tok, text.read_text(), window=32, windows=8).token_perplexity

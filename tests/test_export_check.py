@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress_export.cli import main
-from compress_export.errors import UserError
-from compress_export.export_check import check_export, check_perplexity
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
+from compress_export.cli.main import main
+from compress_export.core.errors import UserError
+from compress_export.io.export_check import check_export, check_perplexity
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
 
 KINDS = {
     "gptq": dict(method="rtn", fmt="gptq", scheme=Scheme(4, 32, True)),
@@ -285,7 +285,7 @@ def test_the_vllm_plugin_checks_each_folder_once(exports, tmp_path):
 
 def gptq_linear(prefix: str, in_f: int, out_f: int) -> dict:
     """A GPTQ W4 g32 linear's tensors (zeros), shapes as the gptq format lays them out."""
-    from compress_export.formats import FORMATS
+    from compress_export.formats.base import FORMATS
 
     layout = FORMATS.get("gptq")().tensor_layout(Scheme(4, 32, True), in_f, out_f)
     return {f"{prefix}.{k}": torch.zeros(spec.shape, dtype=spec.dtype) for k, spec in layout.items()}
@@ -366,7 +366,7 @@ def unbuildable(src, dst):
 
 
 def test_convert_and_check_need_no_model_build(exports, tmp_path):
-    from compress_export.convert import convert
+    from compress_export.pipeline.convert import convert
     from compress_export.integrations.tp_plan import plan
 
     d = unbuildable(exports / "gptq", tmp_path / "u")
@@ -379,7 +379,7 @@ def test_convert_and_check_need_no_model_build(exports, tmp_path):
 
 
 def test_convert_checks_its_output_before_reading_any_tensor(exports, tmp_path, monkeypatch):
-    from compress_export import convert as convert_mod
+    from compress_export.pipeline.compress import convert as convert_mod
 
     def no_read(*a, **k):
         raise AssertionError("convert read the tensors before checking -o")
@@ -397,7 +397,7 @@ def test_convert_checks_its_output_before_reading_any_tensor(exports, tmp_path, 
 
 def test_the_served_check_judges_only_exports_compress_export_wrote(exports, tmp_path, monkeypatch):
     """Installing our vLLM plugin must not make vLLM refuse a foreign GPTQ checkpoint it ran before."""
-    from compress_export import export_check
+    from compress_export.io import export_check
 
     calls = []
     monkeypatch.setattr(export_check, "check_export", lambda p, **kw: calls.append((str(p), kw)))

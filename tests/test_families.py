@@ -8,10 +8,10 @@ import torch
 from conftest import _tiny_tokenizer
 from test_streaming import assert_same_export
 
-from compress_export.loading import load_model
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
-from compress_export.structure import FAMILIES
+from compress_export.io.loading import load_model
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
+from compress_export.core.structure import FAMILIES
 
 SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,

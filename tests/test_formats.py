@@ -3,10 +3,10 @@ for what it cannot store, and golden words of hand-worked examples so a layout c
 import pytest
 import torch
 
-from compress_export.errors import UserError
-from compress_export.formats import FORMATS
-from compress_export.result import QuantizedWeight
-from compress_export.scheme import Scheme
+from compress_export.core.errors import UserError
+from compress_export.formats.base import FORMATS
+from compress_export.core.result import QuantizedWeight
+from compress_export.core.scheme import Scheme
 
 
 def random_qw(out_f, in_f, scheme, seed=0, min_zero=0):
@@ -134,7 +134,7 @@ def test_transformers_with_compressed_tensors_loads_the_tiny_export(tiny_model, 
     """Reference library end to end on the tiny model: asymmetric (packed zero points) and group act-order."""
     pytest.importorskip("compressed_tensors")
     from compress_export.integrations.conformance import compare_reference
-    from compress_export.pipeline import compress
+    from compress_export.pipeline.compress import compress
 
     for name, scheme in (("asym", Scheme(4, 32, False, "static")), ("gidx", Scheme(4, 32, True, "group"))):
         out = tmp_path / name
@@ -147,7 +147,7 @@ def test_transformers_with_compressed_tensors_loads_the_tiny_export(tiny_model, 
 def test_quantization_configs_are_the_fields_engines_read_and_parse_back():
     """Each format's typed config model writes the keys AutoGPTQ/GPTQModel, AutoAWQ, compressed-tensors and vLLM
     read, with the values written out by hand here, and parses its own output back to the same model."""
-    from compress_export import __version__
+    from compress_export._version import __version__
     from compress_export.formats.awq import AWQConfig
     from compress_export.formats.compressed_tensors import CompressedTensorsConfig
     from compress_export.formats.gptq import GPTQConfig

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from compress_export.errors import UserError
-from compress_export.loading import load_model, read_quantized
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
+from compress_export.core.errors import UserError
+from compress_export.io.loading import load_model, read_quantized
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
 
 KINDS = [("gptq", dict(method="gptq", fmt="gptq", scheme=Scheme(4, 32, False, "group"))),
          ("awq", dict(method="awq", fmt="awq", scheme=Scheme(4, 32, False))),

@@ -4,11 +4,11 @@ import logging
 import pytest
 import torch
 
-from compress_export.errors import UserError
-from compress_export.quant import rtn_quantize
-from compress_export.sweep import gptq_quantize
-from compress_export.hessian import HessianAccumulator, inverse_cholesky
-from compress_export.scheme import Scheme
+from compress_export.core.errors import UserError
+from compress_export.math.quant import rtn_quantize
+from compress_export.math.sweep import gptq_quantize
+from compress_export.math.hessian import HessianAccumulator, inverse_cholesky
+from compress_export.core.scheme import Scheme
 
 
 def correlated(n_tok, n, seed=0):

@@ -1,7 +1,7 @@
 """Engine settings follow the machine: the dtype rule on both CPU kinds (by their flags, whichever kind runs this)."""
 import pytest
 
-from compress_export import hardware
+from compress_export.core import hardware
 from compress_export.integrations import vllm_launch
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})

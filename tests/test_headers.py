@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from compress_export.errors import UserError
-from compress_export.model_io import check_safetensors, safetensors_header, tensor_index
+from compress_export.core.errors import UserError
+from compress_export.io.model_io import check_safetensors, safetensors_header, tensor_index
 
 DAMAGED = "the file is damaged or incomplete: write or download it again"
 TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

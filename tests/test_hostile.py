@@ -1,7 +1,7 @@
 """Safe on a model directory someone else wrote: model folders, datasets, recipes and exports are untrusted input.
 
 Each case builds a hostile folder from a copy of the tiny random Llama (conftest.make_tiny_llama) and runs the real
-command in-process (compress_export.cli.main), or in a subprocess where a hang must fail the test instead of
+command in-process (compress_export.cli.main.main), or in a subprocess where a hang must fail the test instead of
 blocking CI. Every case also checks that the input tree is unchanged (file hashes; links compared as links, never
 followed) and that nothing was written outside the named output (the set of paths under tmp_path).
 
@@ -117,7 +117,7 @@ def test_calibration_case_really_makes_the_model_write(base_model):
     the tiny model's tokens, so the model itself must write the rest (calibration.from_builtin)."""
     from transformers import AutoTokenizer
 
-    from compress_export.calibration import builtin_text
+    from compress_export.io.calibration import builtin_text
 
     tok = AutoTokenizer.from_pretrained(str(base_model))
     assert len(tok(builtin_text(), add_special_tokens=False)["input_ids"]) // 128 < 400
@@ -193,7 +193,7 @@ def test_eval_of_an_export_carrying_foreign_code(src, tmp_path, capsys, text):
 def test_from_pretrained_export_never_runs_foreign_code(src, tmp_path, known):
     """Rule 1 through AutoCompressedModelForCausalLM.from_pretrained(export=True)."""
     from compress_export import AutoCompressedModelForCausalLM, CompressionConfig
-    from compress_export.errors import UserError
+    from compress_export.core.errors import UserError
 
     markers = tmp_path / "markers"
     add_foreign_code(src, markers, model_known=known)

@@ -119,7 +119,7 @@ def test_overwrite_through_a_link_to_a_user_folder_is_refused(src, tmp_path, cap
 def test_from_pretrained_export_into_the_source_is_refused(src, tmp_path):
     """Rule 4 through the Python API: export=True with output_dir the model folder itself."""
     from compress_export import AutoCompressedModelForCausalLM, CompressionConfig
-    from compress_export.errors import UserError
+    from compress_export.core.errors import UserError
 
     qc = CompressionConfig(method="rtn", format="gptq", bits=4, group_size=32)
     with untouched(tmp_path, inputs=[src]):
@@ -159,7 +159,7 @@ def test_save_recipe_is_not_written_by_a_failed_run(src, tmp_path, capsys):
 
 
 def test_save_recipe_is_written_by_a_successful_run(src, tmp_path, capsys):
-    from compress_export.config import CompressionConfig
+    from compress_export.pipeline.config import CompressionConfig
 
     out, recipe = tmp_path / "out", tmp_path / "work" / "R.json"
     with untouched(tmp_path, inputs=[src], outputs=[out, recipe]):
@@ -244,8 +244,8 @@ def test_missing_decoder_weight_is_named(src, tmp_path, capsys, mode):
 
 def test_missing_decoder_weight_through_the_python_api(src, tmp_path):
     import compress_export
-    from compress_export.errors import UserError
-    from compress_export.scheme import Scheme
+    from compress_export.core.errors import UserError
+    from compress_export.core.scheme import Scheme
 
     rewrite_weights(src, lambda t: t.pop(UP1))
     out = tmp_path / "out"
@@ -451,7 +451,7 @@ def _raise(e):
 
 
 def _faults():
-    from compress_export import writer
+    from compress_export.io import writer
 
     return {
         "ENOSPC-closing-a-shard": (writer._Shard, "close",
@@ -485,7 +485,7 @@ def test_os_fault_is_one_line_and_leaves_no_checkpoint(src, tmp_path, capsys, mo
 
 @pytest.mark.parametrize("mode", list(STREAM))
 def test_source_shard_deleted_after_preflight(src, tmp_path, capsys, monkeypatch, mode):
-    from compress_export import pipeline
+    from compress_export.pipeline.compress import compress as pipeline
 
     real = pipeline.open_source
 
@@ -505,7 +505,7 @@ def test_source_shard_deleted_after_preflight(src, tmp_path, capsys, monkeypatch
 
 def test_source_shard_deleted_between_layers(src, tmp_path, capsys, monkeypatch):
     """Rule 8: the shard disappears after the first decoder layer was read (streamed: it is reopened per layer)."""
-    from compress_export.source import StreamedSource
+    from compress_export.io.source import StreamedSource
 
     real = StreamedSource.release_layer
 

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from compress_export.errors import UserError
-from compress_export.sweep import gptq_quantize
-from compress_export.hessian import HessianAccumulator
-from compress_export.kernels import KERNELS, KernelRequest, choose_kernel
+from compress_export.core.errors import UserError
+from compress_export.math.sweep import gptq_quantize
+from compress_export.math.hessian import HessianAccumulator
+from compress_export.kernels.base import KERNELS, KernelRequest, choose_kernel
 from compress_export.kernels.linear import QuantLinear
-from compress_export.scheme import Scheme
+from compress_export.core.scheme import Scheme
 
 
 @pytest.mark.parametrize("bits,group,sym,act", [(4, 32, True, "group"), (3, 64, False, "none"),

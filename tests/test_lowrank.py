@@ -7,10 +7,10 @@ import torch
 
 from conftest import make_tiny_llama, recorder
 
-from compress_export.config import CompressionConfig
-from compress_export.errors import UserError
-from compress_export.lowrank import lowrank_correction, read_adapter
-from compress_export.pipeline import compress
+from compress_export.pipeline.config import CompressionConfig
+from compress_export.core.errors import UserError
+from compress_export.io.lowrank import lowrank_correction, read_adapter
+from compress_export.pipeline.compress import compress
 
 
 def weighted_error(D, H):
@@ -57,7 +57,7 @@ def test_rank_larger_than_a_linear_is_refused_before_any_weight(tiny_model, tiny
 def test_lowrank_export_is_a_peft_adapter_our_loader_applies(tiny_model, tiny_text, tmp_path):
     """GPTQ W2 + rank 8: the adapter holds exactly the in-memory corrections (fp16, lora_alpha = r), every linear
     has one, and our loader's model equals the uncorrected one with each weight replaced by Q + B·A by hand."""
-    from compress_export.loading import load_model, read_quantized
+    from compress_export.io.loading import load_model, read_quantized
 
     results, on_result = recorder()
     out = tmp_path / "w2r8"
@@ -93,7 +93,7 @@ def test_lowrank_export_is_a_peft_adapter_our_loader_applies(tiny_model, tiny_te
         assert torch.allclose(hf(input_ids=ids).logits, a, atol=1e-4)
     hf.save_pretrained(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "lowrank" / "adapter_model.safetensors").is_file()
-    from compress_export.convert import convert
+    from compress_export.pipeline.convert import convert
 
     ct = convert(out, "compressed-tensors", str(tmp_path / "ct"))
     for f in ("adapter_config.json", "adapter_model.safetensors"):
@@ -106,7 +106,7 @@ def test_rtn_correction_is_the_plain_svd_of_each_error(tmp_path):
     results, on_result = recorder()
     compress(model, tmp_path / "o", CompressionConfig(method="rtn", bits=2, group_size=32, lowrank_rank=16),
              progress=False, on_result=on_result)
-    from compress_export.loading import load_model
+    from compress_export.io.loading import load_model
 
     base, _ = load_model(model)
     for name, qw in results.items():
@@ -119,7 +119,7 @@ def test_rtn_correction_is_the_plain_svd_of_each_error(tmp_path):
 def test_gptq_correction_uses_the_hessian_of_the_linears_own_inputs(tmp_path, tiny_text):
     """Layer 0's q_proj reads the normed embeddings, which compression does not change: recomputing its Hessian
     here from the calibration tokens, EoRA of W − Q must give the correction the pipeline wrote."""
-    from compress_export.loading import load_model
+    from compress_export.io.loading import load_model
 
     model = make_tiny_llama(tmp_path / "m", hidden=64, inter=128)
     results, on_result = recorder()
@@ -246,7 +246,7 @@ def with_adapter(src, dst, config=None, tensors=None):
 
 
 def refused_by_check(d) -> str:
-    from compress_export.export_check import check_export
+    from compress_export.io.export_check import check_export
 
     with pytest.raises(UserError) as e:
         check_export(d)
@@ -258,8 +258,8 @@ K_B = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"
 
 
 def test_an_intact_adapter_passes(w4r8):
-    from compress_export.export_check import check_export
-    from compress_export.lowrank import adapter_rank
+    from compress_export.io.export_check import check_export
+    from compress_export.io.lowrank import adapter_rank
 
     check_export(w4r8)
     assert adapter_rank(w4r8 / "lowrank") == 8
@@ -274,7 +274,7 @@ def test_an_intact_adapter_passes(w4r8):
     (lambda c: c.update(target_modules=["q_proj", 3]), "target_modules is a list, not a module name"),
 ])
 def test_a_bad_adapter_config_is_one_line_naming_file_and_field(edit, field, w4r8, tmp_path):
-    from compress_export.lowrank import adapter_rank
+    from compress_export.io.lowrank import adapter_rank
 
     d = with_adapter(w4r8, tmp_path / "a", config=edit)
     f = d / "lowrank" / "adapter_config.json"
@@ -327,7 +327,7 @@ def test_convert_copies_the_adapter_of_a_hub_cache_snapshot(w4r8, tmp_path):
     """A hub snapshot's files are links into the repository's blobs: the adapter's too."""
     import shutil
 
-    from compress_export.convert import convert
+    from compress_export.pipeline.convert import convert
 
     repo = tmp_path / "models--someone--tiny"
     blobs, snap = repo / "blobs", repo / "snapshots" / "abc123"

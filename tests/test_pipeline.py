@@ -7,11 +7,11 @@ from safetensors import safe_open
 
 from conftest import assert_written_as_computed, recorder
 
-from compress_export.errors import UserError
-from compress_export.loading import load_model, read_quantized
+from compress_export.core.errors import UserError
+from compress_export.io.loading import load_model, read_quantized
 from compress_export.passes import PassOptions
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
 
 
 def run(tiny_model, tiny_text, out, **kw):
@@ -111,7 +111,7 @@ def test_existing_output_needs_overwrite(tiny_model, tiny_text, tmp_path):
 
 
 def test_failure_midway_leaves_no_checkpoint(tiny_model, tiny_text, tmp_path, monkeypatch):
-    import compress_export.pipeline as pl
+    import compress_export.pipeline.compress as pl
 
     def boom(*a, **k):
         raise RuntimeError("interrupted")
@@ -162,9 +162,9 @@ def test_options_reach_the_config(tiny_model, tiny_text, tmp_path):
 
 
 def test_awq_score_option_from_the_cli_reaches_the_pass_and_the_config(tiny_model, tiny_text, tmp_path):
-    from compress_export.cli import main
-    from compress_export.config import CompressionConfig
-    from compress_export.errors import UserError
+    from compress_export.cli.main import main
+    from compress_export.pipeline.config import CompressionConfig
+    from compress_export.core.errors import UserError
 
     for score in ("linear", "block"):
         assert main([str(tiny_model), "-o", str(tmp_path / score), "--method", "awq", "--format", "awq",
@@ -180,7 +180,7 @@ def test_awq_score_option_from_the_cli_reaches_the_pass_and_the_config(tiny_mode
 
 
 def test_convert_repacks_the_same_numbers_into_every_format(tiny_model, tiny_text, tmp_path):
-    from compress_export.convert import convert
+    from compress_export.pipeline.convert import convert
 
     run(tiny_model, tiny_text, tmp_path / "g", method="gptq", scheme=Scheme(4, 32, False, "static"))
     _, ref, _ = read_quantized(tmp_path / "g")
@@ -197,7 +197,7 @@ def test_convert_repacks_the_same_numbers_into_every_format(tiny_model, tiny_tex
 
 
 def test_convert_refuses_what_the_target_cannot_store(tiny_model, tiny_text, tmp_path):
-    from compress_export.convert import convert
+    from compress_export.pipeline.convert import convert
 
     run(tiny_model, tiny_text, tmp_path / "g3", method="gptq", scheme=Scheme(3, 32, True, "group"))
     with pytest.raises(UserError, match="cannot store 3-bit"):
@@ -229,7 +229,7 @@ def test_linears_calibration_never_reaches_are_kept_not_dropped(tiny_model, tiny
     linears never run. They are written unquantized, listed as not quantized, and reported: never dropped."""
     import types
 
-    from compress_export import model_io
+    from compress_export.io import model_io
 
     real = model_io.load_source_model
 
@@ -257,7 +257,7 @@ def test_linears_calibration_never_reaches_are_kept_not_dropped(tiny_model, tiny
 def test_overflowing_activations_are_a_user_error_naming_the_layer(tiny_model, tiny_text, tmp_path, monkeypatch):
     """Finite weights (the pre-flight passes) whose activations overflow: the layer whose inputs turned non-finite
     is named, nothing is written."""
-    from compress_export import model_io
+    from compress_export.io import model_io
 
     real = model_io.load_source_model
 

@@ -1,7 +1,7 @@
 """Single-function math checks: scales, zero points, clip search."""
 import torch
 
-from compress_export.quant import dequantize, group_params, minmax_params, quantize, search_params
+from compress_export.math.quant import dequantize, group_params, minmax_params, quantize, search_params
 
 
 def test_symmetric_uses_fixed_zero_and_fp16_exact_scales():

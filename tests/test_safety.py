@@ -12,10 +12,10 @@ import pytest
 
 from conftest import make_tiny_llama
 
-from compress_export.calibration import check_calibration_size, read_text
-from compress_export.cli import main
-from compress_export.errors import UserError
-from compress_export.safety import is_our_output, read_mark, write_mark
+from compress_export.io.calibration import check_calibration_size, read_text
+from compress_export.cli.main import main
+from compress_export.core.errors import UserError
+from compress_export.io.safety import is_our_output, read_mark, write_mark
 
 FAST = ["-q", "--method", "rtn", "--format", "gptq", "--bits", "4", "--group-size", "32"]
 
@@ -131,7 +131,7 @@ def test_memory_preflight_uses_the_runs_own_batching(monkeypatch):
     """An 8B-shaped model, 128 × 2048 tokens: the run batches 6 samples per forward, so ~12 GB of activations
     (2·128·2048·4096·4 B for the layer states + 6·32·2048²·4 B of attention scores), which 40 GB holds; asking
     for 100k samples of 512 tokens (~1.7 TB of states) is refused before any weight is read."""
-    monkeypatch.setattr("compress_export.calibration.available_memory", lambda: 40e9)
+    monkeypatch.setattr("compress_export.io.calibration.available_memory", lambda: 40e9)
     cfg = SimpleNamespace(max_position_embeddings=8192, hidden_size=4096, num_attention_heads=32,
                           intermediate_size=14336)
     cpu = SimpleNamespace(type="cpu")
@@ -155,7 +155,7 @@ def test_jsonl_dataset_lines_must_hold_text(tmp_path, line, why):
 
 
 def test_home_unset_does_not_break_the_output_check(tmp_path, monkeypatch):
-    from compress_export.safety import check_output
+    from compress_export.io.safety import check_output
 
     def no_home():
         raise RuntimeError("Could not determine home directory.")

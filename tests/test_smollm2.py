@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from compress_export.evaluate import perplexity
-from compress_export.loading import load_model
+from compress_export.pipeline.evaluate import perplexity
+from compress_export.io.loading import load_model
 
 pytestmark = pytest.mark.slow
 

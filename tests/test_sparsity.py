@@ -6,16 +6,16 @@ import torch
 
 from conftest import assert_written_as_computed, recorder
 
-from compress_export.scaling import quadratic_error
-from compress_export.errors import UserError
-from compress_export.formats import FORMATS
-from compress_export.sweep import gptq_quantize
-from compress_export.kernels import KERNELS, KernelRequest, choose_kernel
-from compress_export.loading import load_model
-from compress_export.pipeline import compress
-from compress_export.result import QuantizedWeight, SparseWeight
-from compress_export.scheme import Scheme
-from compress_export.sparsity import Sparsity, mask_for, nm_mask, row_mask
+from compress_export.math.scaling import quadratic_error
+from compress_export.core.errors import UserError
+from compress_export.formats.base import FORMATS
+from compress_export.math.sweep import gptq_quantize
+from compress_export.kernels.base import KERNELS, KernelRequest, choose_kernel
+from compress_export.io.loading import load_model
+from compress_export.pipeline.compress import compress
+from compress_export.core.result import QuantizedWeight, SparseWeight
+from compress_export.core.scheme import Scheme
+from compress_export.core.sparsity import Sparsity, mask_for, nm_mask, row_mask
 
 S24 = Sparsity(2, 4)
 

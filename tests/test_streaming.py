@@ -9,11 +9,11 @@ from safetensors import safe_open
 
 from conftest import make_tiny_llama
 
-from compress_export.errors import UserError
-from compress_export.model_io import safetensors_header
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
-from compress_export.writer import CheckpointWriter
+from compress_export.core.errors import UserError
+from compress_export.io.model_io import safetensors_header
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
+from compress_export.io.writer import CheckpointWriter
 
 
 def tensors(d):
@@ -61,7 +61,7 @@ def test_streamed_export_equals_in_memory_export(tiny_model, untied_bias_model, 
 def test_only_one_decoder_layer_holds_weights_at_a_time(untied_bias_model, tiny_text, tmp_path, monkeypatch):
     """The independent fact behind flat memory: when layer i is read, every other decoder layer (and the
     embeddings, once the calibration inputs are captured) is on the meta device."""
-    from compress_export import source as src_mod
+    from compress_export.io import source as src_mod
 
     seen = []
     real = src_mod.StreamedSource.load_layer
@@ -79,7 +79,7 @@ def test_only_one_decoder_layer_holds_weights_at_a_time(untied_bias_model, tiny_
 
 
 def test_every_problem_is_reported_together_before_any_weight_is_read(tiny_model, tmp_path, monkeypatch):
-    from compress_export import source as src_mod
+    from compress_export.io import source as src_mod
 
     def no_reads(*a, **k):
         raise AssertionError("a weight was read")
@@ -98,10 +98,10 @@ def test_every_problem_is_reported_together_before_any_weight_is_read(tiny_model
 def test_disk_space_is_checked_from_the_headers(tiny_model, tmp_path, monkeypatch):
     import collections
 
-    from compress_export.model_io import tensor_index
-    from compress_export.pipeline import estimate_output_bytes
-    from compress_export.source import build_skeleton
-    from compress_export.structure import describe
+    from compress_export.io.model_io import tensor_index
+    from compress_export.pipeline.compress import estimate_output_bytes
+    from compress_export.io.source import build_skeleton
+    from compress_export.core.structure import describe
 
     est = estimate_output_bytes(tensor_index(tiny_model), describe(build_skeleton(tiny_model)), Scheme(4, 32, True),
                                 None)
@@ -123,7 +123,7 @@ def test_stream_true_refuses_what_cannot_stream(tiny_model, tmp_path):
 
 
 def test_device_option_is_checked():
-    from compress_export.hardware import resolve_device
+    from compress_export.core.hardware import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,10 +2,10 @@
 Llama (4 query heads, 2 KV heads, hidden 64, MLP 128: o_proj reads 64 inputs, down_proj 128)."""
 import pytest
 
-from compress_export.cli import main
+from compress_export.cli.main import main
 from compress_export.integrations.tp_plan import plan
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
 
 
 def export(tiny_model, tiny_text, out, fmt, scheme, method="rtn"):

@@ -16,8 +16,8 @@ from conftest import ROOT, make_tiny_llama
 
 from compress_export import AutoCompressedModelForCausalLM, CompressionConfig
 from compress_export.integrations.conformance import compare_top1
-from compress_export.pipeline import compress
-from compress_export.scheme import Scheme
+from compress_export.pipeline.compress import compress
+from compress_export.core.scheme import Scheme
 
 # (name, compress() keyword arguments): every format, 2/3/4/8 bits, act-order, symmetric and not
 EXPORTS = [
@@ -151,12 +151,12 @@ def test_export_on_load_is_the_cli_pipeline(tiny_exports, tiny_text, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     cli_out = tmp_path / "cli"
     recipe = cfg.save(tmp_path / "recipe.json")
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli", "--recipe", str(recipe), str(base), "-o",
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", "--recipe", str(recipe), str(base), "-o",
                         str(cli_out), "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     a, b = tensors_of(cli_out), tensors_of(tmp_path / "saved")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli", "eval", str(tmp_path / "saved"), "--text",
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", "eval", str(tmp_path / "saved"), "--text",
                         str(tiny_text), "--windows", "1", "--window", "64", "--json"], capture_output=True, text=True)
     assert r.returncode == 0 and "token_perplexity" in r.stdout, r.stderr
 
@@ -198,7 +198,7 @@ def test_readme_quickstart_runs_as_written(smollm2_w4, tmp_path):
 def test_smollm2_stays_packed_in_memory(smollm2, smollm2_w4):
     """Resident weight memory of the loaded W4 export against the bf16 model, both with bf16 embeddings (in float32,
     the unquantized embeddings double): the packed linears, not dense ones."""
-    from compress_export.loading import load_model
+    from compress_export.io.loading import load_model
     from compress_export.kernels.linear import weight_bytes
 
     model = AutoCompressedModelForCausalLM.from_pretrained(smollm2_w4, dtype=torch.bfloat16)

@@ -14,7 +14,7 @@ from compress_export.integrations.validate import TreeMemory, ValidateOptions, l
 
 
 def cli(*args, timeout=1800):
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli", *map(str, args)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", *map(str, args)], capture_output=True,
                        text=True, timeout=timeout)
     return r.returncode, r.stdout, r.stderr
 
@@ -163,8 +163,8 @@ def test_lengths_and_option_errors(tmp_path, tiny_model):
 def _loader_ppl(model_dir, text, window):
     from transformers import AutoTokenizer
 
-    from compress_export.evaluate import perplexity
-    from compress_export.loading import load_model
+    from compress_export.pipeline.evaluate import perplexity
+    from compress_export.io.loading import load_model
 
     model, _ = load_model(model_dir)
     return perplexity(model, AutoTokenizer.from_pretrained(str(model_dir)), text.read_text(), window, 1)
@@ -176,7 +176,7 @@ def _loader_greedy(model_dir, runs: list) -> list:
     import torch
     from transformers import AutoTokenizer
 
-    from compress_export.loading import load_model
+    from compress_export.io.loading import load_model
 
     model, _ = load_model(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -195,8 +195,8 @@ def tiny_pair(tmp_path_factory, tiny_text):
     """A tiny Llama vLLM's CPU attention accepts (head size 64, 2048 positions) and its GPTQ W4 export."""
     from conftest import make_tiny_llama
 
-    from compress_export.pipeline import compress
-    from compress_export.scheme import Scheme
+    from compress_export.pipeline.compress import compress
+    from compress_export.core.scheme import Scheme
 
     d = tmp_path_factory.mktemp("validate")
     base = make_tiny_llama(d / "tiny", hidden=128, inter=256, heads=2, kv_heads=1, max_pos=2048)
@@ -256,9 +256,9 @@ def test_validate_reports_an_export_vllm_cannot_load(tiny_pair, tiny_text, tmp_p
     plugin's export check at load, which names the tensors that do not fit config.json."""
     import shutil
 
-    from compress_export import export_check
-    from compress_export.cli import main
-    from compress_export.model_io import check_model_dir
+    from compress_export.io import export_check
+    from compress_export.cli.main import main
+    from compress_export.io.model_io import check_model_dir
 
     monkeypatch.setenv("COMPRESS_EXPORT_VLLM", "always")
 
@@ -300,7 +300,7 @@ def test_validate_smollm2_w4(smollm2, smollm2_w4, eval_txt, tmp_path):
     print(json.dumps({k: c[k] for k in ("token_perplexity_ratio", "weight_bytes_ratio", "offline_throughput_ratio",
                                         "served_throughput_ratio")}), r["verdict"])
     assert c["token_perplexity_ratio"] < 1.3 and c["weight_bytes_ratio"] < 0.6
-    from compress_export.hardware import fast_dtype
+    from compress_export.core.hardware import fast_dtype
 
     for run in r["runs"].values():  # each model in this machine's fastest dtype: the comparison users care about
         assert run["offline"]["dtype"] == fast_dtype("cpu")

@@ -13,7 +13,7 @@ from conftest import have_vllm
 
 from compress_export.integrations.vllm_check import read_result
 from compress_export.kernels.cpu_wna16 import extension
-from compress_export.scheme import Scheme
+from compress_export.core.scheme import Scheme
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")]
@@ -97,7 +97,7 @@ def test_tiny_exports_in_vllm_match_our_loader(fmt, method, scheme, tiny_text, t
     from conftest import make_tiny_llama
 
     from compress_export.integrations.conformance import compare_top1
-    from compress_export.pipeline import compress
+    from compress_export.pipeline.compress import compress
 
     model_dir = make_tiny_llama(tmp_path / "tiny", hidden=128, inter=256, heads=2, kv_heads=1, max_pos=2048)
     out = tmp_path / fmt
@@ -128,10 +128,10 @@ def test_w8a8_is_served_by_vllms_int8_kernel_with_the_plugin_off_and_exactly_wit
     in log-probability measured here on this model)."""
     import os
 
-    from compress_export.config import CompressionConfig
-    from compress_export.hardware import saturating_int8_gemm
+    from compress_export.pipeline.config import CompressionConfig
+    from compress_export.core.hardware import saturating_int8_gemm
     from compress_export.kernels.int8 import extension as int8_extension
-    from compress_export.pipeline import compress
+    from compress_export.pipeline.compress import compress
 
     out = tmp_path / "w8a8"
     compress(_tiny_vllm_model(tmp_path), out, CompressionConfig(scheme="W8A8", method="gptq", smoothquant=0.5,
@@ -142,7 +142,7 @@ def test_w8a8_is_served_by_vllms_int8_kernel_with_the_plugin_off_and_exactly_wit
     runs = {}
     for engine, plugins in (("vllm", ""), ("torch", ""), ("plugin", None)):
         env = {**os.environ, "VLLM_PLUGINS": plugins} if plugins is not None else os.environ
-        r = subprocess.run([sys.executable, "-m", "compress_export.cli", "eval", str(out), "--text", str(text),
+        r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", "eval", str(out), "--text", str(text),
                             "--window", "64", "--windows", "4", "--engine", engine.replace("plugin", "vllm"),
                             "--json", *FP32], capture_output=True, text=True, timeout=900, env=env)
         assert r.returncode == 0, r.stderr[-4000:]
@@ -167,9 +167,9 @@ def test_lowrank_adapter_is_served_as_a_lora_and_fused_and_matches_our_loader(ti
     (which apply the adapter); without the adapter they differ, so the check can fail."""
     from transformers import AutoTokenizer
 
-    from compress_export.config import CompressionConfig
+    from compress_export.pipeline.config import CompressionConfig
     from compress_export.integrations.conformance import compare_top1
-    from compress_export.pipeline import compress
+    from compress_export.pipeline.compress import compress
 
     out = tmp_path / "w2r16"
     compress(_tiny_vllm_model(tmp_path), out, CompressionConfig(method="gptq", bits=2, group_size=32,
@@ -183,7 +183,7 @@ def test_lowrank_adapter_is_served_as_a_lora_and_fused_and_matches_our_loader(ti
     fused = vllm_check(out, tmp_path, ids, env={"COMPRESS_EXPORT_LOWRANK": "fused"}, args=FP32)
     assert fused["quantization"] == "compress_export" and not fused["lora"], fused
     assert compare_top1(out, ids, fused)["max_abs_dlogprob"] < 1e-3
-    from compress_export.loading import load_model
+    from compress_export.io.loading import load_model
     import torch
 
     plain, _ = load_model(out, lowrank=False)
@@ -333,10 +333,10 @@ def test_plugin_claims_awq_and_compressed_tensors_w4a16_and_w8a8_only_where_vllm
     """W8A8 is vLLM's on GPUs and on CPUs with VNNI or AMX; on x86 CPUs without VNNI (oneDNN's saturating int16
     pair sums) our exact int8 GEMM claims it. Both CPU kinds are decided here from their flags, and this CPU for
     real through vLLM's own entry point."""
-    from compress_export.formats import FORMATS
-    from compress_export.hardware import saturating_int8_gemm
+    from compress_export.formats.base import FORMATS
+    from compress_export.core.hardware import saturating_int8_gemm
     from compress_export.kernels.int8 import extension
-    from compress_export.scheme import PRESETS, Scheme
+    from compress_export.core.scheme import PRESETS, Scheme
 
     awq = FORMATS.get("awq")().quantization_config(Scheme(4, 64, False), ["lm_head"], {})
     ct = FORMATS.get("compressed-tensors")().quantization_config(Scheme(4, 64, True, "static"), ["lm_head"], {})

@@ -8,17 +8,17 @@ import torch
 
 from conftest import assert_written_as_computed, make_tiny_llama, recorder
 
-from compress_export.config import CompressionConfig
-from compress_export.errors import UserError
-from compress_export.formats import FORMATS
-from compress_export.kernels import KERNELS, KernelRequest, choose_kernel
+from compress_export.pipeline.config import CompressionConfig
+from compress_export.core.errors import UserError
+from compress_export.formats.base import FORMATS
+from compress_export.kernels.base import KERNELS, KernelRequest, choose_kernel
 from compress_export.kernels import int8
-from compress_export.pipeline import compress
-from compress_export.result import QuantizedWeight
-from compress_export.scheme import PRESETS
-from compress_export.sequential import run_layer
-from compress_export.smoothing import Smoothing, smooth_scales
-from compress_export.structure import SMOOTH_MAPPINGS
+from compress_export.pipeline.compress import compress
+from compress_export.core.result import QuantizedWeight
+from compress_export.core.scheme import PRESETS
+from compress_export.passes.sequential import run_layer
+from compress_export.modifiers.smoothing import Smoothing, smooth_scales
+from compress_export.core.structure import SMOOTH_MAPPINGS
 
 W8A8 = PRESETS["W8A8"]
 
@@ -212,7 +212,7 @@ def test_w8a8_export_with_smoothquant_end_to_end(tiny_model, tiny_text, tmp_path
     """RTN and GPTQ W8A8 after SmoothQuant: the file holds exactly the in-memory results, the config records the
     scheme and α, the norms carry the folded scales, and our loader runs every linear in int8 close to the
     unquantized model."""
-    from compress_export.loading import load_model
+    from compress_export.io.loading import load_model
 
     results, on_result = recorder()
     out = tmp_path / method

@@ -59,9 +59,9 @@ def install(plat) -> None:
 
 def main():
     install(MockCuda())
-    from compress_export.formats import FORMATS
+    from compress_export.formats.base import FORMATS
     from compress_export.integrations.vllm_route import decide
-    from compress_export.scheme import Scheme
+    from compress_export.core.scheme import Scheme
 
     hf = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
     cases = [("gptq", Scheme(4, 128, True, "static")), ("gptq", Scheme(8, 128, True)), ("gptq", Scheme(3, 128, True)),

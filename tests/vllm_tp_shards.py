@@ -12,10 +12,10 @@ import sys
 import torch
 import vllm.model_executor.parameter as vparam
 
-from compress_export.formats import FORMATS
-from compress_export.sweep import gptq_quantize
+from compress_export.formats.base import FORMATS
+from compress_export.math.sweep import gptq_quantize
 from compress_export.integrations.vllm_method import CompressExportConfig, CompressExportLinearMethod
-from compress_export.scheme import Scheme
+from compress_export.core.scheme import Scheme
 
 TP = 2
 OUT, IN = 128, 512

@@ -12,13 +12,13 @@ import re
 
 import torch
 
-from compress_export.errors import UserError
-from compress_export.hessian import HessianAccumulator
-from compress_export.quant import group_params, quantize_with_params, weighted_group_params
-from compress_export.scaling import fold_scale, search_scale
-from compress_export.structure import AWQ_MAPPINGS, AWQ_NO_CLIP
+from compress_export.core.errors import UserError
+from compress_export.math.hessian import HessianAccumulator
+from compress_export.math.quant import group_params, quantize_with_params, weighted_group_params
+from compress_export.math.scaling import fold_scale, search_scale
+from compress_export.core.structure import AWQ_MAPPINGS, AWQ_NO_CLIP
 
-from .base import Pass, register_pass, split_rows
+from compress_export.passes.base import Pass, register_pass, split_rows
 
 log = logging.getLogger(__name__)
 

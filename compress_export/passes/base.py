@@ -9,9 +9,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from compress_export.registry import Registry
-from compress_export.result import QuantizedWeight, SparseWeight
-from compress_export.scheme import Scheme
+from compress_export.core.registry import Registry
+from compress_export.core.result import QuantizedWeight, SparseWeight
+from compress_export.core.scheme import Scheme
 
 PASSES: Registry = Registry("method")
 register_pass = PASSES.register

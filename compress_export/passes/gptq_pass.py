@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from compress_export.sweep import gptq_quantize
-from compress_export.hessian import HessianAccumulator
+from compress_export.math.sweep import gptq_quantize
+from compress_export.math.hessian import HessianAccumulator
 
-from .base import Pass, register_pass, split_rows
+from compress_export.passes.base import Pass, register_pass, split_rows
 
 
 @register_pass("gptq")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from compress_export.quant import rtn_quantize
-from compress_export.result import QuantizedWeight, SparseWeight
-from compress_export.sparsity import mask_for
+from compress_export.math.quant import rtn_quantize
+from compress_export.core.result import QuantizedWeight, SparseWeight
+from compress_export.core.sparsity import mask_for
 
-from .base import Pass, register_pass, split_rows
-from .gptq_pass import GPTQPass
+from compress_export.passes.base import Pass, register_pass, split_rows
+from compress_export.passes.gptq_pass import GPTQPass
 
 
 class ColumnNorms:

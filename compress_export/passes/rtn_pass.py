@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from compress_export.quant import rtn_quantize
+from compress_export.math.quant import rtn_quantize
 
-from .base import Pass, register_pass, split_rows
+from compress_export.passes.base import Pass, register_pass, split_rows
 
 
 @register_pass("rtn")

@@ -1,0 +1,142 @@
+"""Model structure as data: where the decoder layers are, which linears are compressed, which are kept.
+
+Linears that read the same input (q/k/v, gate/up) are not listed here: the pipeline finds them at run time by
+tensor identity, which holds for any architecture, and shares one set of statistics between them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch.nn as nn
+
+from compress_export.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: Tuple[str, ...]
+    layers: str = "model.layers"
+    # Regexes over a linear's name inside a decoder layer; targets minus ignore are compressed.
+    targets: Tuple[str, ...] = (r".*",)
+    ignore: Tuple[str, ...] = ()
+
+
+FAMILIES = (
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")),
+    # MoE: the attention linears and any per-expert nn.Linear are compressed; transformers 5 keeps the experts of
+    # these models as fused 3-D parameters (not nn.Linear), which stay in the source precision. Routers never.
+    Family("mixtral", ("mixtral", "qwen2_moe", "qwen3_moe"),
+           ignore=(r".*\.gate$", r".*router.*", r".*shared_expert_gate$")),
+    Family("neox", ("gpt_neox",), layers="gpt_neox.layers"),
+    Family("opt", ("opt",), layers="model.decoder.layers"),
+)
+GENERIC_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+                       "model.language_model.layers", "transformer.blocks")
+
+
+@dataclass(frozen=True)
+class ScaleMapping:
+    """AWQ: `smooth` (a norm, or a linear whose output rows feed the balance linears) absorbs 1/s; the balance
+    linears, which all read smooth's output, absorb s on their input columns. Names are local to a decoder layer.
+    `when_shapes_match`: apply only if smooth's output width equals the balance linears' input width (v_proj →
+    o_proj breaks under grouped-query attention). `inspect`: the module whose output scores a scale when AWQ
+    scores on the block (AutoAWQ's module2inspect); None scores the balance linears' own output."""
+
+    smooth: str
+    balance: Tuple[str, ...]
+    when_shapes_match: bool = False
+    inspect: Optional[str] = None
+
+
+_LLAMA_AWQ = (
+    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 inspect="self_attn"),
+    ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",), when_shapes_match=True),
+    ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
+    ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
+)
+# model_type → mappings. Only families whose norms scale as y = w·x̂ (so 1/s folds into w) and whose layer
+# structure matches are listed; Gemma's (1 + w) norms and Phi-3's fused projections need their own entries.
+AWQ_MAPPINGS = {"llama": _LLAMA_AWQ, "mistral": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ, "qwen3": _LLAMA_AWQ}
+# SmoothQuant: only the norms feeding q/k/v and gate/up absorb scales, as in the paper and llm-compressor's default
+# mappings (a norm's per-channel weight takes 1/s for free; v→o and up→down, which AWQ also balances, are left).
+_LLAMA_SMOOTH = (
+    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+SMOOTH_MAPPINGS = {"llama": _LLAMA_SMOOTH, "mistral": _LLAMA_SMOOTH, "qwen2": _LLAMA_SMOOTH, "qwen3": _LLAMA_SMOOTH}
+# AWQ's clip search skips the query and key projections in AutoAWQ and llm-compressor: their output error is not
+# what attention sees (it sees q·kᵀ). Measured on SmolLM2 in benchmarks/awq_variants.py.
+AWQ_NO_CLIP = r"(^|\.)(q_proj|k_proj|query|key)$"
+
+# How vLLM splits linears under tensor parallelism: these along their inputs (row-parallel), every other along
+# its outputs (column-parallel); key/value projections are repeated whole when there are fewer KV heads than ranks.
+ROW_PARALLEL = r"(^|\.)(o_proj|down_proj|out_proj|fc2|dense|dense_4h_to_h)$"
+KV_PROJECTIONS = r"(^|\.)(k_proj|v_proj)$"
+
+# Never compressed: the output head and embeddings stay in the source precision by default.
+ALWAYS_KEEP = (r"(^|\.)lm_head$", r"embed", r"wte$", r"wpe$")
+
+
+def family_for(model_type: str) -> Family:
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    return Family("generic", (model_type,), layers="")
+
+
+def _get(model: nn.Module, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@dataclass
+class ModelLayout:
+    family: Family
+    layers_path: str
+    layers: nn.ModuleList
+    # per decoder layer: [(local name, nn.Linear)] in module order
+    linears: List[List[Tuple[str, nn.Linear]]] = field(default_factory=list)
+    # full names of weight tensors no nn.Linear owns that hold several matrices (transformers 5 fuses MoE experts
+    # into [experts, out, in] parameters): not compressed yet, so written as they are and reported
+    fused_dense: List[str] = field(default_factory=list)
+
+    def full_name(self, i: int, local: str) -> str:
+        return f"{self.layers_path}.{i}.{local}"
+
+
+def describe(model: nn.Module, where: str = "model") -> ModelLayout:
+    """Find the decoder layers and their compressible linears, or say clearly why there are none."""
+    fam = family_for(getattr(model.config, "model_type", ""))
+    paths = (fam.layers,) if fam.layers else GENERIC_LAYER_PATHS
+    for path in paths:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            break
+    else:
+        raise UserError(f"{where}: no decoder layers found (looked for {', '.join(paths)}); "
+                        f"architecture {type(model).__name__} is not supported")
+    layout = ModelLayout(fam, path, layers)
+    for layer in layers:
+        found = []
+        for name, mod in layer.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            if not any(re.fullmatch(t, name) for t in fam.targets):
+                continue
+            if any(re.fullmatch(p, name) or re.search(p, name) for p in fam.ignore + ALWAYS_KEEP):
+                continue
+            found.append((name, mod))
+        layout.linears.append(found)
+    layout.fused_dense = [f"{path}.{i}.{n}" for i, layer in enumerate(layers) for n, p in layer.named_parameters()
+                          if p.dim() == 3]
+    if not any(layout.linears):
+        raise UserError(f"{where}: {type(model).__name__} has no nn.Linear layers to compress in {path}")
+    return layout

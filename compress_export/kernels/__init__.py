@@ -1,0 +1,10 @@
+"""compress_export.kernels in a source checkout: its modules live in the top-level kernels/ folder.
+
+The project keeps kernels/ at the top level, where a regular package (one with __init__.py) would shadow any installed
+package of the same name for code run from the checkout. So kernels/ has no __init__.py, and this file, which exists
+only in the checkout, points the subpackage at it. An installed wheel holds the modules in compress_export/kernels/
+itself, without this file (pyproject.toml maps compress_export.kernels to kernels/).
+"""
+import os as _os
+
+__path__ = [_os.path.join(_os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))), "kernels")]
