@@ -4,6 +4,7 @@ compress_export.kernels._cpu: the CPU W4A16 kernel (kernels/csrc/cpu_wna16.c) an
 (kernels/csrc/cpu_int8.c), plain C against Python's C API, so building needs a C compiler but not torch. Optional:
 without a compiler the install still succeeds, the kernel registry reports "not built" and runs the portable kernel.
 """
+
 import warnings
 
 from setuptools import Extension, setup

@@ -12,6 +12,7 @@ processes (the shared protocol, as common.measure_rows does). Rows are merged in
 benchmarks/results/calibration.txt by (source, size), so runs can be done piecewise; that file keeps the table
 and the raw records.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,25 +26,52 @@ from common import ROOT, TEXT, cli, example_model
 
 RESULTS = ROOT / "benchmarks" / "results" / "calibration.txt"
 DEMO_SIZE = "32x256"
-GPTQ_W4G64 = ["--method", "gptq", "--format", "gptq", "--bits", "4", "--group-size", "64", "--sym",
-              "--act-order", "static"]
+GPTQ_W4G64 = [
+    "--method",
+    "gptq",
+    "--format",
+    "gptq",
+    "--bits",
+    "4",
+    "--group-size",
+    "64",
+    "--sym",
+    "--act-order",
+    "static",
+]
 SOURCES = {"calib": ["--dataset", TEXT / "calib.txt"], "builtin": [], "self": ["--dataset", "self"]}
-COLS = ["source", "size", "calibration_s", "compress_s", "calibration_pct", "token_ppl", "word_ppl", "vs_calib",
-        "load1"]
+COLS = [
+    "source",
+    "size",
+    "calibration_s",
+    "compress_s",
+    "calibration_pct",
+    "token_ppl",
+    "word_ppl",
+    "vs_calib",
+    "load1",
+]
 
 
 def run(model: str, source: str, size: str) -> dict:
     n, seq = size.split("x")
     load1 = os.getloadavg()[0]  # the machine is shared: a busy one inflates every time in the row
     with tempfile.TemporaryDirectory() as tmp:
-        s = cli(*GPTQ_W4G64, *SOURCES[source], "--num-samples", n, "--seq-len", seq, model, "-o", Path(tmp) / "o",
-                "-q")
+        s = cli(*GPTQ_W4G64, *SOURCES[source], "--num-samples", n, "--seq-len", seq, model, "-o", Path(tmp) / "o", "-q")
         ev = cli("eval", Path(tmp) / "o", "--text", TEXT / "eval.txt")
     calib = s["timings"]["calibration_data"]
-    return {"source": source, "size": size, "calibration_s": round(calib, 1), "compress_s": round(s["seconds"], 1),
-            "calibration_pct": round(100 * calib / s["seconds"], 1),
-            "token_ppl": round(ev["token_perplexity"], 2), "word_ppl": round(ev["word_perplexity"], 1),
-            "load1": round(load1, 2), "calibration": s["calibration"], "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "source": source,
+        "size": size,
+        "calibration_s": round(calib, 1),
+        "compress_s": round(s["seconds"], 1),
+        "calibration_pct": round(100 * calib / s["seconds"], 1),
+        "token_ppl": round(ev["token_perplexity"], 2),
+        "word_ppl": round(ev["word_perplexity"], 1),
+        "load1": round(load1, 2),
+        "calibration": s["calibration"],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def read_records() -> list:
@@ -71,8 +99,10 @@ def write(records: list) -> None:
         "\ncalibration_s: making the calibration set (timings.calibration_data); compress_s: the whole run (load to"
         "\nwritten checkpoint); token/word ppl: compress-export eval on eval.txt (shared protocol); vs_calib: token"
         "\nppl against calib.txt at the same size; load1: the 1-minute load average when the row started (2 cores).\n\n"
-        + table(records) + "\n\nRaw records (the script merges reruns by source and size):\n"
-        + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        + table(records)
+        + "\n\nRaw records (the script merges reruns by source and size):\n"
+        + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    )
 
 
 def main():

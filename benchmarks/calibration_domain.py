@@ -11,6 +11,7 @@ each), then token perplexity on eval.txt and on B by the shared protocol (16 × 
 unquantized model's. If the loss from calibrating off-domain is about the same in both directions, the gap on
 eval.txt says where the eval comes from, not that the built-in text is a worse calibration set.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,14 @@ def halves(text: str) -> tuple:
     total, seen = len(text), 0
     for i, line in enumerate(lines):
         seen += len(line) + 1
-        if seen > total // 2 and i + 2 < len(lines) and not line.strip() and 0 < len(lines[i + 1]) < 70 \
-                and not lines[i + 1].startswith((" ", '"')):
-            return "\n".join(lines[:i + 1]), "\n".join(lines[i + 1:])
+        if (
+            seen > total // 2
+            and i + 2 < len(lines)
+            and not line.strip()
+            and 0 < len(lines[i + 1]) < 70
+            and not lines[i + 1].startswith((" ", '"'))
+        ):
+            return "\n".join(lines[: i + 1]), "\n".join(lines[i + 1 :])
     raise SystemExit("no document boundary found past the middle of the built-in text")
 
 
@@ -65,10 +71,14 @@ def main():
             rows.append({"calibrated on": name, **{k: ppl(tmp / "o", v) for k, v in evals.items()}})
             print(json.dumps(rows[-1]), f"({time.time() - t:.0f} s wall)", flush=True)
             shutil.rmtree(tmp / "o")
-    report = [f"python benchmarks/calibration_domain.py --size {a.size} ({time.strftime('%Y-%m-%d %H:%M')})",
-              f"SmolLM2-135M-Instruct GPTQ W4 g64, {n}×{seq} calibration tokens; token ppl, 16×512 windows each; "
-              f"built-in A/B: {len(part_a)} / {len(part_b)} characters", "",
-              "| calibrated on | eval.txt | vs unquantized | built-in B | vs unquantized |", "|---|---|---|---|---|"]
+    report = [
+        f"python benchmarks/calibration_domain.py --size {a.size} ({time.strftime('%Y-%m-%d %H:%M')})",
+        f"SmolLM2-135M-Instruct GPTQ W4 g64, {n}×{seq} calibration tokens; token ppl, 16×512 windows each; "
+        f"built-in A/B: {len(part_a)} / {len(part_b)} characters",
+        "",
+        "| calibrated on | eval.txt | vs unquantized | built-in B | vs unquantized |",
+        "|---|---|---|---|---|",
+    ]
     base = rows[0]
     for r in rows:
         rel = [f"+{100 * (r[k] / base[k] - 1):.1f}%" if r is not base else "–" for k in evals]

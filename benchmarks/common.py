@@ -1,4 +1,5 @@
 """Helpers the benchmark scripts share (run them as `python benchmarks/NAME.py`, which puts this folder on the path)."""
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,19 @@ TEXT = ROOT.parent / "shared" / "data" / "text"
 
 def example_model() -> str:
     """Path of the built-in SmolLM2 example model, built on first use."""
-    return subprocess.run([sys.executable, "-m", "compress_export.cli.main", "example-model"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-m", "compress_export.cli.main", "example-model"], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def cli(*args) -> dict:
     """Run `compress-export ARGS --json` in a fresh process (so peak RSS is its own); the parsed summary."""
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", *map(str, args), "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "compress_export.cli.main", *map(str, args), "--json"], capture_output=True, text=True
+    )
     if r.returncode:
         raise SystemExit(f"failed: {' '.join(map(str, args))}\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout[r.stdout.index("{"):])
+    return json.loads(r.stdout[r.stdout.index("{") :])
 
 
 def size_mb(d) -> float:
@@ -47,16 +50,33 @@ def measure_rows(model: str, specs: list, out_json=None, after=None, cols=None) 
                 rec = {"row": row, "seconds": 0.0, "peak_rss_mb": None}
             elif spec[0] == "convert":
                 src = Path(tmp) / spec[1].replace(":", "of")
-                subprocess.run([sys.executable, "-m", "compress_export.cli.main", "convert", src, "--format", spec[2],
-                                "-o", target], check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "compress_export.cli.main",
+                        "convert",
+                        src,
+                        "--format",
+                        spec[2],
+                        "-o",
+                        target,
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
                 rec = {"row": row, "seconds": round(time.time() - t, 1), "peak_rss_mb": None}
             else:
                 s = cli(*spec, model, "-o", target, "-q")
                 rec = {"row": row, "seconds": round(s["seconds"], 1), "peak_rss_mb": round(s["peak_rss_mb"])}
             rec["size_mb"] = size_mb(target)
             ev = cli("eval", target, "--text", TEXT / "eval.txt")
-            rec.update(token_ppl=round(ev["token_perplexity"], 2), word_ppl=round(ev["word_perplexity"], 1),
-                       byte_ppl=round(ev["byte_perplexity"], 4), bits_per_byte=round(ev["bits_per_byte"], 4))
+            rec.update(
+                token_ppl=round(ev["token_perplexity"], 2),
+                word_ppl=round(ev["word_perplexity"], 1),
+                byte_ppl=round(ev["byte_perplexity"], 4),
+                bits_per_byte=round(ev["bits_per_byte"], 4),
+            )
             if after is not None:
                 after(target, rec)
             results.append(rec)
@@ -78,10 +98,18 @@ def random_llama(path, hidden=2048, layers=16, intermediate=8192, heads=32, kv_h
 
     path = Path(path)
     tok = AutoTokenizer.from_pretrained(example_model())
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(str(path))
@@ -93,8 +121,11 @@ def vllm_check(model, *args) -> dict:
     """`compress_export.integrations.vllm_check MODEL ARGS` in a fresh process: its RESULT, or {"error": ...}."""
     from compress_export.integrations.vllm_check import read_result
 
-    r = subprocess.run([sys.executable, "-m", "compress_export.integrations.vllm_check", str(model), *map(str, args)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "compress_export.integrations.vllm_check", str(model), *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
     res = read_result(r.stdout)
     if r.returncode or res is None:
         return {"model": str(model), "error": (r.stderr or r.stdout)[-1500:]}

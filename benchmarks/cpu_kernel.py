@@ -8,6 +8,7 @@ Shapes are out×in of one linear: SmolLM2-135M's (q/o 576×576, k/v 192×576, ga
 Llama-3-8B's (4096×4096, 14336×4096, 4096×14336). Random 4-bit codes, asymmetric, group 64 for SmolLM2 (576 is
 not a multiple of 128) and --group for 8B. Prints a table of milliseconds and ratios (> 1: ours faster).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,15 @@ import time
 import torch
 
 from compress_export.core.hardware import cpu_kind
-from compress_export.kernels.base import KernelRequest
-from compress_export.kernels import cpu_wna16 as ck
 from compress_export.core.result import QuantizedWeight
 from compress_export.core.scheme import Scheme
+from compress_export.kernels import cpu_wna16 as ck
+from compress_export.kernels.base import KernelRequest
 
-SHAPES = {"smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
-          "8b": [(4096, 4096), (14336, 4096), (4096, 14336)]}
+SHAPES = {
+    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "8b": [(4096, 4096), (14336, 4096), (4096, 14336)],
+}
 
 
 def timed(fn, repeats: int) -> float:
@@ -45,8 +48,9 @@ def random_weight(out_f, in_f, group) -> QuantizedWeight:
     codes = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
     scales = (torch.rand(out_f, G, generator=g) * 0.01 + 1e-3).half().float()
     zeros = torch.randint(0, 16, (out_f, G), generator=g, dtype=torch.int32)
-    return QuantizedWeight(codes, scales, zeros, torch.arange(in_f, dtype=torch.int32) // group,
-                           Scheme(4, group, False))
+    return QuantizedWeight(
+        codes, scales, zeros, torch.arange(in_f, dtype=torch.int32) // group, Scheme(4, group, False)
+    )
 
 
 def tinygemm(qw: QuantizedWeight):
@@ -86,8 +90,9 @@ def vllm_wna16(qw: QuantizedWeight):
         p.data.copy_(packed[name])
         layer.register_parameter(name, p)
     layer.bias = None
-    cfg = MPLinearLayerConfig((in_f, out_f), (in_f, out_f), scalar_types.uint4, torch.bfloat16,
-                              qw.scheme.group_size, True)
+    cfg = MPLinearLayerConfig(
+        (in_f, out_f), (in_f, out_f), scalar_types.uint4, torch.bfloat16, qw.scheme.group_size, True
+    )
     kernel = CPUWNA16LinearKernel(cfg, "qweight", "scales", "qzeros")
     kernel.process_weights_after_loading(layer)
     return lambda x: kernel.apply_weights(layer, x)
@@ -100,10 +105,14 @@ def row(out_f, in_f, group, m, repeats) -> dict:
     ours = ck.CpuWNA16Kernel(qw, KernelRequest.for_weight(qw, torch.float32, "cpu"))
     x32 = torch.randn(m, in_f)
     x16 = x32.bfloat16()
-    r = {"shape": f"{out_f}x{in_f}", "M": m,
-         "ours_fp32": timed(lambda: ours(x32), repeats), "ours_bf16": timed(lambda: ours(x16), repeats),
-         "linear_bf16": timed(lambda: torch.nn.functional.linear(x16, w16), repeats),
-         "linear_fp32": timed(lambda: torch.nn.functional.linear(x32, w32), repeats)}
+    r = {
+        "shape": f"{out_f}x{in_f}",
+        "M": m,
+        "ours_fp32": timed(lambda: ours(x32), repeats),
+        "ours_bf16": timed(lambda: ours(x16), repeats),
+        "linear_bf16": timed(lambda: torch.nn.functional.linear(x16, w16), repeats),
+        "linear_fp32": timed(lambda: torch.nn.functional.linear(x32, w32), repeats),
+    }
     for name, make in (("tinygemm_bf16", tinygemm), ("vllm_wna16_bf16", vllm_wna16)):
         fn = make(qw)
         r[name] = timed(lambda: fn(x16), repeats) if fn is not None else None
@@ -129,11 +138,15 @@ def main():
             group = 64 if family == "smollm2" else a.group
             for m in map(int, a.rows.split(",")):
                 rows.append(row(out_f, in_f, group, m, a.repeats))
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}),
-                      flush=True)
+                print(
+                    json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True
+                )
     cols = ["ours_fp32", "ours_bf16", "linear_bf16", "linear_fp32", "tinygemm_bf16", "vllm_wna16_bf16"]
-    print("\n| shape (out×in) | M | " + " | ".join(c.replace("_", " ") + " ms" for c in cols)
-          + " | ours vs bf16 | ours vs fp32 |")
+    print(
+        "\n| shape (out×in) | M | "
+        + " | ".join(c.replace("_", " ") + " ms" for c in cols)
+        + " | ours vs bf16 | ours vs fp32 |"
+    )
     print("|---|---|" + "---|" * (len(cols) + 2))
     for r in rows:
         cells = [f"{r[c]:.3f}" if r[c] is not None else "–" for c in cols]

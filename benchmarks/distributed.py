@@ -10,6 +10,7 @@ Every export is compared with the one-rank export: share of identical codes, the
 dequantized weight in units of its group's scale (1.0 = one quantization step) and as a fraction of the
 layer's largest weight, and token perplexity on eval.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,19 @@ from common import TEXT, cli, example_model
 def export(model: str, out: Path, ranks: int, args: list) -> float:
     cores = os.cpu_count() or 1
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // ranks)))
-    launch = ([sys.executable, "-m", "compress_export"] if ranks == 1 else
-              [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "-m", "compress_export"])
+    launch = (
+        [sys.executable, "-m", "compress_export"]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "-m",
+            "compress_export",
+        ]
+    )
     t = time.time()
     r = subprocess.run([*launch, model, "-o", str(out), "-q", *args], capture_output=True, text=True, env=env)
     if r.returncode:
@@ -53,8 +64,11 @@ def compare(one: Path, other: Path) -> dict:
         scale = qa.scales[:, qa.g_idx.long()]
         steps = max(steps, ((wa - wb).abs() / scale).max().item())
         rel = max(rel, ((wa - wb).abs().max() / wa.abs().max()).item())
-    return {"codes_identical": round(same / total, 6), "max_diff_steps": round(steps, 2),
-            "max_diff_rel": float(f"{rel:.3g}")}
+    return {
+        "codes_identical": round(same / total, 6),
+        "max_diff_steps": round(steps, 2),
+        "max_diff_rel": float(f"{rel:.3g}"),
+    }
 
 
 def main():
@@ -66,8 +80,20 @@ def main():
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
     model = a.model or example_model()
-    args = ["--method", "gptq", "--bits", "4", "--group-size", str(a.group_size), "--dataset",
-            str(TEXT / "calib.txt"), "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)]
+    args = [
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        str(a.group_size),
+        "--dataset",
+        str(TEXT / "calib.txt"),
+        "--num-samples",
+        str(a.num_samples),
+        "--seq-len",
+        str(a.seq_len),
+    ]
     ranks = sorted(set(a.ranks) | {1})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,17 +102,25 @@ def main():
             outs[n] = Path(tmp) / f"ranks{n}"
             secs = export(model, outs[n], n, args)
             ppl = cli("eval", outs[n], "--text", TEXT / "eval.txt")["token_perplexity"]
-            row = {"ranks": n, "threads_per_rank": max(1, (os.cpu_count() or 1) // n), "wall_s": round(secs, 1),
-                   "token_ppl": round(ppl, 3), **compare(outs[1], outs[n])}
+            row = {
+                "ranks": n,
+                "threads_per_rank": max(1, (os.cpu_count() or 1) // n),
+                "wall_s": round(secs, 1),
+                "token_ppl": round(ppl, 3),
+                **compare(outs[1], outs[n]),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\nSmolLM2 GPTQ W4 g{a.group_size}, {a.num_samples}×{a.seq_len} calib.txt, {os.cpu_count()} cores")
-    print("| ranks | threads/rank | wall s | codes identical to 1 rank | max Δw (steps) | max Δw / max|w| | "
-          "token ppl |")
+    print(
+        "| ranks | threads/rank | wall s | codes identical to 1 rank | max Δw (steps) | max Δw / max|w| | token ppl |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ranks']} | {r['threads_per_rank']} | {r['wall_s']} | {100 * r['codes_identical']:.3f}% | "
-              f"{r['max_diff_steps']} | {r['max_diff_rel']} | {r['token_ppl']} |")
+        print(
+            f"| {r['ranks']} | {r['threads_per_rank']} | {r['wall_s']} | {100 * r['codes_identical']:.3f}% | "
+            f"{r['max_diff_steps']} | {r['max_diff_rel']} | {r['token_ppl']} |"
+        )
 
 
 if __name__ == "__main__":

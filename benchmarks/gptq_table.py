@@ -8,6 +8,7 @@ Row names: METHOD-wBITS(gGROUP|pc)[-asym][-ACTORDER][-datafree][@FORMAT]; calibr
 tokens of ../shared/data/text/calib.txt unless -datafree; FORMAT defaults to gptq. `ROW>FORMAT` repacks the
 export of an earlier ROW into FORMAT with `compress-export convert` (same numbers, so the same perplexity).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,21 +16,37 @@ import re
 
 from common import TEXT, example_model, measure_rows
 
-DEFAULT_ROWS = ("bf16,rtn-w8pc,gptq-w8pc,rtn-w4g64,gptq-w4g64,rtn-w3g64,gptq-w3g64,rtn-w2g64,gptq-w2g64,"
-                "gptq-w4g64-datafree")
-AWQ_ROWS = ("bf16,rtn-w4g64-asym-none@awq,gptq-w4g64-asym-static,awq-w4g64-asym@awq,"
-            "awq-w4g64-asym@awq>compressed-tensors,gptq-w4g64-static,gptq-w4g64-static>awq,"
-            "gptq-w4g64-static>compressed-tensors")
+DEFAULT_ROWS = (
+    "bf16,rtn-w8pc,gptq-w8pc,rtn-w4g64,gptq-w4g64,rtn-w3g64,gptq-w3g64,rtn-w2g64,gptq-w2g64,gptq-w4g64-datafree"
+)
+AWQ_ROWS = (
+    "bf16,rtn-w4g64-asym-none@awq,gptq-w4g64-asym-static,awq-w4g64-asym@awq,"
+    "awq-w4g64-asym@awq>compressed-tensors,gptq-w4g64-static,gptq-w4g64-static>awq,"
+    "gptq-w4g64-static>compressed-tensors"
+)
 
 
 def parse_row(name: str) -> list:
-    m = re.fullmatch(r"(rtn|gptq|awq)-w(\d)(?:g(\d+)|pc)(-asym)?(?:-(none|static|group))?(-datafree)?"
-                     r"(?:@([a-z-]+))?", name)
+    m = re.fullmatch(
+        r"(rtn|gptq|awq)-w(\d)(?:g(\d+)|pc)(-asym)?(?:-(none|static|group))?(-datafree)?"
+        r"(?:@([a-z-]+))?",
+        name,
+    )
     if not m:
         raise SystemExit(f"bad row name {name!r}")
     method, bits, group, asym, act, datafree, fmt = m.groups()
-    args = ["--method", method, "--bits", bits, "--group-size", group or "-1", "--act-order", act or "static",
-            "--format", fmt or "gptq"]
+    args = [
+        "--method",
+        method,
+        "--bits",
+        bits,
+        "--group-size",
+        group or "-1",
+        "--act-order",
+        act or "static",
+        "--format",
+        fmt or "gptq",
+    ]
     args.append("--asym" if asym else "--sym")
     args += ["--dataset", "self" if datafree else TEXT / "calib.txt"]  # -datafree: the model writes its own text
     return args + ["--num-samples", "64", "--seq-len", "512"]

@@ -15,6 +15,7 @@ on SmolLM2's and a 1B Llama's MLP shapes, with torch's thread count for everythi
 per-token quantization of x (ours also both scales: kernels/int8.w8a8_linear); "torch fp32" is the unquantized
 model's linear, "torch fp64" the exact fallback used where the compiled kernel is not built.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,10 @@ def exactness(shapes) -> None:
             exact = xq.double() @ w.double().t()
             sat = saturating_model(xq, w).double()
             err = float((acc - exact).norm() / exact.norm())
-            print(f"| {kind} | {m}×{k}×{n} | {err:.2e} | {float((acc == exact).double().mean()):.1%} | "
-                  f"{float((acc == sat).double().mean()):.1%} |")
+            print(
+                f"| {kind} | {m}×{k}×{n} | {err:.2e} | {float((acc == exact).double().mean()):.1%} | "
+                f"{float((acc == sat).double().mean()):.1%} |"
+            )
 
 
 def ms(f, repeats: int) -> float:
@@ -102,10 +105,16 @@ def speed(shapes, repeats: int) -> None:
         scale = torch.ones(1, n)
         dnn = OneDNN(w)
         wf, wd = w.float().t().contiguous(), w.double().t().contiguous()
-        t = {"ours": ms(lambda: w8a8_linear(x, w, scale), repeats), "onednn": ms(lambda: dnn(x), repeats),
-             "f32": ms(lambda: x @ wf, repeats), "f64": ms(lambda: x.double() @ wd, repeats)}
-        print(f"| {m}×{k}×{n} | {t['ours']:.3f} | {t['onednn']:.3f} | {t['f32']:.3f} | {t['f64']:.3f} | "
-              f"{t['onednn'] / t['ours']:.2f}× | {t['f32'] / t['ours']:.2f}× |")
+        t = {
+            "ours": ms(lambda: w8a8_linear(x, w, scale), repeats),
+            "onednn": ms(lambda: dnn(x), repeats),
+            "f32": ms(lambda: x @ wf, repeats),
+            "f64": ms(lambda: x.double() @ wd, repeats),
+        }
+        print(
+            f"| {m}×{k}×{n} | {t['ours']:.3f} | {t['onednn']:.3f} | {t['f32']:.3f} | {t['f64']:.3f} | "
+            f"{t['onednn'] / t['ours']:.2f}× | {t['f32'] / t['ours']:.2f}× |"
+        )
 
 
 def main():
@@ -113,11 +122,23 @@ def main():
     p.add_argument("--repeats", type=int, default=20)
     a = p.parse_args()
     ext = extension()
-    print(f"{cpu_kind()} CPU, {torch.get_num_threads()} threads; vLLM's int8 GEMM saturating here by the flags: "
-          f"{saturating_int8_gemm()}; our GEMM: {ext.isa() if ext else 'not built (float64 fallback)'}\n")
+    print(
+        f"{cpu_kind()} CPU, {torch.get_num_threads()} threads; vLLM's int8 GEMM saturating here by the flags: "
+        f"{saturating_int8_gemm()}; our GEMM: {ext.isa() if ext else 'not built (float64 fallback)'}\n"
+    )
     exactness([(16, 576, 1536), (16, 1536, 576)])
-    speed([(1, 576, 1536), (1, 1536, 576), (16, 576, 1536), (512, 576, 1536), (1, 2048, 8192), (1, 8192, 2048),
-           (512, 2048, 8192)], a.repeats)
+    speed(
+        [
+            (1, 576, 1536),
+            (1, 1536, 576),
+            (16, 576, 1536),
+            (512, 576, 1536),
+            (1, 2048, 8192),
+            (1, 8192, 2048),
+            (512, 2048, 8192),
+        ],
+        a.repeats,
+    )
 
 
 if __name__ == "__main__":

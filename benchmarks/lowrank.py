@@ -13,6 +13,7 @@ integrations/vllm_lowrank.py), and the base alone: perplexity from its prompt lo
 one window at a time, about 10 minutes here; --no-lora-ppl skips it), and batch-1 decode tokens/s (64 tokens,
 median of 3).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,12 +99,33 @@ def main():
             for rank in (int(r) for r in a.ranks.split(",")):
                 t = time.time()
                 out = Path(tmp) / f"w{bits}-r{rank}"
-                s = cli("--format", "gptq", "--method", "gptq", "--bits", bits, "--group-size", 64,
-                        "--lowrank-rank", rank, *calib, base, "-o", out, "-q")
+                s = cli(
+                    "--format",
+                    "gptq",
+                    "--method",
+                    "gptq",
+                    "--bits",
+                    bits,
+                    "--group-size",
+                    64,
+                    "--lowrank-rank",
+                    rank,
+                    *calib,
+                    base,
+                    "-o",
+                    out,
+                    "-q",
+                )
                 ev = cli("eval", out, "--text", TEXT / "eval.txt")
-                rec = {"bits": bits, "rank": rank, "token_ppl": round(ev["token_perplexity"], 3),
-                       "word_ppl": round(ev["word_perplexity"], 1), "size_mb": size_mb(out),
-                       "adapter_mb": adapter_mb(out), "compress_s": round(s["seconds"], 1)}
+                rec = {
+                    "bits": bits,
+                    "rank": rank,
+                    "token_ppl": round(ev["token_perplexity"], 3),
+                    "word_ppl": round(ev["word_perplexity"], 1),
+                    "size_mb": size_mb(out),
+                    "adapter_mb": adapter_mb(out),
+                    "compress_s": round(s["seconds"], 1),
+                }
                 if (bits, rank) in serve:
                     rec.update(served(out, rank, not a.no_lora_ppl))
                 rows.append(rec)
@@ -112,10 +134,24 @@ def main():
     for r in rows:
         if r["bits"] in zero and r["rank"]:
             r["gap_closed"] = f"{(zero[r['bits']] - r['token_ppl']) / (zero[r['bits']] - ref):.0%}"
-    print(f"\n{cpu_kind()} CPU; SmolLM2-135M GPTQ g64, {a.num_samples}×{a.seq_len} calibration tokens; "
-          "eval.txt 16×512\n")
-    cols = ["bits", "rank", "token_ppl", "gap_closed", "word_ppl", "size_mb", "adapter_mb", "compress_s",
-            "vllm_ppl", "vllm_ppl_fused", "decode_tok_s", "decode_tok_s_fused", "decode_tok_s_no_adapter"]
+    print(
+        f"\n{cpu_kind()} CPU; SmolLM2-135M GPTQ g64, {a.num_samples}×{a.seq_len} calibration tokens; eval.txt 16×512\n"
+    )
+    cols = [
+        "bits",
+        "rank",
+        "token_ppl",
+        "gap_closed",
+        "word_ppl",
+        "size_mb",
+        "adapter_mb",
+        "compress_s",
+        "vllm_ppl",
+        "vllm_ppl_fused",
+        "decode_tok_s",
+        "decode_tok_s_fused",
+        "decode_tok_s_no_adapter",
+    ]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |")

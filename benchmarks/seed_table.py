@@ -11,6 +11,7 @@ tests/test_validate.py), compression seconds, size on disk, and vLLM decode toke
 warm-up; each model in its own subprocess). Writes seed_table.json, seed_table.md and seed_table.png (word
 perplexity against size) to --out-dir (default: the current directory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,25 @@ CAL = ["--dataset", TEXT / "calib.txt", "--num-samples", "64", "--seq-len", "512
 SPARSE = {
     "magnitude-2:4": ["--method", "magnitude", "--sparsity", "2:4"],
     "sparsegpt-2:4": ["--method", "sparsegpt", "--sparsity", "2:4", *CAL],
-    "sparsegpt-2:4-w4g64": ["--method", "sparsegpt", "--sparsity", "2:4", "--bits", "4", "--group-size", "64",
-                            "--asym", *CAL],
+    "sparsegpt-2:4-w4g64": [
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "2:4",
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--asym",
+        *CAL,
+    ],
 }
 CT = "@compressed-tensors"  # zero points may be 0 there (GPTQ v1 stores zero − 1, so it needs zero ≥ 1)
-DEFAULT_ROWS = ",".join(["bf16"] + [f"{m}-w{b}g64-asym{CT}" for m in ("gptq", "rtn") for b in (8, 4, 3, 2)]
-                        + ["awq-w4g64-asym@awq", *SPARSE])
+DEFAULT_ROWS = ",".join(
+    ["bf16"]
+    + [f"{m}-w{b}g64-asym{CT}" for m in ("gptq", "rtn") for b in (8, 4, 3, 2)]
+    + ["awq-w4g64-asym@awq", *SPARSE]
+)
 COLS = ["row", "word_ppl", "byte_ppl", "bits_per_byte", "token_ppl", "seconds", "size_mb", "vllm_decode_tok_s"]
 
 
@@ -77,8 +91,13 @@ def main():
         r = check(str(target), a.max_tokens)
         rec["vllm_decode_tok_s"] = r.get("decode_tok_s", "error")
 
-    rows = measure_rows(a.model or example_model(), [(r, spec(r)) for r in a.rows.split(",")],
-                        out / "seed_table.json", after=decode, cols=COLS)
+    rows = measure_rows(
+        a.model or example_model(),
+        [(r, spec(r)) for r in a.rows.split(",")],
+        out / "seed_table.json",
+        after=decode,
+        cols=COLS,
+    )
     lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     lines += ["| " + " | ".join(str(r.get(c, "–")) for c in COLS) + " |" for r in rows]
     (out / "seed_table.md").write_text("\n".join(lines) + "\n")

@@ -5,6 +5,7 @@
 Rows: magnitude, Wanda and SparseGPT at 2:4 (sparse24 format), SparseGPT 2:4 + W4 g64 (sparse24), and 50%
 unstructured for comparison (dense format). Calibration: the first 64×512 tokens of ../shared/data/text/calib.txt.
 """
+
 from __future__ import annotations
 
 import argparse

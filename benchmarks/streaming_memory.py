@@ -7,6 +7,7 @@ Random-weight Llamas are written shard by shard in bf16 (one decoder layer in me
 them needs little memory either), exported by `compress-export` in a fresh process each, and deleted afterwards.
 Peak RSS is the exporting process's own (ru_maxrss, as the CLI's summary reports it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,25 +19,38 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import TEXT, cli
 
 # Llama-3-8B: 32 layers, hidden 4096, MLP 14336, 32 heads of 128, 8 KV heads, vocabulary 128256, untied head
 LLAMA3_8B = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, vocab=128256, tie=False)
 
 
-def build_random_llama(path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int,
-                       tie: bool) -> Path:
+def build_random_llama(
+    path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, tie: bool
+) -> Path:
     """A Llama checkpoint of random bf16 weights (std 0.02, norms 1), one shard per decoder layer plus an index."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
     head_dim = hidden // heads
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 4096,
-           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": tie, "torch_dtype": "bfloat16",
-           "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": tie,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(0)
 
@@ -54,14 +68,19 @@ def build_random_llama(path: Path, hidden: int, inter: int, layers: int, heads: 
     shard({"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden).bfloat16()})
     for i in range(layers):
         p = f"model.layers.{i}."
-        shard({p + "input_layernorm.weight": torch.ones(hidden).bfloat16(),
-               p + "post_attention_layernorm.weight": torch.ones(hidden).bfloat16(),
-               p + "self_attn.q_proj.weight": rnd(heads * head_dim, hidden),
-               p + "self_attn.k_proj.weight": rnd(kv_heads * head_dim, hidden),
-               p + "self_attn.v_proj.weight": rnd(kv_heads * head_dim, hidden),
-               p + "self_attn.o_proj.weight": rnd(hidden, heads * head_dim),
-               p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
-               p + "mlp.down_proj.weight": rnd(hidden, inter)})
+        shard(
+            {
+                p + "input_layernorm.weight": torch.ones(hidden).bfloat16(),
+                p + "post_attention_layernorm.weight": torch.ones(hidden).bfloat16(),
+                p + "self_attn.q_proj.weight": rnd(heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": rnd(kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": rnd(kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": rnd(hidden, heads * head_dim),
+                p + "mlp.gate_proj.weight": rnd(inter, hidden),
+                p + "mlp.up_proj.weight": rnd(inter, hidden),
+                p + "mlp.down_proj.weight": rnd(hidden, inter),
+            }
+        )
     if not tie:
         shard({"lm_head.weight": rnd(vocab, hidden)})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -81,21 +100,28 @@ def export(model: Path, out: Path, *args) -> dict:
     t = time.time()
     s = cli(model, "-o", out, "-q", *args)
     shutil.rmtree(out, ignore_errors=True)
-    return {"peak_rss_mb": round(s["peak_rss_mb"]), "seconds": round(time.time() - t, 1),
-            "streamed": s["streamed"], "size_after_mb": round(s["size_after_mb"])}
+    return {
+        "peak_rss_mb": round(s["peak_rss_mb"]),
+        "seconds": round(time.time() - t, 1),
+        "streamed": s["streamed"],
+        "size_after_mb": round(s["size_after_mb"]),
+    }
 
 
 def depth_sweep(a) -> None:
     rows = []
     calib = ["--dataset", TEXT / "calib.txt", "--num-samples", str(a.samples), "--seq-len", str(a.seq_len)]
-    methods = {"rtn": ["--method", "rtn", "--group-size", "128"],
-               "gptq": ["--method", "gptq", "--group-size", "128", *calib]}
+    methods = {
+        "rtn": ["--method", "rtn", "--group-size", "128"],
+        "gptq": ["--method", "gptq", "--group-size", "128", *calib],
+    }
     methods = {k: v for k, v in methods.items() if k in a.methods}
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
         for depth in a.depths:
             t = time.time()
-            m = build_random_llama(Path(tmp) / f"llama-{depth}", a.hidden, a.inter, depth, a.heads, a.kv_heads,
-                                   a.vocab, tie=False)
+            m = build_random_llama(
+                Path(tmp) / f"llama-{depth}", a.hidden, a.inter, depth, a.heads, a.kv_heads, a.vocab, tie=False
+            )
             size = sum(f.stat().st_size for f in m.glob("*.safetensors")) / 1e6
             print(f"built {depth} layers ({size:.0f} MB bf16) in {time.time() - t:.0f} s", file=sys.stderr)
             for name, args in methods.items():
@@ -120,8 +146,10 @@ def llama3_8b(a) -> None:
         size = sum(f.stat().st_size for f in m.glob("*.safetensors")) / 1e9
         print(f"built Llama-3-8B shapes ({size:.1f} GB bf16) in {time.time() - t:.0f} s", file=sys.stderr)
         r = export(m, Path(tmp) / "out", "--method", "rtn", "--bits", "4", "--group-size", "128")
-    print(f"Llama-3-8B shapes, random bf16 ({size:.1f} GB) → RTN W4 g128 GPTQ format ({r['size_after_mb']} MB): "
-          f"peak RSS {r['peak_rss_mb']} MB (target < 6000), {r['seconds']} s, streamed={r['streamed']}")
+    print(
+        f"Llama-3-8B shapes, random bf16 ({size:.1f} GB) → RTN W4 g128 GPTQ format ({r['size_after_mb']} MB): "
+        f"peak RSS {r['peak_rss_mb']} MB (target < 6000), {r['seconds']} s, streamed={r['streamed']}"
+    )
 
 
 def main():

@@ -9,6 +9,7 @@ generation of --max-new-tokens after a short prompt (median of --repeats, after 
 counts every distinct tensor the model holds (parameters, buffers and the kernels' packed tensors, tied weights
 once: compress_export.kernels.linear.weight_bytes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import TEXT, example_model
 
 from compress_export import AutoCompressedModelForCausalLM
@@ -57,22 +57,52 @@ def main():
         export = a.export
         if export is None:
             export = str(Path(tmp) / "smollm2-gptq-w4g64")
-            subprocess.run([sys.executable, "-m", "compress_export.cli.main", "--format", "gptq", "--bits", "4",
-                            "--group-size", "64", "--dataset", str(TEXT / "calib.txt"), "--num-samples", "16",
-                            "--seq-len", "256", "-q", base, "-o", export], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "compress_export.cli.main",
+                    "--format",
+                    "gptq",
+                    "--bits",
+                    "4",
+                    "--group-size",
+                    "64",
+                    "--dataset",
+                    str(TEXT / "calib.txt"),
+                    "--num-samples",
+                    "16",
+                    "--seq-len",
+                    "256",
+                    "-q",
+                    base,
+                    "-o",
+                    export,
+                ],
+                check=True,
+                capture_output=True,
+            )
         rows = []
         for dt in a.dtypes.split(","):
             dtype = getattr(torch, dt)
-            for tag, load in (("original", lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype)),
-                              ("export", lambda: AutoCompressedModelForCausalLM.from_pretrained(export, dtype=dtype))):
+            for tag, load in (
+                ("original", lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype)),
+                ("export", lambda: AutoCompressedModelForCausalLM.from_pretrained(export, dtype=dtype)),
+            ):
                 model = load().eval()
-                r = {"model": tag, "dtype": dt, "weights_mb": round(weight_bytes(model) / 1e6, 1),
-                     "decode_tok_s": decode_speed(model, tok, a.max_new_tokens, a.repeats)}
+                r = {
+                    "model": tag,
+                    "dtype": dt,
+                    "weights_mb": round(weight_bytes(model) / 1e6, 1),
+                    "decode_tok_s": decode_speed(model, tok, a.max_new_tokens, a.repeats),
+                }
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 del model
-    print(f"\n{cpu_kind()} CPU, {torch.get_num_threads()} threads; batch 1, {a.max_new_tokens} new tokens, "
-          f"median of {a.repeats}\n")
+    print(
+        f"\n{cpu_kind()} CPU, {torch.get_num_threads()} threads; batch 1, {a.max_new_tokens} new tokens, "
+        f"median of {a.repeats}\n"
+    )
     print("| model | dtype | resident weights MB | decode tok/s |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['dtype']} | {r['weights_mb']} | {r['decode_tok_s']} |")
@@ -80,8 +110,10 @@ def main():
     if ref:
         for r in rows:
             if r["model"] == "export":
-                print(f"\nexport in {r['dtype']} against the bf16 model: weights {r['weights_mb'] / ref['weights_mb']:.2f}×,"
-                      f" decode {r['decode_tok_s'] / ref['decode_tok_s']:.2f}×")
+                print(
+                    f"\nexport in {r['dtype']} against the bf16 model: weights {r['weights_mb'] / ref['weights_mb']:.2f}×,"
+                    f" decode {r['decode_tok_s'] / ref['decode_tok_s']:.2f}×"
+                )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ sparse24, and magnitude 2:4 + W4 g64 as sparse24. Each model is loaded in its ow
 (`compress_export.integrations.vllm_check`): greedy, single stream, 64 new tokens after a warm-up, `ignore_eos`;
 the best of --repeats runs is reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 from common import example_model, size_mb, vllm_check
-
 
 W4 = ["--bits", "4", "--group-size", "64"]
 DEFAULT_EXPORTS = [
@@ -47,8 +47,11 @@ def main():
             exports = []
             for name, args in DEFAULT_EXPORTS:
                 out = str(Path(tmp) / name)
-                subprocess.run([sys.executable, "-m", "compress_export.cli.main", *args, "-q", base, "-o", out],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    [sys.executable, "-m", "compress_export.cli.main", *args, "-q", base, "-o", out],
+                    check=True,
+                    capture_output=True,
+                )
                 exports.append(out)
         rows = []
         for model in [base] + exports:
@@ -64,8 +67,10 @@ def main():
         if "error" in r:
             print(f"| {Path(r['model']).name} | error | {r['size_mb']} | | | |")
             continue
-        print(f"| {Path(r['model']).name} | {r['quantization'] or 'none (bf16 weights, fp32 compute)'} | "
-              f"{r['size_mb']} | {r['load_s']} | {r['decode_tok_s']} | {r['decode_tok_s'] / ref:.2f}× |")
+        print(
+            f"| {Path(r['model']).name} | {r['quantization'] or 'none (bf16 weights, fp32 compute)'} | "
+            f"{r['size_mb']} | {r['load_s']} | {r['decode_tok_s']} | {r['decode_tok_s'] / ref:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Each (model, dtype) loads once in its own process (`compress_export.integrations
 fastest dtype at that batch size (the baseline as a user would run it). The kernels column says what ran the
 quantized linears.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,28 +29,60 @@ from compress_export.core.hardware import cpu_kind
 
 
 def export(base: Path, out: Path, args: list) -> Path:
-    subprocess.run([sys.executable, "-m", "compress_export.cli.main", *args, "-q", str(base), "-o", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "compress_export.cli.main", *args, "-q", str(base), "-o", str(out)],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
 def pairs(which: list, tmp: Path):
     if "smollm2" in which:
         base = Path(example_model())
-        yield "SmolLM2-135M", base, export(base, tmp / "smollm2-gptq-w4g64", [
-            "--format", "gptq", "--method", "gptq", "--bits", "4", "--group-size", "64", "--dataset",
-            str(TEXT / "calib.txt"), "--num-samples", "16", "--seq-len", "256"])
+        yield (
+            "SmolLM2-135M",
+            base,
+            export(
+                base,
+                tmp / "smollm2-gptq-w4g64",
+                [
+                    "--format",
+                    "gptq",
+                    "--method",
+                    "gptq",
+                    "--bits",
+                    "4",
+                    "--group-size",
+                    "64",
+                    "--dataset",
+                    str(TEXT / "calib.txt"),
+                    "--num-samples",
+                    "16",
+                    "--seq-len",
+                    "256",
+                ],
+            ),
+        )
     if "1b" in which:
         base = random_llama(tmp / "llama-1b")
-        yield "Llama-1B (random)", base, export(base, tmp / "llama-1b-rtn-w4g128", [
-            "--format", "gptq", "--method", "rtn", "--bits", "4", "--group-size", "128"])
+        yield (
+            "Llama-1B (random)",
+            base,
+            export(
+                base,
+                tmp / "llama-1b-rtn-w4g128",
+                ["--format", "gptq", "--method", "rtn", "--bits", "4", "--group-size", "128"],
+            ),
+        )
 
 
 def measure(model: Path, dtypes: list, a) -> dict:
     runs = {}
     for dt in dtypes:
-        r = vllm_check(model, "--dtype", dt, "--max-tokens", a.max_tokens, "--batches", a.batches,
-                       "--repeats", a.repeats)
+        r = vllm_check(
+            model, "--dtype", dt, "--max-tokens", a.max_tokens, "--batches", a.batches, "--repeats", a.repeats
+        )
         runs[dt] = r
         print(json.dumps({k: v for k, v in r.items() if k != "text"}), flush=True)
     return {"runs": runs, "size_mb": size_mb(model)}
@@ -83,8 +116,11 @@ def main():
             for dt, r in m["runs"].items():
                 cells = [r.get("decode_tok_s_by_batch", {}).get(b, "error") for b in batches]
                 kern = ", ".join(f"{k} ×{n}" for k, n in (r.get("kernels") or {}).items()) or "dense"
-                print(f"| {name} | {tag} | {m['size_mb']} | {dt} | " + " | ".join(map(str, cells))
-                      + f" | {kern if 'error' not in r else r['error'][-120:]} |")
+                print(
+                    f"| {name} | {tag} | {m['size_mb']} | {dt} | "
+                    + " | ".join(map(str, cells))
+                    + f" | {kern if 'error' not in r else r['error'][-120:]} |"
+                )
     print("\nEach model in its fastest dtype for that batch size:\n")
     print("| model | batch | original (dtype) | export (dtype) | export / original |\n|---|---|---|---|---|")
     for name, base, ex in rows:

@@ -8,6 +8,7 @@ static act-order, dampening 0.01; llm-compressor otherwise at its defaults. Each
 start to a saved checkpoint (model load included), with its own peak RSS (wait4). Perplexity of both on the shared
 protocol: ours through our loader, llm-compressor's through transformers + compressed-tensors in its venv.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,17 +85,55 @@ def main():
         ours_out, theirs_out = Path(tmp) / "ours", Path(tmp) / "llmc"
         script = Path(tmp) / "llmc_run.py"
         script.write_text(LLMC_SCRIPT)
-        ours = run_with_rss([sys.executable, "-m", "compress_export.cli.main", "--method", "gptq", "--bits", "4",
-                             "--group-size", "64", "--act-order", "static", "--damp", "0.01", "--dataset",
-                             str(calib), "--num-samples", "64", "--seq-len", "512", "-q", model, "-o",
-                             str(ours_out)])
+        ours = run_with_rss(
+            [
+                sys.executable,
+                "-m",
+                "compress_export.cli.main",
+                "--method",
+                "gptq",
+                "--bits",
+                "4",
+                "--group-size",
+                "64",
+                "--act-order",
+                "static",
+                "--damp",
+                "0.01",
+                "--dataset",
+                str(calib),
+                "--num-samples",
+                "64",
+                "--seq-len",
+                "512",
+                "-q",
+                model,
+                "-o",
+                str(ours_out),
+            ]
+        )
         theirs = run_with_rss([str(py), str(script), model, str(calib), str(theirs_out)])
-        ev_ours = json.loads(subprocess.run([sys.executable, "-m", "compress_export.cli.main", "eval", str(ours_out),
-                                             "--text", str(evalt), "--json"], capture_output=True, text=True,
-                                            check=True).stdout)
+        ev_ours = json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "compress_export.cli.main",
+                    "eval",
+                    str(ours_out),
+                    "--text",
+                    str(evalt),
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         (Path(tmp) / "ev.py").write_text(EVAL_SCRIPT)
-        r = subprocess.run([str(py), str(Path(tmp) / "ev.py"), str(theirs_out), str(evalt), str(ROOT)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [str(py), str(Path(tmp) / "ev.py"), str(theirs_out), str(evalt), str(ROOT)], capture_output=True, text=True
+        )
         ev_theirs = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {}
         if r.returncode:
             print("llm-compressor export could not be evaluated:", r.stderr[-2000:])

@@ -17,6 +17,7 @@ loader (its int8 kernel: the same per-token int8 × per-channel int8 arithmetic,
 tokens/s = 512 / time to first token of a 512-token prompt; decode tokens/s at batch 1 (32 new tokens after that
 prompt); offline throughput of 16 prompts of 128 tokens generating 64 each. Medians of 3 where repeated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,24 @@ VARIANTS = {
     "gptq": ["--method", "gptq", "--smoothquant", "0"],
     "gptq-sq": ["--method", "gptq", "--smoothquant", "{alpha}"],
 }
-OPTIONS = ValidateOptions(max_new_tokens=8, windows=16, latency_lengths=((512, 32),), latency_repeats=3,
-                          num_prompts=16, input_len=128, output_len=64, serve=False, prompts=(PROMPTS[0],))
+OPTIONS = ValidateOptions(
+    max_new_tokens=8,
+    windows=16,
+    latency_lengths=((512, 32),),
+    latency_repeats=3,
+    num_prompts=16,
+    input_len=128,
+    output_len=64,
+    serve=False,
+    prompts=(PROMPTS[0],),
+)
 
 
 @dataclass(frozen=True)
 class Run:
     """How every row is made: vLLM's engine dtype, the scratch folder, our loader's ppl or not, the plugin rows,
     and the batch sizes of the decode-alone timing ("" none)."""
+
     dtype: str
     tmp: Path
     ours: bool = True
@@ -67,13 +78,17 @@ def serve_figures(model: Path, run: Run, tag: str, plugin: bool = False) -> dict
         return {"error": res["error"][:300]}
     lat = res["latency"][0]
     if run.decode_batches:  # the latency run's decode subtracts a long prefill; this one times decode alone
-        r = vllm_check(model, "--max-tokens", 64, "--repeats", 3, "--batches", run.decode_batches,
-                       "--dtype", run.dtype)
+        r = vllm_check(model, "--max-tokens", 64, "--repeats", 3, "--batches", run.decode_batches, "--dtype", run.dtype)
         res["decode_by_batch"] = r.get("decode_tok_s_by_batch") or r.get("error", "")[-200:]
-    return {"decode_by_batch": res.get("decode_by_batch"),
-            "vllm_ppl": round(res["perplexity"]["token_perplexity"], 3), "quantization": res.get("quantization"),
-            "kernels": res.get("kernels"), "prefill_tok_s": round(lat["input_len"] / (lat["ttft_ms"] / 1e3), 1),
-            "decode_tok_s": lat["decode_tok_s"], "throughput_out_tok_s": res["throughput"]["output_tok_s"]}
+    return {
+        "decode_by_batch": res.get("decode_by_batch"),
+        "vllm_ppl": round(res["perplexity"]["token_perplexity"], 3),
+        "quantization": res.get("quantization"),
+        "kernels": res.get("kernels"),
+        "prefill_tok_s": round(lat["input_len"] / (lat["ttft_ms"] / 1e3), 1),
+        "decode_tok_s": lat["decode_tok_s"],
+        "throughput_out_tok_s": res["throughput"]["output_tok_s"],
+    }
 
 
 def rows_for(name: str, base: Path, calib: list, variants: list, alpha: float, run: Run) -> list:
@@ -96,8 +111,11 @@ def rows_for(name: str, base: Path, calib: list, variants: list, alpha: float, r
         print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
         if run.plugin and v != "original":  # the same export with our plugin loaded: its route decides who runs it
             t = time.time()
-            rec = {**{k: rec[k] for k in ("model", "size_mb", "compress_s", "ours_ppl") if k in rec},
-                   "variant": f"{v} (plugin)", **serve_figures(target, run, f"{name}-{v}-plugin", True)}
+            rec = {
+                **{k: rec[k] for k in ("model", "size_mb", "compress_s", "ours_ppl") if k in rec},
+                "variant": f"{v} (plugin)",
+                **serve_figures(target, run, f"{name}-{v}-plugin", True),
+            }
             rows.append(rec)
             print(json.dumps(rec), f"({time.time() - t:.0f} s wall)", flush=True)
     return rows
@@ -110,12 +128,18 @@ def main():
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--dtype", default=fast_dtype("cpu"))
     p.add_argument("--no-ours", action="store_true", help="skip our loader's perplexity (speed runs)")
-    p.add_argument("--plugin", action="store_true",
-                   help="also serve each export with our plugin loaded (on x86 CPUs without VNNI our exact int8 "
-                        "GEMM claims W8A8; elsewhere vLLM keeps it)")
-    p.add_argument("--decode-batches", default="",
-                   help="also time decode alone (64 tokens after a short prompt, median of 3) at these batch sizes, "
-                        "e.g. 1,4: on a 1B model the latency run's decode figure subtracts a 15 s prefill")
+    p.add_argument(
+        "--plugin",
+        action="store_true",
+        help="also serve each export with our plugin loaded (on x86 CPUs without VNNI our exact int8 "
+        "GEMM claims W8A8; elsewhere vLLM keeps it)",
+    )
+    p.add_argument(
+        "--decode-batches",
+        default="",
+        help="also time decode alone (64 tokens after a short prompt, median of 3) at these batch sizes, "
+        "e.g. 1,4: on a 1B model the latency run's decode figure subtracts a 15 s prefill",
+    )
     p.add_argument("--out", help="also write the rows as JSON here")
     a = p.parse_args()
     variants = a.variants.split(",")
@@ -130,8 +154,19 @@ def main():
             rows += rows_for("Llama-1B (random)", random_llama(run.tmp / "llama-1b"), calib, variants, a.alpha, run)
     plug = "rows marked (plugin) with our plugin loaded, the others without" if a.plugin else "plugin not loaded"
     print(f"\n{cpu_kind()} CPU, vLLM engine dtype {a.dtype}, {plug}; SmoothQuant α = {a.alpha}\n")
-    cols = ["model", "variant", "vllm_ppl", "ours_ppl", "prefill_tok_s", "decode_tok_s", "throughput_out_tok_s",
-            "decode_by_batch", "size_mb", "compress_s", "kernels"]
+    cols = [
+        "model",
+        "variant",
+        "vllm_ppl",
+        "ours_ppl",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "throughput_out_tok_s",
+        "decode_by_batch",
+        "size_mb",
+        "compress_s",
+        "kernels",
+    ]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, r.get("error", "–"))) for c in cols) + " |")

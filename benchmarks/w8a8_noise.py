@@ -13,6 +13,7 @@ spread covers the engines' gap, the gap is rounding, not a difference in arithme
 Without --export, SmolLM2 is exported RTN + SmoothQuant 0.5 W8A8 (calibrated on calib.txt 64 × 512, as
 benchmarks/w8a8.py's rtn-sq row). Perplexity: eval.txt, the shared protocol (16 × 512, fp32).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import TEXT, cli, example_model
 
 import compress_export.kernels.int8 as int8
-from compress_export.pipeline.evaluate import perplexity
 from compress_export.io.loading import load_model
+from compress_export.pipeline.evaluate import perplexity
 
 
 def perturbed_ppl(model, tok, text: str, eps: float, seed: int) -> float:
@@ -53,8 +53,24 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         export = Path(a.export) if a.export else Path(tmp) / "w8a8"
         if not a.export:
-            cli("--scheme", "W8A8", "--method", "rtn", "--smoothquant", "0.5", "--dataset", TEXT / "calib.txt",
-                "--num-samples", "64", "--seq-len", "512", example_model(), "-o", export, "-q")
+            cli(
+                "--scheme",
+                "W8A8",
+                "--method",
+                "rtn",
+                "--smoothquant",
+                "0.5",
+                "--dataset",
+                TEXT / "calib.txt",
+                "--num-samples",
+                "64",
+                "--seq-len",
+                "512",
+                example_model(),
+                "-o",
+                export,
+                "-q",
+            )
         model, tok = load_model(export)
         base = perturbed_ppl(model, tok, text, 0.0, 0)
         print(f"{export.name}: eval.txt token ppl {base:.3f} unperturbed\n")

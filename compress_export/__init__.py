@@ -2,8 +2,11 @@
 
 Importing this package is cheap: it never imports vLLM and never initialises CUDA. Heavy modules load lazily.
 """
-from compress_export._version import __version__  # noqa: F401
 
+import importlib.util
+import sys
+
+from compress_export._version import __version__  # noqa: F401
 from compress_export.core.errors import UserError  # noqa: E402,F401
 from compress_export.core.scheme import PRESETS, Scheme  # noqa: E402,F401
 
@@ -19,6 +22,7 @@ def load_model(*args, **kwargs):
     """Load an export (or a plain model directory) as a torch module: see compress_export.io.loading."""
     from compress_export.io.loading import load_model as _load
 
+    register_with_transformers()
     return _load(*args, **kwargs)
 
 
@@ -43,10 +47,39 @@ def __getattr__(name):
     raise AttributeError(f"module 'compress_export' has no attribute {name!r}")
 
 
-def _install_hooks():
-    from compress_export import _hooks
+def register_with_transformers() -> None:
+    """Register compress-export's quantizer with transformers' quantizer registry, so that
+    `transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads our exports (ours where transformers' own backend
+    is missing; COMPRESS_EXPORT_TRANSFORMERS=ours|theirs|auto chooses): see integrations/transformers_quantizer.py.
+    Idempotent. Imports transformers' quantizer registry (seconds, with torch), so `import compress_export` calls
+    it only when transformers is already imported.
 
-    _hooks.install()
+    Trade-off (no import hook): `import compress_export` first and `import transformers` later registers nothing by
+    itself. Our own entry points register before they use transformers (AutoCompressedModelForCausalLM,
+    load_model; vLLM imports transformers before it loads our plugin, so there the import registers); a script that
+    imports compress_export before transformers and then calls transformers' own auto class calls this once first.
+    (The import hook this replaces covered that order too, at the price of an import-system finder.)"""
+    from compress_export.integrations.transformers_quantizer import register
+
+    register()
 
 
-_install_hooks()
+def _register_if_transformers_imported() -> None:
+    """At import: register at once when transformers or torch is already imported (torch is most of the cost, so a
+    script or notebook that imported torch first pays only transformers' quantizer modules; vLLM's processes too).
+    The CLI imports neither before this runs, so `compress-export --help` and the allocator tuning that must precede
+    torch stay unaffected. Never breaks `import compress_export` (vLLM imports it to load our plugin): a failure is logged, and an
+    explicit register_with_transformers() call raises it."""
+    if "transformers" not in sys.modules and "torch" not in sys.modules:
+        return
+    if importlib.util.find_spec("transformers") is None:
+        return
+    try:
+        register_with_transformers()
+    except Exception as e:  # noqa: BLE001
+        import logging
+
+        logging.getLogger(__name__).warning("compress-export: transformers registration skipped (%s)", e)
+
+
+_register_if_transformers_imported()

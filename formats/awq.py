@@ -9,6 +9,7 @@ Per quantized linear with W [out, in], G groups (4-bit only):
 No g_idx: groups are contiguous input columns, so act-order with regrouped columns cannot be stored.
 The interleave is a permutation handed to the one shared packer (packing.py), not a second packer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,7 @@ from compress_export._version import __version__
 from compress_export.core.errors import UserError
 from compress_export.core.result import QuantizedWeight
 from compress_export.core.scheme import Scheme
-
-from compress_export.formats.base import Format, TensorSpec, register_format
+from compress_export.formats.base import STORAGE_DTYPE, Format, TensorSpec, register_format
 from compress_export.formats.packing import pack, unpack
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -42,12 +42,14 @@ class AWQFormat(Format):
     def check(self, scheme: Scheme, sparsity=None) -> None:
         super().check(scheme, sparsity)
         if scheme.act_order == "group":
-            raise UserError("--format awq has no g_idx, so --act-order group cannot be stored; "
-                            "use --act-order static or none (or --format gptq / compressed-tensors)")
-        if scheme.group_size == -1:
+            raise UserError(
+                "--format awq has no g_idx, so --act-order group cannot be stored; "
+                "use --act-order static or none (or --format gptq / compressed-tensors)"
+            )
+        if scheme.per_channel:
             raise UserError("--format awq stores grouped scales; use --group-size 128, 64 or 32")
 
-    def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
+    def pack(self, qw: QuantizedWeight, storage_dtype: torch.dtype = STORAGE_DTYPE) -> Dict[str, torch.Tensor]:
         if not qw.has_trivial_g_idx():
             raise UserError("AWQ GEMM cannot store regrouped columns (non-trivial g_idx)")
         out = {
@@ -59,7 +61,7 @@ class AWQFormat(Format):
             out["bias"] = qw.bias
         return out
 
-    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict, shape=None) -> QuantizedWeight:
+    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict) -> QuantizedWeight:
         scheme = self.scheme_from_config(qcfg)
         codes = unpack(t["qweight"], 4, dim=1, order=AWQ_ORDER).t().to(torch.uint8).contiguous()
         zeros = unpack(t["qzeros"], 4, dim=1, order=AWQ_ORDER).t().int().contiguous()
@@ -68,7 +70,9 @@ class AWQFormat(Format):
         g_idx = (torch.arange(n) // (n // scales.shape[1])).int()
         return QuantizedWeight(codes, scales, zeros, g_idx, scheme, t.get("bias"))
 
-    def tensor_layout(self, scheme: Scheme, in_f: int, out_f: int) -> Dict[str, TensorSpec]:
+    def tensor_layout(
+        self, scheme: Scheme, in_f: int, out_f: int, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> Dict[str, TensorSpec]:
         pf = Fraction(8)
         G = in_f // max(1, scheme.group_size)
         return {
@@ -77,7 +81,9 @@ class AWQFormat(Format):
             "scales": TensorSpec((G, out_f), torch.float16, 0, 1, per_group=True),
         }
 
-    def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
+    def quantization_config(
+        self, scheme: Scheme, ignore: list, extra: dict, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> dict:
         return AWQConfig.from_scheme(scheme, ignore, extra).to_dict()
 
     @staticmethod
@@ -100,12 +106,16 @@ class AWQConfig:
     version: ClassVar[str] = "gemm"
 
     @classmethod
-    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> "AWQConfig":
-        return cls(group_size=scheme.group_size, symmetric=scheme.symmetric, modules_to_not_convert=tuple(ignore),
-                   compress_export=extra)
+    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> AWQConfig:
+        return cls(
+            group_size=scheme.group_size,
+            symmetric=scheme.symmetric,
+            modules_to_not_convert=tuple(ignore),
+            compress_export=extra,
+        )
 
     @classmethod
-    def parse(cls, qcfg: dict) -> "AWQConfig":
+    def parse(cls, qcfg: dict) -> AWQConfig:
         version = str(qcfg.get("version", "gemm")).lower()
         if version != cls.version:
             raise UserError(f"AWQ version {version!r} is not supported (only 'gemm')")
@@ -114,17 +124,25 @@ class AWQConfig:
         if not qcfg.get("zero_point", True):
             raise UserError("AWQ checkpoints without zero points are not supported")
         ours = dict(qcfg.get("compress_export") or {})
-        return cls(group_size=int(qcfg.get("group_size", qcfg.get("q_group_size", 128))),
-                   symmetric=bool(ours.get("symmetric", False)),
-                   modules_to_not_convert=tuple(qcfg.get("modules_to_not_convert") or ()), compress_export=ours)
+        return cls(
+            group_size=int(qcfg.get("group_size", qcfg.get("q_group_size", 128))),
+            symmetric=bool(ours.get("symmetric", False)),
+            modules_to_not_convert=tuple(qcfg.get("modules_to_not_convert") or ()),
+            compress_export=ours,
+        )
 
     @property
     def scheme(self) -> Scheme:
         return Scheme(self.bits, self.group_size, self.symmetric, "none")
 
     def to_dict(self) -> dict:
-        return {"quant_method": self.quant_method, "bits": self.bits, "group_size": self.group_size,
-                "zero_point": True, "version": self.version,
-                "modules_to_not_convert": list(self.modules_to_not_convert),
-                "quantizer": [f"compress-export:{__version__}"],
-                "compress_export": {**self.compress_export, "symmetric": self.symmetric}}
+        return {
+            "quant_method": self.quant_method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "zero_point": True,
+            "version": self.version,
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+            "quantizer": [f"compress-export:{__version__}"],
+            "compress_export": {**self.compress_export, "symmetric": self.symmetric},
+        }

@@ -1,9 +1,13 @@
-"""Format interface and registry. A format only packs the in-memory QuantizedWeight and unpacks it again."""
+"""Format interface and registry. A format only packs the in-memory QuantizedWeight (or SparseWeight) into named
+tensors and unpacks them again; it holds no state: what a write depends on besides the result (the dtype that
+unquantized values are stored in) is an argument, and what a read depends on is the checkpoint's quantization_config.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -12,9 +16,11 @@ from compress_export.core.registry import Registry
 from compress_export.core.result import QuantizedWeight, SparseWeight
 from compress_export.core.scheme import Scheme
 
-FORMATS: Registry = Registry("format", builtins=[f"compress_export.formats.{m}" for m in
-                                                 ("gptq", "awq", "compressed_tensors", "sparse")])
+FORMATS: Registry = Registry(
+    "format", builtins=[f"compress_export.formats.{m}" for m in ("gptq", "awq", "compressed_tensors", "sparse")]
+)
 register_format = FORMATS.register
+STORAGE_DTYPE = torch.float16  # unquantized values' dtype when the writer names none
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,19 @@ class Format:
     # The smallest zero point the format can store (GPTQ v1 stores zero-1, so an asymmetric zero of 0 is lost).
     min_zero = 0
 
-    storage_dtype = torch.float16  # dtype of unquantized values it stores; the pipeline sets the source's
-
     def check(self, scheme: Optional[Scheme], sparsity=None) -> None:
         """Raise a UserError before any work starts when the format cannot express this scheme (None: the
         weights are pruned, not quantized) or sparsity."""
         if scheme is None:
-            raise UserError(f"--format {self.name} stores quantized weights: add --bits, or write pruned weights "
-                            "with --format sparse24 (2:4) or --format dense")
+            raise UserError(
+                f"--format {self.name} stores quantized weights: add --bits, or write pruned weights "
+                "with --format sparse24 (2:4) or --format dense"
+            )
         if scheme.act_bits not in self.activation_bits:
-            raise UserError(f"--format {self.name} is weight-only; 8-bit activations (W8A8) are written as "
-                            "--format compressed-tensors (int-quantized), which vLLM runs with its own int8 kernels")
+            raise UserError(
+                f"--format {self.name} is weight-only; 8-bit activations (W8A8) are written as "
+                "--format compressed-tensors (int-quantized), which vLLM runs with its own int8 kernels"
+            )
         if scheme.bits not in self.supported_bits:
             raise UserError(
                 f"--format {self.name} cannot store {scheme.bits}-bit weights (it stores {self.supported_bits})"
@@ -66,32 +74,42 @@ class Format:
         if sparsity is not None and sparsity.structured and in_f % sparsity.m:
             raise UserError(f"{name}: input size {in_f} is not a multiple of {sparsity.m} ({sparsity} sparsity)")
 
-    def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
+    def pack(self, qw, storage_dtype: torch.dtype = STORAGE_DTYPE) -> Dict[str, torch.Tensor]:
+        """qw (QuantizedWeight or SparseWeight) as this format's tensors. storage_dtype: the dtype unquantized
+        values are written in (the pipeline passes the source's); formats that store only codes and fp16 scales
+        ignore it."""
         raise NotImplementedError
 
     def config_extras(self, ignore: list, extra: dict) -> dict:
         """Top-level config.json entries besides quantization_config (the dense format records its sparsity)."""
         return {}
 
-    def unpack(self, tensors: Dict[str, torch.Tensor], qcfg: dict, shape) -> QuantizedWeight:
+    def unpack(self, tensors: Dict[str, torch.Tensor], qcfg: dict) -> Union[QuantizedWeight, SparseWeight]:
+        """Inverse of pack: one linear's tensors (as read, unchecked: see read) back into the in-memory result."""
         raise NotImplementedError
 
-    def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
+    def quantization_config(
+        self, scheme: Optional[Scheme], ignore: list, extra: dict, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> Optional[dict]:
         raise NotImplementedError
+
+    def stored_dtype(self, qcfg: dict) -> torch.dtype:
+        """The storage_dtype a checkpoint with this quantization_config was packed with (what tensor_layout needs
+        to allocate its float values); only formats that store unquantized values record one."""
+        return STORAGE_DTYPE
 
     @classmethod
     def claims(cls, qcfg: dict) -> bool:
         return qcfg.get("quant_method") == cls.quant_method
 
-    def tensor_names(self, qcfg: dict) -> tuple:
-        """Suffixes (after the module prefix) of the tensors one packed linear owns."""
-        return tuple(self.tensor_layout(self.scheme_from_config(qcfg), 0, 0))
-
-    def tensor_layout(self, scheme: Scheme, in_features: int, out_features: int) -> Dict[str, TensorSpec]:
+    def tensor_layout(
+        self, scheme: Optional[Scheme], in_features: int, out_features: int, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> Dict[str, TensorSpec]:
+        """The tensors pack writes for an out_features×in_features linear (storage_dtype: as for pack)."""
         raise NotImplementedError
 
     @staticmethod
-    def scheme_from_config(qcfg: dict) -> Scheme:
+    def scheme_from_config(qcfg: dict) -> Optional[Scheme]:
         raise NotImplementedError
 
     # The tensor an export always stores for a packed linear, and the linear's (in, out) read from its shape.
@@ -114,14 +132,16 @@ class Format:
         scheme = scheme_from_config(qcfg)
         primary = self.primary_tensor(qcfg)
         if primary not in tensors:
-            raise UserError(f"{name}: tensor {name}.{primary} is missing ({self.name} stores it for every "
-                            "packed linear)")
+            raise UserError(
+                f"{name}: tensor {name}.{primary} is missing ({self.name} stores it for every packed linear)"
+            )
         try:
             in_f, out_f = self.linear_shape(tensors, scheme)
         except (IndexError, ValueError, RuntimeError, TypeError, KeyError):
-            raise UserError(f"{name}: {name}.{primary} has an impossible shape "
-                            f"{tuple(tensors[primary].shape)}") from None
-        layout = self.tensor_layout(scheme, in_f, out_f)
+            raise UserError(
+                f"{name}: {name}.{primary} has an impossible shape {tuple(tensors[primary].shape)}"
+            ) from None
+        layout = self.tensor_layout(scheme, in_f, out_f, self.stored_dtype(qcfg))
         if groups is not None:
             layout = replicated_groups(layout, groups)
         for k, spec in layout.items():
@@ -131,8 +151,10 @@ class Format:
                 raise UserError(f"{name}: tensor {name}.{k} is missing")
             t = tensors[k]
             if tuple(t.shape) != tuple(spec.shape):
-                raise UserError(f"{name}.{k} has shape {tuple(t.shape)}; a {out_f}×{in_f} linear in this "
-                                f"{self.name} checkpoint needs {tuple(spec.shape)}")
+                raise UserError(
+                    f"{name}.{k} has shape {tuple(t.shape)}; a {out_f}×{in_f} linear in this "
+                    f"{self.name} checkpoint needs {tuple(spec.shape)}"
+                )
             if t.dtype.is_floating_point != spec.dtype.is_floating_point:
                 raise UserError(f"{name}.{k} is {t.dtype}; {self.name} stores it as {spec.dtype}")
         extra = sorted(set(tensors) - set(layout) - {"bias"})
@@ -168,7 +190,7 @@ def shard_replicates_groups(scheme, input_size: int, input_size_per_partition: i
     else None (no split along the input, or contiguous groups that split with the columns)."""
     if scheme is None or input_size == input_size_per_partition:
         return None
-    if scheme.group_size == -1:
+    if scheme.per_channel:
         return 1
     if scheme.act_order == "group":
         return input_size // scheme.group_size
@@ -178,7 +200,7 @@ def shard_replicates_groups(scheme, input_size: int, input_size_per_partition: i
 def format_for_config(qcfg: dict) -> Format:
     if not isinstance(qcfg, dict):
         raise UserError(f"quantization_config must be a JSON object, not {type(qcfg).__name__}")
-    for name, cls in FORMATS.items():
+    for _name, cls in FORMATS.items():
         if cls.claims(qcfg):
             return cls()
     raise UserError(f"quantization_config with quant_method={qcfg.get('quant_method')!r} is not a format we read")
@@ -205,8 +227,9 @@ def ignored_modules(qcfg: dict) -> list:
     return [n for k in ("modules_not_quantized", "modules_to_not_convert", "ignore") for n in qcfg.get(k) or []]
 
 
-def scheme_from_config(qcfg: dict) -> Scheme:
-    """The scheme a quantization_config describes; a missing or malformed field is one UserError naming it."""
+def scheme_from_config(qcfg: dict) -> Optional[Scheme]:
+    """The scheme a quantization_config describes (None: pruned, unquantized weights); a missing or malformed
+    field is one UserError naming it."""
     fmt = format_for_config(qcfg)
     try:
         return fmt.scheme_from_config(qcfg)

@@ -17,20 +17,20 @@ the layout vLLM's own int8 kernels load as they are (no plugin):
   weight_scale       fp32  [out, 1]                 vLLM's parameter dtype (our scales are fp16-exact anyway)
   bias               as in the source model, when the linear has one
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import ClassVar, Dict, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
 from compress_export._version import __version__
 from compress_export.core.errors import UserError
 from compress_export.core.result import QuantizedWeight
-from compress_export.core.scheme import Scheme
-
-from compress_export.formats.base import Format, TensorSpec, register_format
+from compress_export.core.scheme import PER_CHANNEL, Scheme
+from compress_export.formats.base import STORAGE_DTYPE, Format, TensorSpec, register_format
 from compress_export.formats.packing import aligned_len, pack, unpack
 
 CT_VERSION = "0.17.0"  # the compressed-tensors release whose layout and config this follows
@@ -43,11 +43,13 @@ class CompressedTensorsFormat(Format):
     supported_bits = (2, 3, 4, 8)
     activation_bits = (8, 16)
 
-    def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
+    def pack(self, qw: QuantizedWeight, storage_dtype: torch.dtype = STORAGE_DTYPE) -> Dict[str, torch.Tensor]:
         s = qw.scheme
         if s.act_bits == 8:
-            out = {"weight": (qw.codes.int() - s.sym_zero).to(torch.int8).contiguous(),
-                   "weight_scale": qw.scales.float().contiguous()}
+            out = {
+                "weight": (qw.codes.int() - s.sym_zero).to(torch.int8).contiguous(),
+                "weight_scale": qw.scales.float().contiguous(),
+            }
             if qw.bias is not None:
                 out["bias"] = qw.bias
             return out
@@ -81,14 +83,15 @@ class CompressedTensorsFormat(Format):
         out_f, cols = t["weight_packed"].shape
         return cols * (32 // scheme.bits), out_f
 
-    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict, shape=None) -> QuantizedWeight:
+    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict) -> QuantizedWeight:
         s = self.scheme_from_config(qcfg)
         scales = t["weight_scale"].float().contiguous()
         if s.act_bits == 8:
             codes = (t["weight"].int() + s.sym_zero).to(torch.uint8).contiguous()
             zeros = torch.full_like(scales, s.sym_zero, dtype=torch.int32)
-            return QuantizedWeight(codes, scales, zeros, torch.zeros(codes.shape[1], dtype=torch.int32), s,
-                                   t.get("bias"))
+            return QuantizedWeight(
+                codes, scales, zeros, torch.zeros(codes.shape[1], dtype=torch.int32), s, t.get("bias")
+            )
         out_f = scales.shape[0]
         in_f, _ = self.linear_shape(t, s)
         codes = unpack(t["weight_packed"], s.bits, dim=1, aligned=True, length=in_f).to(torch.uint8)
@@ -102,26 +105,34 @@ class CompressedTensorsFormat(Format):
             g_idx = (torch.arange(in_f) // (in_f // scales.shape[1])).int()
         return QuantizedWeight(codes.contiguous(), scales, zeros.int().contiguous(), g_idx, s, t.get("bias"))
 
-    def tensor_layout(self, scheme: Scheme, in_f: int, out_f: int) -> Dict[str, TensorSpec]:
+    def tensor_layout(
+        self, scheme: Scheme, in_f: int, out_f: int, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> Dict[str, TensorSpec]:
         if scheme.act_bits == 8:
-            return {"weight": TensorSpec((out_f, in_f), torch.int8, 1, 0),
-                    "weight_scale": TensorSpec((out_f, 1), torch.float32, 1, 0, per_group=True)}
+            return {
+                "weight": TensorSpec((out_f, in_f), torch.int8, 1, 0),
+                "weight_scale": TensorSpec((out_f, 1), torch.float32, 1, 0, per_group=True),
+            }
         pf = Fraction(32 // scheme.bits)
-        G = 1 if scheme.group_size == -1 else in_f // max(1, scheme.group_size)
+        G = scheme.groups(in_f)
         specs = {
-            "weight_packed": TensorSpec((out_f, aligned_len(in_f, scheme.bits)), torch.int32, 1, 0,
-                                        packed_dim=1, pack_factor=pf),
+            "weight_packed": TensorSpec(
+                (out_f, aligned_len(in_f, scheme.bits)), torch.int32, 1, 0, packed_dim=1, pack_factor=pf
+            ),
             "weight_scale": TensorSpec((out_f, G), torch.float16, 1, 0, per_group=True),
             "weight_shape": TensorSpec((2,), torch.int64, None, None),
         }
         if not scheme.symmetric:
-            specs["weight_zero_point"] = TensorSpec((aligned_len(out_f, scheme.bits), G), torch.int32, 1, 0,
-                                                    packed_dim=0, pack_factor=pf, per_group=True)
+            specs["weight_zero_point"] = TensorSpec(
+                (aligned_len(out_f, scheme.bits), G), torch.int32, 1, 0, packed_dim=0, pack_factor=pf, per_group=True
+            )
         if scheme.act_order == "group":
             specs["weight_g_idx"] = TensorSpec((in_f,), torch.int32, 0, None)
         return specs
 
-    def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
+    def quantization_config(
+        self, scheme: Scheme, ignore: list, extra: dict, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> dict:
         return CompressedTensorsConfig.from_scheme(scheme, ignore, extra).to_dict()
 
     @classmethod
@@ -155,11 +166,11 @@ class CompressedTensorsConfig:
     int_format: ClassVar[str] = "int-quantized"
 
     @classmethod
-    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> "CompressedTensorsConfig":
+    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> CompressedTensorsConfig:
         return cls(scheme, tuple(ignore), extra)
 
     @classmethod
-    def parse(cls, qcfg: dict) -> "CompressedTensorsConfig":
+    def parse(cls, qcfg: dict) -> CompressedTensorsConfig:
         groups = qcfg.get("config_groups") or {}
         if len(groups) != 1:
             raise UserError(f"compressed-tensors: expected one config group, found {len(groups)}")
@@ -168,12 +179,14 @@ class CompressedTensorsConfig:
         w = group.get("weights") or {}
         act_bits = _activation_bits(group.get("input_activations"))
         if fmt != (cls.int_format if act_bits == 8 else cls.format) or w.get("type") != "int" or act_bits is None:
-            raise UserError(f"compressed-tensors: only int pack-quantized (weight-only) and int-quantized W8A8 "
-                            f"(dynamic per-token int8 activations) are read (got format={fmt!r}, "
-                            f"type={w.get('type')!r}, input_activations={group.get('input_activations')!r})")
+            raise UserError(
+                f"compressed-tensors: only int pack-quantized (weight-only) and int-quantized W8A8 "
+                f"(dynamic per-token int8 activations) are read (got format={fmt!r}, "
+                f"type={w.get('type')!r}, input_activations={group.get('input_activations')!r})"
+            )
         if w.get("strategy") not in ("group", "channel"):
             raise UserError(f"compressed-tensors: strategy {w.get('strategy')!r} is not supported (group, channel)")
-        gs = -1 if w["strategy"] == "channel" else int(w["group_size"])
+        gs = PER_CHANNEL if w["strategy"] == "channel" else int(w["group_size"])
         act = {None: "none", "static": "static", "group": "group", "weight": "static"}.get(w.get("actorder"))
         if act is None:
             raise UserError(f"compressed-tensors: actorder {w.get('actorder')!r} is not supported")
@@ -183,19 +196,32 @@ class CompressedTensorsConfig:
     def to_dict(self) -> dict:
         s = self.scheme
         weights = {
-            "num_bits": s.bits, "type": "int", "symmetric": s.symmetric,
-            "group_size": None if s.group_size == -1 else s.group_size,
-            "strategy": "channel" if s.group_size == -1 else "group",
-            "block_structure": None, "dynamic": False, "actorder": _ACTORDER[s.act_order],
-            "scale_dtype": None, "zp_dtype": None, "observer": "minmax", "observer_kwargs": {},
+            "num_bits": s.bits,
+            "type": "int",
+            "symmetric": s.symmetric,
+            "group_size": None if s.per_channel else s.group_size,
+            "strategy": "channel" if s.per_channel else "group",
+            "block_structure": None,
+            "dynamic": False,
+            "actorder": _ACTORDER[s.act_order],
+            "scale_dtype": None,
+            "zp_dtype": None,
+            "observer": "minmax",
+            "observer_kwargs": {},
         }
         fmt = self.int_format if s.act_bits == 8 else self.format
         return {
             "quant_method": self.quant_method,
             "format": fmt,
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                          "input_activations": INT8_PER_TOKEN if s.act_bits == 8 else None,
-                                          "output_activations": None, "format": fmt}},
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": weights,
+                    "input_activations": INT8_PER_TOKEN if s.act_bits == 8 else None,
+                    "output_activations": None,
+                    "format": fmt,
+                }
+            },
             "ignore": list(self.ignore),
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
@@ -210,13 +236,22 @@ class CompressedTensorsConfig:
 
 # Input activations of W8A8: int8, one scale per token computed at run time, symmetric (vLLM's dynamic int8 path).
 INT8_PER_TOKEN = {
-    "num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
-    "block_structure": None, "dynamic": True, "actorder": None, "scale_dtype": None, "zp_dtype": None,
-    "observer": None, "observer_kwargs": {},
+    "num_bits": 8,
+    "type": "int",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "token",
+    "block_structure": None,
+    "dynamic": True,
+    "actorder": None,
+    "scale_dtype": None,
+    "zp_dtype": None,
+    "observer": None,
+    "observer_kwargs": {},
 }
 
 
-def _activation_bits(acts) -> object:
+def _activation_bits(acts) -> Optional[int]:
     """16 when activations are not quantized, 8 for dynamic per-token symmetric int8, None for anything else."""
     if not acts:
         return 16

@@ -7,6 +7,7 @@ Per quantized linear with W [out, in], G groups:
   g_idx    int32 [in]                group of each input column (act-order regroups them; desc_act=True)
   bias     as in the source model, when the linear has one
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,8 +20,7 @@ from compress_export._version import __version__
 from compress_export.core.errors import UserError
 from compress_export.core.result import QuantizedWeight
 from compress_export.core.scheme import Scheme
-
-from compress_export.formats.base import Format, TensorSpec, register_format
+from compress_export.formats.base import STORAGE_DTYPE, Format, TensorSpec, register_format
 from compress_export.formats.packing import pack, unpack
 
 
@@ -37,7 +37,7 @@ class GPTQFormat(Format):
         rows, out_f = t["qweight"].shape
         return int(Fraction(rows) * Fraction(32, scheme.bits)), out_f
 
-    def pack(self, qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
+    def pack(self, qw: QuantizedWeight, storage_dtype: torch.dtype = STORAGE_DTYPE) -> Dict[str, torch.Tensor]:
         b = qw.scheme.bits
         if int(qw.zeros.min()) < 1:
             raise UserError("GPTQ v1 stores zero-1: a zero point of 0 cannot be written (quantize with min_zero=1)")
@@ -51,27 +51,31 @@ class GPTQFormat(Format):
             out["bias"] = qw.bias
         return out
 
-    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict, shape=None) -> QuantizedWeight:
+    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict) -> QuantizedWeight:
         scheme = self.scheme_from_config(qcfg)
         b = scheme.bits
         codes = unpack(t["qweight"], b, dim=0).t().to(torch.uint8).contiguous()
         zeros = (unpack(t["qzeros"], b, dim=1) + 1).t().contiguous()
         scales = t["scales"].float().t().contiguous()
-        g_idx = t["g_idx"].int() if "g_idx" in t else _default_g_idx(codes.shape[1], scheme.group_size)
+        n = codes.shape[1]
+        g_idx = t["g_idx"].int() if "g_idx" in t else (torch.arange(n) // scheme.group_len(n)).int()
         return QuantizedWeight(codes, scales, zeros.int(), g_idx, scheme, t.get("bias"))
 
-    def tensor_layout(self, scheme: Scheme, in_f: int, out_f: int) -> Dict[str, TensorSpec]:
+    def tensor_layout(
+        self, scheme: Scheme, in_f: int, out_f: int, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> Dict[str, TensorSpec]:
         pf = Fraction(32, scheme.bits)
-        G = 1 if scheme.group_size == -1 else in_f // max(1, scheme.group_size)
+        G = scheme.groups(in_f)
         return {
             "qweight": TensorSpec((int(in_f / pf), out_f), torch.int32, 0, 1, packed_dim=0, pack_factor=pf),
-            "qzeros": TensorSpec((G, int(out_f / pf)), torch.int32, 0, 1, packed_dim=1, pack_factor=pf,
-                                 per_group=True),
+            "qzeros": TensorSpec((G, int(out_f / pf)), torch.int32, 0, 1, packed_dim=1, pack_factor=pf, per_group=True),
             "scales": TensorSpec((G, out_f), torch.float16, 0, 1, per_group=True),
             "g_idx": TensorSpec((in_f,), torch.int32, 0, None),
         }
 
-    def quantization_config(self, scheme: Scheme, ignore: list, extra: dict) -> dict:
+    def quantization_config(
+        self, scheme: Scheme, ignore: list, extra: dict, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> dict:
         return GPTQConfig.from_scheme(scheme, ignore, extra).to_dict()
 
     @staticmethod
@@ -97,21 +101,34 @@ class GPTQConfig:
     checkpoint_format: ClassVar[str] = "gptq"
 
     @classmethod
-    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> "GPTQConfig":
-        return cls(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.symmetric,
-                   desc_act=scheme.act_order == "group", static_groups=scheme.act_order == "static",
-                   damp_percent=extra.get("damp", 0.01), modules_not_quantized=tuple(ignore), compress_export=extra)
+    def from_scheme(cls, scheme: Scheme, ignore: list, extra: dict) -> GPTQConfig:
+        return cls(
+            bits=scheme.bits,
+            group_size=scheme.group_size,
+            sym=scheme.symmetric,
+            desc_act=scheme.act_order == "group",
+            static_groups=scheme.act_order == "static",
+            damp_percent=extra.get("damp", 0.01),
+            modules_not_quantized=tuple(ignore),
+            compress_export=extra,
+        )
 
     @classmethod
-    def parse(cls, qcfg: dict) -> "GPTQConfig":
+    def parse(cls, qcfg: dict) -> GPTQConfig:
         if qcfg.get("checkpoint_format", "gptq") != cls.checkpoint_format:
-            raise UserError(f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported "
-                            "(only v1 'gptq')")
-        return cls(bits=int(qcfg["bits"]), group_size=int(qcfg.get("group_size", -1)), sym=bool(qcfg.get("sym", True)),
-                   desc_act=bool(qcfg.get("desc_act")), static_groups=bool(qcfg.get("static_groups")),
-                   damp_percent=float(qcfg.get("damp_percent", 0.01)),
-                   modules_not_quantized=tuple(qcfg.get("modules_not_quantized") or ()),
-                   compress_export=dict(qcfg.get("compress_export") or {}))
+            raise UserError(
+                f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported (only v1 'gptq')"
+            )
+        return cls(
+            bits=int(qcfg["bits"]),
+            group_size=int(qcfg.get("group_size", -1)),
+            sym=bool(qcfg.get("sym", True)),
+            desc_act=bool(qcfg.get("desc_act")),
+            static_groups=bool(qcfg.get("static_groups")),
+            damp_percent=float(qcfg.get("damp_percent", 0.01)),
+            modules_not_quantized=tuple(qcfg.get("modules_not_quantized") or ()),
+            compress_export=dict(qcfg.get("compress_export") or {}),
+        )
 
     @property
     def scheme(self) -> Scheme:
@@ -119,13 +136,18 @@ class GPTQConfig:
         return Scheme(self.bits, self.group_size, self.sym, act)
 
     def to_dict(self) -> dict:
-        return {"quant_method": self.quant_method, "bits": self.bits, "group_size": self.group_size,
-                "desc_act": self.desc_act, "sym": self.sym, "static_groups": self.static_groups,
-                "true_sequential": True, "lm_head": False, "checkpoint_format": self.checkpoint_format,
-                "damp_percent": self.damp_percent, "quantizer": [f"compress-export:{__version__}"],
-                "modules_not_quantized": list(self.modules_not_quantized), "compress_export": self.compress_export}
-
-
-def _default_g_idx(n: int, group_size: int) -> torch.Tensor:
-    gs = n if group_size == -1 else group_size
-    return (torch.arange(n) // gs).int()
+        return {
+            "quant_method": self.quant_method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "static_groups": self.static_groups,
+            "true_sequential": True,
+            "lm_head": False,
+            "checkpoint_format": self.checkpoint_format,
+            "damp_percent": self.damp_percent,
+            "quantizer": [f"compress-export:{__version__}"],
+            "modules_not_quantized": list(self.modules_not_quantized),
+            "compress_export": self.compress_export,
+        }

@@ -10,6 +10,7 @@ index, within each word's run of values, of the value stored at slot k.
 word and no value ever straddles two words (3-bit: 10 values per word, the top 2 bits unused); a dimension that
 is not a multiple of 32//bits is zero-padded at its end.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ def _to_int32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
 
 
-def pack(values: torch.Tensor, bits: int, dim: int, order: Optional[Sequence[int]] = None,
-         aligned: bool = False) -> torch.Tensor:
+def pack(
+    values: torch.Tensor, bits: int, dim: int, order: Optional[Sequence[int]] = None, aligned: bool = False
+) -> torch.Tensor:
     """Pack integer `values` (each in [0, 2^bits)) along `dim` into int32 words."""
     v = values.movedim(dim, -1).to(torch.int64) & ((1 << bits) - 1)
     if aligned:
@@ -60,8 +62,14 @@ def pack(values: torch.Tensor, bits: int, dim: int, order: Optional[Sequence[int
     return _to_int32(out).movedim(-1, dim).contiguous()
 
 
-def unpack(words: torch.Tensor, bits: int, dim: int, order: Optional[Sequence[int]] = None,
-           aligned: bool = False, length: Optional[int] = None) -> torch.Tensor:
+def unpack(
+    words: torch.Tensor,
+    bits: int,
+    dim: int,
+    order: Optional[Sequence[int]] = None,
+    aligned: bool = False,
+    length: Optional[int] = None,
+) -> torch.Tensor:
     """Inverse of `pack`: int32 words along `dim` back to values (int32) in [0, 2^bits).
 
     `length` (aligned only): the unpadded size of the packed dimension.

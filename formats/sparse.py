@@ -19,11 +19,12 @@ value_dtype, ignore}; our vLLM plugin and transformers registration read it.
 dense: plain `weight` tensors with the zeros in place, loadable by any engine; config.json records the pattern
 under `compress_export_sparsity` (no quantization_config, so engines treat it as an ordinary model).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -32,8 +33,7 @@ from compress_export.core.errors import UserError
 from compress_export.core.result import QuantizedWeight, SparseWeight
 from compress_export.core.scheme import Scheme
 from compress_export.core.sparsity import Sparsity
-
-from compress_export.formats.base import Format, TensorSpec, register_format
+from compress_export.formats.base import STORAGE_DTYPE, Format, TensorSpec, register_format
 from compress_export.formats.packing import aligned_len, pack, unpack
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -66,8 +66,10 @@ class Sparse24Format(Format):
 
     def check(self, scheme: Optional[Scheme], sparsity=None) -> None:
         if sparsity is None or (sparsity.n, sparsity.m) != (2, 4):
-            raise UserError(f"--format sparse24 stores 2:4 sparsity, not {sparsity or 'dense weights'}; "
-                            "use --sparsity 2:4, or --format dense for other patterns")
+            raise UserError(
+                f"--format sparse24 stores 2:4 sparsity, not {sparsity or 'dense weights'}; "
+                "use --sparsity 2:4, or --format dense for other patterns"
+            )
         if scheme is not None:
             super().check(scheme, sparsity)
 
@@ -81,13 +83,13 @@ class Sparse24Format(Format):
         if in_f % 32:
             raise UserError(f"{name}: sparse24 packs 16 positions per word; input size {in_f} must be a multiple of 32")
 
-    def pack(self, w) -> Dict[str, torch.Tensor]:
+    def pack(self, w, storage_dtype: torch.dtype = STORAGE_DTYPE) -> Dict[str, torch.Tensor]:
         pos = _kept_positions(w.mask)
         out = {"weight_idx": pack(pos.int(), 2, dim=1)}
         rows = torch.arange(w.shape[0])[:, None]
         cols = (torch.arange(w.shape[1] // 2) // 2 * 4)[None, :] + pos
         if isinstance(w, SparseWeight):
-            out["weight_values"] = w.values[rows, cols].to(self.storage_dtype).contiguous()
+            out["weight_values"] = w.values[rows, cols].to(storage_dtype).contiguous()
         else:
             b = w.scheme.bits
             out["weight_packed"] = pack(w.codes[rows, cols].int(), b, dim=1, aligned=True)
@@ -98,7 +100,7 @@ class Sparse24Format(Format):
             out["bias"] = w.bias
         return out
 
-    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict, shape=None):
+    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict) -> Union[QuantizedWeight, SparseWeight]:
         scheme = self.scheme_from_config(qcfg)
         idx = t["weight_idx"]
         in_f = idx.shape[1] * 32
@@ -120,31 +122,50 @@ class Sparse24Format(Format):
         codes = _scatter(kept, pos, in_f, zeros[:, g_idx.long()].to(torch.int32))
         return QuantizedWeight(codes.to(torch.uint8), scales, zeros.int(), g_idx, scheme, t.get("bias"), mask)
 
-    def tensor_layout(self, scheme: Optional[Scheme], in_f: int, out_f: int) -> Dict[str, TensorSpec]:
+    def tensor_layout(
+        self, scheme: Optional[Scheme], in_f: int, out_f: int, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> Dict[str, TensorSpec]:
         specs = {}
         if scheme is None:
-            specs["weight_values"] = TensorSpec((out_f, in_f // 2), self.storage_dtype, 1, 0, packed_dim=1,
-                                                pack_factor=Fraction(2))
+            specs["weight_values"] = TensorSpec(
+                (out_f, in_f // 2), storage_dtype, 1, 0, packed_dim=1, pack_factor=Fraction(2)
+            )
         else:
             pf = 32 // scheme.bits
-            G = 1 if scheme.group_size == -1 else in_f // max(1, scheme.group_size)
-            specs["weight_packed"] = TensorSpec((out_f, aligned_len(in_f // 2, scheme.bits)), torch.int32, 1, 0,
-                                                packed_dim=1, pack_factor=Fraction(2 * pf))
+            G = scheme.groups(in_f)
+            specs["weight_packed"] = TensorSpec(
+                (out_f, aligned_len(in_f // 2, scheme.bits)),
+                torch.int32,
+                1,
+                0,
+                packed_dim=1,
+                pack_factor=Fraction(2 * pf),
+            )
             specs["weight_scale"] = TensorSpec((out_f, G), torch.float16, 1, 0, per_group=True)
             if not scheme.symmetric:
-                specs["weight_zero_point"] = TensorSpec((aligned_len(out_f, scheme.bits), G), torch.int32, 1, 0,
-                                                        packed_dim=0, pack_factor=Fraction(pf), per_group=True)
-        specs["weight_idx"] = TensorSpec((out_f, in_f // 32), torch.int32, 1, 0, packed_dim=1,
-                                         pack_factor=Fraction(32))
+                specs["weight_zero_point"] = TensorSpec(
+                    (aligned_len(out_f, scheme.bits), G),
+                    torch.int32,
+                    1,
+                    0,
+                    packed_dim=0,
+                    pack_factor=Fraction(pf),
+                    per_group=True,
+                )
+        specs["weight_idx"] = TensorSpec((out_f, in_f // 32), torch.int32, 1, 0, packed_dim=1, pack_factor=Fraction(32))
         return specs
 
-    def quantization_config(self, scheme: Optional[Scheme], ignore: list, extra: dict) -> dict:
-        return Sparse24Config(scheme, self.storage_dtype, tuple(ignore), extra).to_dict()
+    def quantization_config(
+        self, scheme: Optional[Scheme], ignore: list, extra: dict, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> dict:
+        return Sparse24Config(scheme, storage_dtype, tuple(ignore), extra).to_dict()
 
-    def scheme_from_config(self, qcfg: dict) -> Optional[Scheme]:
-        parsed = Sparse24Config.parse(qcfg)
-        self.storage_dtype = parsed.value_dtype
-        return parsed.scheme
+    def stored_dtype(self, qcfg: dict) -> torch.dtype:
+        return Sparse24Config.parse(qcfg).value_dtype
+
+    @staticmethod
+    def scheme_from_config(qcfg: dict) -> Optional[Scheme]:
+        return Sparse24Config.parse(qcfg).scheme
 
 
 @dataclass(frozen=True)
@@ -160,21 +181,31 @@ class Sparse24Config:
     format_version: ClassVar[int] = 1
 
     @classmethod
-    def parse(cls, qcfg: dict) -> "Sparse24Config":
+    def parse(cls, qcfg: dict) -> Sparse24Config:
         if qcfg.get("sparsity") != "2:4":
             raise UserError(f"sparse24 checkpoint with sparsity {qcfg.get('sparsity')!r}: only 2:4 is defined")
         w = qcfg.get("weights")
         scheme = None if w is None else Scheme(int(w["num_bits"]), int(w["group_size"]), bool(w["symmetric"]))
-        return cls(scheme, _DTYPES.get(qcfg.get("value_dtype", "float16"), torch.float16),
-                   tuple(qcfg.get("ignore") or ()), dict(qcfg.get("compress_export") or {}))
+        return cls(
+            scheme,
+            _DTYPES.get(qcfg.get("value_dtype", "float16"), torch.float16),
+            tuple(qcfg.get("ignore") or ()),
+            dict(qcfg.get("compress_export") or {}),
+        )
 
     def to_dict(self) -> dict:
         s = self.scheme
         weights = None if s is None else {"num_bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
-        return {"quant_method": self.quant_method, "sparsity": "2:4", "format_version": self.format_version,
-                "weights": weights, "value_dtype": str(self.value_dtype).replace("torch.", ""),
-                "ignore": list(self.ignore), "quantizer": [f"compress-export:{__version__}"],
-                "compress_export": self.compress_export}
+        return {
+            "quant_method": self.quant_method,
+            "sparsity": "2:4",
+            "format_version": self.format_version,
+            "weights": weights,
+            "value_dtype": str(self.value_dtype).replace("torch.", ""),
+            "ignore": list(self.ignore),
+            "quantizer": [f"compress-export:{__version__}"],
+            "compress_export": self.compress_export,
+        }
 
 
 @register_format("dense")
@@ -185,21 +216,41 @@ class DenseFormat(Format):
 
     def check(self, scheme: Optional[Scheme], sparsity=None) -> None:
         if scheme is not None:
-            raise UserError("--format dense stores unquantized pruned weights: drop --bits, or use --format "
-                            "sparse24 (2:4 + quantization) or a quantized format")
+            raise UserError(
+                "--format dense stores unquantized pruned weights: drop --bits, or use --format "
+                "sparse24 (2:4 + quantization) or a quantized format"
+            )
 
-    def pack(self, w: SparseWeight) -> Dict[str, torch.Tensor]:
-        out = {"weight": w.values.to(self.storage_dtype).contiguous()}
+    def pack(self, w: SparseWeight, storage_dtype: torch.dtype = STORAGE_DTYPE) -> Dict[str, torch.Tensor]:
+        out = {"weight": w.values.to(storage_dtype).contiguous()}
         if w.bias is not None:
             out["bias"] = w.bias
         return out
 
-    def quantization_config(self, scheme, ignore, extra):
+    def unpack(self, t: Dict[str, torch.Tensor], qcfg: dict) -> SparseWeight:
+        """qcfg: config.json's `compress_export_sparsity` entry (a dense export has no quantization_config). The
+        mask is read back from the zeros, so a kept weight that is exactly 0 reads as pruned (the same numbers)."""
+        values = t["weight"].float()
+        sparsity = Sparsity.parse(qcfg["sparsity"]) if qcfg.get("sparsity") else None
+        return SparseWeight(values, values != 0, sparsity, t.get("bias"))
+
+    def tensor_layout(
+        self, scheme: Optional[Scheme], in_f: int, out_f: int, storage_dtype: torch.dtype = STORAGE_DTYPE
+    ) -> Dict[str, TensorSpec]:
+        return {"weight": TensorSpec((out_f, in_f), storage_dtype, 1, 0)}
+
+    def quantization_config(self, scheme, ignore, extra, storage_dtype: torch.dtype = STORAGE_DTYPE):
         return None
 
     def config_extras(self, ignore: list, extra: dict) -> dict:
-        return {"compress_export_sparsity": {"sparsity": extra.get("sparsity"), "ignore": ignore,
-                                             "quantizer": f"compress-export:{__version__}", **extra}}
+        return {
+            "compress_export_sparsity": {
+                "sparsity": extra.get("sparsity"),
+                "ignore": ignore,
+                "quantizer": f"compress-export:{__version__}",
+                **extra,
+            }
+        }
 
     @classmethod
     def claims(cls, qcfg: dict) -> bool:

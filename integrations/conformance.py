@@ -4,6 +4,7 @@ vLLM reports log-probabilities (log-softmax of its logits), not raw logits, so t
 for the token vLLM ranks first at each position, |our log p − vLLM's log p|. Log-softmax differs from the
 logits only by a per-position constant, so this is the logit gap with that constant removed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,5 +48,8 @@ def compare_reference(export_dir, text_path, window: int = 512) -> dict:
     ref = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32, trust_remote_code=False).eval()
     a, b = ours(input_ids=ids).logits[0].float(), ref(input_ids=ids).logits[0].float()
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    return {"positions": ids.shape[1], "top1_agreement": round(agree, 4),
-            "max_abs_dlogit": float(f"{(a - b).abs().max().item():.3g}")}
+    return {
+        "positions": ids.shape[1],
+        "top1_agreement": round(agree, 4),
+        "max_abs_dlogit": float(f"{(a - b).abs().max().item():.3g}"),
+    }

@@ -3,6 +3,7 @@
 Ratios are export / baseline throughout, except speed-ups (baseline time / export time, > 1 = export faster).
 Plots need matplotlib (`pip install compress-export[report]`); without it the report says so and has no plots.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,12 @@ def compare_greedy(export: list, baseline: list) -> dict:
         t = token_agreement(g["token_ids"], b["token_ids"])
         matches, positions = matches + t["matches"], positions + t["positions"]
         rows.append({"prompt": g["prompt"], "chat": g["chat"], **t})
-    return {"token_agreement": round(matches / positions, 4) if positions else None,
-            "identical": sum(r["first_divergence"] is None for r in rows), "prompts": len(rows), "rows": rows}
+    return {
+        "token_agreement": round(matches / positions, 4) if positions else None,
+        "identical": sum(r["first_divergence"] is None for r in rows),
+        "prompts": len(rows),
+        "rows": rows,
+    }
 
 
 def compare(runs: dict) -> dict:
@@ -56,30 +61,40 @@ def compare(runs: dict) -> dict:
     e, b = runs.get("export"), runs.get("baseline")
     if not e or not b:
         return {}
-    out = {"size_ratio": ratio(e["size_mb"], b["size_mb"]),
-           "weight_bytes_ratio": ratio(get(e, "offline", "weight_bytes"), get(b, "offline", "weight_bytes")),
-           "peak_rss_ratio_offline": ratio(get(e, "offline", "peak_rss_mb"), get(b, "offline", "peak_rss_mb"))}
+    out = {
+        "size_ratio": ratio(e["size_mb"], b["size_mb"]),
+        "weight_bytes_ratio": ratio(get(e, "offline", "weight_bytes"), get(b, "offline", "weight_bytes")),
+        "peak_rss_ratio_offline": ratio(get(e, "offline", "peak_rss_mb"), get(b, "offline", "peak_rss_mb")),
+    }
     if get(e, "offline", "greedy") and get(b, "offline", "greedy"):
         out["greedy"] = compare_greedy(e["offline"]["greedy"], b["offline"]["greedy"])
     for k in ("token_perplexity", "word_perplexity", "byte_perplexity"):
         out[f"{k}_ratio"] = ratio(get(e, "offline", "perplexity", k), get(b, "offline", "perplexity", k), 4)
     lat = []
     for le, lb in zip(get(e, "offline", "latency") or [], get(b, "offline", "latency") or []):
-        lat.append({"input_len": le["input_len"], "output_len": le["output_len"],
-                    "ttft_speedup": ratio(lb["ttft_ms"], le["ttft_ms"]),
-                    "tpot_speedup": ratio(lb["tpot_ms"], le["tpot_ms"])})
+        lat.append(
+            {
+                "input_len": le["input_len"],
+                "output_len": le["output_len"],
+                "ttft_speedup": ratio(lb["ttft_ms"], le["ttft_ms"]),
+                "tpot_speedup": ratio(lb["tpot_ms"], le["tpot_ms"]),
+            }
+        )
     out["latency"] = lat
-    out["offline_throughput_ratio"] = ratio(get(e, "offline", "throughput", "output_tok_s"),
-                                            get(b, "offline", "throughput", "output_tok_s"))
-    out["served_throughput_ratio"] = ratio(get(e, "serve", "bench", "output_throughput"),
-                                           get(b, "serve", "bench", "output_throughput"))
-    out["served_p50_e2el_speedup"] = ratio(get(b, "serve", "bench", "p50_e2el_ms"),
-                                           get(e, "serve", "bench", "p50_e2el_ms"))
+    out["offline_throughput_ratio"] = ratio(
+        get(e, "offline", "throughput", "output_tok_s"), get(b, "offline", "throughput", "output_tok_s")
+    )
+    out["served_throughput_ratio"] = ratio(
+        get(e, "serve", "bench", "output_throughput"), get(b, "serve", "bench", "output_throughput")
+    )
+    out["served_p50_e2el_speedup"] = ratio(
+        get(b, "serve", "bench", "p50_e2el_ms"), get(e, "serve", "bench", "p50_e2el_ms")
+    )
     return out
 
 
 def kernel_summary(offline: dict) -> str:
-    """"compress_export:cpu-wna16 (120 linears)" from a run's kernel counts; "dense weights" when none."""
+    """ "compress_export:cpu-wna16 (120 linears)" from a run's kernel counts; "dense weights" when none."""
     k = (offline or {}).get("kernels")
     if k is None:
         return "kernels not recorded"
@@ -107,21 +122,27 @@ def verdict(report: dict) -> list:
     c = report.get("comparison") or {}
     lines = []
     if "error" in e["offline"]:
-        return [f"NOT SERVABLE: the export failed in vLLM offline ({_first_line(e['offline']['error'])}); "
-                "see logs/export-offline.log."]
+        return [
+            f"NOT SERVABLE: the export failed in vLLM offline ({_first_line(e['offline']['error'])}); "
+            "see logs/export-offline.log."
+        ]
     serve = e.get("serve")
     if serve is not None:
         if "error" in serve:
             lines.append(f"Serving FAILED: {_first_line(serve['error'])} (logs/export-serve.log).")
         else:
-            lines.append("Serving works: vllm serve answered /v1/completions"
-                         + (" and /v1/chat/completions." if "chat_completions" in serve["smoke"] else "."))
+            lines.append(
+                "Serving works: vllm serve answered /v1/completions"
+                + (" and /v1/chat/completions." if "chat_completions" in serve["smoke"] else ".")
+            )
     if "baseline" not in report["runs"]:
         lat = e["offline"]["latency"]
-        lines.append(f"Figures: token perplexity {e['offline']['perplexity']['token_perplexity']:.2f}, decode "
-                     f"{statistics.median(x['decode_tok_s'] or 0 for x in lat):.2f} tokens/s at batch 1, weights "
-                     f"{e['offline'].get('weight_bytes', 0) / 1e6:.1f} MB in vLLM; give --baseline for ratios "
-                     "and a verdict.")
+        lines.append(
+            f"Figures: token perplexity {e['offline']['perplexity']['token_perplexity']:.2f}, decode "
+            f"{statistics.median(x['decode_tok_s'] or 0 for x in lat):.2f} tokens/s at batch 1, weights "
+            f"{e['offline'].get('weight_bytes', 0) / 1e6:.1f} MB in vLLM; give --baseline for ratios "
+            "and a verdict."
+        )
         return lines
     r = c.get("token_perplexity_ratio")
     ok_quality = None
@@ -129,33 +150,50 @@ def verdict(report: dict) -> list:
         pct = (r - 1) * 100
         ok_quality = pct <= ACCEPTABLE_PCT
         label = "close to the baseline" if pct <= CLOSE_PCT else "an acceptable loss" if ok_quality else "a large loss"
-        lines.append(f"Quality: token perplexity {pct:+.1f}% against the baseline in vLLM ({label}; "
-                     f"thresholds {CLOSE_PCT:g}% / {ACCEPTABLE_PCT:g}%).")
+        lines.append(
+            f"Quality: token perplexity {pct:+.1f}% against the baseline in vLLM ({label}; "
+            f"thresholds {CLOSE_PCT:g}% / {ACCEPTABLE_PCT:g}%)."
+        )
     g = c.get("greedy")
     if g and g["token_agreement"] is not None:
-        lines.append(f"Greedy outputs: {g['token_agreement']:.0%} of tokens agree with the baseline; "
-                     f"{g['identical']}/{g['prompts']} prompts identical.")
+        lines.append(
+            f"Greedy outputs: {g['token_agreement']:.0%} of tokens agree with the baseline; "
+            f"{g['identical']}/{g['prompts']} prompts identical."
+        )
     speed = [x["tpot_speedup"] for x in c.get("latency", []) if x["tpot_speedup"]]
     if speed:
         s = statistics.median(speed)
-        lines.append(f"Decode speed at batch 1: {s:.2f}× the baseline's ({'faster' if s >= 1 else 'slower'}); "
-                     f"offline throughput {c.get('offline_throughput_ratio')}×, "
-                     f"served {c.get('served_throughput_ratio')}×. {how_it_ran(report)}")
+        lines.append(
+            f"Decode speed at batch 1: {s:.2f}× the baseline's ({'faster' if s >= 1 else 'slower'}); "
+            f"offline throughput {c.get('offline_throughput_ratio')}×, "
+            f"served {c.get('served_throughput_ratio')}×. {how_it_ran(report)}"
+        )
     if c.get("weight_bytes_ratio"):
-        lines.append(f"Memory: weights in vLLM {c['weight_bytes_ratio']:.2f}× the baseline's "
-                     f"({e['offline']['weight_bytes'] / 1e6:.1f} MB); on disk {c['size_ratio']:.2f}×.")
+        lines.append(
+            f"Memory: weights in vLLM {c['weight_bytes_ratio']:.2f}× the baseline's "
+            f"({e['offline']['weight_bytes'] / 1e6:.1f} MB); on disk {c['size_ratio']:.2f}×."
+        )
     if ok_quality is not None:
         smaller = (c.get("weight_bytes_ratio") or 1) < 0.9 or (c.get("size_ratio") or 1) < 0.9
         faster = bool(speed) and statistics.median(speed) >= 1.0
         served = serve is None or "error" not in serve
         if ok_quality and served and (smaller or faster):
             why = " and ".join(w for w, f in (("smaller", smaller), ("faster", faster)) if f)
-            lines.append(f"Worth serving: YES: {why}, with quality within {ACCEPTABLE_PCT:g}% perplexity"
-                         + ("." if faster else "; slower on this platform's kernel."))
+            lines.append(
+                f"Worth serving: YES: {why}, with quality within {ACCEPTABLE_PCT:g}% perplexity"
+                + ("." if faster else "; slower on this platform's kernel.")
+            )
         else:
-            lines.append("Worth serving: NO: " + ("quality loss too large." if not ok_quality else
-                                                  "it failed to serve." if not served else
-                                                  "neither smaller nor faster than the baseline."))
+            lines.append(
+                "Worth serving: NO: "
+                + (
+                    "quality loss too large."
+                    if not ok_quality
+                    else "it failed to serve."
+                    if not served
+                    else "neither smaller nor faster than the baseline."
+                )
+            )
     return lines
 
 
@@ -179,14 +217,25 @@ def _md_quality(report) -> list:
     rows = []
     for t in _tags(report):
         p = get(report["runs"][t], "offline", "perplexity") or {}
-        rows.append([t, p.get("token_perplexity"), p.get("word_perplexity"), p.get("byte_perplexity"),
-                     p.get("bits_per_byte"), p.get("tokens_scored")])
+        rows.append(
+            [
+                t,
+                p.get("token_perplexity"),
+                p.get("word_perplexity"),
+                p.get("byte_perplexity"),
+                p.get("bits_per_byte"),
+                p.get("tokens_scored"),
+            ]
+        )
     head = ["run", "token ppl", "word ppl", "byte ppl", "bits/byte", "tokens scored"]
     out = ["## Quality (vLLM prompt log-probabilities)", "", _table(head, rows), ""]
     g = get(report, "comparison", "greedy")
     if g:
-        out += [f"Greedy token agreement: **{g['token_agreement']:.1%}** ({g['identical']}/{g['prompts']} prompts "
-                "identical).", ""]
+        out += [
+            f"Greedy token agreement: **{g['token_agreement']:.1%}** ({g['identical']}/{g['prompts']} prompts "
+            "identical).",
+            "",
+        ]
     base = {(x["prompt"], x["chat"]): x for x in get(report["runs"].get("baseline", {}), "offline", "greedy") or []}
     div = {(x["prompt"], x["chat"]): x for x in (g or {}).get("rows", [])}
     rows = []
@@ -194,9 +243,18 @@ def _md_quality(report) -> list:
         k = (x["prompt"], x["chat"])
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ⏎ ").strip()[:160]  # noqa: E731
         d = div.get(k)
-        rows.append([("chat: " if x["chat"] else "") + cell(x["prompt"]), cell(base[k]["text"]) if k in base else "–",
-                     cell(x["text"]), "identical" if d and d["first_divergence"] is None else
-                     f"differs from token {d['first_divergence']}" if d else "–"])
+        rows.append(
+            [
+                ("chat: " if x["chat"] else "") + cell(x["prompt"]),
+                cell(base[k]["text"]) if k in base else "–",
+                cell(x["text"]),
+                "identical"
+                if d and d["first_divergence"] is None
+                else f"differs from token {d['first_divergence']}"
+                if d
+                else "–",
+            ]
+        )
     if rows:
         out += ["### Greedy outputs", "", _table(["prompt", "baseline", "export", "agreement"], rows), ""]
     return out
@@ -207,23 +265,58 @@ def _md_speed(report) -> list:
     for t in _tags(report):
         for x in get(report["runs"][t], "offline", "latency") or []:
             rows.append([t, x["input_len"], x["output_len"], x["ttft_ms"], x["tpot_ms"], x["decode_tok_s"]])
-    out = ["## Latency at batch 1 (offline engine)", "",
-           _table(["run", "prompt tokens", "output tokens", "TTFT ms", "TPOT ms", "decode tok/s"], rows), ""]
+    out = [
+        "## Latency at batch 1 (offline engine)",
+        "",
+        _table(["run", "prompt tokens", "output tokens", "TTFT ms", "TPOT ms", "decode tok/s"], rows),
+        "",
+    ]
     rows = []
     for t in _tags(report):
         o = get(report["runs"][t], "offline", "throughput") or {}
         s = get(report["runs"][t], "serve", "bench") or {}
-        rows.append([t, o.get("requests_per_s"), o.get("input_tok_s"), o.get("output_tok_s"),
-                     s.get("request_throughput"), s.get("output_throughput"), s.get("p50_ttft_ms"),
-                     s.get("p95_ttft_ms"), s.get("p50_tpot_ms"), s.get("p95_tpot_ms"), s.get("p50_e2el_ms"),
-                     s.get("p95_e2el_ms")])
+        rows.append(
+            [
+                t,
+                o.get("requests_per_s"),
+                o.get("input_tok_s"),
+                o.get("output_tok_s"),
+                s.get("request_throughput"),
+                s.get("output_throughput"),
+                s.get("p50_ttft_ms"),
+                s.get("p95_ttft_ms"),
+                s.get("p50_tpot_ms"),
+                s.get("p95_tpot_ms"),
+                s.get("p50_e2el_ms"),
+                s.get("p95_e2el_ms"),
+            ]
+        )
     o = report["options"]
-    out += [f"## Throughput ({o['num_prompts']} prompts × {o['input_len']} tokens in, {o['output_len']} out)", "",
-            _table(["run", "offline req/s", "offline in tok/s", "offline out tok/s", "served req/s",
-                    "served out tok/s", "TTFT p50 ms", "TTFT p95 ms", "TPOT p50 ms", "TPOT p95 ms",
-                    "e2e p50 ms", "e2e p95 ms"], rows), "",
-            f"Served: `vllm bench serve` (random prompts, at most {o['concurrency']} requests in flight) against "
-            "`vllm serve` on 127.0.0.1.", ""]
+    out += [
+        f"## Throughput ({o['num_prompts']} prompts × {o['input_len']} tokens in, {o['output_len']} out)",
+        "",
+        _table(
+            [
+                "run",
+                "offline req/s",
+                "offline in tok/s",
+                "offline out tok/s",
+                "served req/s",
+                "served out tok/s",
+                "TTFT p50 ms",
+                "TTFT p95 ms",
+                "TPOT p50 ms",
+                "TPOT p95 ms",
+                "e2e p50 ms",
+                "e2e p95 ms",
+            ],
+            rows,
+        ),
+        "",
+        f"Served: `vllm bench serve` (random prompts, at most {o['concurrency']} requests in flight) against "
+        "`vllm serve` on 127.0.0.1.",
+        "",
+    ]
     return out
 
 
@@ -233,17 +326,46 @@ def _md_memory(report) -> list:
         r = report["runs"][t]
         wb = get(r, "offline", "weight_bytes")
         gpu = get(r, "offline", "gpu_peak_bytes")
-        rows.append([t, r["size_mb"], round(wb / 1e6, 1) if wb else None, get(r, "offline", "peak_rss_mb"),
-                     get(r, "serve", "peak_rss_mb"), round(gpu / 2**20) if gpu else "–",
-                     get(r, "offline", "quantization") or "none", get(r, "offline", "dtype") or "–",
-                     kernel_summary(r.get("offline")), get(r, "offline", "load_s")])
-    return ["## Memory, loading and kernels", "",
-            _table(["run", "on disk MB", "weights in vLLM MB", "peak RSS offline MB", "peak RSS served MB",
-                    "GPU peak MiB", "vLLM quantization", "dtype", "kernels", "load s"], rows), "",
-            "dtype: each model runs in the activation dtype this machine runs fastest (bf16 on CPUs with AVX-512 "
-            "bf16 or AMX, float32 on AVX2-only CPUs; vLLM's default on GPUs).", "",
-            "Peak RSS: the sum of proportional set sizes over the run's processes (API server, engine core, "
-            "workers), sampled every 0.5 s; it includes vLLM's KV cache reservation.", ""]
+        rows.append(
+            [
+                t,
+                r["size_mb"],
+                round(wb / 1e6, 1) if wb else None,
+                get(r, "offline", "peak_rss_mb"),
+                get(r, "serve", "peak_rss_mb"),
+                round(gpu / 2**20) if gpu else "–",
+                get(r, "offline", "quantization") or "none",
+                get(r, "offline", "dtype") or "–",
+                kernel_summary(r.get("offline")),
+                get(r, "offline", "load_s"),
+            ]
+        )
+    return [
+        "## Memory, loading and kernels",
+        "",
+        _table(
+            [
+                "run",
+                "on disk MB",
+                "weights in vLLM MB",
+                "peak RSS offline MB",
+                "peak RSS served MB",
+                "GPU peak MiB",
+                "vLLM quantization",
+                "dtype",
+                "kernels",
+                "load s",
+            ],
+            rows,
+        ),
+        "",
+        "dtype: each model runs in the activation dtype this machine runs fastest (bf16 on CPUs with AVX-512 "
+        "bf16 or AMX, float32 on AVX2-only CPUs; vLLM's default on GPUs).",
+        "",
+        "Peak RSS: the sum of proportional set sizes over the run's processes (API server, engine core, "
+        "workers), sampled every 0.5 s; it includes vLLM's KV cache reservation.",
+        "",
+    ]
 
 
 def _md_errors(report) -> list:
@@ -258,19 +380,29 @@ def _md_errors(report) -> list:
 
 def markdown(report: dict) -> str:
     eng = report["engine"]
-    lines = [f"# Validation: {Path(report['export']).name}", "",
-             f"Export `{report['export']}`" + (f" against baseline `{report['baseline']}`" if report["baseline"]
-                                              else " (no baseline given: no ratios)") + ".",
-             f"Engine: {eng['vllm']} on {eng['device']} ({eng['cpu']}, {eng.get('cpu_kind', '?')}, "
-             f"{eng['cpu_count']} cores); "
-             f"{report['created']}.", "", "## Verdict", ""]
+    lines = [
+        f"# Validation: {Path(report['export']).name}",
+        "",
+        f"Export `{report['export']}`"
+        + (f" against baseline `{report['baseline']}`" if report["baseline"] else " (no baseline given: no ratios)")
+        + ".",
+        f"Engine: {eng['vllm']} on {eng['device']} ({eng['cpu']}, {eng.get('cpu_kind', '?')}, "
+        f"{eng['cpu_count']} cores); "
+        f"{report['created']}.",
+        "",
+        "## Verdict",
+        "",
+    ]
     lines += [f"- {v}" for v in report["verdict"]] + [""]
     lines += _md_quality(report) + _md_speed(report) + _md_memory(report)
     for t in _tags(report):
         smoke = get(report["runs"][t], "serve", "smoke")
         if smoke:
-            lines += [f"Serve smoke ({t}): " + "; ".join(f"`/v1/{k.replace('_', '/')}` → {v.strip()[:80]!r}"
-                                                          for k, v in smoke.items()), ""]
+            lines += [
+                f"Serve smoke ({t}): "
+                + "; ".join(f"`/v1/{k.replace('_', '/')}` → {v.strip()[:80]!r}" for k, v in smoke.items()),
+                "",
+            ]
     plots = report.get("plots", {})
     if plots.get("skipped"):
         lines += [f"Plots skipped: {plots['skipped']}", ""]
@@ -279,7 +411,8 @@ def markdown(report: dict) -> str:
             lines += [f"![{name}]({plots[name]})", ""]
     o = report["options"]
     lines += _md_errors(report) + [
-        "## How this was measured", "",
+        "## How this was measured",
+        "",
         f"- Perplexity: `{report['text']}` cut into {o['windows']} windows of {o['window']} tokens (fewer if the "
         "text is shorter), scored by vLLM's prompt log-probabilities; word/byte perplexity and bits per byte as "
         "`compress-export eval` defines them.",
@@ -288,7 +421,9 @@ def markdown(report: dict) -> str:
         f"generation − TTFT)/(O − 1), median of {o['latency_repeats']}, fresh prompt text each time (no prefix "
         "cache hits). Offline throughput: all prompts submitted at once, as `vllm bench throughput` does, in the "
         "same engine load.",
-        "- Served: vLLM's `vllm bench serve` machinery (`vllm.benchmarks.serve`) as the client.", ""]
+        "- Served: vLLM's `vllm bench serve` machinery (`vllm.benchmarks.serve`) as the client.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -311,8 +446,9 @@ def plot_latency(report, path) -> None:
         x = [r["input_len"] for r in lat]
         axes[0].plot(x, [r["ttft_ms"] for r in lat], marker="o", label=t)
         axes[1].plot(x, [r["tpot_ms"] for r in lat], marker="o", label=t)
-    lengths = sorted({r["input_len"] for t in _tags(report)
-                      for r in get(report["runs"][t], "offline", "latency") or []})
+    lengths = sorted(
+        {r["input_len"] for t in _tags(report) for r in get(report["runs"][t], "offline", "latency") or []}
+    )
     for ax, title in zip(axes, ("time to first token", "time per output token")):
         ax.set_xscale("log", base=2)
         if lengths:
@@ -331,8 +467,10 @@ def plot_latency(report, path) -> None:
 def plot_throughput(report, path) -> None:
     plt = _pyplot()
     tags = _tags(report)
-    metrics = [("offline", ("offline", "throughput", "output_tok_s")),
-               ("served", ("serve", "bench", "output_throughput"))]
+    metrics = [
+        ("offline", ("offline", "throughput", "output_tok_s")),
+        ("served", ("serve", "bench", "output_throughput")),
+    ]
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(tags))
     for i, t in enumerate(tags):
@@ -348,8 +486,14 @@ def plot_throughput(report, path) -> None:
     plt.close(fig)
 
 
-def plot_series(series: dict, path, title: str, ylabel: str = "token perplexity",
-                xlabel: str = "size on disk (MB)", logy: bool = True) -> None:
+def plot_series(
+    series: dict,
+    path,
+    title: str,
+    ylabel: str = "token perplexity",
+    xlabel: str = "size on disk (MB)",
+    logy: bool = True,
+) -> None:
     """series: {name: [(x, y, point_label), ...]}; a series of several points is drawn as a line (e.g. one method
     at 8/4/3/2 bits), a single point as a marker with its name. Shared by validate and the seed-table benchmark."""
     plt = _pyplot()
@@ -383,8 +527,10 @@ def plots(report, folder: Path) -> dict:
         return {"skipped": "matplotlib is not installed (pip install 'compress-export[report]')"}
     plot_latency(report, folder / "latency.png")
     plot_throughput(report, folder / "throughput.png")
-    series = {t: [(report["runs"][t]["size_mb"], get(report["runs"][t], "offline", "perplexity",
-                                                     "token_perplexity"), None)] for t in _tags(report)}
+    series = {
+        t: [(report["runs"][t]["size_mb"], get(report["runs"][t], "offline", "perplexity", "token_perplexity"), None)]
+        for t in _tags(report)
+    }
     plot_series(series, folder / "ppl_vs_size.png", "perplexity (vLLM) vs size", logy=False)
     return {"latency": "latency.png", "throughput": "throughput.png", "ppl_vs_size": "ppl_vs_size.png"}
 

@@ -8,18 +8,15 @@ groups must end on a group boundary. Per-channel and act-order row shards keep e
 vLLM's own GPTQ method do), which always works; act-order ones run on the per-column gather kernel, which is
 slower. Reads no weights (compressed-tensors' two-number `weight_shape` records are read).
 """
+
 from __future__ import annotations
 
 import re
 from fractions import Fraction
-from pathlib import Path
 
-import torch
-
-from compress_export.io import model_io
 from compress_export.core.errors import UserError
-from compress_export.formats.base import replicated_groups, shard_replicates_groups
 from compress_export.core.structure import KV_PROJECTIONS, ROW_PARALLEL
+from compress_export.formats.base import replicated_groups, shard_replicates_groups
 
 DEFAULT_SIZES = (1, 2, 4, 8)
 
@@ -38,22 +35,28 @@ def linear_problems(fmt, scheme, name: str, in_f: int, out_f: int, n: int, kv_re
         groups = shard_replicates_groups(scheme, in_f, part)  # the plugin's own rule (vllm_method.create_weights)
         if groups is not None:
             layout = replicated_groups(layout, groups)
-        problems = [f"{k} is packed along the inputs in words of {spec.pack_factor} values; a shard of {part} "
-                    "inputs ends inside a word" for k, spec in layout.items()
-                    if spec.packed_dim is not None and spec.packed_dim == spec.input_dim and
-                    not _whole_words(part, spec)]
-        if groups is None and scheme is not None and scheme.group_size != -1 and part % scheme.group_size:
-            problems.append(f"group size {scheme.group_size} does not divide a shard's {part} inputs (groups would "
-                            "be cut)")
+        problems = [
+            f"{k} is packed along the inputs in words of {spec.pack_factor} values; a shard of {part} "
+            "inputs ends inside a word"
+            for k, spec in layout.items()
+            if spec.packed_dim is not None and spec.packed_dim == spec.input_dim and not _whole_words(part, spec)
+        ]
+        if groups is None and scheme is not None and not scheme.divides(part):
+            problems.append(
+                f"group size {scheme.group_size} does not divide a shard's {part} inputs (groups would be cut)"
+            )
         return problems
     if kv_replicated and re.search(KV_PROJECTIONS, name):
         return []  # fewer key/value heads than ranks: vLLM repeats these whole
     if out_f % n:
         return [f"{out_f} outputs do not split {n} ways"]
     part = out_f // n
-    return [f"{k} is packed along the outputs in words of {spec.pack_factor} values; a shard of {part} outputs "
-            "ends inside a word" for k, spec in layout.items()
-            if spec.packed_dim is not None and spec.packed_dim == spec.output_dim and not _whole_words(part, spec)]
+    return [
+        f"{k} is packed along the outputs in words of {spec.pack_factor} values; a shard of {part} outputs "
+        "ends inside a word"
+        for k, spec in layout.items()
+        if spec.packed_dim is not None and spec.packed_dim == spec.output_dim and not _whole_words(part, spec)
+    ]
 
 
 def plan(path, sizes=DEFAULT_SIZES) -> dict:
@@ -86,8 +89,10 @@ def plan(path, sizes=DEFAULT_SIZES) -> dict:
                     problems.append(f"{where} [{out_f}×{in_f}]: {why}")
         notes = []
         if n > 1 and scheme is not None and scheme.act_order == "group":
-            notes.append("act-order: row-parallel shards hold parts of many groups and run on torch-dequant's "
-                         "per-column gather (slower than cpu-wna16); an export with --act-order static avoids it")
+            notes.append(
+                "act-order: row-parallel shards hold parts of many groups and run on torch-dequant's "
+                "per-column gather (slower than cpu-wna16); an export with --act-order static avoids it"
+            )
         result[n] = {"ok": not problems, "problems": problems, "notes": notes}
     return result
 

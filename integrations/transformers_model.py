@@ -14,6 +14,7 @@ or a temporary one removed with the model), then loads from it. save_pretrained 
 they were read (repacked from the kernel's layout, byte for byte) and copies the tokenizer files beside them, so
 `compress-export eval DIR` and `vllm serve DIR` read the result.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -25,8 +26,16 @@ from compress_export.core.errors import UserError
 from compress_export.io.lowrank import ADAPTER_DIR
 from compress_export.io.safety import allowed_roots, check_entry, check_output, copy_file, copy_tree
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def _device_of(device_map) -> str:
@@ -45,8 +54,8 @@ def _has_cuda() -> bool:
 
 
 def _export(model_dir, quantization_config, output_dir, progress, trust_remote_code) -> Path:
-    from compress_export.pipeline.config import CompressionConfig
     from compress_export.pipeline.compress import compress
+    from compress_export.pipeline.config import CompressionConfig
 
     cfg = quantization_config
     if cfg is None:
@@ -54,11 +63,12 @@ def _export(model_dir, quantization_config, output_dir, progress, trust_remote_c
     elif isinstance(cfg, dict):
         cfg = CompressionConfig.from_dict(cfg, where="quantization_config")
     elif not isinstance(cfg, CompressionConfig):
-        raise UserError("export=True takes quantization_config=CompressionConfig(...) (or a dict of its fields), "
-                        f"not {type(cfg).__name__}")
+        raise UserError(
+            "export=True takes quantization_config=CompressionConfig(...) (or a dict of its fields), "
+            f"not {type(cfg).__name__}"
+        )
     out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="compress-export-")) / "export"
-    compress(model_dir, out, cfg, overwrite=output_dir is None, progress=progress,
-             trust_remote_code=trust_remote_code)
+    compress(model_dir, out, cfg, overwrite=output_dir is None, progress=progress, trust_remote_code=trust_remote_code)
     return out
 
 
@@ -98,9 +108,19 @@ class AutoCompressedModelForCausalLM:
         raise TypeError("use AutoCompressedModelForCausalLM.from_pretrained(...)")
 
     @classmethod
-    def from_pretrained(cls, model_dir, *, export: bool = False, quantization_config=None, dtype=None,
-                        device_map=None, output_dir=None, trust_remote_code: bool = False, progress: bool = True,
-                        **kwargs):
+    def from_pretrained(
+        cls,
+        model_dir,
+        *,
+        export: bool = False,
+        quantization_config=None,
+        dtype=None,
+        device_map=None,
+        output_dir=None,
+        trust_remote_code: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ):
         """Load an export (or, with export=True, compress MODEL_DIR first). dtype: the activation dtype (default:
         this machine's fastest, bf16 on CPUs with AVX-512 bf16, else float32; bf16 on CUDA). An export's low-rank
         correction (OUT/lowrank) is applied (by our transformers quantizer, as the export describes the model with
@@ -108,11 +128,10 @@ class AutoCompressedModelForCausalLM:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from compress_export.core.hardware import fast_dtype
+        from compress_export.integrations.transformers_quantizer import register, route_all_to_us
         from compress_export.io import model_io
         from compress_export.io.export_check import check_export
-        from compress_export.core.hardware import fast_dtype
-
-        from compress_export.integrations.transformers_quantizer import register, route_all_to_us
 
         src = model_io.check_model_dir(model_dir)
         temp = None
@@ -125,13 +144,16 @@ class AutoCompressedModelForCausalLM:
         # is built by that code, which the check never runs: its packed linears are checked by their own layout
         cfg = check_export(src, quantized=False, lenient=trust_remote_code).config
         if not cfg.get("quantization_config") and "compress_export_sparsity" not in cfg:  # dense: a plain model
-            raise UserError(f"{src} is not a compressed export (its config.json has no quantization_config); "
-                            "pass export=True with a quantization_config to compress it on load")
+            raise UserError(
+                f"{src} is not a compressed export (its config.json has no quantization_config); "
+                "pass export=True with a quantization_config to compress it on load"
+            )
         register()
         dtype = dtype or getattr(torch, fast_dtype(_device_of(device_map)))
         with route_all_to_us():
-            model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, device_map=device_map,
-                                                         trust_remote_code=trust_remote_code, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src), dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **kwargs
+            )
         model.save_pretrained = _save_as_read(model, src, model.save_pretrained)
         model.compress_export_dir = str(src)
         if temp is not None:  # the temporary export lives as long as the model

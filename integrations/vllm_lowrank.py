@@ -15,28 +15,25 @@ Fused linears (q/k/v, gate/up) hold one module's pair per part: A is the parts' 
 block-diagonal [Σout, Σr] that sends each part's rank block to its own rows, so one pair of matmuls serves all
 parts. A part the adapter does not correct has no block.
 """
+
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import torch
 
+from compress_export.core import settings
 from compress_export.core.errors import UserError
 
 ENV = "COMPRESS_EXPORT_LOWRANK"
-MODES = ("lora", "fused")  # lora (default): the adapter stays a LoRA, served by vLLM's LoRA layers
 
 log = logging.getLogger("compress_export.vllm")
 
 
 def fused_requested() -> bool:
-    mode = os.environ.get(ENV, "lora")
-    if mode not in MODES:
-        raise UserError(f"{ENV}={mode} is not one of {', '.join(MODES)}: set one of them, or unset it")
-    return mode == "fused"
+    return settings.get("LOWRANK") == "fused"  # lora (default): the adapter stays a LoRA; a bad value is an error
 
 
 def served_lora(model_dir, wanted: bool = True) -> Optional[Path]:
@@ -51,11 +48,15 @@ def served_lora(model_dir, wanted: bool = True) -> Optional[Path]:
         return None
     if fused_requested():
         if not wanted:
-            raise UserError(f"{ENV}=fused applies {folder} inside our plugin's linears; set {ENV}=lora (or unset "
-                            "it) to run this export without its correction")
+            raise UserError(
+                f"{ENV}=fused applies {folder} inside our plugin's linears; set {ENV}=lora (or unset "
+                "it) to run this export without its correction"
+            )
         if not (Path(model_dir) / "config.json").is_file() or "quantization_config" not in read_config(model_dir):
-            raise UserError(f"{ENV}=fused: {model_dir} has no quantization_config, so vLLM runs it without our "
-                            f"plugin and nothing would apply {folder}; unset {ENV} to serve it as a LoRA")
+            raise UserError(
+                f"{ENV}=fused: {model_dir} has no quantization_config, so vLLM runs it without our "
+                f"plugin and nothing would apply {folder}; unset {ENV} to serve it as a LoRA"
+            )
         return None
     return folder if wanted else None
 
@@ -63,14 +64,16 @@ def served_lora(model_dir, wanted: bool = True) -> Optional[Path]:
 def check_no_lora(lora) -> None:
     """A LoRA adapter on an engine whose linears already apply the fused correction would add it twice."""
     if lora and fused_requested():
-        raise UserError(f"{ENV}=fused applies the export's correction inside our plugin's linears; do not also "
-                        f"attach {lora} as a LoRA (unset {ENV}, or drop the adapter)")
+        raise UserError(
+            f"{ENV}=fused applies the export's correction inside our plugin's linears; do not also "
+            f"attach {lora} as a LoRA (unset {ENV}, or drop the adapter)"
+        )
 
 
 def _model_dir() -> Path:
-    from vllm.config import get_current_vllm_config
+    from compress_export.integrations.vllm_api import get
 
-    return Path(get_current_vllm_config().model_config.model)
+    return Path(get("get_current_vllm_config")().model_config.model)
 
 
 def read_factors(model_dir: Optional[Path] = None) -> dict:
@@ -79,15 +82,17 @@ def read_factors(model_dir: Optional[Path] = None) -> dict:
 
     folder = Path(model_dir or _model_dir()) / ADAPTER_DIR
     if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"{ENV}=fused, but {folder} holds no low-rank correction (export with --lowrank-rank R, "
-                         f"or unset {ENV})")
+        raise ValueError(
+            f"{ENV}=fused, but {folder} holds no low-rank correction (export with --lowrank-rank R, or unset {ENV})"
+        )
     factors = read_adapter(folder)[1]
     log.info("compress-export plugin: fusing the low-rank correction of %d linears from %s", len(factors), folder)
     return factors
 
 
-def fused_pair(factors: dict, prefix: str, parts: Sequence[str], sizes: Sequence[int], in_f: int,
-               dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def fused_pair(
+    factors: dict, prefix: str, parts: Sequence[str], sizes: Sequence[int], in_f: int, dtype: torch.dtype
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """(A [Σr, in_f], B [Σsizes, Σr]) for the linear at `prefix` whose output concatenates `parts` (module names,
     as in the model's packed_modules_mapping; [] when it is one module) of `sizes` rows; None when the adapter
     corrects none of them. The pairs used are removed from `factors`, so what is left was never applied."""
@@ -96,8 +101,10 @@ def fused_pair(factors: dict, prefix: str, parts: Sequence[str], sizes: Sequence
     if len(names) == 1 and len(sizes) > 1:  # one checkpoint module split by vLLM into parts (Phi-3's qkv_proj)
         sizes = [sum(sizes)]
     if len(names) != len(sizes):
-        raise ValueError(f"{prefix}: {len(sizes)} output parts but the model maps it to {names}; unset {ENV} "
-                         "to serve the correction as a LoRA")
+        raise ValueError(
+            f"{prefix}: {len(sizes)} output parts but the model maps it to {names}; unset {ENV} "
+            "to serve the correction as a LoRA"
+        )
     found = [factors.pop(f"{parent}.{n}" if parent else n, None) for n in names]  # popped: leftovers are errors
     if not any(f is not None for f in found):
         return None
@@ -109,11 +116,13 @@ def fused_pair(factors: dict, prefix: str, parts: Sequence[str], sizes: Sequence
         if f is not None:
             a, b = f
             if a.shape[1] != in_f or b.shape[0] != size:
-                raise ValueError(f"{parent}.{name}: the low-rank pair is {tuple(b.shape)}·{tuple(a.shape)} but the "
-                                 f"linear is {size}×{in_f}: OUT/lowrank is not this export's correction "
-                                 f"(re-export with --lowrank-rank, or unset {ENV})")
-            A[r0:r0 + a.shape[0]] = a.to(dtype)
-            B[row:row + size, r0:r0 + a.shape[0]] = b.to(dtype)
+                raise ValueError(
+                    f"{parent}.{name}: the low-rank pair is {tuple(b.shape)}·{tuple(a.shape)} but the "
+                    f"linear is {size}×{in_f}: OUT/lowrank is not this export's correction "
+                    f"(re-export with --lowrank-rank, or unset {ENV})"
+                )
+            A[r0 : r0 + a.shape[0]] = a.to(dtype)
+            B[row : row + size, r0 : r0 + a.shape[0]] = b.to(dtype)
             r0 += a.shape[0]
         row += size
     return A, B

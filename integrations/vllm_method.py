@@ -5,6 +5,7 @@ has no kernel for it, judged by vLLM's own classes, and on the CPU wherever our 
 asked by name (`--quantization compress_export`). COMPRESS_EXPORT_VLLM=always|never forces either way. The
 decision and its reason are logged once per checkpoint in vLLM's log.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,24 +13,26 @@ import re
 from typing import Any, Optional
 
 import torch
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
-from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-from vllm.model_executor.parameter import (
+
+from compress_export.core import settings
+from compress_export.core.errors import UserError
+from compress_export.formats.base import format_for_config, ignored_modules, replicated_groups, shard_replicates_groups
+from compress_export.integrations import vllm_lowrank
+from compress_export.integrations.vllm_api import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
+    LinearBase,
+    LinearMethodBase,
     PackedColumnParameter,
     PackedvLLMParameter,
+    QuantizationConfig,
     RowvLLMParameter,
+    UnquantizedLinearMethod,
 )
-
-from compress_export.core.errors import UserError
-from compress_export.formats.base import format_for_config
-from compress_export.formats.base import ignored_modules, replicated_groups, shard_replicates_groups
-from compress_export.kernels.base import KernelRequest, choose_kernel
-
-from compress_export.integrations import vllm_lowrank
+from compress_export.integrations.vllm_api import get as vllm_name
 from compress_export.integrations.vllm_route import METHOD_NAME, Route, decide, log
+from compress_export.kernels.base import KernelRequest, choose_kernel
 
 
 class CompressExportConfig(QuantizationConfig):
@@ -49,11 +52,12 @@ class CompressExportConfig(QuantizationConfig):
         if not vllm_lowrank.fused_requested():
             return None
         if self._lowrank is None:
-            from vllm.config import get_current_vllm_config
-
-            if get_current_vllm_config().lora_config is not None:  # its LoRA layers could add the adapter again
-                raise ValueError(f"{vllm_lowrank.ENV}=fused applies the export's correction inside our plugin's "
-                                 f"linears; run without --enable-lora, or unset {vllm_lowrank.ENV}")
+            # vLLM's LoRA layers could add the adapter again
+            if vllm_name("get_current_vllm_config")().lora_config is not None:
+                raise ValueError(
+                    f"{vllm_lowrank.ENV}=fused applies the export's correction inside our plugin's "
+                    f"linears; run without --enable-lora, or unset {vllm_lowrank.ENV}"
+                )
             self._lowrank = vllm_lowrank.read_factors()
         return self._lowrank
 
@@ -62,8 +66,10 @@ class CompressExportConfig(QuantizationConfig):
         self.lowrank_checked = True
         if self._lowrank:
             left = sorted(self._lowrank)
-            raise ValueError(f"{vllm_lowrank.ENV}=fused: {len(left)} linears of the correction match no linear our "
-                             f"plugin runs (first: {left[0]}); unset {vllm_lowrank.ENV} to serve it as a LoRA")
+            raise ValueError(
+                f"{vllm_lowrank.ENV}=fused: {len(left)} linears of the correction match no linear our "
+                f"plugin runs (first: {left[0]}); unset {vllm_lowrank.ENV} to serve it as a LoRA"
+            )
 
     def __repr__(self):
         return f"CompressExportConfig({self.fmt.name}, {self.scheme})"
@@ -85,15 +91,13 @@ class CompressExportConfig(QuantizationConfig):
         return []
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "CompressExportConfig":
+    def from_config(cls, config: dict[str, Any]) -> CompressExportConfig:
         return cls(config)
 
     @staticmethod
     def get_checkpoint_weight_mapper():
         """Keep every tensor: vLLM's default mapper drops `.g_idx` (act-order), which our kernels read."""
-        from vllm.model_executor.models.utils import WeightsMapper
-
-        return WeightsMapper()
+        return vllm_name("WeightsMapper")()
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
@@ -101,8 +105,9 @@ class CompressExportConfig(QuantizationConfig):
         route = decide(hf_quant_cfg, user_quant, hf_config)
         if not route.claim and vllm_lowrank.fused_requested():  # only our linears apply a fused correction
             route = _fused_claim(hf_quant_cfg, user_quant, route)
-        log.info("compress-export plugin %s this checkpoint: %s", "claims" if route.claim else "leaves vLLM",
-                 route.reason)
+        log.info(
+            "compress-export plugin %s this checkpoint: %s", "claims" if route.claim else "leaves vLLM", route.reason
+        )
         return METHOD_NAME if route.claim else None
 
     def is_quantized(self, prefix: str) -> bool:
@@ -146,16 +151,19 @@ def _fused_claim(hf_quant_cfg, user_quant, route) -> Route:
     """Claim a checkpoint vLLM would run itself, because the correction is fused into our linears; refuse where
     the user asked for another method or our plugin cannot read the format."""
     env = vllm_lowrank.ENV
-    if os.environ.get("COMPRESS_EXPORT_VLLM") == "never":
+    if settings.get("VLLM", log) == "never":
         raise UserError(f"{env}=fused needs our plugin to run the linears, but COMPRESS_EXPORT_VLLM=never; unset one")
     if user_quant and user_quant != METHOD_NAME:
-        raise UserError(f"{env}=fused needs our plugin (--quantization {METHOD_NAME}), not --quantization "
-                        f"{user_quant}; unset {env} to serve the correction as a LoRA")
+        raise UserError(
+            f"{env}=fused needs our plugin (--quantization {METHOD_NAME}), not --quantization "
+            f"{user_quant}; unset {env} to serve the correction as a LoRA"
+        )
     try:
         format_for_config(hf_quant_cfg)
     except Exception:
-        raise UserError(f"{env}=fused, but compress-export does not read this checkpoint's format ({route.reason}); "
-                        f"unset {env}") from None
+        raise UserError(
+            f"{env}=fused, but compress-export does not read this checkpoint's format ({route.reason}); unset {env}"
+        ) from None
     return Route(True, f"{env}=fused (our linears apply the low-rank correction)")
 
 
@@ -164,13 +172,19 @@ def _make_param(spec, weight_loader):
     kw = dict(data=data, weight_loader=weight_loader)
     if spec.input_dim is not None and spec.output_dim is not None:
         if spec.packed_dim is not None:
-            return PackedvLLMParameter(input_dim=spec.input_dim, output_dim=spec.output_dim,
-                                       packed_dim=spec.packed_dim, packed_factor=spec.pack_factor, **kw)
+            return PackedvLLMParameter(
+                input_dim=spec.input_dim,
+                output_dim=spec.output_dim,
+                packed_dim=spec.packed_dim,
+                packed_factor=spec.pack_factor,
+                **kw,
+            )
         return GroupQuantScaleParameter(input_dim=spec.input_dim, output_dim=spec.output_dim, **kw)
     if spec.output_dim is not None:
         if spec.packed_dim is not None:
-            return PackedColumnParameter(output_dim=spec.output_dim, packed_dim=spec.packed_dim,
-                                         packed_factor=spec.pack_factor, **kw)
+            return PackedColumnParameter(
+                output_dim=spec.output_dim, packed_dim=spec.packed_dim, packed_factor=spec.pack_factor, **kw
+            )
         return ChannelQuantScaleParameter(output_dim=spec.output_dim, **kw)
     if spec.input_dim is not None:
         return RowvLLMParameter(input_dim=spec.input_dim, **kw)
@@ -184,14 +198,22 @@ class CompressExportLinearMethod(LinearMethodBase):
     def __init__(self, config: CompressExportConfig, prefix: str = ""):
         self.config, self.prefix = config, prefix
 
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-                       params_dtype, **extra_weight_attrs):
+    def create_weights(
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        **extra_weight_attrs,
+    ):
         scheme = self.config.scheme
         in_f, out_f = input_size_per_partition, sum(output_partition_sizes)
-        if scheme is not None and scheme.group_size != -1 and in_f % scheme.group_size:
+        if scheme is not None and not scheme.divides(in_f):
             raise ValueError(f"group size {scheme.group_size} does not divide this shard's input size {in_f}")
         loader = extra_weight_attrs.get("weight_loader")
-        layout = self.config.fmt.tensor_layout(scheme, in_f, out_f)
+        layout = self.config.fmt.tensor_layout(scheme, in_f, out_f, self.config.fmt.stored_dtype(self.config.qcfg))
         # Row-parallel shards of per-channel and act-order linears keep every group (vLLM's auto_gptq does the
         # same): one group cannot be narrowed, and an act-order shard's g_idx points at groups across the input.
         groups = shard_replicates_groups(scheme, input_size, in_f)
@@ -207,7 +229,7 @@ class CompressExportLinearMethod(LinearMethodBase):
             if scheme is not None and scheme.act_order == "group":  # must come from the checkpoint: -1 until then
                 getattr(layer, name).data.fill_(-1)
             else:  # absent from some checkpoints: contiguous groups
-                gs = in_f if scheme is None or scheme.group_size == -1 else scheme.group_size
+                gs = in_f if scheme is None else scheme.group_len(in_f)
                 getattr(layer, name).data.copy_(torch.arange(in_f, dtype=torch.int32) // gs)
         layer.ce_tensor_names = tuple(layout)
         layer.ce_act_dtype = params_dtype
@@ -218,18 +240,21 @@ class CompressExportLinearMethod(LinearMethodBase):
         tensors = {n: getattr(layer, n).data for n in layer.ce_tensor_names}
         missing = [n for n, t in tensors.items() if n.endswith("g_idx") and bool((t < 0).any())]
         if missing:
-            raise ValueError(f"{getattr(layer, 'prefix', 'a linear')}: {missing[0]} (act-order) was not loaded from "
-                             "the checkpoint; it is needed to run this layer correctly")
+            raise ValueError(
+                f"{getattr(layer, 'prefix', 'a linear')}: {missing[0]} (act-order) was not loaded from "
+                "the checkpoint; it is needed to run this layer correctly"
+            )
         if layer.ce_local_groups:
-            gs = layer.ce_shape[1] if self.config.scheme.group_size == -1 else self.config.scheme.group_size
+            gs = self.config.scheme.group_len(layer.ce_shape[1])
             for n in (n for n in tensors if n.endswith("g_idx")):
                 tensors[n] = torch.arange(layer.ce_shape[1], dtype=tensors[n].dtype) // gs
         if "weight_shape" in tensors:
             # compressed-tensors records each linear's shape; vLLM loads every shard of a fused linear (q, k, v)
             # into this one small tensor, so the last shard's shape is left. The partition's is the true one.
             tensors["weight_shape"] = torch.tensor(layer.ce_shape, dtype=tensors["weight_shape"].dtype)
-        qw = self.config.fmt.read(getattr(layer, "prefix", "a linear"), tensors, self.config.qcfg,
-                                  groups=layer.ce_groups)
+        qw = self.config.fmt.read(
+            getattr(layer, "prefix", "a linear"), tensors, self.config.qcfg, groups=layer.ce_groups
+        )
         device = tensors[layer.ce_tensor_names[0]].device
         req = KernelRequest.for_weight(qw, layer.ce_act_dtype, device.type)
         kernel = choose_kernel(req)(qw, req)
@@ -252,12 +277,15 @@ class CompressExportLinearMethod(LinearMethodBase):
         if factors is None:
             return
         if getattr(layer, "tp_size", 1) > 1:
-            raise ValueError(f"{vllm_lowrank.ENV}=fused needs tensor-parallel size 1 ({self.prefix} is sharded "
-                             f"{layer.tp_size} ways); serve the correction as a LoRA instead")
+            raise ValueError(
+                f"{vllm_lowrank.ENV}=fused needs tensor-parallel size 1 ({self.prefix} is sharded "
+                f"{layer.tp_size} ways); serve the correction as a LoRA instead"
+            )
         leaf = self.prefix.rpartition(".")[2]
         parts = getattr(self.config, "packed_modules_mapping", {}).get(leaf, [])
-        pair = vllm_lowrank.fused_pair(factors, self.prefix, parts, layer.ce_parts, layer.ce_shape[1],
-                                       layer.ce_act_dtype)
+        pair = vllm_lowrank.fused_pair(
+            factors, self.prefix, parts, layer.ce_parts, layer.ce_shape[1], layer.ce_act_dtype
+        )
         if pair is not None:
             layer.register_buffer("ce_lowrank_A", pair[0].to(device), persistent=False)
             layer.register_buffer("ce_lowrank_B", pair[1].to(device), persistent=False)

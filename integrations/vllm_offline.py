@@ -13,6 +13,7 @@ that model's error, not the run's); the engine is loaded once and every offline 
 
 Progress goes to stderr as `PROGRESS <stage>` lines; the result is one JSON file.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,27 +96,35 @@ def _cut(ids: list, length: int, index: int) -> list:
 
 
 def greedy(llm, tok, prompts: list, max_new_tokens: int) -> list:
-    from vllm import SamplingParams, TokensPrompt
+    from compress_export.integrations.vllm_api import SamplingParams, TokensPrompt
 
     batch = []
     for p in prompts:
         if p.get("chat"):
-            text = tok.apply_chat_template([{"role": "user", "content": p["text"]}], add_generation_prompt=True,
-                                           tokenize=False)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": p["text"]}], add_generation_prompt=True, tokenize=False
+            )
             ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own special tokens
         else:
             ids = tok(p["text"])["input_ids"]
         batch.append(TokensPrompt(prompt_token_ids=list(ids)))
     outs = generate(llm, batch, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
-    return [{"prompt": p["text"], "chat": bool(p.get("chat")), "text": o.outputs[0].text,
-             "token_ids": list(o.outputs[0].token_ids)} for p, o in zip(prompts, outs)]
+    return [
+        {
+            "prompt": p["text"],
+            "chat": bool(p.get("chat")),
+            "text": o.outputs[0].text,
+            "token_ids": list(o.outputs[0].token_ids),
+        }
+        for p, o in zip(prompts, outs)
+    ]
 
 
 def perplexity(llm, tok, text_ids: list, window: int, windows: int) -> dict:
     """The protocol's windows scored by vLLM: loss at each position = −(vLLM's log p of the actual next token)."""
     import torch
-    from vllm import SamplingParams, TokensPrompt
 
+    from compress_export.integrations.vllm_api import SamplingParams, TokensPrompt
     from compress_export.pipeline.evaluate import cut_windows, summarize
 
     ids = cut_windows(torch.tensor(text_ids), window, windows)
@@ -126,13 +135,15 @@ def perplexity(llm, tok, text_ids: list, window: int, windows: int) -> dict:
         outs = [o for p in prompts for o in generate(llm, [p], params, use_tqdm=False)]
     else:
         outs = generate(llm, prompts, params, use_tqdm=False)
-    loss = torch.tensor([[-pos[int(t)].logprob for pos, t in zip(o.prompt_logprobs[1:], row[1:])]
-                         for o, row in zip(outs, ids)], dtype=torch.float64)
+    loss = torch.tensor(
+        [[-pos[int(t)].logprob for pos, t in zip(o.prompt_logprobs[1:], row[1:])] for o, row in zip(outs, ids)],
+        dtype=torch.float64,
+    )
     return summarize(tok, ids, loss, time.perf_counter() - t0).as_dict()
 
 
 def _timed(llm, prompt_ids: list, max_tokens: int) -> float:
-    from vllm import SamplingParams, TokensPrompt
+    from compress_export.integrations.vllm_api import SamplingParams, TokensPrompt
 
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     t = time.perf_counter()
@@ -148,14 +159,21 @@ def latency(llm, text_ids: list, lengths: list, repeats: int) -> list:
         prompts = [_cut(text_ids, n_in, 200 + k) for k in range(repeats)]
         full = statistics.median(_timed(llm, p, n_out) for p in prompts)
         tpot = (full - first) / max(1, n_out - 1)
-        rows.append({"input_len": n_in, "output_len": n_out, "ttft_ms": round(first * 1e3, 2),
-                     "tpot_ms": round(tpot * 1e3, 2), "e2e_ms": round(full * 1e3, 2),
-                     "decode_tok_s": round(1.0 / tpot, 2) if tpot > 0 else None})
+        rows.append(
+            {
+                "input_len": n_in,
+                "output_len": n_out,
+                "ttft_ms": round(first * 1e3, 2),
+                "tpot_ms": round(tpot * 1e3, 2),
+                "e2e_ms": round(full * 1e3, 2),
+                "decode_tok_s": round(1.0 / tpot, 2) if tpot > 0 else None,
+            }
+        )
     return rows
 
 
 def throughput(llm, text_ids: list, num_prompts: int, input_len: int, output_len: int) -> dict:
-    from vllm import SamplingParams, TokensPrompt
+    from compress_export.integrations.vllm_api import SamplingParams, TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=_cut(text_ids, input_len, 300 + k)) for k in range(num_prompts)]
     sp = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
@@ -164,10 +182,16 @@ def throughput(llm, text_ids: list, num_prompts: int, input_len: int, output_len
     dt = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = num_prompts * input_len
-    return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "seconds": round(dt, 3),
-            "requests_per_s": round(num_prompts / dt, 3), "input_tok_s": round(n_in / dt, 2),
-            "output_tok_s": round(n_out / dt, 2),
-            "total_tok_s": round((n_in + n_out) / dt, 2)}
+    return {
+        "num_prompts": num_prompts,
+        "input_len": input_len,
+        "output_len": output_len,
+        "seconds": round(dt, 3),
+        "requests_per_s": round(num_prompts / dt, 3),
+        "input_tok_s": round(n_in / dt, 2),
+        "output_tok_s": round(n_out / dt, 2),
+        "total_tok_s": round((n_in + n_out) / dt, 2),
+    }
 
 
 _ENGINES: list = []  # every engine this process started, shut down by exit_after_results
@@ -195,7 +219,7 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
 
     os.environ.update(cpu_environment(tensor_parallel=int(kwargs.get("tensor_parallel_size") or 1)))
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships our inspection functions
-    from vllm import LLM
+    from compress_export.integrations.vllm_api import LLM
 
     kwargs = {**engine_defaults(), **kwargs}
     if lora:
@@ -211,12 +235,17 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
     llm = LLM(model=model, max_model_len=max_model_len, seed=0, **kwargs)
     _ENGINES.append(llm)
     if lora:
-        from vllm.lora.request import LoRARequest
+        from compress_export.integrations.vllm_api import LoRARequest
 
         _LORA[id(llm)] = LoRARequest(ADAPTER_NAME, 1, str(Path(lora).resolve()))
     cfg = llm.llm_engine.vllm_config.model_config
-    return llm, {"model": model, "load_s": round(time.perf_counter() - t0, 2), "quantization": cfg.quantization,
-                 "dtype": str(cfg.dtype).replace("torch.", ""), "lora": lora}
+    return llm, {
+        "model": model,
+        "load_s": round(time.perf_counter() - t0, 2),
+        "quantization": cfg.quantization,
+        "dtype": str(cfg.dtype).replace("torch.", ""),
+        "lora": lora,
+    }
 
 
 _LORA: dict = {}  # id(llm) → the LoRARequest every generate call of that engine carries

@@ -13,24 +13,24 @@ Machete kernels are faster than ours and it steps aside. W8A8 int8 is vLLM's, ex
 where vLLM's int8 GEMM is inexact and ours is exact (`w8a8_route`). COMPRESS_EXPORT_VLLM=always|never forces
 either way.
 """
+
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
+from compress_export.core import settings
 from compress_export.core.errors import UserError
-from compress_export.formats.base import format_for_config
 from compress_export.core.hardware import saturating_int8_gemm
+from compress_export.formats.base import format_for_config
+from compress_export.integrations import vllm_api
 from compress_export.kernels.base import KernelRequest, choose_kernel
 from compress_export.kernels.int8 import extension as int8_extension
 
 METHOD_NAME = "compress_export"
-MODES = ("auto", "always", "never")
 log = logging.getLogger("vllm.compress_export")  # under vLLM's logger, so it shows in vLLM's own log
 
 
@@ -57,18 +57,27 @@ def layer_shapes(hf_config) -> list:
 
 
 def engine_dtype(hf_config=None) -> torch.dtype:
-    """The engine's activation dtype while vLLM verifies the checkpoint: vLLM resolves it before it asks the
-    quantization methods, on its ModelConfig (our caller's caller), which we read; else the checkpoint's."""
-    f = sys._getframe(1)
-    for _ in range(10):
-        if f is None:
-            break
-        obj = f.f_locals.get("self")
-        if type(obj).__name__ == "ModelConfig" and isinstance(getattr(obj, "dtype", None), torch.dtype):
-            return obj.dtype
-        f = f.f_back
-    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    return dt if isinstance(dt, torch.dtype) else getattr(torch, str(dt or "bfloat16").replace("torch.", ""))
+    """The engine's activation dtype while vLLM asks whether we claim the checkpoint.
+
+    Once vLLM has set its config (`get_current_vllm_config_or_none`), its model dtype. The first decision comes
+    earlier: vLLM's ModelConfig calls each method's `override_quantization_method` with the checkpoint's config
+    before any engine config exists, and no public hook carries the resolved dtype there. So this is the dtype
+    vLLM's `--dtype auto` resolves from that config: the checkpoint's own, a float32 checkpoint in the platform's
+    preferred dtype (vLLM's `_resolve_auto_dtype`). Trade-off: an explicit `--dtype` that differs from it is not
+    seen at that moment. Our launchers pass the CPU's fastest dtype, and where our compiled CPU kernel is built the
+    route is the same in either dtype; elsewhere COMPRESS_EXPORT_VLLM=always|never decides."""
+    vc = vllm_api.get("get_current_vllm_config_or_none")()
+    dt = getattr(getattr(vc, "model_config", None), "dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    get = (lambda k: hf_config.get(k)) if isinstance(hf_config, dict) else (lambda k: getattr(hf_config, k, None))
+    dt = (get("dtype") or get("torch_dtype")) if hf_config is not None else None
+    if not isinstance(dt, torch.dtype):
+        dt = getattr(torch, str(dt or "bfloat16").replace("torch.", ""), torch.bfloat16)
+    if dt == torch.float32:
+        supported = list(getattr(vllm_api.get("current_platform"), "supported_dtypes", None) or [dt])
+        dt = supported[0]
+    return dt
 
 
 def vllm_method_for(qcfg: dict, hf_config=None) -> Optional[str]:
@@ -76,8 +85,8 @@ def vllm_method_for(qcfg: dict, hf_config=None) -> Optional[str]:
     candidate's own `override_quantization_method`. Candidates are the methods named after the checkpoint's
     quant_method (auto_gptq, gptq, gptq_marlin for "gptq"): probing every method would import vLLM's heavy backends
     (Triton for mxfp4), which vLLM itself avoids, and their native threads have crashed the process at exit."""
-    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
-
+    QUANTIZATION_METHODS = vllm_api.get("QUANTIZATION_METHODS")
+    get_quantization_config = vllm_api.get("get_quantization_config")
     q = str(qcfg.get("quant_method", "")).lower().replace("-", "_")
     for name in QUANTIZATION_METHODS:
         if name == METHOD_NAME or not q or q not in name.replace("-", "_"):
@@ -97,33 +106,27 @@ def _weight_type(name: str, cfg, scheme):
     if getattr(cfg, "quant_type", None) is not None:
         return cfg.quant_type, bool(getattr(cfg, "zero_point", not scheme.symmetric))
     if name == "compressed-tensors":
-        from vllm.model_executor.layers.quantization.compressed_tensors.schemes import compressed_tensors_wNa16 as w
-
-        table = w.WNA16_SUPPORTED_TYPES_MAP if scheme.symmetric else w.WNA16_ZP_SUPPORTED_TYPES_MAP
+        table = vllm_api.get("WNA16_SUPPORTED_TYPES_MAP" if scheme.symmetric else "WNA16_ZP_SUPPORTED_TYPES_MAP")
         return table.get(scheme.bits), not scheme.symmetric
     return None, not scheme.symmetric
 
 
 def _cpu_op_missing(kernel) -> Optional[str]:
     if kernel.__name__ == "CPUWNA16LinearKernel":
-        try:
-            if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
-                return "torch.ops._C.cpu_gemm_wna16 (this vLLM build has no CPU 4-bit op; its AVX2 wheel)"
-        except (AttributeError, RuntimeError):
-            return "torch.ops._C (vLLM's compiled ops are not loaded)"
+        missing = vllm_api.missing_op("cpu_gemm_wna16")
+        if missing and missing.endswith("cpu_gemm_wna16"):
+            return missing + " (this vLLM build has no CPU 4-bit op; its AVX2 wheel)"
+        return missing
     return None
 
 
 def vllm_native(qcfg: dict, act_dtype: torch.dtype, hf_config=None) -> Tuple[Optional[str], str]:
     """(vLLM's kernel for this checkpoint here, or None; why)."""
-    from vllm.model_executor.layers.quantization import get_quantization_config
-    from vllm.platforms import current_platform
-
     scheme = format_for_config(qcfg).scheme_from_config(qcfg)
     name = vllm_method_for(qcfg, hf_config)
     if name is None or scheme is None:
         return None, "vLLM has no method for this checkpoint format"
-    cls = get_quantization_config(name)
+    cls = vllm_api.get("get_quantization_config")(name)
     try:
         cfg = cls.from_config(qcfg)
     except Exception as e:  # noqa: BLE001
@@ -131,14 +134,15 @@ def vllm_native(qcfg: dict, act_dtype: torch.dtype, hf_config=None) -> Tuple[Opt
     acts = cfg.get_supported_act_dtypes()  # on the instance: some configs define these as plain methods
     if act_dtype not in acts:
         return None, f"vLLM's {name} runs {[str(d) for d in acts]} activations, not {act_dtype}"
-    cap, need = current_platform.get_device_capability(), cfg.get_min_capability()
+    cap, need = vllm_api.get("current_platform").get_device_capability(), cfg.get_min_capability()
     if cap is not None and cap.to_int() < need:
         return None, f"vLLM's {name} needs compute capability {need}, this device has {cap.to_int()}"
     wtype, zp = _weight_type(name, cfg, scheme)
     if wtype is None:
         return None, f"vLLM's {name} has no weight type for {scheme.bits}-bit {'sym' if scheme.symmetric else 'asym'}"
-    from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
-
+    MPLinearLayerConfig, choose_mp_linear_kernel = (
+        vllm_api.get(n) for n in ("MPLinearLayerConfig", "choose_mp_linear_kernel")
+    )
     chosen = set()
     for in_f, out_f in layer_shapes(hf_config):
         gs = scheme.group_size
@@ -161,8 +165,16 @@ def our_kernel(scheme, device: str, act_dtype: torch.dtype, hf_config=None) -> O
         if scheme is None:
             req = KernelRequest(16, -1, True, False, in_f, out_f, act_dtype, device, "2:4")
         else:
-            req = KernelRequest(scheme.bits, scheme.group_size, scheme.symmetric, scheme.act_order == "group",
-                                in_f, out_f, act_dtype, device)
+            req = KernelRequest(
+                scheme.bits,
+                scheme.group_size,
+                scheme.symmetric,
+                scheme.act_order == "group",
+                in_f,
+                out_f,
+                act_dtype,
+                device,
+            )
         try:
             names.add(choose_kernel(req).name)
         except UserError:
@@ -176,13 +188,28 @@ def w8a8_route(device: str, flags=None) -> Route:
     when it is built."""
     theirs = "CPUInt8ScaledMMLinearKernel" if device == "cpu" else None
     if device != "cpu" or not saturating_int8_gemm(flags):
-        return Route(False, "W8A8 int8: vLLM's own int8 kernel runs it exactly "
-                            f"({'oneDNN with VNNI/AMX' if device == 'cpu' else 'CUTLASS'})", None, theirs)
+        return Route(
+            False,
+            "W8A8 int8: vLLM's own int8 kernel runs it exactly "
+            f"({'oneDNN with VNNI/AMX' if device == 'cpu' else 'CUTLASS'})",
+            None,
+            theirs,
+        )
     if int8_extension() is None:
-        return Route(False, "W8A8 int8: our exact int8 GEMM is not built, so vLLM's oneDNN kernel runs it (inexact "
-                            "on this CPU without VNNI: int16 pair sums saturate)", None, theirs)
-    return Route(True, "W8A8 int8 on a CPU without VNNI: vLLM's oneDNN GEMM adds u8×s8 pairs in saturating int16; "
-                       "our exact int8 GEMM runs it", "int8-dynamic", theirs)
+        return Route(
+            False,
+            "W8A8 int8: our exact int8 GEMM is not built, so vLLM's oneDNN kernel runs it (inexact "
+            "on this CPU without VNNI: int16 pair sums saturate)",
+            None,
+            theirs,
+        )
+    return Route(
+        True,
+        "W8A8 int8 on a CPU without VNNI: vLLM's oneDNN GEMM adds u8×s8 pairs in saturating int16; "
+        "our exact int8 GEMM runs it",
+        "int8-dynamic",
+        theirs,
+    )
 
 
 def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=None, flags=None) -> Route:
@@ -195,16 +222,17 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
         scheme = format_for_config(qcfg).scheme_from_config(qcfg)
     except (UserError, KeyError, ValueError, TypeError):
         return Route(False, "not a checkpoint format compress-export reads")
-    mode = os.environ.get("COMPRESS_EXPORT_VLLM", "auto")
-    if mode not in MODES:
-        log.warning("COMPRESS_EXPORT_VLLM=%s is not one of %s; using auto", mode, MODES)
-        mode = "auto"
+    mode = settings.get("VLLM", log)  # a bad value warns in vLLM's log and counts as auto
     if mode != "auto":
         return Route(mode == "always", f"COMPRESS_EXPORT_VLLM={mode}")
-    from vllm.platforms import current_platform
-
-    device = device or ("cuda" if current_platform.is_cuda_alike() else "cpu" if current_platform.is_cpu()
-                        else current_platform.device_type)
+    current_platform = vllm_api.get("current_platform")
+    device = device or (
+        "cuda"
+        if current_platform.is_cuda_alike()
+        else "cpu"
+        if current_platform.is_cpu()
+        else current_platform.device_type
+    )
     if scheme is not None and scheme.act_bits == 8:
         return w8a8_route(device, flags)
     act_dtype = act_dtype or engine_dtype(hf_config)

@@ -6,6 +6,7 @@ session, so stopping it stops the API server, engine core and workers together, 
 The load comes from `vllm bench serve`'s machinery (`vllm.benchmarks.serve`), run in a client subprocess:
 random prompts of fixed length, a concurrency cap, TTFT/TPOT/end-to-end percentiles as vLLM defines them.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,28 @@ def post(url: str, body: dict, timeout: float = 300) -> dict:
 class Server:
     """`with Server(model_dir, log) as s:` serves on s.base_url (…/v1) under the model name s.name."""
 
-    def __init__(self, model_dir, log_path, name: str = "model", max_model_len: int = 1024, extra=(),
-                 start_timeout: float = 900):
+    def __init__(
+        self, model_dir, log_path, name: str = "model", max_model_len: int = 1024, extra=(), start_timeout: float = 900
+    ):
         self.model_dir, self.log_path, self.name = str(model_dir), Path(log_path), name
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.cmd = [sys.executable, "-m", "compress_export.cli.main", "serve", self.model_dir, "--host", "127.0.0.1",
-                    "--port", str(self.port), "--max-model-len", str(max_model_len), "--served-model-name", name,
-                    *extra]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "compress_export.cli.main",
+            "serve",
+            self.model_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(max_model_len),
+            "--served-model-name",
+            name,
+            *extra,
+        ]
         self.start_timeout = start_timeout
         self.proc = None
         self.start_s = None
@@ -104,36 +119,85 @@ def smoke(base_url: str, name: str, chat: bool, prompt: str = "The capital of Fr
     r = post(base_url + "/completions", {"model": name, "prompt": prompt, "max_tokens": 16, "temperature": 0})
     out["completions"] = r["choices"][0]["text"]
     if chat:
-        r = post(base_url + "/chat/completions", {"model": name, "max_tokens": 24, "temperature": 0, "messages": [
-            {"role": "user", "content": "What is the capital of France?"}]})
+        r = post(
+            base_url + "/chat/completions",
+            {
+                "model": name,
+                "max_tokens": 24,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            },
+        )
         out["chat_completions"] = r["choices"][0]["message"]["content"]
     return out
 
 
-def bench_args(model_dir: str, name: str, port: int, input_len: int, output_len: int, num_prompts: int,
-               concurrency: int) -> list:
+def bench_args(
+    model_dir: str, name: str, port: int, input_len: int, output_len: int, num_prompts: int, concurrency: int
+) -> list:
     """`vllm bench serve` flags for one load point."""
-    return ["--backend", "openai", "--host", "127.0.0.1", "--port", str(port), "--model", name,
-            "--served-model-name", name, "--tokenizer", model_dir, "--dataset-name", "random",
-            "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed", "0",
-            "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,95", "--disable-tqdm"]
+    return [
+        "--backend",
+        "openai",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        name,
+        "--served-model-name",
+        name,
+        "--tokenizer",
+        model_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(input_len),
+        "--random-output-len",
+        str(output_len),
+        "--num-prompts",
+        str(num_prompts),
+        "--max-concurrency",
+        str(concurrency),
+        "--seed",
+        "0",
+        "--percentile-metrics",
+        "ttft,tpot,e2el",
+        "--metric-percentiles",
+        "50,95",
+        "--disable-tqdm",
+    ]
 
 
-KEEP = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
-        "mean_ttft_ms", "p50_ttft_ms", "p95_ttft_ms", "mean_tpot_ms", "p50_tpot_ms", "p95_tpot_ms",
-        "mean_e2el_ms", "p50_e2el_ms", "p95_e2el_ms")
+KEEP = (
+    "completed",
+    "failed",
+    "duration",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "mean_ttft_ms",
+    "p50_ttft_ms",
+    "p95_ttft_ms",
+    "mean_tpot_ms",
+    "p50_tpot_ms",
+    "p95_tpot_ms",
+    "mean_e2el_ms",
+    "p50_e2el_ms",
+    "p95_e2el_ms",
+)
 
 
 def run_bench(points: list) -> list:
     """In this process: each point is a `vllm bench serve` argument list; the summary numbers of each."""
     import argparse
 
-    from compress_export.integrations.vllm_launch import _patch_version_lookup, cpu_environment
+    from compress_export.integrations.vllm_launch import cpu_environment
 
     os.environ.update(cpu_environment())  # importing vLLM picks its platform: without this, SIGILL on AVX2
-    _patch_version_lookup()
-    from vllm.benchmarks.serve import add_cli_args, main
+    from compress_export.integrations.vllm_api import get
+
+    add_cli_args, main = get("bench_serve_add_cli_args"), get("bench_serve_main")
 
     results = []
     for argv in points:
@@ -146,11 +210,18 @@ def run_bench(points: list) -> list:
 
 def bench(points: list, log_path, timeout: float = 1800) -> list:
     """`run_bench` in a client subprocess (vLLM's benchmark imports the whole of vLLM; a failure stays there)."""
-    code = ("import json, sys\nfrom compress_export.integrations.vllm_serve import run_bench\n"
-            "print('RESULT ' + json.dumps(run_bench(json.loads(sys.argv[1]))), flush=True)\n")
+    code = (
+        "import json, sys\nfrom compress_export.integrations.vllm_serve import run_bench\n"
+        "print('RESULT ' + json.dumps(run_bench(json.loads(sys.argv[1]))), flush=True)\n"
+    )
     with open(log_path, "w") as log:
-        r = subprocess.run([sys.executable, "-c", code, json.dumps(points)], stdout=subprocess.PIPE, stderr=log,
-                           text=True, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(points)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            timeout=timeout,
+        )
     res = read_result(r.stdout)
     if r.returncode or res is None:
         tail = Path(log_path).read_text(errors="replace")[-3000:]

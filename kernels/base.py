@@ -3,6 +3,7 @@
 Kernels declare what they can run (`can_implement(request) -> (ok, reason)`) and are tried in priority order;
 when none fits, every kernel's reason is reported.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,9 +14,12 @@ import torch
 from compress_export.core.errors import UserError
 from compress_export.core.registry import Registry
 from compress_export.core.result import QuantizedWeight, SparseWeight
+from compress_export.core.scheme import PER_CHANNEL, group_len
 
-KERNELS: Registry = Registry("kernel", builtins=[f"compress_export.kernels.{m}" for m in
-                                                 ("torch_dequant", "dense", "cpu_wna16", "cuda_wna16", "int8")])
+KERNELS: Registry = Registry(
+    "kernel",
+    builtins=[f"compress_export.kernels.{m}" for m in ("torch_dequant", "dense", "cpu_wna16", "cuda_wna16", "int8")],
+)
 WEIGHT_ONLY = "weight-only: keeps activations in float, and this layer's scheme quantizes them to int8 (W8A8)"
 register_kernel = KERNELS.register
 
@@ -23,7 +27,7 @@ register_kernel = KERNELS.register
 @dataclass(frozen=True)
 class KernelRequest:
     bits: int
-    group_size: int
+    group_size: int  # as the scheme stores it: -1 per output channel (group_len reads it)
     symmetric: bool
     has_g_idx: bool  # act-order regrouped the input columns
     in_features: int
@@ -36,18 +40,42 @@ class KernelRequest:
     uneven_groups: bool = False
     act_bits: int = 16  # 8: the layer's activations are quantized to int8 per token at run time (W8A8)
 
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size == PER_CHANNEL
+
+    @property
+    def group_len(self) -> int:
+        """Input columns per group (all of them when per-channel)."""
+        return group_len(self.group_size, self.in_features)
+
+    def groups_divide(self) -> bool:
+        """Whether the groups tile the inputs exactly (always when per-channel)."""
+        return self.per_channel or self.in_features % self.group_size == 0
+
     @classmethod
-    def for_weight(cls, qw, act_dtype: torch.dtype, device: str) -> "KernelRequest":
+    def for_weight(cls, qw, act_dtype: torch.dtype, device: str) -> KernelRequest:
         """qw: a QuantizedWeight, or a SparseWeight (float weights: bits 16)."""
         sp = str(getattr(qw, "sparsity", "") or "")
         if isinstance(qw, SparseWeight):
-            return cls(16, -1, True, False, qw.shape[1], qw.shape[0], act_dtype, device, sp)
+            return cls(16, PER_CHANNEL, True, False, qw.shape[1], qw.shape[0], act_dtype, device, sp)
         s = qw.scheme
         if qw.mask is not None and not sp:
             sp = "2:4" if _is_24(qw.mask) else ""
         has_g_idx = not qw.has_trivial_g_idx()
-        return cls(s.bits, s.group_size, s.symmetric, has_g_idx, qw.shape[1], qw.shape[0], act_dtype, device, sp,
-                   uneven_groups=has_g_idx and not _even_groups(qw), act_bits=s.act_bits)
+        return cls(
+            s.bits,
+            s.group_size,
+            s.symmetric,
+            has_g_idx,
+            qw.shape[1],
+            qw.shape[0],
+            act_dtype,
+            device,
+            sp,
+            uneven_groups=has_g_idx and not _even_groups(qw),
+            act_bits=s.act_bits,
+        )
 
 
 class LinearKernel:
@@ -94,7 +122,7 @@ def group_order(qw: QuantizedWeight) -> Optional[torch.Tensor]:
     if qw.has_trivial_g_idx():
         return None
     if not _even_groups(qw):
-        gs = qw.shape[1] if qw.scheme.group_size == -1 else qw.scheme.group_size
+        gs = qw.scheme.group_len(qw.shape[1])
         sizes = torch.bincount(qw.g_idx.long()).tolist()
         raise UserError(f"g_idx gives groups of {sorted(set(sizes))} columns; group size {gs} needs {gs} in each")
     return torch.argsort(qw.g_idx.long(), stable=True)
@@ -103,7 +131,7 @@ def group_order(qw: QuantizedWeight) -> Optional[torch.Tensor]:
 def _even_groups(qw: QuantizedWeight) -> bool:
     """Whether sorting the columns by group gives runs of exactly group_size columns, group after group."""
     in_f = qw.shape[1]
-    gs = in_f if qw.scheme.group_size == -1 else qw.scheme.group_size
+    gs = qw.scheme.group_len(in_f)
     g = qw.g_idx.long().cpu()
     return bool(torch.equal(torch.sort(g).values, torch.arange(in_f) // gs))
 
@@ -111,7 +139,7 @@ def _even_groups(qw: QuantizedWeight) -> bool:
 def restore(codes_sorted: torch.Tensor, scales, zeros, perm, scheme) -> QuantizedWeight:
     """Inverse of preparing with group_order: codes back in the original column order, g_idx rebuilt."""
     in_f = codes_sorted.shape[1]
-    gs = in_f if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_len(in_f)
     g_sorted = (torch.arange(in_f) // gs).to(torch.int32)
     if perm is None:
         return QuantizedWeight(codes_sorted.to(torch.uint8), scales.float(), zeros.to(torch.int32), g_sorted, scheme)

@@ -16,13 +16,14 @@ Prepared layout (built once at load from a QuantizedWeight; never stored in a ch
           call, so the codes are stored in that order too.
 Bytes per 4-bit weight: 0.5 + 3/group (0.547 at group 64, 0.594 at group 32).
 """
+
 from __future__ import annotations
 
 import torch
 
+from compress_export.core import settings
 from compress_export.core.hardware import native_bf16
 from compress_export.core.result import QuantizedWeight
-
 from compress_export.kernels.base import WEIGHT_ONLY, KernelRequest, LinearKernel, group_order, register_kernel, restore
 
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,14 +39,18 @@ def extension():
 
 
 _EXT = extension()
+if _EXT is not None:  # once, at load: the C code reads no environment (tests switch it with set_isa themselves)
+    _EXT.set_isa(settings.get("CPU_ISA"))
 
 
 def extension_error() -> str:
     try:
-        from compress_export.kernels import _cpu  # noqa: F401
+        from compress_export.kernels import _cpu  # type: ignore[attr-defined]  # noqa: F401  (built, not a .py)
     except ImportError as e:
-        return (f"the compiled CPU kernel is not built ({e}); reinstall with a C compiler present "
-                "(pip install -e . builds kernels/csrc/cpu_wna16.c)")
+        return (
+            f"the compiled CPU kernel is not built ({e}); reinstall with a C compiler present "
+            "(pip install -e . builds kernels/csrc/cpu_wna16.c)"
+        )
     return ""
 
 
@@ -86,7 +91,7 @@ def codes_problem(req: KernelRequest, act_dtypes=ACT_DTYPES, group_multiple: int
     if req.uneven_groups:
         return "needs whole groups; this act-order row-parallel shard holds parts of many groups"
     gs = req.group_size
-    if gs != -1 and (gs % group_multiple or req.in_features % gs):
+    if not req.per_channel and (gs % group_multiple or not req.groups_divide()):
         return f"group size {gs} must be a multiple of {group_multiple} dividing in_features {req.in_features}"
     return ""
 
@@ -100,7 +105,7 @@ class PackedCodes(LinearKernel):
         super().__init__(qw, req)
         self.out_features, self.in_features = qw.shape
         self.bits, self.scheme = qw.scheme.bits, qw.scheme
-        self.group = self.in_features if qw.scheme.group_size == -1 else qw.scheme.group_size
+        self.group = qw.scheme.group_len(self.in_features)
         self.perm = group_order(qw)
         self.qweight = pack_codes(qw.codes if self.perm is None else qw.codes[:, self.perm], self.bits)
         # fp16 bits in an integer tensor: a module-wide .to(dtype) never converts them behind the kernel's back
@@ -112,8 +117,13 @@ class PackedCodes(LinearKernel):
         return {**t, "perm": self.perm} if self.perm is not None else t
 
     def quantized_weight(self) -> QuantizedWeight:
-        return restore(unpack_codes(self.qweight, self.bits).cpu(), self.scales.view(torch.float16).cpu(),
-                       self.zeros.cpu(), self.perm, self.scheme)
+        return restore(
+            unpack_codes(self.qweight, self.bits).cpu(),
+            self.scales.view(torch.float16).cpu(),
+            self.zeros.cpu(),
+            self.perm,
+            self.scheme,
+        )
 
 
 @register_kernel("cpu-wna16")
@@ -135,8 +145,7 @@ class CpuWNA16Kernel(PackedCodes):
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if torch.compiler.is_compiling():  # opaque to dynamo; eager calls skip the dispatcher
-            y = torch.ops.compress_export.cpu_wna16(x2, self.qweight, self.scales, self.zeros, self.bits,
-                                                    self.group)
+            y = torch.ops.compress_export.cpu_wna16(x2, self.qweight, self.scales, self.zeros, self.bits, self.group)
         else:
             y = run(x2, self.qweight, self.scales, self.zeros, self.bits, self.group)
         return y.view(*lead, self.out_features)
@@ -158,8 +167,20 @@ def run(x: torch.Tensor, qweight, scales, zeros, bits: int, group: int) -> torch
     bf16 = x.dtype == torch.bfloat16  # the extension reads and writes bf16 itself
     xf = x.contiguous() if bf16 or x.dtype == torch.float32 else x.to(torch.float32).contiguous()
     y = torch.empty((M, N), dtype=xf.dtype)
-    _EXT.gemm(bits, M, N, K, group, xf.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-              y.data_ptr(), torch.get_num_threads(), int(bf16))
+    _EXT.gemm(
+        bits,
+        M,
+        N,
+        K,
+        group,
+        xf.data_ptr(),
+        qweight.data_ptr(),
+        scales.data_ptr(),
+        zeros.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+        int(bf16),
+    )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -177,8 +198,20 @@ def _tiled_gemm(x, qweight, scales, zeros, bits, group) -> torch.Tensor:
 
     def dequant(n0, n1):
         tile = buf[: n1 - n0]
-        _EXT.dequant(bits, N, K, group, n0, n1, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-                     tile.data_ptr(), int(wdtype == torch.bfloat16), torch.get_num_threads())
+        _EXT.dequant(
+            bits,
+            N,
+            K,
+            group,
+            n0,
+            n1,
+            qweight.data_ptr(),
+            scales.data_ptr(),
+            zeros.data_ptr(),
+            tile.data_ptr(),
+            int(wdtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )
         return tile
 
     if rows >= N:
@@ -195,8 +228,9 @@ def _register_op() -> None:
     """`compress_export::cpu_wna16` for torch.compile (vLLM's compiled mode): one opaque call per linear."""
 
     @torch.library.custom_op("compress_export::cpu_wna16", mutates_args=())
-    def cpu_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                  group: int) -> torch.Tensor:
+    def cpu_wna16(
+        x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int
+    ) -> torch.Tensor:
         return run(x.contiguous(), qweight, scales, zeros, bits, group)
 
     @cpu_wna16.register_fake

@@ -10,6 +10,7 @@ Prepared layout: the CPU kernel's (kernels/cpu_wna16.py: `pack_codes`/`unpack_co
 uint8 [out, in/2] (8-bit: [out, in]), scales as fp16 bits (int16) [out, G], zeros uint8 [out, G], perm int64 [in]
 or None.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,7 +18,6 @@ import functools
 import torch
 
 from compress_export.core.result import QuantizedWeight
-
 from compress_export.kernels.base import KernelRequest, register_kernel
 from compress_export.kernels.cpu_wna16 import PackedCodes, codes_problem, unpack_codes
 
@@ -40,7 +40,7 @@ def linear(x: torch.Tensor, qweight, scales, zeros, bits: int, group: int) -> to
     return x @ w.t()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled():
     return torch.compile(linear, dynamic=True)
 

@@ -5,6 +5,7 @@
 capability ≥ 8.0, fp16/bf16, the shapes its kernels accept; prepared layout: `torch.sparse.to_sparse_semi_structured`
 of W [out, in] (the kept values plus its own metadata).
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,12 +11,12 @@ The integer product is exact everywhere: the compiled CPU kernel (kernels/csrc/c
 summed in int32; it also quantizes x and applies the scales, one call per linear), torch._int_mm on CUDA, else a
 float64 matmul (every partial sum of int8 products is far below 2^53).
 """
+
 from __future__ import annotations
 
 import torch
 
 from compress_export.core.result import QuantizedWeight
-
 from compress_export.kernels.base import KernelRequest, LinearKernel, register_kernel
 
 
@@ -63,8 +63,16 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
         m, k = x.shape
         xf = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
         y = torch.empty(m, weight.shape[0], dtype=torch.float32)
-        _EXT.int8_linear(m, weight.shape[0], k, xf.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(),
-                    torch.get_num_threads())
+        _EXT.int8_linear(
+            m,
+            weight.shape[0],
+            k,
+            xf.data_ptr(),
+            weight.data_ptr(),
+            scale.data_ptr(),
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     return w8a8_reference(x, weight, scale)
 
@@ -85,7 +93,7 @@ class Int8DynamicKernel(LinearKernel):
     def can_implement(cls, req: KernelRequest):
         if req.act_bits != 8:
             return False, "runs W8A8 layers (int8 activations); this one keeps its activations in float"
-        if (req.bits, req.group_size, req.symmetric) != (8, -1, True):
+        if not (req.bits == 8 and req.per_channel and req.symmetric):
             return False, "needs 8-bit symmetric weights with one scale per output channel"
         if not req.act_dtype.is_floating_point:
             return False, f"activations must be floating point, got {req.act_dtype}"
@@ -111,8 +119,9 @@ class Int8DynamicKernel(LinearKernel):
         codes = (self.weight.int() + self.scheme.sym_zero).to(torch.uint8).contiguous()
         out_f, in_f = codes.shape
         zeros = torch.full((out_f, 1), self.scheme.sym_zero, dtype=torch.int32)
-        return QuantizedWeight(codes, self.scale.view(-1, 1).clone(), zeros, torch.zeros(in_f, dtype=torch.int32),
-                               self.scheme)
+        return QuantizedWeight(
+            codes, self.scale.view(-1, 1).clone(), zeros, torch.zeros(in_f, dtype=torch.int32), self.scheme
+        )
 
     def tensors(self) -> dict:
         return {"weight": self.weight, "scale": self.scale}

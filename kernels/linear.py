@@ -1,52 +1,56 @@
-"""QuantLinear: an nn.Module that runs a QuantizedWeight through the kernel the registry chooses.
+"""QuantLinear: an nn.Module that runs a QuantizedWeight (or SparseWeight) through the kernel the registry chooses.
 
-Given the checkpoint format it was read from, it also saves as that format: its state dict holds the format's
-tensors (repacked from the kernel's own layout when the kernel is invertible, else the tensors it was loaded from),
-so `save_pretrained` of a loaded model writes the export back unchanged while memory holds one packed copy.
+It knows no checkpoint format. A loaded model that saves as the format it was read from hands it a `saved_as`
+object (io/loading.FormatTensors) that gives the tensors its state dict holds; this module only asks for them.
 """
+
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Protocol
 
 import torch
 import torch.nn as nn
 
-from compress_export.core.result import QuantizedWeight
+from compress_export.kernels.base import KernelRequest, LinearKernel, choose_kernel
 
-from compress_export.kernels.base import KernelRequest, choose_kernel
+
+class SavedAs(Protocol):
+    """What a QuantLinear's state dict holds for its weight, besides its bias parameter."""
+
+    def attach(self, qw, kernel: LinearKernel, act_dtype: torch.dtype) -> None:
+        """Called once the kernel is prepared from qw (the kernel may give qw back later, or may not)."""
+
+    def tensors(self, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The tensors to save, named by their suffix after the module's prefix."""
+
+    def held(self) -> List[torch.Tensor]:
+        """Tensors it keeps in memory (counted by weight_bytes)."""
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, qw: QuantizedWeight, act_dtype=torch.float32, device: str = "cpu", fmt=None,
-                 source: Optional[dict] = None):
+    def __init__(self, qw, act_dtype=torch.float32, device: str = "cpu", saved_as: Optional[SavedAs] = None):
         super().__init__()
         req = KernelRequest.for_weight(qw, act_dtype, device)
         self.kernel = choose_kernel(req)(qw, req)
         self.in_features, self.out_features = req.in_features, req.out_features
         self.bias = nn.Parameter(qw.bias.to(act_dtype), requires_grad=False) if qw.bias is not None else None
-        self.fmt = fmt
-        # The exact tensors are kept only where the kernel cannot give its weight back (pruning masks, float
-        # values): a quantized weight with a mask would lose which kept weights sit at their zero point.
-        exact = self.kernel.invertible and getattr(qw, "mask", None) is None
-        self.source = None if fmt is None or exact else dict(source or fmt.pack(qw))
-        self.bias_src = qw.bias if qw.bias is not None and qw.bias.dtype != act_dtype else None
+        self.saved_as = saved_as
+        if saved_as is not None:
+            saved_as.attach(qw, self.kernel, act_dtype)
 
     def forward(self, x):
         y = self.kernel(x)
         return y + self.bias if self.bias is not None else y
 
-    def format_tensors(self) -> dict:
-        """This linear in its checkpoint format's tensors, as they were read."""
-        if self.source is not None:
-            return self.source
-        qw = self.kernel.quantized_weight()
-        qw.bias = self.bias_src if self.bias_src is not None else self.bias
-        return self.fmt.pack(qw)
+    def held_tensors(self) -> list:
+        """The tensors this module keeps besides its parameters and buffers (the kernel's prepared layout)."""
+        extra = self.saved_as.held() if self.saved_as is not None else []
+        return list(self.kernel.tensors().values()) + extra
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.fmt is not None:
-            for k, v in self.format_tensors().items():
+        if self.saved_as is not None:
+            for k, v in self.saved_as.tensors(self.bias).items():
                 destination[prefix + k] = v
 
     def extra_repr(self):
@@ -60,7 +64,7 @@ def weight_bytes(model: nn.Module) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            tensors += list(m.kernel.tensors().values()) + list((m.source or {}).values())
+            tensors += m.held_tensors()
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.device.type)
         if key not in seen and t.numel():

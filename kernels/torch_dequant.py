@@ -9,12 +9,14 @@ Uneven groups (a row-parallel tensor-parallel shard of an act-order export holds
 columns in place and gather each column's scale and zero per call (memory stays packed):
   codes  uint8 [out, in] in the original column order; scales, neg_zs act dtype [out, G]; g_idx int64 [in]
 """
+
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from compress_export.core.result import QuantizedWeight
-
 from compress_export.kernels.base import WEIGHT_ONLY, KernelRequest, LinearKernel, group_order, register_kernel, restore
 
 
@@ -22,6 +24,8 @@ from compress_export.kernels.base import WEIGHT_ONLY, KernelRequest, LinearKerne
 class TorchDequantKernel(LinearKernel):
     priority = 0
     invertible = True
+    perm: Optional[torch.Tensor]  # input columns in group order (None: already contiguous, or uneven groups)
+    g_idx: Optional[torch.Tensor]  # uneven groups only: each column's group, gathered per call
 
     @classmethod
     def can_implement(cls, req: KernelRequest):
@@ -31,7 +35,7 @@ class TorchDequantKernel(LinearKernel):
             return False, f"{req.bits}-bit weights are not integer codes"
         if req.act_bits != 16:
             return False, WEIGHT_ONLY
-        if req.group_size != -1 and req.in_features % req.group_size:
+        if not req.groups_divide():
             return False, f"group size {req.group_size} does not divide in_features {req.in_features}"
         return True, ""
 
@@ -70,8 +74,9 @@ class TorchDequantKernel(LinearKernel):
 
     def quantized_weight(self) -> QuantizedWeight:
         if self.g_idx is not None:
-            return QuantizedWeight(self.codes, self.exact[0].float(), self.exact[1].int(), self.g_idx.int(),
-                                   self.scheme)
+            return QuantizedWeight(
+                self.codes, self.exact[0].float(), self.exact[1].int(), self.g_idx.int(), self.scheme
+            )
         return restore(self.codes, self.exact[0], self.exact[1], self.perm, self.scheme)
 
     def tensors(self) -> dict:

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random Llama built in seconds, the shared texts, the SmolLM2 example model."""
+
 from __future__ import annotations
 
 import os
@@ -23,22 +24,47 @@ def _tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator([TINY_TEXT], trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
 
 
-def make_tiny_llama(path: Path, *, tie=True, hidden=64, inter=128, layers=2, seed=0, bias=False, kv_heads=2,
-                    model_type="llama", heads=4, max_pos=512) -> Path:
+def make_tiny_llama(
+    path: Path,
+    *,
+    tie=True,
+    hidden=64,
+    inter=128,
+    layers=2,
+    seed=0,
+    bias=False,
+    kv_heads=2,
+    model_type="llama",
+    heads=4,
+    max_pos=512,
+) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     tok = _tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
-                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                      attention_bias=bias, mlp_bias=bias)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        attention_bias=bias,
+        mlp_bias=bias,
+    )
     if model_type != "llama":  # same weights layout under another family's name (e.g. olmo, mistral)
         from transformers import AutoConfig
+
         cfg = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.to_dict().items() if k != "model_type"})
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(str(path), safe_serialization=True)
@@ -91,12 +117,21 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_w4(smollm2, calib_txt, tmp_path_factory) -> Path:
     """SmolLM2 GPTQ W4 g64 (static act-order), calibrated on 8×256 tokens of calib.txt to keep CI short."""
-    from compress_export.pipeline.compress import compress
     from compress_export.core.scheme import Scheme
+    from compress_export.pipeline.compress import compress
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-gptq-w4g64"
-    compress(smollm2, out, method="gptq", fmt="gptq", scheme=Scheme(4, 64, True, "static"),
-             dataset=str(calib_txt), num_samples=8, seq_len=256, progress=False)
+    compress(
+        smollm2,
+        out,
+        method="gptq",
+        fmt="gptq",
+        scheme=Scheme(4, 64, True, "static"),
+        dataset=str(calib_txt),
+        num_samples=8,
+        seq_len=256,
+        progress=False,
+    )
     return out
 
 
@@ -109,12 +144,21 @@ def have_vllm() -> bool:
 @pytest.fixture(scope="session")
 def smollm2_awq(smollm2, calib_txt, tmp_path_factory) -> Path:
     """SmolLM2 AWQ W4 g64 asymmetric in the AWQ GEMM format, 8×256 calibration tokens."""
-    from compress_export.pipeline.compress import compress
     from compress_export.core.scheme import Scheme
+    from compress_export.pipeline.compress import compress
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-w4g64"
-    compress(smollm2, out, method="awq", fmt="awq", scheme=Scheme(4, 64, False),
-             dataset=str(calib_txt), num_samples=8, seq_len=256, progress=False)
+    compress(
+        smollm2,
+        out,
+        method="awq",
+        fmt="awq",
+        scheme=Scheme(4, 64, False),
+        dataset=str(calib_txt),
+        num_samples=8,
+        seq_len=256,
+        progress=False,
+    )
     return out
 
 
@@ -132,16 +176,24 @@ def smollm2_s24(smollm2, calib_txt, tmp_path_factory) -> Path:
     from compress_export.pipeline.compress import compress
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-sparsegpt-24"
-    compress(smollm2, out, method="sparsegpt", sparsity="2:4", dataset=str(calib_txt), num_samples=8, seq_len=256,
-             progress=False)
+    compress(
+        smollm2,
+        out,
+        method="sparsegpt",
+        sparsity="2:4",
+        dataset=str(calib_txt),
+        num_samples=8,
+        seq_len=256,
+        progress=False,
+    )
     return out
 
 
 def assert_written_as_computed(out_dir, results: dict) -> None:
     """The export on disk, unpacked by its format, is exactly the pipeline's in-memory results (recorded through
     compress(on_result=...) before packing): an independent fact, not the loader checked against itself."""
-    from compress_export.io.loading import read_quantized
     from compress_export.core.result import SparseWeight
+    from compress_export.io.loading import read_quantized
 
     _, written, _ = read_quantized(out_dir)
     assert sorted(written) == sorted(results)

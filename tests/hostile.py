@@ -1,15 +1,13 @@
 """Shared pieces of the hostile-input tests (test_hostile.py: rules 1-3, test_hostile_outputs.py: rules 4-8):
 the checks every case makes and the fixtures that build each hostile folder from the tiny random Llama."""
+
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -19,21 +17,33 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import TINY_TEXT, make_tiny_llama  # noqa: F401
+from safetensors.torch import load_file, save_file
 
 FAST = ["-q", "--method", "rtn", "--format", "gptq", "--bits", "4", "--group-size", "32"]
 UP1 = "model.layers.1.mlp.up_proj.weight"
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 O0 = "model.layers.0.self_attn.o_proj.weight"
-CALIB = ["-q", "--method", "gptq", "--format", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "4",
-         "--seq-len", "64"]  # a calibration the tiny model takes (its context is 256 tokens)
+CALIB = [
+    "-q",
+    "--method",
+    "gptq",
+    "--format",
+    "gptq",
+    "--bits",
+    "4",
+    "--group-size",
+    "32",
+    "--num-samples",
+    "4",
+    "--seq-len",
+    "64",
+]  # a calibration the tiny model takes (its context is 256 tokens)
 HANG_S = 120  # a refusal takes seconds; this long means the run is blocked on a FIFO
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
+
 
 def assert_refused(rc, err, *needles):
     """Exit 2, one non-empty line on stderr, no internal error or traceback, each needle in that line."""
@@ -140,8 +150,13 @@ def run_subprocess(*args, cwd, timeout=HANG_S):
     """The command in its own process, from a folder outside the repository (its kernels/ would shadow a package);
     a hang fails the test (TimeoutExpired) instead of blocking CI."""
     try:
-        r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", *map(str, args)], capture_output=True,
-                           text=True, cwd=cwd, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-m", "compress_export.cli.main", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"compress-export {' '.join(map(str, args))} still ran after {timeout} s (blocked?)")
     return r.returncode, r.stdout, r.stderr
@@ -175,7 +190,6 @@ def fifo_watchdog(fifos, seconds=HANG_S):
         t.join()
 
 
-
 def no_checkpoint_beside(out: Path, existing=()):
     """No folder beside `out` (nor `out` itself) that holds a config.json: nothing that looks like a checkpoint."""
     assert not os.path.lexists(out), f"{out} exists"
@@ -196,11 +210,11 @@ def edit_header(f: Path, edit) -> None:
     """Change a safetensors file's JSON header in place (the data bytes stay as they are)."""
     data = f.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    f.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
 
 
 def edit_json(f: Path, edit) -> None:
@@ -211,6 +225,7 @@ def edit_json(f: Path, edit) -> None:
 
 # -- fixtures ----------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("hostile-base") / "tiny-llama", max_pos=256)
@@ -218,8 +233,8 @@ def base_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_export(base_model, tmp_path_factory) -> Path:
-    from compress_export.pipeline.compress import compress
     from compress_export.core.scheme import Scheme
+    from compress_export.pipeline.compress import compress
 
     out = tmp_path_factory.mktemp("hostile-export") / "tiny-gptq"
     compress(base_model, out, method="rtn", fmt="gptq", scheme=Scheme(4, 32, True), progress=False)
@@ -258,4 +273,33 @@ def text(tmp_path) -> Path:
     return p
 
 
-__all__ = ['CALIB', 'FAST', 'HANG_S', 'O0', 'Q0', 'TINY_TEXT', 'UP1', '_case_copy', '_entry', '_sha', '_work_dir', 'assert_refused', 'base_export', 'base_model', 'edit_header', 'edit_json', 'export', 'fifo_watchdog', 'make_tiny_llama', 'no_checkpoint_beside', 'paths_under', 'rewrite_weights', 'run', 'run_subprocess', 'src', 'text', 'tree_hashes', 'untouched']  # the autouse fixture _work_dir too
+__all__ = [
+    'CALIB',
+    'FAST',
+    'HANG_S',
+    'O0',
+    'Q0',
+    'TINY_TEXT',
+    'UP1',
+    '_case_copy',
+    '_entry',
+    '_sha',
+    '_work_dir',
+    'assert_refused',
+    'base_export',
+    'base_model',
+    'edit_header',
+    'edit_json',
+    'export',
+    'fifo_watchdog',
+    'make_tiny_llama',
+    'no_checkpoint_beside',
+    'paths_under',
+    'rewrite_weights',
+    'run',
+    'run_subprocess',
+    'src',
+    'text',
+    'tree_hashes',
+    'untouched',
+]  # the autouse fixture _work_dir too

@@ -1,17 +1,17 @@
 """AWQ: the scale search and fold as math, the clip search against min-max, and the pass end to end."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import assert_written_as_computed, recorder
 
-from compress_export.math.scaling import fold_scale, quadratic_error, rtn_dequant, search_scale
 from compress_export.core.errors import UserError
-from compress_export.io.loading import load_model
-from compress_export.pipeline.compress import compress
-from compress_export.math.quant import group_params, weighted_group_params
 from compress_export.core.scheme import Scheme
+from compress_export.io.loading import load_model
+from compress_export.math.quant import group_params, weighted_group_params
+from compress_export.math.scaling import fold_scale, quadratic_error, rtn_dequant, search_scale
+from compress_export.pipeline.compress import compress
 
 
 def outlier_inputs(n=2048, d=64, seed=0):
@@ -84,7 +84,8 @@ def test_clip_search_skips_query_and_key_rows():
     for w in (q, k, v):
         w[:, 7] = 1.0  # an outlier column: clipping its group pays off
     res = AWQPass(Scheme(4, 32, False), PassOptions()).compress_group(
-        [q, k, v], acc, LinearGroup("model.layers.0.", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")))
+        [q, k, v], acc, LinearGroup("model.layers.0.", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+    )
     for w, r in zip((q, k), res[:2]):
         wg = w.reshape(w.shape[0], 2, 32)
         hand = (wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0)) / 15
@@ -101,8 +102,15 @@ def run(model, text, out, **kw):
 @pytest.mark.parametrize("fmt", ["awq", "gptq", "compressed-tensors"])
 def test_awq_pass_into_every_format(tiny_model, tiny_text, tmp_path, fmt):
     results, on_result = recorder()
-    s = run(tiny_model, tiny_text, tmp_path / "out", method="awq", fmt=fmt,
-            scheme=Scheme(4, 32, False, "none"), on_result=on_result)
+    s = run(
+        tiny_model,
+        tiny_text,
+        tmp_path / "out",
+        method="awq",
+        fmt=fmt,
+        scheme=Scheme(4, 32, False, "none"),
+        on_result=on_result,
+    )
     assert s.linears == 14 and s.method == "awq"
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == fmt
@@ -178,9 +186,9 @@ def test_block_score_picks_the_scale_that_minimises_the_blocks_own_output_error(
     attention block's output least, recomputed here by hand on the same recorded inputs."""
     from conftest import make_tiny_llama
 
+    from compress_export.math.scaling import candidate_scales, scaled_dequant
     from compress_export.passes import PassOptions
     from compress_export.passes.awq_pass import AWQPass
-    from compress_export.math.scaling import candidate_scales, scaled_dequant
     from compress_export.passes.sequential import InputGroups, run_layer
 
     path = make_tiny_llama(tmp_path / "m", layers=1)
@@ -191,8 +199,7 @@ def test_block_score_picks_the_scale_that_minimises_the_blocks_own_output_error(
     p.check_layout(None, "llama")
     calls = []
     attn = layer.self_attn
-    h = attn.register_forward_hook(lambda m, a, kw, out: calls.append((a, dict(kw), out[0].detach())),
-                                   with_kwargs=True)
+    h = attn.register_forward_hook(lambda m, a, kw, out: calls.append((a, dict(kw), out[0].detach())), with_kwargs=True)
     groups = InputGroups([(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)], p.make_stats)
     observers = p.observe_layer(layer)
     ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -1,15 +1,16 @@
 """Calibration sources: the built-in text (the default), .txt, .jsonl, the model's own text (`self`);
 deterministic chunks; the model-written remainder; clear errors."""
+
 import json
 
 import pytest
 import torch
 
-from compress_export.io.calibration import PROMPT_TOKENS, builtin_text, calibration_ids, calibration_set
 from compress_export.core.errors import UserError
+from compress_export.core.scheme import Scheme
+from compress_export.io.calibration import PROMPT_TOKENS, builtin_text, calibration_ids, calibration_set
 from compress_export.io.loading import load_model
 from compress_export.pipeline.compress import compress
-from compress_export.core.scheme import Scheme
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_builtin_remainder_is_written_by_the_model_and_seeded(tiny):
     assert torch.equal(ids[:count].flatten(), words[: count * seq_len])  # every real window first
     assert "2 samples continued by the model" in desc
     for row in ids[count:]:  # each written sample starts with a passage of the text
-        assert any(torch.equal(words[s:s + prompt], row[:prompt]) for s in range(words.numel() - prompt))
+        assert any(torch.equal(words[s : s + prompt], row[:prompt]) for s in range(words.numel() - prompt))
     assert (ids[count:] < model.config.vocab_size).all()
     assert not torch.isin(ids[count:, prompt:], torch.tensor(tok.all_special_ids)).any()  # no special tokens
     assert torch.equal(ids, calibration_ids(model, tok, None, count + 2, seq_len, seed=1))

@@ -1,4 +1,5 @@
 """Bad input through the real command: one line on stderr, non-zero exit, no traceback, nothing written."""
+
 import os
 import subprocess
 import sys
@@ -7,8 +8,13 @@ import pytest
 
 
 def cli(*args, cwd=None):
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", *map(str, args)], capture_output=True,
-                       text=True, cwd=cwd, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "compress_export.cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
     return r.returncode, r.stdout, r.stderr
 
 
@@ -64,10 +70,11 @@ def test_output_inside_input_is_refused(tiny_model):
 
 
 def test_no_linears_to_compress(tmp_path):
-    from transformers import GPT2Config  # noqa: F401  (GPT-2 uses Conv1D, not nn.Linear)
-    from transformers import GPT2LMHeadModel
-
     from conftest import _tiny_tokenizer
+    from transformers import (
+        GPT2Config,  # noqa: F401  (GPT-2 uses Conv1D, not nn.Linear)
+        GPT2LMHeadModel,
+    )
 
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
     m.save_pretrained(str(tmp_path / "gpt2"))
@@ -83,8 +90,23 @@ def test_missing_dataset_file(tiny_model, tmp_path):
 
 def test_compress_then_eval_end_to_end(tiny_model, tiny_text, tmp_path):
     out = tmp_path / "o"
-    rc, so, err = cli("--format", "gptq", "--bits", "4", "--group-size", "32", "--dataset", tiny_text,
-                      "--num-samples", "4", "--seq-len", "32", tiny_model, "-o", out)
+    rc, so, err = cli(
+        "--format",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--dataset",
+        tiny_text,
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "32",
+        tiny_model,
+        "-o",
+        out,
+    )
     assert rc == 0, err
     assert "wrote" in so and "smaller" in so
     assert "compressing decoder layers" in err and "2/2" in err  # progress with layers done
@@ -100,9 +122,11 @@ def test_default_output_name_is_derived(tiny_model, tmp_path):
 
 
 def test_import_is_light():
-    code = ("import sys, compress_export, compress_export.formats, compress_export.kernels; "
-            "bad = [m for m in sys.modules if m.startswith('vllm')]; "
-            "import torch; assert not torch.cuda.is_initialized(); print(bad)")
+    code = (
+        "import sys, compress_export, compress_export.formats, compress_export.kernels; "
+        "bad = [m for m in sys.modules if m.startswith('vllm')]; "
+        "import torch; assert not torch.cuda.is_initialized(); print(bad)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
@@ -111,16 +135,32 @@ def test_import_is_light():
 def test_awq_format_defaults_to_the_awq_method_asymmetric(tiny_model, tiny_text, tmp_path):
     import json
 
-    rc, out, err = cli("--format", "awq", "--dataset", tiny_text, "--num-samples", 4, "--seq-len", 32,
-                       "--group-size", 32, "-q", "--json", tiny_model, "-o", tmp_path / "awq")
+    rc, out, err = cli(
+        "--format",
+        "awq",
+        "--dataset",
+        tiny_text,
+        "--num-samples",
+        4,
+        "--seq-len",
+        32,
+        "--group-size",
+        32,
+        "-q",
+        "--json",
+        tiny_model,
+        "-o",
+        tmp_path / "awq",
+    )
     assert rc == 0, err
     s = json.loads(out)
     assert s["method"] == "awq" and s["scheme"]["symmetric"] is False and s["format"] == "awq"
 
 
 def test_impossible_pair_and_convert_errors_are_one_line(tiny_model, tiny_text, tmp_path):
-    rc, _, err = cli("--format", "awq", "--method", "gptq", "--bits", 3, "--dataset", tiny_text, tiny_model,
-                     "-o", tmp_path / "x")
+    rc, _, err = cli(
+        "--format", "awq", "--method", "gptq", "--bits", 3, "--dataset", tiny_text, tiny_model, "-o", tmp_path / "x"
+    )
     assert_one_line_error(rc, err, "--format awq cannot store 3-bit")
     assert not (tmp_path / "x").exists()
     rc, _, err = cli("convert", tiny_model, "--format", "awq")
@@ -132,8 +172,25 @@ def test_w8a8_lowrank_flags_through_the_command(tiny_model, tiny_text, tmp_path)
     the pipeline (recorded in the export); bad combinations are one line before any weight."""
     import json
 
-    rc, out, err = cli("--scheme", "W8A8", "--smoothquant", "0.5", "--lowrank-rank", "4", "--dataset", tiny_text,
-                       "--num-samples", 4, "--seq-len", 32, "-q", "--json", tiny_model, "-o", tmp_path / "w8")
+    rc, out, err = cli(
+        "--scheme",
+        "W8A8",
+        "--smoothquant",
+        "0.5",
+        "--lowrank-rank",
+        "4",
+        "--dataset",
+        tiny_text,
+        "--num-samples",
+        4,
+        "--seq-len",
+        32,
+        "-q",
+        "--json",
+        tiny_model,
+        "-o",
+        tmp_path / "w8",
+    )
     assert rc == 0, err
     s = json.loads(out)
     assert s["format"] == "compressed-tensors" and s["scheme"]["act_bits"] == 8 and s["lowrank_rank"] == 4
@@ -144,20 +201,31 @@ def test_w8a8_lowrank_flags_through_the_command(tiny_model, tiny_text, tmp_path)
     assert_one_line_error(rc, err, "--smoothquant", "W8A8")
     rc, _, err = cli("--scheme", "W8A8", "--format", "awq", tiny_model, "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "--format awq is weight-only")
-    rc, _, err = cli("--method", "rtn", "--group-size", "32", "--lowrank-rank", "500", tiny_model, "-o",
-                     tmp_path / "x")
+    rc, _, err = cli("--method", "rtn", "--group-size", "32", "--lowrank-rank", "500", tiny_model, "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "--lowrank-rank 500 exceeds")
     assert not (tmp_path / "x").exists()
 
 
 def test_allocator_tuning_applies_before_torch_and_can_be_turned_off():
-    code = ("import os, sys; from compress_export.cli.runtime import tune_process; ok = tune_process(); "
-            "print(ok, os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
+    code = (
+        "import os, sys; from compress_export.cli.runtime import tune_process; ok = tune_process(); "
+        "print(ok, os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"},
+    )
     assert r.stdout.split() == ["True", "1", "False"], r.stdout + r.stderr
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "COMPRESS_EXPORT_MALLOC": "default"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COMPRESS_EXPORT_MALLOC": "default"},
+    )
     assert r.stdout.split()[0] == "False", r.stdout + r.stderr
 
 
@@ -171,8 +239,11 @@ def test_truncated_or_corrupt_safetensors_named_before_loading(tiny_model, tmp_p
     shutil.copytree(tiny_model, bad)
     data = (tiny_model / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[:cut])
-    for args in ((bad, "-o", tmp_path / "o"), ("eval", bad, "--text", bad / "config.json"),
-                 ("convert", bad, "--format", "awq", "-o", tmp_path / "c")):
+    for args in (
+        (bad, "-o", tmp_path / "o"),
+        ("eval", bad, "--text", bad / "config.json"),
+        ("convert", bad, "--format", "awq", "-o", tmp_path / "c"),
+    ):
         rc, _, err = cli(*args)
         assert_one_line_error(rc, err, str(bad / "model.safetensors"), "damaged or incomplete")
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
@@ -198,8 +269,9 @@ def test_flipped_header_and_missing_shard(tiny_model, tmp_path):
 def test_stale_partial_outputs_are_removed_with_one_line(tiny_model, tmp_path):
     """A killed run leaves `.o.partial-*` (its owner process gone): the next run into the same output removes it
     and says so; a partial whose owner is alive (a run in progress) is left alone."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = tmp_path / ".o.partial-abc123"
     stale.mkdir()
     (stale / ".compress-export-owner").write_text(f"{dead} {os.uname().nodename}\n")
@@ -228,17 +300,23 @@ def test_broken_vision_stack_is_named_with_its_fix(tiny_model, tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", "serve", str(tiny_model)], capture_output=True,
-                       text=True, timeout=300, env=env)
-    assert_one_line_error(r.returncode, r.stderr, "torchvision", "torchvision::nms",
-                          "pip uninstall -y torchvision torchaudio torchcodec")
+    r = subprocess.run(
+        [sys.executable, "-m", "compress_export.cli.main", "serve", str(tiny_model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert_one_line_error(
+        r.returncode, r.stderr, "torchvision", "torchvision::nms", "pip uninstall -y torchvision torchaudio torchcodec"
+    )
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_model, tmp_path, monkeypatch, capsys):
     """ENOSPC while writing the checkpoint: one line, exit 2, no partial folder."""
     import errno
 
-    from compress_export.cli.main import main as cli_mod
+    from compress_export.cli import main as cli_mod
     from compress_export.io import writer
 
     def full(*a, **k):
@@ -256,9 +334,26 @@ def test_sigterm_mid_run_leaves_nothing(tiny_model, tiny_text, tmp_path):
     import signal
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "compress_export.cli.main", "--method", "gptq", "--dataset",
-                          str(tiny_text), "--num-samples", "64", "--seq-len", "64", str(tiny_model), "-o",
-                          str(tmp_path / "o")], stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "compress_export.cli.main",
+            "--method",
+            "gptq",
+            "--dataset",
+            str(tiny_text),
+            "--num-samples",
+            "64",
+            "--seq-len",
+            "64",
+            str(tiny_model),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for _ in range(600):  # until the partial output exists: the run is writing
         if list(tmp_path.glob(".o.partial-*")) or p.poll() is not None:
             break

@@ -1,15 +1,16 @@
 """The fast CPU kernel (`cpu-wna16`) against the portable kernel and against hand-worked facts, on random shapes,
 bit widths, group sizes, zero points and act-order, in both of its code paths (the CPU's own and portable C)."""
+
 import shutil
 
 import pytest
 import torch
 
-from compress_export.kernels.base import KernelRequest, choose_kernel
-from compress_export.kernels import cpu_wna16 as ck
-from compress_export.kernels.torch_dequant import TorchDequantKernel
 from compress_export.core.result import QuantizedWeight
 from compress_export.core.scheme import Scheme
+from compress_export.kernels import cpu_wna16 as ck
+from compress_export.kernels.base import KernelRequest, choose_kernel
+from compress_export.kernels.torch_dequant import TorchDequantKernel
 
 needs_ext = pytest.mark.skipif(ck.extension() is None, reason=ck.extension_error())
 
@@ -18,17 +19,21 @@ def random_qw(out_f, in_f, bits, group, sym=True, act_order=False, seed=0, mask=
     g = torch.Generator().manual_seed(seed)
     gs = in_f if group == -1 else group
     G = in_f // gs
-    codes = torch.randint(0, 2 ** bits, (out_f, in_f), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.uint8)
     scales = (torch.rand(out_f, G, generator=g) * 0.02 + 1e-3).half().float()
-    zeros = (torch.full((out_f, G), 2 ** (bits - 1), dtype=torch.int32) if sym
-             else torch.randint(0, 2 ** bits, (out_f, G), generator=g, dtype=torch.int32))
+    zeros = (
+        torch.full((out_f, G), 2 ** (bits - 1), dtype=torch.int32)
+        if sym
+        else torch.randint(0, 2**bits, (out_f, G), generator=g, dtype=torch.int32)
+    )
     g_idx = torch.arange(in_f, dtype=torch.int32) // gs
     if act_order:
         g_idx = g_idx[torch.randperm(in_f, generator=g)]
     if mask is not None:  # pruned weights sit at their zero point
         codes = torch.where(mask, codes, zeros[:, g_idx.long()].to(torch.uint8))
-    return QuantizedWeight(codes, scales, zeros, g_idx, Scheme(bits, group, sym, "group" if act_order else "none"),
-                           mask=mask)
+    return QuantizedWeight(
+        codes, scales, zeros, g_idx, Scheme(bits, group, sym, "group" if act_order else "none"), mask=mask
+    )
 
 
 def run_both(qw, x):
@@ -38,8 +43,16 @@ def run_both(qw, x):
     return fast(x), ref(x.double())
 
 
-CASES = [(4, 64, True, False), (4, 128, False, True), (4, -1, True, False), (3, 32, False, False),
-         (2, 64, False, True), (8, 64, True, False), (8, -1, False, True), (4, 256, False, False)]
+CASES = [
+    (4, 64, True, False),
+    (4, 128, False, True),
+    (4, -1, True, False),
+    (3, 32, False, False),
+    (2, 64, False, True),
+    (8, 64, True, False),
+    (8, -1, False, True),
+    (4, 256, False, False),
+]
 
 
 @needs_ext
@@ -107,7 +120,7 @@ def test_pruned_24_codes_add_nothing():
     qw = random_qw(32, 128, 4, 64, sym=False, mask=mask, seed=5)
     x = torch.randn(3, 128)
     y, _ = run_both(qw, x)
-    kept = (x.double() @ (qw.dequantize(torch.float64) * mask).T)
+    kept = x.double() @ (qw.dequantize(torch.float64) * mask).T
     assert (y.double() - kept).abs().max() < 1e-4 * kept.abs().max()
 
 
@@ -159,9 +172,11 @@ def test_bf16_in_and_out_is_the_fp32_result_rounded_once():
 def test_registry_prefers_it_on_cpu_and_explains_refusals():
     qw = random_qw(64, 128, 4, 64)
     assert choose_kernel(KernelRequest.for_weight(qw, torch.float32, "cpu")) is ck.CpuWNA16Kernel
-    for req, why in [(KernelRequest(4, 48, True, False, 96, 64, torch.float32, "cpu"), "multiple of 32 dividing"),
-                     (KernelRequest(4, 32, True, False, 80, 64, torch.float32, "cpu"), "not a multiple of 32"),
-                     (KernelRequest(4, 32, True, False, 64, 64, torch.float32, "cuda"), "runs on the CPU")]:
+    for req, why in [
+        (KernelRequest(4, 48, True, False, 96, 64, torch.float32, "cpu"), "multiple of 32 dividing"),
+        (KernelRequest(4, 32, True, False, 80, 64, torch.float32, "cpu"), "not a multiple of 32"),
+        (KernelRequest(4, 32, True, False, 64, 64, torch.float32, "cuda"), "runs on the CPU"),
+    ]:
         ok, reason = ck.CpuWNA16Kernel.can_implement(req)
         assert not ok and why in reason
 
@@ -174,11 +189,24 @@ def test_extension_is_built_where_a_compiler_exists():
 
 @needs_ext
 def test_compiled_graph_calls_the_same_kernel():
+    """Under torch.compile (vLLM's compiled mode) the traced graph calls the opaque `compress_export::cpu_wna16` op,
+    and that op's numbers are the exact float64 product with the dequantized weight (both code paths)."""
     qw = random_qw(64, 256, 4, 64, sym=False)
     k = ck.CpuWNA16Kernel(qw, KernelRequest.for_weight(qw, torch.float32, "cpu"))
-    x = torch.randn(2, 256)
-    y = torch.ops.compress_export.cpu_wna16(x, k.qweight, k.scales, k.zeros, 4, 64)
-    assert torch.equal(y, k(x))
+    targets = []
+
+    def record(gm, inputs):  # a backend that only notes which functions the traced graph calls
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    x = torch.randn(2, 256)  # 2 rows: the integer kernel
+    compiled = torch.compile(lambda t: k(t), backend=record, fullgraph=True)(x)
+    assert torch.ops.compress_export.cpu_wna16 in targets
+    x40 = torch.randn(40, 256)  # 40 rows: dequantize-and-GEMM
+    op = torch.ops.compress_export.cpu_wna16(x40, k.qweight, k.scales, k.zeros, 4, 64)
+    for xi, y in ((x, compiled), (x40, op)):
+        exact = xi.double() @ qw.dequantize(torch.float64).T
+        assert y.shape == exact.shape and (y.double() - exact).abs().max() < 1e-4 * exact.abs().max()
 
 
 @pytest.mark.parametrize("bits,group,sym,act", [(4, 64, False, True), (3, 32, True, False), (8, -1, False, False)])

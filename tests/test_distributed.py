@@ -10,6 +10,7 @@ Three facts, each against an independent reference:
   99% of codes identical and the exports' perplexity on the text within 0.5% of each other; every tensor that is not a
   compressed linear is bit-identical.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
 
 from compress_export.io.loading import read_quantized, read_tensors
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
-                                not torch.distributed.is_gloo_available(), reason="torch without gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="torch without gloo"
+)
 
 
 def _free_port() -> int:
@@ -43,8 +44,7 @@ def _spawn(fn, world: int, *args):
 
 def _join(rank, world, port):
     torch.set_num_threads(1)  # the same GEMM blocking in every process, so only the data split differs
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from compress_export.pipeline.distributed import join
 
     return join(torch.device("cpu"))[0]
@@ -68,9 +68,16 @@ def _stats_worker(rank, world, port, out_dir):
     sent = _results() if rank == src else None
     got = dist.broadcast_results(sent, src)
     if rank == 0:
-        torch.save({"H": merged["awq"].H, "n": merged["awq"].n, "absmean": merged["awq"].absmean,
-                    "sq": merged["norms"].sq, "got": [(type(r).__name__, vars(r)) for r in got]},
-                   Path(out_dir) / f"world{world}.pt")
+        torch.save(
+            {
+                "H": merged["awq"].H,
+                "n": merged["awq"].n,
+                "absmean": merged["awq"].absmean,
+                "sq": merged["norms"].sq,
+                "got": [(type(r).__name__, vars(r)) for r in got],
+            },
+            Path(out_dir) / f"world{world}.pt",
+        )
     torch.distributed.destroy_process_group()
 
 
@@ -84,9 +91,17 @@ def _results() -> list:
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8, generator=g)
     mask = torch.rand(8, 64, generator=g) > 0.5
-    return [QuantizedWeight(codes, torch.rand(8, 2, generator=g), torch.full((8, 2), 8, dtype=torch.int32),
-                            torch.arange(64, dtype=torch.int32) // 32, Scheme(4, 32), mask=mask),
-            SparseWeight(torch.randn(8, 64, generator=g), mask, Sparsity.parse("2:4"))]
+    return [
+        QuantizedWeight(
+            codes,
+            torch.rand(8, 2, generator=g),
+            torch.full((8, 2), 8, dtype=torch.int32),
+            torch.arange(64, dtype=torch.int32) // 32,
+            Scheme(4, 32),
+            mask=mask,
+        ),
+        SparseWeight(torch.randn(8, 64, generator=g), mask, Sparsity.parse("2:4")),
+    ]
 
 
 def _rows() -> torch.Tensor:
@@ -113,8 +128,8 @@ def test_merged_statistics_equal_one_process_and_results_arrive_exactly(tmp_path
 
 
 def _export_worker(rank, world, port, model, out, settings, same_rows):
-    from compress_export.pipeline.distributed import Dist
     from compress_export.pipeline.compress import compress
+    from compress_export.pipeline.distributed import Dist
 
     _join(rank, world, port)
     if same_rows:  # every rank calibrates on every sample: the merge is then exact in floating point
@@ -134,8 +149,9 @@ CASES = {
     "wanda": dict(method="wanda", fmt="sparse24", sparsity="2:4"),
     "rtn": dict(method="rtn", fmt="gptq", bits=4, group_size=32),
     # SmoothQuant's activation ranges are max-reduced over ranks; the low-rank factors travel with the results
-    "w8a8-smoothquant-lowrank": dict(method="gptq", fmt="compressed-tensors", bits=8, group_size=-1, act_bits=8,
-                                     smoothquant=0.5, lowrank_rank=4),
+    "w8a8-smoothquant-lowrank": dict(
+        method="gptq", fmt="compressed-tensors", bits=8, group_size=-1, act_bits=8, smoothquant=0.5, lowrank_rank=4
+    ),
 }
 
 
@@ -150,8 +166,13 @@ def _settings(case, tiny_text):
     c = dict(CASES[case])
     scheme = None
     if "bits" in c:
-        scheme = Scheme(bits=c.pop("bits"), group_size=c.pop("group_size"), act_order=c.pop("act_order", "none"),
-                        symmetric=c["method"] != "awq", act_bits=c.pop("act_bits", 16))
+        scheme = Scheme(
+            bits=c.pop("bits"),
+            group_size=c.pop("group_size"),
+            act_order=c.pop("act_order", "none"),
+            symmetric=c["method"] != "awq",
+            act_bits=c.pop("act_bits", 16),
+        )
     return dict(c, scheme=scheme, dataset=str(tiny_text), num_samples=6, seq_len=32)
 
 
@@ -172,23 +193,58 @@ def test_two_ranks_on_the_same_rows_write_the_one_process_export_bit_for_bit(cas
 
 
 def _ppl(model_dir, text: Path) -> float:
-    from compress_export.pipeline.evaluate import perplexity
     from compress_export.io.loading import load_model
+    from compress_export.pipeline.evaluate import perplexity
 
     model, tok = load_model(model_dir)
     return perplexity(model, tok, text.read_text(), window=32, windows=8).token_perplexity
 
 
 def test_torchrun_splits_the_samples_and_matches_one_process_within_tolerance(model64, tiny_text, tmp_path):
-    args = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--dataset", str(tiny_text),
-            "--num-samples", "9", "--seq-len", "64", "-q"]  # 5 + 4 samples
+    args = [
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--dataset",
+        str(tiny_text),
+        "--num-samples",
+        "9",
+        "--seq-len",
+        "64",
+        "-q",
+    ]  # 5 + 4 samples
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "compress_export", str(model64), "-o", str(tmp_path / "one"), *args],
-                         capture_output=True, text=True, env=env, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "compress_export", str(model64), "-o", str(tmp_path / "one"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "compress_export", str(model64), "-o", str(tmp_path / "two"), *args],
-                         capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "compress_export",
+            str(model64),
+            "-o",
+            str(tmp_path / "two"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("wrote ") == 1 and "× 2 ranks" in two.stdout  # rank 0 alone reports
     _, a, rest_a = read_quantized(tmp_path / "one")

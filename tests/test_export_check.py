@@ -1,6 +1,7 @@
 """The export validator (compress_export/export_check.py) and every verb that runs it: tiny exports in each format,
 intact and broken, checked against facts worked out by hand for the tiny Llama of conftest (hidden 64, MLP 128,
 4 query heads and 2 key/value heads of 16, 2 layers, vocabulary 64, tied head; groups of 32)."""
+
 import json
 import shutil
 
@@ -10,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from compress_export.cli.main import main
 from compress_export.core.errors import UserError
+from compress_export.core.scheme import Scheme
 from compress_export.io.export_check import check_export, check_perplexity
 from compress_export.pipeline.compress import compress
-from compress_export.core.scheme import Scheme
 
 KINDS = {
     "gptq": dict(method="rtn", fmt="gptq", scheme=Scheme(4, 32, True)),
@@ -23,20 +24,44 @@ KINDS = {
     "sparse24-w4": dict(method="magnitude", sparsity="2:4", scheme=Scheme(4, 32, False)),
     "dense": dict(method="magnitude", sparsity="0.5", fmt="dense", scheme=None),
 }
-FORMAT_NAME = {"gptq": "gptq", "awq": "awq", "compressed-tensors": "compressed-tensors", "w8a8": "compressed-tensors",
-               "sparse24": "sparse24", "sparse24-w4": "sparse24", "dense": "dense"}
+FORMAT_NAME = {
+    "gptq": "gptq",
+    "awq": "awq",
+    "compressed-tensors": "compressed-tensors",
+    "w8a8": "compressed-tensors",
+    "sparse24": "sparse24",
+    "sparse24-w4": "sparse24",
+    "dense": "dense",
+}
 QUANTIZED = [k for k in KINDS if k != "dense"]
 # the tensor each format stores for every packed linear
-PRIMARY = {"gptq": "qweight", "awq": "qweight", "compressed-tensors": "weight_packed", "w8a8": "weight_scale",
-           "sparse24": "weight_idx", "sparse24-w4": "weight_idx"}
+PRIMARY = {
+    "gptq": "qweight",
+    "awq": "qweight",
+    "compressed-tensors": "weight_packed",
+    "w8a8": "weight_scale",
+    "sparse24": "weight_idx",
+    "sparse24-w4": "weight_idx",
+}
 # o_proj (64 → 64)'s scale with its first dimension cut by one: (name, shape then, shape it needs)
-SCALE = {"gptq": ("scales", [1, 64], [2, 64]), "awq": ("scales", [1, 64], [2, 64]),
-         "compressed-tensors": ("weight_scale", [63, 2], [64, 2]), "w8a8": ("weight_scale", [63, 1], [64, 1]),
-         "sparse24-w4": ("weight_scale", [63, 2], [64, 2]), "sparse24": ("weight_values", [63, 32], [64, 32]),
-         "dense": ("weight", [63, 64], [64, 64])}
-LINEARS = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 32), "self_attn.v_proj": (64, 32),
-           "self_attn.o_proj": (64, 64), "mlp.gate_proj": (64, 128), "mlp.up_proj": (64, 128),
-           "mlp.down_proj": (128, 64)}  # (in, out)
+SCALE = {
+    "gptq": ("scales", [1, 64], [2, 64]),
+    "awq": ("scales", [1, 64], [2, 64]),
+    "compressed-tensors": ("weight_scale", [63, 2], [64, 2]),
+    "w8a8": ("weight_scale", [63, 1], [64, 1]),
+    "sparse24-w4": ("weight_scale", [63, 2], [64, 2]),
+    "sparse24": ("weight_values", [63, 32], [64, 32]),
+    "dense": ("weight", [63, 64], [64, 64]),
+}
+LINEARS = {
+    "self_attn.q_proj": (64, 64),
+    "self_attn.k_proj": (64, 32),
+    "self_attn.v_proj": (64, 32),
+    "self_attn.o_proj": (64, 64),
+    "mlp.gate_proj": (64, 128),
+    "mlp.up_proj": (64, 128),
+    "mlp.down_proj": (128, 64),
+}  # (in, out)
 O_PROJ = "model.layers.0.self_attn.o_proj"
 
 
@@ -132,8 +157,11 @@ def test_a_wrong_hidden_size_is_refused_by_every_verb(kind, exports, tmp_path, t
     msg = refusal(d)
     assert "hidden_size=32" in msg and "model.embed_tokens.weight has shape [64, 64]" in msg, msg
     assert "needs [64, 32]" in msg, msg
-    for args in (("convert", d, "--format", "gptq", "-o", tmp_path / "c"), ("check", d),
-                 ("eval", d, "--text", text, "--window", "64", "--windows", "1")):
+    for args in (
+        ("convert", d, "--format", "gptq", "-o", tmp_path / "c"),
+        ("check", d),
+        ("eval", d, "--text", text, "--window", "64", "--windows", "1"),
+    ):
         assert "hidden_size=32" in refused(capsys, *args)
 
 
@@ -165,15 +193,27 @@ def test_integer_widths_and_the_recorded_shape_are_checked(exports, tmp_path):
     d = broken(exports / "gptq", tmp_path / "f", lambda t: t.update({f"{O_PROJ}.scales": t[f"{O_PROJ}.scales"].int()}))
     assert f"{O_PROJ}.scales is I32; gptq stores it as float16" in refusal(d)
     # compressed-tensors' weight_shape is data: its two numbers must be the linear's [out, in]
-    d = broken(exports / "compressed-tensors", tmp_path / "s",
-               lambda t: t.update({f"{O_PROJ}.weight_shape": torch.tensor([64, 65])}))
+    d = broken(
+        exports / "compressed-tensors",
+        tmp_path / "s",
+        lambda t: t.update({f"{O_PROJ}.weight_shape": torch.tensor([64, 65])}),
+    )
     assert f"{O_PROJ}.weight_shape says [64, 65]; the linear is [64, 64]" in refusal(d)
 
 
 def test_an_act_order_g_idx_cannot_be_left_out(tiny_model, tmp_path):
     out = tmp_path / "ao"
-    compress(tiny_model, out, method="gptq", fmt="gptq", scheme=Scheme(4, 32, True, "group"), progress=False,
-             dataset=None, num_samples=2, seq_len=16)
+    compress(
+        tiny_model,
+        out,
+        method="gptq",
+        fmt="gptq",
+        scheme=Scheme(4, 32, True, "group"),
+        progress=False,
+        dataset=None,
+        num_samples=2,
+        seq_len=16,
+    )
     assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
     assert f"{O_PROJ}.g_idx is missing" in refusal(broken(out, tmp_path / "b", lambda t: t.pop(f"{O_PROJ}.g_idx")))
     plain = tmp_path / "plain"  # without act-order a missing g_idx is the trivial one: allowed
@@ -205,8 +245,9 @@ def test_nan_in_a_scale_or_a_norm_is_refused_naming_the_tensor(kind, where, expo
     msg = refused(capsys, "eval", d, "--text", text, "--window", "64")
     assert f"tensor {name} has NaN or Inf" in msg, msg
     if kind != "dense":  # convert reads quantized exports only
-        assert f"tensor {name} has NaN or Inf" in refused(capsys, "convert", d, "--format", "gptq", "-o",
-                                                          tmp_path / "c")
+        assert f"tensor {name} has NaN or Inf" in refused(
+            capsys, "convert", d, "--format", "gptq", "-o", tmp_path / "c"
+        )
         assert not (tmp_path / "c").exists()
 
 
@@ -227,8 +268,9 @@ def test_eval_flags_and_texts(exports, tmp_path, text, capsys):
     assert "--windows must be at least 1" in refused(capsys, "eval", d, "--text", text, "--windows", "0")
     for body in ("", " \n\n"):
         (tmp_path / "empty.txt").write_text(body)
-        assert f"--text {tmp_path / 'empty.txt'} is empty" in refused(capsys, "eval", d, "--text",
-                                                                       tmp_path / "empty.txt")
+        assert f"--text {tmp_path / 'empty.txt'} is empty" in refused(
+            capsys, "eval", d, "--text", tmp_path / "empty.txt"
+        )
     (tmp_path / "short.txt").write_text("the quick brown fox")  # 4 words: 4 tokens of the tiny word-level vocab
     msg = refused(capsys, "eval", d, "--text", tmp_path / "short.txt", "--window", "64")
     assert f"--text {tmp_path / 'short.txt'} has 4 tokens, fewer than one 64-token window" in msg, msg
@@ -283,6 +325,7 @@ def test_the_vllm_plugin_checks_each_folder_once(exports, tmp_path):
 
 # names transformers converts on load, buffers it drops, and verbs that build no model -----------------------------
 
+
 def gptq_linear(prefix: str, in_f: int, out_f: int) -> dict:
     """A GPTQ W4 g32 linear's tensors (zeros), shapes as the gptq format lays them out."""
     from compress_export.formats.base import FORMATS
@@ -299,13 +342,24 @@ def unfused_mixtral(tmp_path_factory, exports):
 
     d = tmp_path_factory.mktemp("mixtral") / "gptq"
     d.mkdir()
-    cfg = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                               num_experts_per_tok=2, tie_word_embeddings=True).to_dict()
+    cfg = AutoConfig.for_model(
+        "mixtral",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=True,
+    ).to_dict()
     cfg["quantization_config"] = json.loads((exports / "gptq" / "config.json").read_text())["quantization_config"]
     (d / "config.json").write_text(json.dumps(cfg))
-    t = {"model.embed_tokens.weight": torch.zeros(64, 64, dtype=torch.float16),
-         "model.norm.weight": torch.ones(64, dtype=torch.float16)}
+    t = {
+        "model.embed_tokens.weight": torch.zeros(64, 64, dtype=torch.float16),
+        "model.norm.weight": torch.ones(64, dtype=torch.float16),
+    }
     for i in range(2):
         L = f"model.layers.{i}"
         for m, (in_f, out_f) in LINEARS.items():
@@ -336,8 +390,10 @@ def test_unfused_moe_experts_pass_with_each_expert_checked_against_its_own_layou
     assert f"{w1}.qweight is missing" in refusal(d)
     # a tensor outside the layers missing is never taken for a conversion, nor one extra
     d = broken(unfused_mixtral, tmp_path / "n", lambda t: t.pop("model.norm.weight"))
-    assert refusal(d).endswith(" does not match its config.json: model.norm.weight is missing; the export is "
-                               "incomplete or was altered: write or download it again")
+    assert refusal(d).endswith(
+        " does not match its config.json: model.norm.weight is missing; the export is "
+        "incomplete or was altered: write or download it again"
+    )
     d = broken(unfused_mixtral, tmp_path / "x", lambda t: t.update({"model.extra": torch.zeros(2)}))
     assert "model.extra is not a tensor of this mixtral model" in refusal(d)
 
@@ -361,13 +417,14 @@ def test_an_old_rotary_inv_freq_buffer_is_ignored(kind, exports, tmp_path):
 def unbuildable(src, dst):
     """The export at src with a model_type transformers does not know (an architecture only vLLM or remote code
     builds); its tensors are untouched."""
-    return broken(src, dst, config=lambda c: c.update(model_type="vllm_only_arch",
-                                                      architectures=["VllmOnlyForCausalLM"]))
+    return broken(
+        src, dst, config=lambda c: c.update(model_type="vllm_only_arch", architectures=["VllmOnlyForCausalLM"])
+    )
 
 
 def test_convert_and_check_need_no_model_build(exports, tmp_path):
-    from compress_export.pipeline.convert import convert
     from compress_export.integrations.tp_plan import plan
+    from compress_export.pipeline.convert import convert
 
     d = unbuildable(exports / "gptq", tmp_path / "u")
     assert "does not describe a model transformers can build" in refusal(d)  # eval builds the model: refused
@@ -379,7 +436,7 @@ def test_convert_and_check_need_no_model_build(exports, tmp_path):
 
 
 def test_convert_checks_its_output_before_reading_any_tensor(exports, tmp_path, monkeypatch):
-    from compress_export.pipeline.compress import convert as convert_mod
+    from compress_export.pipeline import convert as convert_mod
 
     def no_read(*a, **k):
         raise AssertionError("convert read the tensors before checking -o")

@@ -1,26 +1,39 @@
 """Every model family structure.py lists, end to end on a tiny random model: export (RTN W8 and GPTQ W4), load
 with our loader, logits close to the original's. A family that cannot pass this is not listed."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import _tiny_tokenizer
 from test_streaming import assert_same_export
 
-from compress_export.io.loading import load_model
-from compress_export.pipeline.compress import compress
 from compress_export.core.scheme import Scheme
 from compress_export.core.structure import FAMILIES
+from compress_export.io.loading import load_model
+from compress_export.pipeline.compress import compress
 
-SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-             tie_word_embeddings=True)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    tie_word_embeddings=True,
+)
 # per family: the config fields it names differently or needs besides SMALL
 EXTRA = {
-    "gemma": dict(head_dim=16), "gemma2": dict(head_dim=16, query_pre_attn_scalar=16),
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64
+    ),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
     "gpt_neox": dict(rotary_pct=1.0),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True),
@@ -46,9 +59,10 @@ def test_family_end_to_end(model_type, tmp_path, tiny_text):
     ids = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(input_ids=ids).logits
-    for name, kw, tol in (("w8", dict(method="rtn", scheme=Scheme(8, -1, True)), 0.05),
-                          ("w4", dict(method="gptq", scheme=Scheme(4, 32, True), dataset=str(tiny_text),
-                                      num_samples=8, seq_len=32), 0.3)):
+    for name, kw, tol in (
+        ("w8", dict(method="rtn", scheme=Scheme(8, -1, True)), 0.05),
+        ("w4", dict(method="gptq", scheme=Scheme(4, 32, True), dataset=str(tiny_text), num_samples=8, seq_len=32), 0.3),
+    ):
         s = compress(base, tmp_path / name, progress=False, **kw)
         assert s.linears > 0 and not s.kept_dense, s
         fused = sorted(n for n, p in ref.named_parameters() if p.dim() == 3)  # transformers 5's fused experts

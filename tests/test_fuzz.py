@@ -1,5 +1,6 @@
 """Seeded corruptions of small exports through every reader of ours: each case ends as one clean UserError, or loads
 numbers that are provably unaffected (the logits equal the intact export's). Never another exception."""
+
 import json
 import random
 import shutil
@@ -10,14 +11,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compress_export.core.errors import UserError
+from compress_export.core.scheme import Scheme
 from compress_export.io.loading import load_model, read_quantized
 from compress_export.pipeline.compress import compress
-from compress_export.core.scheme import Scheme
 
-KINDS = [("gptq", dict(method="gptq", fmt="gptq", scheme=Scheme(4, 32, False, "group"))),
-         ("awq", dict(method="awq", fmt="awq", scheme=Scheme(4, 32, False))),
-         ("ct", dict(method="rtn", fmt="compressed-tensors", scheme=Scheme(3, 32, True))),
-         ("sparse24", dict(method="magnitude", sparsity="2:4", scheme=Scheme(4, 32, False)))]
+KINDS = [
+    ("gptq", dict(method="gptq", fmt="gptq", scheme=Scheme(4, 32, False, "group"))),
+    ("awq", dict(method="awq", fmt="awq", scheme=Scheme(4, 32, False))),
+    ("ct", dict(method="rtn", fmt="compressed-tensors", scheme=Scheme(3, 32, True))),
+    ("sparse24", dict(method="magnitude", sparsity="2:4", scheme=Scheme(4, 32, False))),
+]
 CASES_PER_KIND = 60
 IDS = torch.arange(3, 40).view(1, -1)
 

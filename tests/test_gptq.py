@@ -1,14 +1,15 @@
 """GPTQ and the Hessian core against error bounds on a single layer."""
+
 import logging
 
 import pytest
 import torch
 
 from compress_export.core.errors import UserError
+from compress_export.core.scheme import Scheme
+from compress_export.math.hessian import HessianAccumulator, inverse_cholesky
 from compress_export.math.quant import rtn_quantize
 from compress_export.math.sweep import gptq_quantize
-from compress_export.math.hessian import HessianAccumulator, inverse_cholesky
-from compress_export.core.scheme import Scheme
 
 
 def correlated(n_tok, n, seed=0):

@@ -1,4 +1,9 @@
 """Engine settings follow the machine: the dtype rule on both CPU kinds (by their flags, whichever kind runs this)."""
+
+import os
+import shutil
+import subprocess
+
 import pytest
 
 from compress_export.core import hardware
@@ -9,10 +14,16 @@ AVX512_BF16 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_
 AMX = AVX2 | {"avx512f", "amx_tile", "amx_bf16"}
 
 
-@pytest.mark.parametrize("flags,kind,dtype", [(AVX2, "AVX2", "float32"), (AVX512_BF16, "AVX-512 bf16", "bfloat16"),
-                                              (AMX, "AVX-512 bf16", "bfloat16"),
-                                              (AVX2 | {"avx512f"}, "AVX-512", "float32"),
-                                              (frozenset(), "other", "float32")])
+@pytest.mark.parametrize(
+    "flags,kind,dtype",
+    [
+        (AVX2, "AVX2", "float32"),
+        (AVX512_BF16, "AVX-512 bf16", "bfloat16"),
+        (AMX, "AVX-512 bf16", "bfloat16"),
+        (AVX2 | {"avx512f"}, "AVX-512", "float32"),
+        (frozenset(), "other", "float32"),
+    ],
+)
 def test_fast_dtype_and_kind_from_the_flags(flags, kind, dtype, monkeypatch):
     monkeypatch.delenv("COMPRESS_EXPORT_DTYPE", raising=False)
     assert hardware.cpu_kind(flags) == kind
@@ -32,12 +43,37 @@ def test_engine_defaults_follow_the_cpu_and_yield_to_the_user(monkeypatch):
     assert vllm_launch.engine_defaults()["dtype"] == "float32"
 
 
-def test_this_machines_flags_are_read():
+def lscpu_flags():
+    """The flags as util-linux's lscpu prints them (None without lscpu): a second reader of the same machine."""
+    lscpu = shutil.which("lscpu")
+    if lscpu is None:
+        return None
+    out = subprocess.run([lscpu], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout
+    return next(
+        (frozenset(line.split(":", 1)[1].split()) for line in out.splitlines() if line.startswith("Flags:")), None
+    )
+
+
+def test_this_machines_flags_are_read(monkeypatch):
+    """Our /proc/cpuinfo reading agrees with lscpu's and with torch's own CPUID probe (cpuinfo library); the kind
+    and the dtype follow from those flags by the rule written out here by hand."""
+    monkeypatch.delenv("COMPRESS_EXPORT_DTYPE", raising=False)
     flags = hardware.cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo flags here")
-    assert hardware.cpu_kind() in ("AVX2", "AVX-512", "AVX-512 bf16", "other")
-    assert hardware.fast_dtype("cpu") == ("bfloat16" if hardware.native_bf16() else "float32")
+    other = lscpu_flags()
+    if other is not None:
+        assert flags == other
+    import torch
+
+    probe = {"avx2": "_is_avx2_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    for flag, name in probe.items():
+        if hasattr(torch.cpu, name):  # private torch helpers: checked only where this torch has them
+            assert (flag in flags) == getattr(torch.cpu, name)(), flag
+    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    kind = "AVX-512 bf16" if bf16 else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    assert hardware.cpu_kind() == kind
+    assert hardware.fast_dtype("cpu") == ("bfloat16" if bf16 else "float32")
 
 
 def test_tensor_parallel_workers_get_their_own_cores(monkeypatch):
@@ -53,5 +89,9 @@ def test_tensor_parallel_workers_get_their_own_cores(monkeypatch):
     env = vllm_launch.cpu_environment({}, tensor_parallel=2)
     assert env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
     assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_launch.cpu_environment({}, tensor_parallel=1)
-    assert vllm_launch.cpu_environment({"VLLM_CPU_OMP_THREADS_BIND": "0|0"}, tensor_parallel=2)[
-        "VLLM_CPU_OMP_THREADS_BIND"] == "0|0"  # the user's own binding wins
+    assert (
+        vllm_launch.cpu_environment({"VLLM_CPU_OMP_THREADS_BIND": "0|0"}, tensor_parallel=2)[
+            "VLLM_CPU_OMP_THREADS_BIND"
+        ]
+        == "0|0"
+    )  # the user's own binding wins

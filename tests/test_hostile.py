@@ -14,26 +14,14 @@ The rules (the issue):
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import pickle
 import shutil
-import signal
-import socket
-import stat
-import subprocess
-import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from hostile import *  # noqa: F401,F403  (helpers and fixtures, the autouse one included)
 
 FAST = ["-q", "--method", "rtn", "--format", "gptq", "--bits", "4", "--group-size", "32"]
@@ -55,8 +43,7 @@ def test_the_fifo_watchdog_unblocks_a_stuck_reader(tmp_path):
 
 # -- 1. no foreign code without --trust-remote-code -------------------------------------------------------------
 
-FOREIGN = {"configuration_evil": "EvilConfig", "modeling_evil": "EvilForCausalLM",
-           "tokenization_evil": "EvilTokenizer"}
+FOREIGN = {"configuration_evil": "EvilConfig", "modeling_evil": "EvilForCausalLM", "tokenization_evil": "EvilTokenizer"}
 
 
 def add_foreign_code(d: Path, markers: Path, *, model_known=True, tokenizer_known=True) -> None:
@@ -64,12 +51,15 @@ def add_foreign_code(d: Path, markers: Path, *, model_known=True, tokenizer_know
     tokenizer_config.json's auto_map; model_known=False: a model_type transformers does not know."""
     markers.mkdir(exist_ok=True)
     for mod, cls in FOREIGN.items():
-        (d / f"{mod}.py").write_text(f"import pathlib\npathlib.Path({str(markers / mod)!r}).write_text('ran')\n"
-                                     f"class {cls}:\n    pass\n")
+        (d / f"{mod}.py").write_text(
+            f"import pathlib\npathlib.Path({str(markers / mod)!r}).write_text('ran')\nclass {cls}:\n    pass\n"
+        )
 
     def cfg(c):
-        c["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
-                         "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+        c["auto_map"] = {
+            "AutoConfig": "configuration_evil.EvilConfig",
+            "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+        }
         if not model_known:
             c["model_type"], c["architectures"] = "evil", ["EvilForCausalLM"]
 
@@ -104,10 +94,38 @@ def test_the_foreign_code_markers_work(tmp_path):
 
 CODE_PATHS = {
     "compress": FAST,
-    "calibration-written-by-the-model": ["-q", "--method", "gptq", "--format", "gptq", "--bits", "4",
-                                         "--group-size", "32", "--num-samples", "400", "--seq-len", "128"],
-    "dataset-self": ["-q", "--method", "gptq", "--format", "gptq", "--bits", "4", "--group-size", "32",
-                     "--dataset", "self", "--num-samples", "4", "--seq-len", "16"],
+    "calibration-written-by-the-model": [
+        "-q",
+        "--method",
+        "gptq",
+        "--format",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--num-samples",
+        "400",
+        "--seq-len",
+        "128",
+    ],
+    "dataset-self": [
+        "-q",
+        "--method",
+        "gptq",
+        "--format",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--dataset",
+        "self",
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "16",
+    ],
     "no-stream": FAST + ["--no-stream"],
 }
 
@@ -201,23 +219,25 @@ def test_from_pretrained_export_never_runs_foreign_code(src, tmp_path, known):
     qc = CompressionConfig(method="rtn", format="gptq", bits=4, group_size=32)
     with untouched(tmp_path, inputs=[src], outputs=[out]):
         if known:
-            model = AutoCompressedModelForCausalLM.from_pretrained(src, export=True, quantization_config=qc,
-                                                                   output_dir=str(out), progress=False,
-                                                                   dtype=torch.float32)
+            model = AutoCompressedModelForCausalLM.from_pretrained(
+                src, export=True, quantization_config=qc, output_dir=str(out), progress=False, dtype=torch.float32
+            )
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([[3, 4, 5, 6]])).logits
             assert torch.isfinite(logits).all()
             assert type(model).__name__ == "LlamaForCausalLM"
         else:
             with pytest.raises(UserError) as e:
-                AutoCompressedModelForCausalLM.from_pretrained(src, export=True, quantization_config=qc,
-                                                               output_dir=str(out), progress=False)
+                AutoCompressedModelForCausalLM.from_pretrained(
+                    src, export=True, quantization_config=qc, output_dir=str(out), progress=False
+                )
             assert "trust" in str(e.value) and "modeling_evil.py" in str(e.value)
             assert not out.exists()
     assert_no_foreign_code_ran(markers)
 
 
 # -- 2. no pickles, ever -----------------------------------------------------------------------------------------
+
 
 class _Boom:
     """Unpickling this makes a folder (the marker): the proof that a pickle was loaded."""
@@ -247,8 +267,12 @@ def test_pickle_only_folder_is_refused(src, tmp_path, capsys, text, verb):
     marker.parent.mkdir()
     (src / "model.safetensors").unlink()
     (src / "pytorch_model.bin").write_bytes(evil_pickle(marker))
-    args = {"compress": [*FAST, src, "-o", tmp_path / "out"], "eval": ["eval", src, "--text", text],
-            "convert": ["convert", src, "--format", "awq", "-o", tmp_path / "out"], "check": ["check", src]}[verb]
+    args = {
+        "compress": [*FAST, src, "-o", tmp_path / "out"],
+        "eval": ["eval", src, "--text", text],
+        "convert": ["convert", src, "--format", "awq", "-o", tmp_path / "out"],
+        "check": ["check", src],
+    }[verb]
     with untouched(tmp_path, inputs=[src], outputs=[tmp_path / "out"]):
         rc, _, err = run(capsys, *args)
     assert not marker.exists()
@@ -334,8 +358,11 @@ def test_export_with_a_link_outside_it(export, tmp_path, capsys, secret, text, v
     """Rule 3 for the verbs that read an export: its tokenizer.json linking outside it is refused."""
     link_outside(export, "tokenizer.json", secret)
     out = tmp_path / "out"
-    args = {"eval": ["eval", export, "--text", text], "convert": ["convert", export, "--format", "awq", "-o", out],
-            "check": ["check", export]}[verb]
+    args = {
+        "eval": ["eval", export, "--text", text],
+        "convert": ["convert", export, "--format", "awq", "-o", out],
+        "check": ["check", export],
+    }[verb]
     with untouched(tmp_path, inputs=[export], outputs=[out]):
         rc, so, err = run(capsys, *args)
     assert_refused(rc, err, "tokenizer.json", "outside")
@@ -349,8 +376,11 @@ def test_fifo_beside_an_export_is_never_opened(export, tmp_path, capsys, text, v
     fifo = export / "pytorch_model.bin"
     os.mkfifo(fifo)
     out = tmp_path / "out"
-    args = {"eval": ["eval", export, "--text", text], "convert": ["convert", export, "--format", "awq", "-o", out],
-            "check": ["check", export]}[verb]
+    args = {
+        "eval": ["eval", export, "--text", text],
+        "convert": ["convert", export, "--format", "awq", "-o", out],
+        "check": ["check", export],
+    }[verb]
     with untouched(tmp_path, inputs=[export], outputs=[out]):
         with fifo_watchdog([fifo]) as hung:
             rc, _, err = run(capsys, *args)

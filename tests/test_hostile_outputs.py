@@ -1,28 +1,20 @@
 """Hostile input, rules 4-8 (see test_hostile.py for the whole list and how each case checks): never damage what the user did not
 name as output, no silent wrong numbers, no hangs, hostile headers and eval/serve inputs, OS faults."""
+
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import pickle
 import shutil
-import signal
 import socket
-import stat
-import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 from hostile import *  # noqa: F401,F403  (helpers and fixtures, the autouse one included)
+from safetensors.torch import load_file, save_file
 
 FAST = ["-q", "--method", "rtn", "--format", "gptq", "--bits", "4", "--group-size", "32"]
 UP1 = "model.layers.1.mlp.up_proj.weight"
@@ -72,8 +64,9 @@ def test_output_that_would_damage_something_is_refused(src, export, tmp_path, ca
 
 @pytest.mark.parametrize("verb", ["compress", "convert"])
 @pytest.mark.parametrize("kind", ["user-files", "someone-elses-model"])
-def test_overwrite_refuses_a_folder_compress_export_did_not_write(src, export, base_model, tmp_path, capsys, verb,
-                                                                  kind):
+def test_overwrite_refuses_a_folder_compress_export_did_not_write(
+    src, export, base_model, tmp_path, capsys, verb, kind
+):
     """Rule 4: --overwrite replaces only our own outputs; the refusal names us and lists what is there."""
     mine = tmp_path / "mine"
     if kind == "user-files":
@@ -124,8 +117,9 @@ def test_from_pretrained_export_into_the_source_is_refused(src, tmp_path):
     qc = CompressionConfig(method="rtn", format="gptq", bits=4, group_size=32)
     with untouched(tmp_path, inputs=[src]):
         with pytest.raises(UserError):
-            AutoCompressedModelForCausalLM.from_pretrained(src, export=True, quantization_config=qc,
-                                                           output_dir=str(src), progress=False)
+            AutoCompressedModelForCausalLM.from_pretrained(
+                src, export=True, quantization_config=qc, output_dir=str(src), progress=False
+            )
 
 
 def test_save_recipe_over_a_file_we_did_not_write_is_refused(src, tmp_path, capsys):
@@ -152,8 +146,7 @@ def test_save_recipe_is_not_written_by_a_failed_run(src, tmp_path, capsys):
     """Rule 4: a run that fails (a group size that does not divide) leaves no recipe."""
     out, recipe = tmp_path / "out", tmp_path / "work" / "R.json"
     with untouched(tmp_path, inputs=[src]):
-        rc, _, err = run(capsys, "-q", "--method", "rtn", "--group-size", "48", src, "-o", out,
-                         "--save-recipe", recipe)
+        rc, _, err = run(capsys, "-q", "--method", "rtn", "--group-size", "48", src, "-o", out, "--save-recipe", recipe)
     assert_refused(rc, err, "--group-size 48")
     assert not recipe.exists() and not out.exists()
 
@@ -221,6 +214,7 @@ def test_stale_partial_sweep_removes_only_what_is_provably_ours(src, tmp_path, c
 
 # -- 5. no silent wrong numbers ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
 def test_integer_source_dtype_is_refused(src, tmp_path, capsys, key):
     edit_json(src / "config.json", lambda c: c.update({key: "int8"}))
@@ -267,12 +261,13 @@ def test_tensor_with_the_wrong_shape_is_named(src, tmp_path, capsys, mode):
 def test_tensor_in_two_shards_is_named(src, tmp_path, capsys):
     t = load_file(str(src / "model.safetensors"))
     names = sorted(t)
-    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
     dup = next(n for n in first if "layers" in n)
     (src / "model.safetensors").unlink()
     save_file({n: t[n] for n in first}, str(src / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
-    save_file({n: t[n] for n in second + [dup]}, str(src / "model-00002-of-00002.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {n: t[n] for n in second + [dup]}, str(src / "model-00002-of-00002.safetensors"), metadata={"format": "pt"}
+    )
     wmap = {n: "model-00001-of-00002.safetensors" for n in first}
     wmap.update({n: "model-00002-of-00002.safetensors" for n in second})
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
@@ -323,7 +318,6 @@ def test_convert_of_an_export_with_a_wrong_hidden_size(export, tmp_path, capsys)
 
 
 # -- 6. no hangs, no late OOM ------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
@@ -380,13 +374,13 @@ def test_seq_len_beyond_the_context_is_refused_at_once(src, tmp_path, capsys):
     out = tmp_path / "out"
     t = time.time()
     with untouched(tmp_path, inputs=[src]):
-        rc, _, err = run(capsys, "-q", "--method", "gptq", "--group-size", "32", "--seq-len", "200000", src,
-                         "-o", out)
+        rc, _, err = run(capsys, "-q", "--method", "gptq", "--group-size", "32", "--seq-len", "200000", src, "-o", out)
     assert time.time() - t < 30
     assert_refused(rc, err, "--seq-len", "max_position_embeddings")
 
 
 # -- 7. hostile headers; eval and serve inputs -------------------------------------------------------------------
+
 
 def _overlap(h):
     h[O0]["data_offsets"] = list(h[Q0]["data_offsets"])  # same size, same bytes
@@ -400,8 +394,11 @@ def _f8(h):
     h[Q0]["dtype"], h[Q0]["shape"] = "F8_E4M3", [128, 64]  # the same bytes, read as one-byte floats
 
 
-HEADERS = {"overlapping-offsets": (_overlap, ()), "negative-shape": (_negative, ()),
-           "f8": (_f8, ("unsupported dtype F8_E4M3 in tensor",))}
+HEADERS = {
+    "overlapping-offsets": (_overlap, ()),
+    "negative-shape": (_negative, ()),
+    "f8": (_f8, ("unsupported dtype F8_E4M3 in tensor",)),
+}
 
 
 @pytest.mark.parametrize("kind", list(HEADERS))
@@ -444,9 +441,11 @@ def test_serve_without_vllm_is_one_line(export, tmp_path, capsys, monkeypatch):
 
 # -- 8. OS faults are exit 2 and one line, never "internal error" ------------------------------------------------
 
+
 def _raise(e):
     def f(*a, **k):
         raise e
+
     return f
 
 
@@ -454,20 +453,37 @@ def _faults():
     from compress_export.io import writer
 
     return {
-        "ENOSPC-closing-a-shard": (writer._Shard, "close",
-                                   OSError(errno.ENOSPC, "No space left on device", "part-00001.safetensors")),
-        "EPERM-making-the-partial-folder": (writer.tempfile, "mkdtemp",
-                                            PermissionError(errno.EPERM, "Operation not permitted", "out")),
-        "EACCES-making-the-partial-folder": (writer.tempfile, "mkdtemp",
-                                             PermissionError(errno.EACCES, "Permission denied", "out")),
-        "EROFS-making-the-partial-folder": (writer.tempfile, "mkdtemp",
-                                            OSError(errno.EROFS, "Read-only file system", "out")),
+        "ENOSPC-closing-a-shard": (
+            writer._Shard,
+            "close",
+            OSError(errno.ENOSPC, "No space left on device", "part-00001.safetensors"),
+        ),
+        "EPERM-making-the-partial-folder": (
+            writer.tempfile,
+            "mkdtemp",
+            PermissionError(errno.EPERM, "Operation not permitted", "out"),
+        ),
+        "EACCES-making-the-partial-folder": (
+            writer.tempfile,
+            "mkdtemp",
+            PermissionError(errno.EACCES, "Permission denied", "out"),
+        ),
+        "EROFS-making-the-partial-folder": (
+            writer.tempfile,
+            "mkdtemp",
+            OSError(errno.EROFS, "Read-only file system", "out"),
+        ),
         "EMFILE-adding-a-tensor": (writer._Shard, "add", OSError(errno.EMFILE, "Too many open files")),
     }
 
 
-FAULTS = ["ENOSPC-closing-a-shard", "EPERM-making-the-partial-folder", "EACCES-making-the-partial-folder",
-          "EROFS-making-the-partial-folder", "EMFILE-adding-a-tensor"]
+FAULTS = [
+    "ENOSPC-closing-a-shard",
+    "EPERM-making-the-partial-folder",
+    "EACCES-making-the-partial-folder",
+    "EROFS-making-the-partial-folder",
+    "EMFILE-adding-a-tensor",
+]
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -485,7 +501,7 @@ def test_os_fault_is_one_line_and_leaves_no_checkpoint(src, tmp_path, capsys, mo
 
 @pytest.mark.parametrize("mode", list(STREAM))
 def test_source_shard_deleted_after_preflight(src, tmp_path, capsys, monkeypatch, mode):
-    from compress_export.pipeline.compress import compress as pipeline
+    from compress_export.pipeline import compress as pipeline
 
     real = pipeline.open_source
 

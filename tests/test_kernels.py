@@ -1,17 +1,20 @@
 """Kernels against the dequantized reference; the registry explains itself when nothing fits."""
+
 import pytest
 import torch
 
 from compress_export.core.errors import UserError
-from compress_export.math.sweep import gptq_quantize
-from compress_export.math.hessian import HessianAccumulator
+from compress_export.core.scheme import Scheme
 from compress_export.kernels.base import KERNELS, KernelRequest, choose_kernel
 from compress_export.kernels.linear import QuantLinear
-from compress_export.core.scheme import Scheme
+from compress_export.math.hessian import HessianAccumulator
+from compress_export.math.sweep import gptq_quantize
 
 
-@pytest.mark.parametrize("bits,group,sym,act", [(4, 32, True, "group"), (3, 64, False, "none"),
-                                                (8, -1, True, "static"), (2, 16, False, "group")])
+@pytest.mark.parametrize(
+    "bits,group,sym,act",
+    [(4, 32, True, "group"), (3, 64, False, "none"), (8, -1, True, "static"), (2, 16, False, "group")],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_kernel_matches_the_reference(bits, group, sym, act, dtype):
     torch.manual_seed(0)

@@ -1,16 +1,16 @@
 """Low-rank error correction (EoRA): the math against an independent derivation, the PEFT adapter on disk, and our
 loader applying it."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama, recorder
 
-from compress_export.pipeline.config import CompressionConfig
 from compress_export.core.errors import UserError
 from compress_export.io.lowrank import lowrank_correction, read_adapter
 from compress_export.pipeline.compress import compress
+from compress_export.pipeline.config import CompressionConfig
 
 
 def weighted_error(D, H):
@@ -61,15 +61,15 @@ def test_lowrank_export_is_a_peft_adapter_our_loader_applies(tiny_model, tiny_te
 
     results, on_result = recorder()
     out = tmp_path / "w2r8"
-    cfg = CompressionConfig(method="gptq", bits=2, group_size=32, lowrank_rank=8, dataset=str(tiny_text),
-                            num_samples=8, seq_len=32)
+    cfg = CompressionConfig(
+        method="gptq", bits=2, group_size=32, lowrank_rank=8, dataset=str(tiny_text), num_samples=8, seq_len=32
+    )
     s = compress(tiny_model, out, cfg, progress=False, on_result=on_result)
     assert s.lowrank_rank == 8 and any("low-rank correction: rank 8" in ln for ln in s.lines())
     acfg, factors = read_adapter(out / "lowrank")
     raw = json.loads((out / "lowrank" / "adapter_config.json").read_text())
     assert (raw["peft_type"], raw["r"], raw["lora_alpha"]) == ("LORA", 8, 8)
-    assert set(raw["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"}
+    assert set(raw["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert sorted(factors) == sorted(results)
     for name, qw in results.items():
         A, B = factors[name]
@@ -104,8 +104,13 @@ def test_rtn_correction_is_the_plain_svd_of_each_error(tmp_path):
     """RTN has no activation statistics: each linear's correction is the truncated SVD of W − Q (fp16-rounded)."""
     model = make_tiny_llama(tmp_path / "m", hidden=64, inter=128)
     results, on_result = recorder()
-    compress(model, tmp_path / "o", CompressionConfig(method="rtn", bits=2, group_size=32, lowrank_rank=16),
-             progress=False, on_result=on_result)
+    compress(
+        model,
+        tmp_path / "o",
+        CompressionConfig(method="rtn", bits=2, group_size=32, lowrank_rank=16),
+        progress=False,
+        on_result=on_result,
+    )
     from compress_export.io.loading import load_model
 
     base, _ = load_model(model)
@@ -123,9 +128,15 @@ def test_gptq_correction_uses_the_hessian_of_the_linears_own_inputs(tmp_path, ti
 
     model = make_tiny_llama(tmp_path / "m", hidden=64, inter=128)
     results, on_result = recorder()
-    compress(model, tmp_path / "o", CompressionConfig(method="gptq", bits=2, group_size=32, lowrank_rank=8,
-                                                      dataset=str(tiny_text), num_samples=4, seq_len=32),
-             progress=False, on_result=on_result)
+    compress(
+        model,
+        tmp_path / "o",
+        CompressionConfig(
+            method="gptq", bits=2, group_size=32, lowrank_rank=8, dataset=str(tiny_text), num_samples=4, seq_len=32
+        ),
+        progress=False,
+        on_result=on_result,
+    )
     base, tok = load_model(model)
     ids = tok(tiny_text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0][:128]
     seen = []
@@ -150,8 +161,13 @@ def test_serve_adds_the_adapter_unless_the_user_set_lora_flags(tmp_path):
     (tmp_path / "lowrank").mkdir()
     (tmp_path / "lowrank" / "adapter_config.json").write_text(json.dumps({"r": 48}))
     args = lora_args(str(tmp_path), ["--port", "8000"])
-    assert args == ["--enable-lora", "--lora-modules", f"corr={tmp_path.resolve() / 'lowrank'}",
-                    "--max-lora-rank", "64"]
+    assert args == [
+        "--enable-lora",
+        "--lora-modules",
+        f"corr={tmp_path.resolve() / 'lowrank'}",
+        "--max-lora-rank",
+        "64",
+    ]
     assert lora_args(str(tmp_path), ["--enable-lora"]) == []
     assert lora_args(str(tmp_path / "lowrank"), []) == []  # no adapter there
 
@@ -192,8 +208,9 @@ def test_fused_pair_gives_each_part_of_a_fused_linear_its_own_correction():
     aq, bq = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
     av, bv = torch.randn(3, 6, generator=g), torch.randn(2, 3, generator=g)
     factors = {"model.layers.0.self_attn.q_proj": (aq, bq), "model.layers.0.self_attn.v_proj": (av, bv)}
-    A, B = fused_pair(dict(factors), "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"],
-                      [4, 2, 2], 6, torch.float64)
+    A, B = fused_pair(
+        dict(factors), "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"], [4, 2, 2], 6, torch.float64
+    )
     x = torch.randn(5, 6, generator=g, dtype=torch.float64)
     y = x @ A.t() @ B.t()
     assert A.shape == (5, 6) and B.shape == (8, 5)
@@ -208,15 +225,28 @@ def test_fused_pair_gives_each_part_of_a_fused_linear_its_own_correction():
     assert fused_pair(left, "model.layers.0.self_attn.o_proj", [], [6], 6, torch.float32) is None
     # Phi-3: one checkpoint module (qkv_proj) that vLLM splits into 3 output parts is one pair over all its rows
     aqkv, bqkv = torch.randn(2, 6, generator=g), torch.randn(8, 2, generator=g)
-    A3, B3 = fused_pair({"model.layers.0.self_attn.qkv_proj": (aqkv, bqkv)}, "model.layers.0.self_attn.qkv_proj",
-                        ["qkv_proj"], [4, 2, 2], 6, torch.float32)
+    A3, B3 = fused_pair(
+        {"model.layers.0.self_attn.qkv_proj": (aqkv, bqkv)},
+        "model.layers.0.self_attn.qkv_proj",
+        ["qkv_proj"],
+        [4, 2, 2],
+        6,
+        torch.float32,
+    )
     assert torch.equal(A3, aqkv) and torch.equal(B3, bqkv)
     with pytest.raises(ValueError, match="v_proj: the low-rank pair is"):
-        fused_pair(dict(factors), "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"], [4, 2, 3],
-                   6, torch.float32)
+        fused_pair(
+            dict(factors),
+            "model.layers.0.self_attn.qkv_proj",
+            ["q_proj", "k_proj", "v_proj"],
+            [4, 2, 3],
+            6,
+            torch.float32,
+        )
 
 
 # the adapter folder is checked like the rest of the export ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def w4r8(tiny_model, tmp_path_factory):
@@ -265,14 +295,17 @@ def test_an_intact_adapter_passes(w4r8):
     assert adapter_rank(w4r8 / "lowrank") == 8
 
 
-@pytest.mark.parametrize("edit, field", [
-    (lambda c: [c], "is a list, not a JSON object"),
-    (lambda c: c.pop("r") and None, "r is null, not a rank"),
-    (lambda c: c.update(r=0), "r is 0, not a rank"),
-    (lambda c: c.update(r="8"), 'r is "8", not a rank'),
-    (lambda c: c.update(lora_alpha="eight"), 'lora_alpha is "eight", not a number'),
-    (lambda c: c.update(target_modules=["q_proj", 3]), "target_modules is a list, not a module name"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda c: [c], "is a list, not a JSON object"),
+        (lambda c: c.pop("r") and None, "r is null, not a rank"),
+        (lambda c: c.update(r=0), "r is 0, not a rank"),
+        (lambda c: c.update(r="8"), 'r is "8", not a rank'),
+        (lambda c: c.update(lora_alpha="eight"), 'lora_alpha is "eight", not a number'),
+        (lambda c: c.update(target_modules=["q_proj", 3]), "target_modules is a list, not a module name"),
+    ],
+)
 def test_a_bad_adapter_config_is_one_line_naming_file_and_field(edit, field, w4r8, tmp_path):
     from compress_export.io.lowrank import adapter_rank
 
@@ -293,8 +326,11 @@ def test_adapter_shapes_are_checked_against_the_linears(w4r8, tmp_path):
     assert f"{K_B} has shape [64, 8]; rank 8 on a 32×64 linear needs [32, 8]" in refused_by_check(d)
     d = with_adapter(w4r8, tmp_path / "c", tensors=lambda t: t.pop(K_B))
     assert "model.layers.0.self_attn.k_proj has lora_A only" in refused_by_check(d)
-    d = with_adapter(w4r8, tmp_path / "d", tensors=lambda t: t.update(
-        {"base_model.model.model.layers.0.mlp.nope.lora_A.weight": torch.zeros(8, 64)}))
+    d = with_adapter(
+        w4r8,
+        tmp_path / "d",
+        tensors=lambda t: t.update({"base_model.model.model.layers.0.mlp.nope.lora_A.weight": torch.zeros(8, 64)}),
+    )
     assert "corrects model.layers.0.mlp.nope, not a linear of this export" in refused_by_check(d)
 
 

@@ -1,4 +1,5 @@
 """Exhaustive pack/unpack round trips and golden bytes: a layout change can never pass silently."""
+
 import itertools
 
 import pytest
@@ -37,7 +38,9 @@ def test_every_value_at_every_slot_round_trips(bits):
     assert torch.equal(unpack(packed, bits, dim=1)[0], vals)
 
 
-@pytest.mark.parametrize("bits,dim,shape", list(itertools.product([2, 3, 4, 8], [0, 1], [(96, 32), (32, 160), (64, 64)])))
+@pytest.mark.parametrize(
+    "bits,dim,shape", list(itertools.product([2, 3, 4, 8], [0, 1], [(96, 32), (32, 160), (64, 64)]))
+)
 def test_random_round_trip_along_either_dim(bits, dim, shape):
     g = torch.Generator().manual_seed(bits * 10 + dim)
     vals = torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.int32)

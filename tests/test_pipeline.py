@@ -1,17 +1,17 @@
 """A tiny random Llama through every pass, bit width and act-order into the GPTQ format and back."""
+
 import json
 
 import pytest
 import torch
+from conftest import assert_written_as_computed, recorder
 from safetensors import safe_open
 
-from conftest import assert_written_as_computed, recorder
-
 from compress_export.core.errors import UserError
+from compress_export.core.scheme import Scheme
 from compress_export.io.loading import load_model, read_quantized
 from compress_export.passes import PassOptions
 from compress_export.pipeline.compress import compress
-from compress_export.core.scheme import Scheme
 
 
 def run(tiny_model, tiny_text, out, **kw):
@@ -25,9 +25,16 @@ def logits(model, ids):
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-@pytest.mark.parametrize("bits,group,sym,act", [(4, 32, True, "none"), (3, 32, True, "group"),
-                                                (2, 16, False, "static"), (8, -1, True, "none"),
-                                                (4, 64, False, "group")])
+@pytest.mark.parametrize(
+    "bits,group,sym,act",
+    [
+        (4, 32, True, "none"),
+        (3, 32, True, "group"),
+        (2, 16, False, "static"),
+        (8, -1, True, "none"),
+        (4, 64, False, "group"),
+    ],
+)
 def test_export_round_trips_through_our_loader(tiny_model, tiny_text, tmp_path, method, bits, group, sym, act):
     scheme = Scheme(bits, group, sym, act)
     results, on_result = recorder()
@@ -163,13 +170,35 @@ def test_options_reach_the_config(tiny_model, tiny_text, tmp_path):
 
 def test_awq_score_option_from_the_cli_reaches_the_pass_and_the_config(tiny_model, tiny_text, tmp_path):
     from compress_export.cli.main import main
-    from compress_export.pipeline.config import CompressionConfig
     from compress_export.core.errors import UserError
+    from compress_export.pipeline.config import CompressionConfig
 
     for score in ("linear", "block"):
-        assert main([str(tiny_model), "-o", str(tmp_path / score), "--method", "awq", "--format", "awq",
-                     "--group-size", "32", "--dataset", str(tiny_text), "--num-samples", "4", "--seq-len", "32",
-                     "--awq-score", score, "-q"]) == 0
+        assert (
+            main(
+                [
+                    str(tiny_model),
+                    "-o",
+                    str(tmp_path / score),
+                    "--method",
+                    "awq",
+                    "--format",
+                    "awq",
+                    "--group-size",
+                    "32",
+                    "--dataset",
+                    str(tiny_text),
+                    "--num-samples",
+                    "4",
+                    "--seq-len",
+                    "32",
+                    "--awq-score",
+                    score,
+                    "-q",
+                ]
+            )
+            == 0
+        )
         q = json.loads((tmp_path / score / "config.json").read_text())["quantization_config"]
         assert q["compress_export"]["awq_score"] == score
     _, a, _ = read_quantized(tmp_path / "linear")
@@ -223,8 +252,9 @@ def test_impossible_method_format_pair_fails_before_work(tiny_model, tiny_text, 
 
 
 @pytest.mark.parametrize("batch_size", [None, 4])  # single forward per layer, and the two-pass chunked mode
-def test_linears_calibration_never_reaches_are_kept_not_dropped(tiny_model, tiny_text, tmp_path, monkeypatch,
-                                                                batch_size):
+def test_linears_calibration_never_reaches_are_kept_not_dropped(
+    tiny_model, tiny_text, tmp_path, monkeypatch, batch_size
+):
     """As MoE experts no calibration token is routed to: layer 0's MLP is skipped in the forward, so its three
     linears never run. They are written unquantized, listed as not quantized, and reported: never dropped."""
     import types
@@ -239,8 +269,15 @@ def test_linears_calibration_never_reaches_are_kept_not_dropped(tiny_model, tiny
         return model, tok
 
     monkeypatch.setattr(model_io, "load_source_model", load)
-    s = run(tiny_model, tiny_text, tmp_path / "out", method="gptq", scheme=Scheme(4, 32, True), batch_size=batch_size,
-            stream=False)  # the patch above is on the in-memory loader
+    s = run(
+        tiny_model,
+        tiny_text,
+        tmp_path / "out",
+        method="gptq",
+        scheme=Scheme(4, 32, True),
+        batch_size=batch_size,
+        stream=False,
+    )  # the patch above is on the in-memory loader
     mlp = [f"model.layers.0.mlp.{n}_proj" for n in ("down", "gate", "up")]
     assert s.kept_dense == mlp and s.linears == 14 - 3
     assert any("kept unquantized" in line for line in s.lines())

@@ -1,4 +1,5 @@
 """Single-function math checks: scales, zero points, clip search."""
+
 import torch
 
 from compress_export.math.quant import dequantize, group_params, minmax_params, quantize, search_params

@@ -1,5 +1,6 @@
 """The boundary module (compress_export/safety.py) and the pre-flight checks beside it, case by case: the review's
 hostile configs, tokenizers and marks, each checked against a hand-written expectation."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import make_tiny_llama
 
-from compress_export.io.calibration import check_calibration_size, read_text
 from compress_export.cli.main import main
 from compress_export.core.errors import UserError
+from compress_export.io.calibration import check_calibration_size, read_text
 from compress_export.io.safety import is_our_output, read_mark, write_mark
 
 FAST = ["-q", "--method", "rtn", "--format", "gptq", "--bits", "4", "--group-size", "32"]
@@ -69,8 +69,14 @@ def test_configuration_files_are_refused(src, tmp_path, capsys):
     refused(capsys, [*FAST, src, "-o", tmp_path / "out"], "configuration_files")
 
 
-@pytest.mark.parametrize("change", [dict(model_type=["llama"], auto_map={"AutoModelForCausalLM": "m.X"}),
-                                   dict(num_attention_heads=0), dict(max_position_embeddings="x")])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(model_type=["llama"], auto_map={"AutoModelForCausalLM": "m.X"}),
+        dict(num_attention_heads=0),
+        dict(max_position_embeddings="x"),
+    ],
+)
 def test_malformed_config_is_one_line(src, tmp_path, capsys, change):
     edit_json(src / "config.json", **change)
     refused(capsys, [*FAST, src, "-o", tmp_path / "out"], str(src))
@@ -90,8 +96,28 @@ def test_tokenizer_beyond_the_vocabulary_is_refused(src, tmp_path, capsys):
     save_file(t, src / "model.safetensors", metadata={"format": "pt"})
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog . " * 200)
-    refused(capsys, ["-q", "--method", "gptq", "--bits", "4", "--group-size", "32", src, "-o", tmp_path / "out",
-                     "--dataset", text, "--num-samples", "2", "--seq-len", "32"], "vocab_size 4")
+    refused(
+        capsys,
+        [
+            "-q",
+            "--method",
+            "gptq",
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            src,
+            "-o",
+            tmp_path / "out",
+            "--dataset",
+            text,
+            "--num-samples",
+            "2",
+            "--seq-len",
+            "32",
+        ],
+        "vocab_size 4",
+    )
 
 
 def test_export_without_trust_leaves_the_folders_code_out(src, tmp_path, capsys):
@@ -132,8 +158,9 @@ def test_memory_preflight_uses_the_runs_own_batching(monkeypatch):
     (2·128·2048·4096·4 B for the layer states + 6·32·2048²·4 B of attention scores), which 40 GB holds; asking
     for 100k samples of 512 tokens (~1.7 TB of states) is refused before any weight is read."""
     monkeypatch.setattr("compress_export.io.calibration.available_memory", lambda: 40e9)
-    cfg = SimpleNamespace(max_position_embeddings=8192, hidden_size=4096, num_attention_heads=32,
-                          intermediate_size=14336)
+    cfg = SimpleNamespace(
+        max_position_embeddings=8192, hidden_size=4096, num_attention_heads=32, intermediate_size=14336
+    )
     cpu = SimpleNamespace(type="cpu")
     check_calibration_size(128, 2048, None, cfg, cpu)
     with pytest.raises(UserError, match="--num-samples 100000 × --seq-len 512 needs at least"):
@@ -142,8 +169,14 @@ def test_memory_preflight_uses_the_runs_own_batching(monkeypatch):
         check_calibration_size(1, 8193, None, cfg, cpu)
 
 
-@pytest.mark.parametrize("line,why", [('{"text": 5}', "`text` field holding a string"), ('[1, 2]', "`text` field holding a string"),
-                                      ('{"txt": "a"}', "`text` field holding a string")])
+@pytest.mark.parametrize(
+    "line,why",
+    [
+        ('{"text": 5}', "`text` field holding a string"),
+        ('[1, 2]', "`text` field holding a string"),
+        ('{"txt": "a"}', "`text` field holding a string"),
+    ],
+)
 def test_jsonl_dataset_lines_must_hold_text(tmp_path, line, why):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "fine"}\n' + line + "\n")

@@ -1,10 +1,11 @@
 """SmolLM2-135M end to end: the example model, the evaluator against the published figure, a GPTQ export."""
+
 import json
 
 import pytest
 
-from compress_export.pipeline.evaluate import perplexity
 from compress_export.io.loading import load_model
+from compress_export.pipeline.evaluate import perplexity
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +16,9 @@ def test_example_model_is_an_ordinary_hf_directory(smollm2):
     assert "quantization_config" not in cfg
     for f in ("model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (smollm2 / f).exists()
-    assert (smollm2 / "chat_template.jinja").exists() or "chat_template" in (smollm2 / "tokenizer_config.json").read_text()
+    assert (smollm2 / "chat_template.jinja").exists() or "chat_template" in (
+        smollm2 / "tokenizer_config.json"
+    ).read_text()
 
 
 def test_evaluator_reproduces_the_protocol_figure(smollm2, eval_txt):
@@ -24,7 +27,7 @@ def test_evaluator_reproduces_the_protocol_figure(smollm2, eval_txt):
     assert abs(r.token_perplexity - 43.81) < 0.01, r
     assert r.windows == 16 and r.tokens_scored == 16 * 511
     # bits per byte is log2 of byte perplexity
-    assert abs(2 ** r.bits_per_byte - r.byte_perplexity) < 1e-9
+    assert abs(2**r.bits_per_byte - r.byte_perplexity) < 1e-9
 
 
 @pytest.mark.parametrize("export,slack", [("smollm2_w4", 1.2), ("smollm2_awq", 1.25)])

@@ -1,21 +1,21 @@
 """Pruning: the one mask function, SparseGPT against magnitude and Wanda on a layer, the formats, the passes."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import assert_written_as_computed, recorder
 
-from compress_export.math.scaling import quadratic_error
 from compress_export.core.errors import UserError
-from compress_export.formats.base import FORMATS
-from compress_export.math.sweep import gptq_quantize
-from compress_export.kernels.base import KERNELS, KernelRequest, choose_kernel
-from compress_export.io.loading import load_model
-from compress_export.pipeline.compress import compress
 from compress_export.core.result import QuantizedWeight, SparseWeight
 from compress_export.core.scheme import Scheme
 from compress_export.core.sparsity import Sparsity, mask_for, nm_mask, row_mask
+from compress_export.formats.base import FORMATS
+from compress_export.io.loading import load_model
+from compress_export.kernels.base import KERNELS, KernelRequest, choose_kernel
+from compress_export.math.scaling import quadratic_error
+from compress_export.math.sweep import gptq_quantize
+from compress_export.pipeline.compress import compress
 
 S24 = Sparsity(2, 4)
 
@@ -81,14 +81,14 @@ def test_sparse24_format_round_trip_and_layout(scheme):
     w = gptq_quantize(W, H, scheme, sparsity=S24)
     w.bias = torch.randn(64)
     f = FORMATS.get("sparse24")()
-    f.storage_dtype = torch.float32
-    t = f.pack(w)
-    qcfg = f.quantization_config(scheme, ["lm_head"], {})
+    dt = torch.float32  # a write option, not state of the format
+    t = f.pack(w, dt)
+    qcfg = f.quantization_config(scheme, ["lm_head"], {}, dt)
     back = f.unpack(t, qcfg)
     assert torch.equal(back.mask, w.mask) and torch.equal(back.dequantize(), w.dequantize())
-    for name, spec in f.tensor_layout(scheme, 128, 64).items():
+    for name, spec in f.tensor_layout(scheme, 128, 64, dt).items():
         assert tuple(t[name].shape) == spec.shape and t[name].dtype == spec.dtype, name
-    kept = (t["weight_values"] if scheme is None else t["weight_packed"])
+    kept = t["weight_values"] if scheme is None else t["weight_packed"]
     assert kept.numel() * kept.element_size() < W.numel() * 4 / 2 + 1
 
 
@@ -164,13 +164,16 @@ def test_sparsegpt_24_with_4_bits_and_unstructured(tiny_model, tiny_text, tmp_pa
     assert s.format == "dense"
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(method="sparsegpt", sparsity="0.5", fmt="sparse24"), "stores 2:4 sparsity"),
-    (dict(method="sparsegpt", sparsity="2:4", fmt="gptq"), "stores quantized weights"),
-    (dict(method="gptq", sparsity="2:4"), "needs a pruning method"),
-    (dict(method="wanda"), "needs --sparsity"),
-    (dict(method="sparsegpt", sparsity="2:4", fmt="dense", scheme=Scheme(4, 32)), "drop --bits"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="sparsegpt", sparsity="0.5", fmt="sparse24"), "stores 2:4 sparsity"),
+        (dict(method="sparsegpt", sparsity="2:4", fmt="gptq"), "stores quantized weights"),
+        (dict(method="gptq", sparsity="2:4"), "needs a pruning method"),
+        (dict(method="wanda"), "needs --sparsity"),
+        (dict(method="sparsegpt", sparsity="2:4", fmt="dense", scheme=Scheme(4, 32)), "drop --bits"),
+    ],
+)
 def test_bad_pruning_requests_fail_before_work(tiny_model, tiny_text, tmp_path, kw, match):
     with pytest.raises(UserError, match=match):
         run(tiny_model, tiny_text, tmp_path / "o", **kw)

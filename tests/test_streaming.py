@@ -1,19 +1,19 @@
 """Streaming a model from disk one decoder layer at a time: the same export as the whole model in memory, only
 one layer's weights alive at a time, every check done before any weight is read, and the streaming writer."""
+
 import json
 import shutil
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from safetensors import safe_open
 
-from conftest import make_tiny_llama
-
 from compress_export.core.errors import UserError
-from compress_export.io.model_io import safetensors_header
-from compress_export.pipeline.compress import compress
 from compress_export.core.scheme import Scheme
+from compress_export.io.model_io import safetensors_header
 from compress_export.io.writer import CheckpointWriter
+from compress_export.pipeline.compress import compress
 
 
 def tensors(d):
@@ -43,12 +43,19 @@ def untied_bias_model(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("ub") / "m", tie=False, bias=True, layers=3)
 
 
-@pytest.mark.parametrize("kw", [dict(method="rtn"), dict(method="gptq"), dict(method="gptq", batch_size=3),
-                                dict(method="gptq", scheme=Scheme(4, 32, True, "group")),
-                                dict(method="awq", fmt="awq", scheme=Scheme(4, 32, False, "none")),
-                                dict(method="sparsegpt", fmt="sparse24", sparsity="2:4", scheme=None),
-                                dict(method="wanda", fmt="dense", sparsity="0.5", scheme=None)],
-                         ids=lambda kw: "-".join(str(v) for v in kw.values() if v is not None)[:40])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="rtn"),
+        dict(method="gptq"),
+        dict(method="gptq", batch_size=3),
+        dict(method="gptq", scheme=Scheme(4, 32, True, "group")),
+        dict(method="awq", fmt="awq", scheme=Scheme(4, 32, False, "none")),
+        dict(method="sparsegpt", fmt="sparse24", sparsity="2:4", scheme=None),
+        dict(method="wanda", fmt="dense", sparsity="0.5", scheme=None),
+    ],
+    ids=lambda kw: "-".join(str(v) for v in kw.values() if v is not None)[:40],
+)
 @pytest.mark.parametrize("which", ["tied", "untied-bias"])
 def test_streamed_export_equals_in_memory_export(tiny_model, untied_bias_model, tiny_text, tmp_path, kw, which):
     src = tiny_model if which == "tied" else untied_bias_model
@@ -87,8 +94,15 @@ def test_every_problem_is_reported_together_before_any_weight_is_read(tiny_model
     monkeypatch.setattr(src_mod.StreamedSource, "_read", no_reads)
     monkeypatch.setattr(src_mod, "InMemorySource", no_reads)
     with pytest.raises(UserError) as e:
-        compress(tiny_model, tmp_path / "o", method="gptq", scheme=Scheme(4, 48, True), device="cuda:7",
-                 dataset=str(tmp_path / "nope.txt"), progress=False)
+        compress(
+            tiny_model,
+            tmp_path / "o",
+            method="gptq",
+            scheme=Scheme(4, 48, True),
+            device="cuda:7",
+            dataset=str(tmp_path / "nope.txt"),
+            progress=False,
+        )
     msg = str(e.value)
     assert msg.startswith("3 problems") and "--group-size 48" in msg and "--device cuda:7" in msg
     assert "nope.txt does not exist" in msg
@@ -98,15 +112,16 @@ def test_every_problem_is_reported_together_before_any_weight_is_read(tiny_model
 def test_disk_space_is_checked_from_the_headers(tiny_model, tmp_path, monkeypatch):
     import collections
 
-    from compress_export.io.model_io import tensor_index
-    from compress_export.pipeline.compress import estimate_output_bytes
-    from compress_export.io.source import build_skeleton
     from compress_export.core.structure import describe
+    from compress_export.io.model_io import tensor_index
+    from compress_export.io.source import build_skeleton
+    from compress_export.pipeline.compress import estimate_output_bytes
 
-    est = estimate_output_bytes(tensor_index(tiny_model), describe(build_skeleton(tiny_model)), Scheme(4, 32, True),
-                                None)
+    est = estimate_output_bytes(
+        tensor_index(tiny_model), describe(build_skeleton(tiny_model)), Scheme(4, 32, True), None
+    )
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 0, est // 2))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, est // 2))
     with pytest.raises(UserError, match=r"GB free; this export needs about"):
         compress(tiny_model, tmp_path / "o", method="rtn", scheme=Scheme(4, 32, True), progress=False)
     monkeypatch.undo()
@@ -118,8 +133,17 @@ def test_disk_space_is_checked_from_the_headers(tiny_model, tmp_path, monkeypatc
 
 def test_stream_true_refuses_what_cannot_stream(tiny_model, tmp_path):
     with pytest.raises(UserError, match="data-free calibration"):
-        compress(tiny_model, tmp_path / "o", method="gptq", scheme=Scheme(4, 32, True), stream=True,
-                 num_samples=2, seq_len=8, progress=False, dataset="self")
+        compress(
+            tiny_model,
+            tmp_path / "o",
+            method="gptq",
+            scheme=Scheme(4, 32, True),
+            stream=True,
+            num_samples=2,
+            seq_len=8,
+            progress=False,
+            dataset="self",
+        )
 
 
 def test_device_option_is_checked():
@@ -151,10 +175,17 @@ def test_writer_streams_mixed_dtypes_aligned_into_indexed_shards(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text("{}")
-    want = {"a": torch.randn(3, 5), "b": torch.randint(0, 255, (7,), dtype=torch.uint8),
-            "c": torch.randn(3).bfloat16(), "d": torch.randint(-5, 5, (4, 3), dtype=torch.int32),
-            "e": torch.tensor(2.0, dtype=torch.float16), "f": torch.zeros(0, 4), "g": torch.randn(300),
-            "h": torch.randn(40, dtype=torch.float64), "i": torch.tensor([True, False])}
+    want = {
+        "a": torch.randn(3, 5),
+        "b": torch.randint(0, 255, (7,), dtype=torch.uint8),
+        "c": torch.randn(3).bfloat16(),
+        "d": torch.randint(-5, 5, (4, 3), dtype=torch.int32),
+        "e": torch.tensor(2.0, dtype=torch.float16),
+        "f": torch.zeros(0, 4),
+        "g": torch.randn(300),
+        "h": torch.randn(40, dtype=torch.float64),
+        "i": torch.tensor([True, False]),
+    }
     w = CheckpointWriter(tmp_path / "out", shard_bytes=1000)
     for k, v in want.items():
         w.add(k, v)

@@ -1,16 +1,26 @@
 """`compress-export check OUT --tensor-parallel N`: whether vLLM can shard an export, worked out by hand on the tiny
 Llama (4 query heads, 2 KV heads, hidden 64, MLP 128: o_proj reads 64 inputs, down_proj 128)."""
+
 import pytest
 
 from compress_export.cli.main import main
+from compress_export.core.scheme import Scheme
 from compress_export.integrations.tp_plan import plan
 from compress_export.pipeline.compress import compress
-from compress_export.core.scheme import Scheme
 
 
 def export(tiny_model, tiny_text, out, fmt, scheme, method="rtn"):
-    compress(tiny_model, out, method=method, fmt=fmt, scheme=scheme, dataset=str(tiny_text), num_samples=4,
-             seq_len=32, progress=False)
+    compress(
+        tiny_model,
+        out,
+        method=method,
+        fmt=fmt,
+        scheme=scheme,
+        dataset=str(tiny_text),
+        num_samples=4,
+        seq_len=32,
+        progress=False,
+    )
     return out
 
 
@@ -37,12 +47,18 @@ def test_packed_words_along_the_split_axis(tiny_model, tiny_text, tmp_path):
     32-output k/v projections give 16-output shards (1.5 words of zeros); at tp=4 o_proj's 16-input shards end
     inside a qweight word too. 4-bit (8 per word) fits both."""
     r = plan(export(tiny_model, tiny_text, tmp_path / "o", "gptq", Scheme(3, -1, True, "none")), (2, 4))
-    assert sorted(p.split(" [")[0] for p in r[2]["problems"]) == ["model.layers.*.self_attn.k_proj",
-                                                                  "model.layers.*.self_attn.v_proj"]
-    assert all("qzeros is packed along the outputs in words of 32/3 values; a shard of 16 outputs" in p
-               for p in r[2]["problems"])
-    assert any("o_proj [64×64]: qweight is packed along the inputs in words of 32/3 values; a shard of 16 inputs"
-               in p for p in r[4]["problems"])
+    assert sorted(p.split(" [")[0] for p in r[2]["problems"]) == [
+        "model.layers.*.self_attn.k_proj",
+        "model.layers.*.self_attn.v_proj",
+    ]
+    assert all(
+        "qzeros is packed along the outputs in words of 32/3 values; a shard of 16 outputs" in p
+        for p in r[2]["problems"]
+    )
+    assert any(
+        "o_proj [64×64]: qweight is packed along the inputs in words of 32/3 values; a shard of 16 inputs" in p
+        for p in r[4]["problems"]
+    )
     assert plan(export(tiny_model, tiny_text, tmp_path / "o4", "gptq", Scheme(4, -1, True, "none")), (2, 4))[4]["ok"]
 
 

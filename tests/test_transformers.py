@@ -1,6 +1,7 @@
 """Optimum-style loading and transformers' own auto class, for every format we write: logits against our loader,
 packed weights in memory, save_pretrained byte for byte, export on load through the same pipeline, recipes, and
 the README's quickstart as written."""
+
 import json
 import logging
 import re
@@ -10,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, make_tiny_llama
 from safetensors import safe_open
 
-from conftest import ROOT, make_tiny_llama
-
 from compress_export import AutoCompressedModelForCausalLM, CompressionConfig
+from compress_export.core.scheme import Scheme
 from compress_export.integrations.conformance import compare_top1
 from compress_export.pipeline.compress import compress
-from compress_export.core.scheme import Scheme
 
 # (name, compress() keyword arguments): every format, 2/3/4/8 bits, act-order, symmetric and not
 EXPORTS = [
@@ -87,8 +87,15 @@ def test_every_format_loads_both_ways_and_agrees_with_our_loader(name, tiny_expo
     if name.startswith("dense"):  # dense exports are plain models: nothing to route
         assert routes == []
     else:  # one line says which route; transformers' own only where its backend is installed here
-        theirs = name.startswith("ct") and have("compressed_tensors") or \
-            name.startswith("gptq") and have("gptqmodel") and have("optimum") or name.startswith("awq") and have("awq")
+        theirs = (
+            name.startswith("ct")
+            and have("compressed_tensors")
+            or name.startswith("gptq")
+            and have("gptqmodel")
+            and have("optimum")
+            or name.startswith("awq")
+            and have("awq")
+        )
         assert len(routes) == 1 and ("transformers' own" in routes[0]) == theirs, routes
 
 
@@ -125,7 +132,8 @@ def test_save_pretrained_round_trips_byte_for_byte(name, tiny_exports, tmp_path)
         assert a[k].contiguous().view(torch.uint8).equal(b[k].contiguous().view(torch.uint8)), k
     cfg = json.loads((tmp_path / "again" / "config.json").read_text())
     assert cfg.get("quantization_config") == json.loads((outs[name] / "config.json").read_text()).get(
-        "quantization_config")
+        "quantization_config"
+    )
     assert (tmp_path / "again" / "tokenizer.json").exists()
 
 
@@ -146,18 +154,46 @@ def test_export_on_load_is_the_cli_pipeline(tiny_exports, tiny_text, tmp_path):
     model's save_pretrained writes an export that `compress-export eval` reads."""
     base, _ = tiny_exports
     cfg = CompressionConfig(method="gptq", bits=4, group_size=32, dataset=str(tiny_text), num_samples=8, seq_len=32)
-    model = AutoCompressedModelForCausalLM.from_pretrained(base, export=True, quantization_config=cfg,
-                                                           progress=False)
+    model = AutoCompressedModelForCausalLM.from_pretrained(base, export=True, quantization_config=cfg, progress=False)
     model.save_pretrained(tmp_path / "saved")
     cli_out = tmp_path / "cli"
     recipe = cfg.save(tmp_path / "recipe.json")
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", "--recipe", str(recipe), str(base), "-o",
-                        str(cli_out), "-q"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compress_export.cli.main",
+            "--recipe",
+            str(recipe),
+            str(base),
+            "-o",
+            str(cli_out),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     a, b = tensors_of(cli_out), tensors_of(tmp_path / "saved")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", "eval", str(tmp_path / "saved"), "--text",
-                        str(tiny_text), "--windows", "1", "--window", "64", "--json"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compress_export.cli.main",
+            "eval",
+            str(tmp_path / "saved"),
+            "--text",
+            str(tiny_text),
+            "--windows",
+            "1",
+            "--window",
+            "64",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "token_perplexity" in r.stdout, r.stderr
 
 
@@ -182,14 +218,16 @@ def test_not_an_export_says_what_to_do(tiny_exports):
 @pytest.mark.slow
 def test_readme_quickstart_runs_as_written(smollm2_w4, tmp_path):
     """The Python quickstart in README.md, run unchanged from a folder where the demo's export path exists."""
-    block = re.search(r"```python\n((?:(?!```).)*?from_pretrained\(\"out/(?:(?!```).)*?)```",
-                      (ROOT / "README.md").read_text(), re.S)
+    block = re.search(
+        r"```python\n((?:(?!```).)*?from_pretrained\(\"out/(?:(?!```).)*?)```", (ROOT / "README.md").read_text(), re.S
+    )
     assert block, "README has no Python quickstart"
     out = re.search(r'"(out/[^"]+)"', block.group(1)).group(1)
     (tmp_path / out).parent.mkdir(parents=True)
     (tmp_path / out).symlink_to(smollm2_w4)
-    r = subprocess.run([sys.executable, "-c", block.group(1)], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", block.group(1)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Paris" in r.stdout, r.stdout
 

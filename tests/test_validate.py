@@ -1,54 +1,93 @@
 """`compress-export validate`: the report's arithmetic and files without vLLM, then real vLLM runs (CPU backend)
 on the tiny model and on SmolLM2 W4 with small N."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import have_vllm
 
 from compress_export.integrations import report as rep
 from compress_export.integrations.validate import TreeMemory, ValidateOptions, load_prompts, parse_lengths
 
 
-
 def cli(*args, timeout=1800):
-    r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", *map(str, args)], capture_output=True,
-                       text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "compress_export.cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return r.returncode, r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("a,b,matches,first", [
-    ([1, 2, 3], [1, 2, 3], 3, None), ([1, 2, 3], [1, 5, 3], 2, 1), ([1, 2], [1, 2, 3], 2, 2),
-    ([], [], 0, None), ([4], [5], 0, 0), ([1, 2, 3, 4], [1, 2], 2, 2),
-])
+@pytest.mark.parametrize(
+    "a,b,matches,first",
+    [
+        ([1, 2, 3], [1, 2, 3], 3, None),
+        ([1, 2, 3], [1, 5, 3], 2, 1),
+        ([1, 2], [1, 2, 3], 2, 2),
+        ([], [], 0, None),
+        ([4], [5], 0, 0),
+        ([1, 2, 3, 4], [1, 2], 2, 2),
+    ],
+)
 def test_token_agreement(a, b, matches, first):
     t = rep.token_agreement(a, b)
     assert (t["positions"], t["matches"], t["first_divergence"]) == (max(len(a), len(b)), matches, first)
 
 
 def _run(ppl=40.0, tpot=100.0, wb=100e6, size=100.0, ids=(1, 2, 3), serve=True):
-    off = {"weight_bytes": wb, "peak_rss_mb": 1000.0, "quantization": None, "load_s": 1.0,
-           "perplexity": {"token_perplexity": ppl, "word_perplexity": ppl * 2, "byte_perplexity": 2.0,
-                          "bits_per_byte": 1.0, "tokens_scored": 511},
-           "greedy": [{"prompt": "p", "chat": False, "text": "x", "token_ids": list(ids)},
-                      {"prompt": "q", "chat": True, "text": "y", "token_ids": [7, 8]}],
-           "latency": [{"input_len": 16, "output_len": 8, "ttft_ms": tpot * 2, "tpot_ms": tpot, "e2e_ms": tpot * 9,
-                        "decode_tok_s": 1000 / tpot}],
-           "throughput": {"requests_per_s": 1.0, "output_tok_s": 1000 / tpot, "total_tok_s": 5000 / tpot}}
+    off = {
+        "weight_bytes": wb,
+        "peak_rss_mb": 1000.0,
+        "quantization": None,
+        "load_s": 1.0,
+        "perplexity": {
+            "token_perplexity": ppl,
+            "word_perplexity": ppl * 2,
+            "byte_perplexity": 2.0,
+            "bits_per_byte": 1.0,
+            "tokens_scored": 511,
+        },
+        "greedy": [
+            {"prompt": "p", "chat": False, "text": "x", "token_ids": list(ids)},
+            {"prompt": "q", "chat": True, "text": "y", "token_ids": [7, 8]},
+        ],
+        "latency": [
+            {
+                "input_len": 16,
+                "output_len": 8,
+                "ttft_ms": tpot * 2,
+                "tpot_ms": tpot,
+                "e2e_ms": tpot * 9,
+                "decode_tok_s": 1000 / tpot,
+            }
+        ],
+        "throughput": {"requests_per_s": 1.0, "output_tok_s": 1000 / tpot, "total_tok_s": 5000 / tpot},
+    }
     r = {"dir": "/m", "size_mb": size, "chat_template": True, "offline": off}
     if serve:
-        r["serve"] = {"smoke": {"completions": "Paris", "chat_completions": "Paris."}, "peak_rss_mb": 900.0,
-                      "bench": {"request_throughput": 1.0, "output_throughput": 800 / tpot, "p50_e2el_ms": tpot * 9}}
+        r["serve"] = {
+            "smoke": {"completions": "Paris", "chat_completions": "Paris."},
+            "peak_rss_mb": 900.0,
+            "bench": {"request_throughput": 1.0, "output_throughput": 800 / tpot, "p50_e2el_ms": tpot * 9},
+        }
     return r
 
 
 def _report(export, baseline=None):
     runs = {"export": export} if baseline is None else {"export": export, "baseline": baseline}
-    r = {"export": "/out/w4", "baseline": "/m" if baseline else None, "text": "t.txt", "runs": runs,
-         "engine": {"vllm": "vllm 0", "device": "cpu", "cpu": "x", "cpu_count": 2}, "created": "now",
-         "options": {k: v for k, v in ValidateOptions.quick().__dict__.items() if k != "prompts"}}
+    r = {
+        "export": "/out/w4",
+        "baseline": "/m" if baseline else None,
+        "text": "t.txt",
+        "runs": runs,
+        "engine": {"vllm": "vllm 0", "device": "cpu", "cpu": "x", "cpu_count": 2},
+        "created": "now",
+        "options": {k: v for k, v in ValidateOptions.quick().__dict__.items() if k != "prompts"},
+    }
     r["comparison"] = rep.compare(runs)
     r["verdict"] = rep.verdict(r)
     return r
@@ -81,7 +120,8 @@ def test_report_files_without_a_baseline_and_with_one(tmp_path):
     assert r["comparison"] == {} and r["verdict"] == [
         "Serving works: vllm serve answered /v1/completions and /v1/chat/completions.",
         "Figures: token perplexity 40.00, decode 10.00 tokens/s at batch 1, weights 100.0 MB in vLLM; give "
-        "--baseline for ratios and a verdict."]
+        "--baseline for ratios and a verdict.",
+    ]
     rep.write(r, tmp_path)
     assert "no baseline given" in (tmp_path / "report.md").read_text()
     r = _report(_run(ppl=41.0, wb=40e6), _run())
@@ -107,8 +147,10 @@ def test_report_without_matplotlib_says_so(tmp_path, monkeypatch):
 
 def test_prompts_files(tmp_path):
     (tmp_path / "p.txt").write_text("The capital of France is\n\nchat: Say hi.\n")
-    assert load_prompts(tmp_path / "p.txt") == ({"text": "The capital of France is", "chat": False},
-                                                {"text": "Say hi.", "chat": True})
+    assert load_prompts(tmp_path / "p.txt") == (
+        {"text": "The capital of France is", "chat": False},
+        {"text": "Say hi.", "chat": True},
+    )
     (tmp_path / "p.jsonl").write_text('{"text": "a", "chat": true}\n{"text": "b"}\n')
     assert load_prompts(tmp_path / "p.jsonl") == ({"text": "a", "chat": True}, {"text": "b", "chat": False})
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"prompt": "b"}\n')
@@ -124,16 +166,22 @@ def test_prompts_files(tmp_path):
 def test_root_cause_skips_vllm_wrappers():
     from compress_export.integrations.validate import root_cause
 
-    log = "\n".join(["(Worker pid=1) ERROR [x.py:9]     raise ValueError(f'...')",
-                     "(Worker pid=1) ERROR [x.py:9] ValueError: group size 48 does not divide 128",
-                     "RuntimeError: Engine core initialization failed. See root cause above."])
+    log = "\n".join(
+        [
+            "(Worker pid=1) ERROR [x.py:9]     raise ValueError(f'...')",
+            "(Worker pid=1) ERROR [x.py:9] ValueError: group size 48 does not divide 128",
+            "RuntimeError: Engine core initialization failed. See root cause above.",
+        ]
+    )
     assert root_cause(log) == "ValueError: group size 48 does not divide 128"
     assert root_cause("RuntimeError: Engine core initialization failed.\nkilled") == "killed"
 
 
 def test_tree_memory_sees_a_grandchild():
-    code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
-            "'import time; b = bytearray(300 << 20); time.sleep(2)'])")
+    code = (
+        "import subprocess, sys; subprocess.run([sys.executable, '-c', "
+        "'import time; b = bytearray(300 << 20); time.sleep(2)'])"
+    )
     p = subprocess.Popen([sys.executable, "-c", code])
     with TreeMemory(p.pid, interval=0.1) as mem:
         p.wait()
@@ -163,8 +211,8 @@ def test_lengths_and_option_errors(tmp_path, tiny_model):
 def _loader_ppl(model_dir, text, window):
     from transformers import AutoTokenizer
 
-    from compress_export.pipeline.evaluate import perplexity
     from compress_export.io.loading import load_model
+    from compress_export.pipeline.evaluate import perplexity
 
     model, _ = load_model(model_dir)
     return perplexity(model, AutoTokenizer.from_pretrained(str(model_dir)), text.read_text(), window, 1)
@@ -184,9 +232,14 @@ def _loader_greedy(model_dir, runs: list) -> list:
     for g in runs:
         ids = torch.tensor([tok(g["prompt"])["input_ids"]])
         with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=len(g["token_ids"]), do_sample=False,
-                                 attention_mask=torch.ones_like(ids), pad_token_id=tok.eos_token_id)
-        outs.append(gen[0, ids.shape[1]:].tolist())
+            gen = model.generate(
+                ids,
+                max_new_tokens=len(g["token_ids"]),
+                do_sample=False,
+                attention_mask=torch.ones_like(ids),
+                pad_token_id=tok.eos_token_id,
+            )
+        outs.append(gen[0, ids.shape[1] :].tolist())
     return outs
 
 
@@ -195,14 +248,23 @@ def tiny_pair(tmp_path_factory, tiny_text):
     """A tiny Llama vLLM's CPU attention accepts (head size 64, 2048 positions) and its GPTQ W4 export."""
     from conftest import make_tiny_llama
 
-    from compress_export.pipeline.compress import compress
     from compress_export.core.scheme import Scheme
+    from compress_export.pipeline.compress import compress
 
     d = tmp_path_factory.mktemp("validate")
     base = make_tiny_llama(d / "tiny", hidden=128, inter=256, heads=2, kv_heads=1, max_pos=2048)
     out = d / "tiny-w4"
-    compress(base, out, method="gptq", fmt="gptq", scheme=Scheme(4, 32, True), dataset=str(tiny_text), num_samples=8,
-             seq_len=32, progress=False)
+    compress(
+        base,
+        out,
+        method="gptq",
+        fmt="gptq",
+        scheme=Scheme(4, 32, True),
+        dataset=str(tiny_text),
+        num_samples=8,
+        seq_len=32,
+        progress=False,
+    )
     return base, out
 
 
@@ -213,8 +275,22 @@ def test_validate_tiny_export_against_its_baseline(tiny_pair, tiny_text, tmp_pat
     """The command on the tiny model, offline (SmolLM2's test serves): vLLM's perplexity of each run equals our
     loader's on the same window (the figure is the engine's, and the engine agrees with us)."""
     base, out = tiny_pair
-    rc, stdout, err = cli("validate", out, "--baseline", base, "--quick", "--no-serve", "--text", tiny_text,
-                          "--window", "128", "--dtype", "float32", "--report-dir", tmp_path / "report")
+    rc, stdout, err = cli(
+        "validate",
+        out,
+        "--baseline",
+        base,
+        "--quick",
+        "--no-serve",
+        "--text",
+        tiny_text,
+        "--window",
+        "128",
+        "--dtype",
+        "float32",
+        "--report-dir",
+        tmp_path / "report",
+    )
     assert rc == 0, stdout + err[-5000:]
     assert "validate [" in err and "report: " in stdout  # progress display, then where the report is
     r = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -226,8 +302,9 @@ def test_validate_tiny_export_against_its_baseline(tiny_pair, tiny_text, tmp_pat
         assert run["offline"]["perplexity"]["token_perplexity"] == pytest.approx(ours, rel=1e-3)
     assert r["runs"]["export"]["offline"]["quantization"] == "compress_export"
     # the agreement figure against an independent engine: our loader's greedy continuations of the same prompts
-    greedy = {tag: _loader_greedy(d, r["runs"][tag]["offline"]["greedy"]) for tag, d in (("export", out),
-                                                                                       ("baseline", base))}
+    greedy = {
+        tag: _loader_greedy(d, r["runs"][tag]["offline"]["greedy"]) for tag, d in (("export", out), ("baseline", base))
+    }
     for tag in greedy:
         assert greedy[tag] == [g["token_ids"] for g in r["runs"][tag]["offline"]["greedy"]], tag
     same = sum(rep.token_agreement(a, b)["matches"] for a, b in zip(greedy["export"], greedy["baseline"]))
@@ -256,8 +333,8 @@ def test_validate_reports_an_export_vllm_cannot_load(tiny_pair, tiny_text, tmp_p
     plugin's export check at load, which names the tensors that do not fit config.json."""
     import shutil
 
-    from compress_export.io import export_check
     from compress_export.cli.main import main
+    from compress_export.io import export_check
     from compress_export.io.model_io import check_model_dir
 
     monkeypatch.setenv("COMPRESS_EXPORT_VLLM", "always")
@@ -270,10 +347,25 @@ def test_validate_reports_an_export_vllm_cannot_load(tiny_pair, tiny_text, tmp_p
     (broken / "config.json").write_text(json.dumps(cfg))
     # validate's own pre-flight refuses this export before vLLM starts (export_check); let it through here (this
     # process only), so the failure happens inside vLLM's processes, where only their logs tell what went wrong
-    monkeypatch.setattr(export_check, "check_export",
-                        lambda d, **kw: export_check.ExportInfo(check_model_dir(d), {}, None, None, {}, {}))
-    rc = main(["validate", str(broken), "--quick", "--text", str(tiny_text), "--window", "128",
-               "--report-dir", str(tmp_path / "report"), "-q"])
+    monkeypatch.setattr(
+        export_check,
+        "check_export",
+        lambda d, **kw: export_check.ExportInfo(check_model_dir(d), {}, None, None, {}, {}),
+    )
+    rc = main(
+        [
+            "validate",
+            str(broken),
+            "--quick",
+            "--text",
+            str(tiny_text),
+            "--window",
+            "128",
+            "--report-dir",
+            str(tmp_path / "report"),
+            "-q",
+        ]
+    )
     assert rc == 1, capsys.readouterr()
     r = json.loads((tmp_path / "report" / "report.json").read_text())
     for how in ("offline", "serve"):
@@ -289,16 +381,37 @@ def test_validate_reports_an_export_vllm_cannot_load(tiny_pair, tiny_text, tmp_p
 def test_validate_smollm2_w4(smollm2, smollm2_w4, eval_txt, tmp_path):
     """SmolLM2 GPTQ W4 against the 16-bit model, small N: serves (/v1/completions says Paris, chat answers),
     perplexity in vLLM within 30% of the baseline and equal to our loader's, weights in vLLM under 60%."""
-    rc, stdout, err = cli("validate", smollm2_w4, "--baseline", smollm2, "--quick", "--text", eval_txt,
-                          "--report-dir", tmp_path / "report")
+    rc, stdout, err = cli(
+        "validate",
+        smollm2_w4,
+        "--baseline",
+        smollm2,
+        "--quick",
+        "--text",
+        eval_txt,
+        "--report-dir",
+        tmp_path / "report",
+    )
     assert rc == 0, stdout + err[-5000:]
     r = json.loads((tmp_path / "report" / "report.json").read_text())
     e = r["runs"]["export"]
     assert "Paris" in e["serve"]["smoke"]["completions"] and e["serve"]["smoke"]["chat_completions"].strip()
     assert e["serve"]["bench"]["completed"] == 4 and e["serve"]["bench"]["failed"] == 0
     c = r["comparison"]
-    print(json.dumps({k: c[k] for k in ("token_perplexity_ratio", "weight_bytes_ratio", "offline_throughput_ratio",
-                                        "served_throughput_ratio")}), r["verdict"])
+    print(
+        json.dumps(
+            {
+                k: c[k]
+                for k in (
+                    "token_perplexity_ratio",
+                    "weight_bytes_ratio",
+                    "offline_throughput_ratio",
+                    "served_throughput_ratio",
+                )
+            }
+        ),
+        r["verdict"],
+    )
     assert c["token_perplexity_ratio"] < 1.3 and c["weight_bytes_ratio"] < 0.6
     from compress_export.core.hardware import fast_dtype
 
@@ -320,9 +433,11 @@ def test_a_timed_out_run_takes_its_whole_process_group_with_it(tmp_path):
     from compress_export.integrations.validate import run_in_group
 
     pidfile = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
-            "time.sleep(120)']); open(sys.argv[1], 'w').write(str(p.pid)); print('started', flush=True); "
-            "time.sleep(120)")
+    code = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+        "time.sleep(120)']); open(sys.argv[1], 'w').write(str(p.pid)); print('started', flush=True); "
+        "time.sleep(120)"
+    )
     t = time.time()
     rc, timed_out, _ = run_in_group([sys.executable, "-c", code, str(pidfile)], tmp_path / "log", timeout=3)
     assert timed_out and rc != 0 and time.time() - t < 60

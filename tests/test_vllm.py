@@ -2,21 +2,20 @@
 
 Each run is a subprocess: vLLM spawns engine processes, and a crash must fail the test, not the session.
 """
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import have_vllm
 
+from compress_export.core.scheme import Scheme
 from compress_export.integrations.vllm_check import read_result
 from compress_export.kernels.cpu_wna16 import extension
-from compress_export.core.scheme import Scheme
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow,
-              pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")]
 
 
 # Conformance runs compare vLLM's numbers with our fp32 loader's, so they pin float32 on every CPU kind (the
@@ -84,9 +83,13 @@ def test_tensor_parallel_matches_one_worker_on_smollm2(smollm2_w4, eval_txt, tmp
     assert abs(ppl[1] - ppl[0]) <= 0.005 * ppl[0], ppl
 
 
-TINY_EXPORTS = [("gptq", "gptq", Scheme(4, 32, True, "static")), ("awq", "awq", Scheme(4, 32, False)),
-                ("compressed-tensors", "gptq", Scheme(4, 32, False, "group")), ("sparse24", "sparsegpt", None),
-                ("gptq-w3", "gptq", Scheme(3, 32, False, "group"))]
+TINY_EXPORTS = [
+    ("gptq", "gptq", Scheme(4, 32, True, "static")),
+    ("awq", "awq", Scheme(4, 32, False)),
+    ("compressed-tensors", "gptq", Scheme(4, 32, False, "group")),
+    ("sparse24", "sparsegpt", None),
+    ("gptq-w3", "gptq", Scheme(3, 32, False, "group")),
+]
 
 
 @pytest.mark.parametrize("fmt,method,scheme", TINY_EXPORTS, ids=[t[0] for t in TINY_EXPORTS])
@@ -102,8 +105,18 @@ def test_tiny_exports_in_vllm_match_our_loader(fmt, method, scheme, tiny_text, t
     model_dir = make_tiny_llama(tmp_path / "tiny", hidden=128, inter=256, heads=2, kv_heads=1, max_pos=2048)
     out = tmp_path / fmt
     fmt = fmt.split("-w")[0]
-    compress(model_dir, out, method=method, fmt=fmt, scheme=scheme, dataset=str(tiny_text), num_samples=8,
-             seq_len=32, progress=False, sparsity="2:4" if fmt == "sparse24" else None)
+    compress(
+        model_dir,
+        out,
+        method=method,
+        fmt=fmt,
+        scheme=scheme,
+        dataset=str(tiny_text),
+        num_samples=8,
+        seq_len=32,
+        progress=False,
+        sparsity="2:4" if fmt == "sparse24" else None,
+    )
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
@@ -128,23 +141,48 @@ def test_w8a8_is_served_by_vllms_int8_kernel_with_the_plugin_off_and_exactly_wit
     in log-probability measured here on this model)."""
     import os
 
-    from compress_export.pipeline.config import CompressionConfig
     from compress_export.core.hardware import saturating_int8_gemm
     from compress_export.kernels.int8 import extension as int8_extension
     from compress_export.pipeline.compress import compress
+    from compress_export.pipeline.config import CompressionConfig
 
     out = tmp_path / "w8a8"
-    compress(_tiny_vllm_model(tmp_path), out, CompressionConfig(scheme="W8A8", method="gptq", smoothquant=0.5,
-                                                                dataset=str(tiny_text), num_samples=8, seq_len=32),
-             progress=False)
+    compress(
+        _tiny_vllm_model(tmp_path),
+        out,
+        CompressionConfig(
+            scheme="W8A8", method="gptq", smoothquant=0.5, dataset=str(tiny_text), num_samples=8, seq_len=32
+        ),
+        progress=False,
+    )
     text = tmp_path / "eval.txt"
     text.write_text(tiny_text.read_text())
     runs = {}
     for engine, plugins in (("vllm", ""), ("torch", ""), ("plugin", None)):
         env = {**os.environ, "VLLM_PLUGINS": plugins} if plugins is not None else os.environ
-        r = subprocess.run([sys.executable, "-m", "compress_export.cli.main", "eval", str(out), "--text", str(text),
-                            "--window", "64", "--windows", "4", "--engine", engine.replace("plugin", "vllm"),
-                            "--json", *FP32], capture_output=True, text=True, timeout=900, env=env)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "compress_export.cli.main",
+                "eval",
+                str(out),
+                "--text",
+                str(text),
+                "--window",
+                "64",
+                "--windows",
+                "4",
+                "--engine",
+                engine.replace("plugin", "vllm"),
+                "--json",
+                *FP32,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
         assert r.returncode == 0, r.stderr[-4000:]
         runs[engine] = json.loads(r.stdout)
     v, ours = runs["vllm"], runs["torch"]["token_perplexity"]
@@ -167,14 +205,19 @@ def test_lowrank_adapter_is_served_as_a_lora_and_fused_and_matches_our_loader(ti
     (which apply the adapter); without the adapter they differ, so the check can fail."""
     from transformers import AutoTokenizer
 
-    from compress_export.pipeline.config import CompressionConfig
     from compress_export.integrations.conformance import compare_top1
     from compress_export.pipeline.compress import compress
+    from compress_export.pipeline.config import CompressionConfig
 
     out = tmp_path / "w2r16"
-    compress(_tiny_vllm_model(tmp_path), out, CompressionConfig(method="gptq", bits=2, group_size=32,
-                                                                lowrank_rank=16, dataset=str(tiny_text),
-                                                                num_samples=8, seq_len=32), progress=False)
+    compress(
+        _tiny_vllm_model(tmp_path),
+        out,
+        CompressionConfig(
+            method="gptq", bits=2, group_size=32, lowrank_rank=16, dataset=str(tiny_text), num_samples=8, seq_len=32
+        ),
+        progress=False,
+    )
     ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
     res = vllm_check(out, tmp_path, ids, args=[*FP32, "--lora", str(out / "lowrank")])
     assert res["quantization"] == "compress_export" and res["lora"], res
@@ -183,8 +226,9 @@ def test_lowrank_adapter_is_served_as_a_lora_and_fused_and_matches_our_loader(ti
     fused = vllm_check(out, tmp_path, ids, env={"COMPRESS_EXPORT_LOWRANK": "fused"}, args=FP32)
     assert fused["quantization"] == "compress_export" and not fused["lora"], fused
     assert compare_top1(out, ids, fused)["max_abs_dlogprob"] < 1e-3
-    from compress_export.io.loading import load_model
     import torch
+
+    from compress_export.io.loading import load_model
 
     plain, _ = load_model(out, lowrank=False)
     with torch.no_grad():
@@ -246,16 +290,20 @@ def test_plugin_route_on_this_cpu():
     faster CPU kernel); the user's overrides and other checkpoint formats are respected."""
     from compress_export.kernels.cpu_wna16 import extension
 
-    out = run_code("\n".join([
-        "for dt in (torch.float32, torch.bfloat16):",
-        "    show(R.decide(q, None, hf, act_dtype=dt))",
-        "print(C.override_quantization_method(q, 'awq'), C.override_quantization_method({'quant_method': 'fp8'}, None))",
-        "print(C.override_quantization_method(q, 'compress_export'))",
-        "os.environ['COMPRESS_EXPORT_VLLM'] = 'never'",
-        "print(C.override_quantization_method(q, None))",
-        "os.environ['COMPRESS_EXPORT_VLLM'] = 'always'",
-        "print(C.override_quantization_method(q, None))",
-    ]))
+    out = run_code(
+        "\n".join(
+            [
+                "for dt in (torch.float32, torch.bfloat16):",
+                "    show(R.decide(q, None, hf, act_dtype=dt))",
+                "print(C.override_quantization_method(q, 'awq'), C.override_quantization_method({'quant_method': 'fp8'}, None))",
+                "print(C.override_quantization_method(q, 'compress_export'))",
+                "os.environ['COMPRESS_EXPORT_VLLM'] = 'never'",
+                "print(C.override_quantization_method(q, None))",
+                "os.environ['COMPRESS_EXPORT_VLLM'] = 'always'",
+                "print(C.override_quantization_method(q, None))",
+            ]
+        )
+    )
     fp32, bf16 = out[:2]
     assert out[2:] == ["None None", "compress_export", "None", "compress_export"]
     assert "float32" in fp32["reason"] or fp32["vllm"] is None  # vLLM's GPTQ runs only fp16/bf16 activations
@@ -267,21 +315,25 @@ def test_a_fused_correction_makes_the_plugin_claim_what_it_reads_and_refuses_con
     """COMPRESS_EXPORT_LOWRANK=fused: where the route would leave a checkpoint to vLLM, the plugin claims it (only
     its linears apply the correction); with COMPRESS_EXPORT_VLLM=never, another --quantization, or a format we do
     not read it stops with an error naming the setting instead of serving the export uncorrected."""
-    out = run_code("\n".join([
-        "import compress_export.integrations.vllm_method as M",
-        "M.decide = lambda *a, **k: R.Route(False, 'left to vLLM')",
-        "os.environ['COMPRESS_EXPORT_LOWRANK'] = 'fused'",
-        "print(C.override_quantization_method(q, None))",
-        "def err(*a):",
-        "    try:",
-        "        C.override_quantization_method(*a)",
-        "    except Exception as e:",
-        "        print(type(e).__name__, e)",
-        "err({'quant_method': 'fp8'}, None)",
-        "err(q, 'awq')",
-        "os.environ['COMPRESS_EXPORT_VLLM'] = 'never'",
-        "err(q, None)",
-    ]))
+    out = run_code(
+        "\n".join(
+            [
+                "import compress_export.integrations.vllm_method as M",
+                "M.decide = lambda *a, **k: R.Route(False, 'left to vLLM')",
+                "os.environ['COMPRESS_EXPORT_LOWRANK'] = 'fused'",
+                "print(C.override_quantization_method(q, None))",
+                "def err(*a):",
+                "    try:",
+                "        C.override_quantization_method(*a)",
+                "    except Exception as e:",
+                "        print(type(e).__name__, e)",
+                "err({'quant_method': 'fp8'}, None)",
+                "err(q, 'awq')",
+                "os.environ['COMPRESS_EXPORT_VLLM'] = 'never'",
+                "err(q, None)",
+            ]
+        )
+    )
     assert out[0] == "compress_export", out
     assert out[1].startswith("UserError COMPRESS_EXPORT_LOWRANK=fused, but compress-export does not read"), out
     assert out[2].startswith("UserError COMPRESS_EXPORT_LOWRANK=fused needs our plugin") and "awq" in out[2], out
@@ -292,14 +344,18 @@ def test_plugin_steps_aside_where_vllms_cpu_kernel_runs_it_and_ours_does_not():
     """As on an AVX-512 wheel (its 4-bit op present) with our compiled kernel missing: in bf16 vLLM's own
     CPUWNA16 kernel runs the checkpoint and the plugin steps aside; in fp32 vLLM refuses, so the plugin claims.
     With our compiled kernel present the plugin claims in both dtypes."""
-    out = run_code("\n".join([
-        "R._cpu_op_missing = lambda kernel: None",
-        "show(R.decide(q, None, hf, act_dtype=torch.bfloat16, device='cpu'))",
-        "real = R.our_kernel",
-        "R.our_kernel = lambda *a: 'torch-dequant'",
-        "show(R.decide(q, None, hf, act_dtype=torch.bfloat16, device='cpu'))",
-        "show(R.decide(q, None, hf, act_dtype=torch.float32, device='cpu'))",
-    ]))
+    out = run_code(
+        "\n".join(
+            [
+                "R._cpu_op_missing = lambda kernel: None",
+                "show(R.decide(q, None, hf, act_dtype=torch.bfloat16, device='cpu'))",
+                "real = R.our_kernel",
+                "R.our_kernel = lambda *a: 'torch-dequant'",
+                "show(R.decide(q, None, hf, act_dtype=torch.bfloat16, device='cpu'))",
+                "show(R.decide(q, None, hf, act_dtype=torch.float32, device='cpu'))",
+            ]
+        )
+    )
     from compress_export.kernels.cpu_wna16 import extension
 
     if extension() is not None:
@@ -321,8 +377,12 @@ def test_plugin_route_on_a_mocked_cuda_gpu():
     a = rows["8.0"]
     for case in ("gptq w4 sym static", "gptq w8 sym none", "awq w4 asym none", "compressed-tensors w4 sym none"):
         assert not a[case]["claim"] and "Marlin" in a[case]["vllm"], a[case]
-    for case in ("gptq w3 sym none", "gptq w4 asym none", "compressed-tensors w2 sym none",
-                 "compressed-tensors w4 asym group"):
+    for case in (
+        "gptq w3 sym none",
+        "gptq w4 asym none",
+        "compressed-tensors w2 sym none",
+        "compressed-tensors w4 asym group",
+    ):
         assert a[case]["claim"] and a[case]["vllm"] is None, a[case]
     v = rows["7.0"]
     assert v["awq w4 asym none"]["claim"] and "capability 75" in v["awq w4 asym none"]["reason"]
@@ -333,28 +393,31 @@ def test_plugin_claims_awq_and_compressed_tensors_w4a16_and_w8a8_only_where_vllm
     """W8A8 is vLLM's on GPUs and on CPUs with VNNI or AMX; on x86 CPUs without VNNI (oneDNN's saturating int16
     pair sums) our exact int8 GEMM claims it. Both CPU kinds are decided here from their flags, and this CPU for
     real through vLLM's own entry point."""
-    from compress_export.formats.base import FORMATS
     from compress_export.core.hardware import saturating_int8_gemm
-    from compress_export.kernels.int8 import extension
     from compress_export.core.scheme import PRESETS, Scheme
+    from compress_export.formats.base import FORMATS
+    from compress_export.kernels.int8 import extension
 
     awq = FORMATS.get("awq")().quantization_config(Scheme(4, 64, False), ["lm_head"], {})
     ct = FORMATS.get("compressed-tensors")().quantization_config(Scheme(4, 64, True, "static"), ["lm_head"], {})
     w8a8 = FORMATS.get("compressed-tensors")().quantization_config(PRESETS["W8A8"], ["lm_head"], {})
-    code = "\n".join([
-        "import json, os, sys",
-        "os.environ['VLLM_TARGET_DEVICE'] = 'cpu'",
-        "from compress_export.integrations.vllm_method import CompressExportConfig as C",
-        "from compress_export.integrations.vllm_route import decide",
-        "for q in json.loads(sys.argv[1]):",
-        "    print(C.override_quantization_method(q, None))",
-        "for dev, flags in (('cpu', ['avx2', 'fma']), ('cpu', ['avx2', 'avx512f', 'avx512_vnni']),",
-        "                   ('cpu', ['avx2', 'amx_int8']), ('cuda', ['avx2'])):",
-        "    r = decide(q, None, device=dev, flags=frozenset(flags))",
-        "    print(r.claim, r.ours, r.reason)",
-    ])
-    r = subprocess.run([sys.executable, "-c", code, json.dumps([awq, ct, w8a8])], capture_output=True, text=True,
-                       timeout=300)
+    code = "\n".join(
+        [
+            "import json, os, sys",
+            "os.environ['VLLM_TARGET_DEVICE'] = 'cpu'",
+            "from compress_export.integrations.vllm_method import CompressExportConfig as C",
+            "from compress_export.integrations.vllm_route import decide",
+            "for q in json.loads(sys.argv[1]):",
+            "    print(C.override_quantization_method(q, None))",
+            "for dev, flags in (('cpu', ['avx2', 'fma']), ('cpu', ['avx2', 'avx512f', 'avx512_vnni']),",
+            "                   ('cpu', ['avx2', 'amx_int8']), ('cuda', ['avx2'])):",
+            "    r = decide(q, None, device=dev, flags=frozenset(flags))",
+            "    print(r.claim, r.ours, r.reason)",
+        ]
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([awq, ct, w8a8])], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     here = "compress_export" if saturating_int8_gemm() and extension() is not None else "None"
@@ -377,5 +440,7 @@ def test_tensor_parallel_shards_load_as_vllm_shards_them():
     for case, got in res.items():
         assert "error" not in got and got["max_err"] < 5e-4, (case, got)
         uneven = "-group-row" in case and "g-1" not in case
-        assert set(got["kernels"]) == ({"torch-dequant"} if uneven else set(got["kernels"]) - {"torch-dequant"}), \
-            (case, got)
+        assert set(got["kernels"]) == ({"torch-dequant"} if uneven else set(got["kernels"]) - {"torch-dequant"}), (
+            case,
+            got,
+        )

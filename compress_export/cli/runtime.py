@@ -8,6 +8,7 @@ backing PyTorch's large buffers with transparent huge pages took the same run to
 Owned by the process, so the CLI calls `tune_process()` first thing; Python API users may call it themselves
 before importing torch. `COMPRESS_EXPORT_MALLOC=default` opts out.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -15,13 +16,15 @@ import ctypes.util
 import os
 import sys
 
+from compress_export.core import settings
+
 # glibc mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
 
 def tune_process() -> bool:
     """Apply the settings; returns whether the allocator part took effect (glibc only)."""
-    if os.environ.get("COMPRESS_EXPORT_MALLOC", "") == "default":
+    if settings.get("MALLOC") == "default":
         return False
     if "torch" not in sys.modules:
         # Read once by PyTorch's CPU allocator at its first allocation: 2 MiB-aligned buffers, madvise'd huge.

@@ -6,16 +6,19 @@ AMX) oneDNN runs bf16 GEMMs natively and bf16 is the fast dtype (SmolLM2 in vLLM
 fp32); on AVX2-only CPUs bf16 has no native matmul and float32 is faster. On CUDA, bf16 where the GPU has it.
 Cheap to import: no torch, no vLLM.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 
+from compress_export.core import settings
+
 # Either flag gives oneDNN a native bf16 matmul on the CPU.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_flags() -> frozenset:
     """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
     try:
@@ -69,9 +72,9 @@ def has_cuda() -> bool:
 def fast_dtype(device: str = "cpu", flags=None) -> str:
     """The fastest activation dtype for a model on this machine, as vLLM and torch spell it: "bfloat16" or
     "float32". COMPRESS_EXPORT_DTYPE overrides it (for measuring the other one)."""
-    forced = os.environ.get("COMPRESS_EXPORT_DTYPE")
-    if forced:
-        return forced
+    forced = settings.get("DTYPE")
+    if forced != "auto":
+        return str(forced)
     if device.startswith("cuda"):
         return "bfloat16"  # vLLM falls back to float16 itself on GPUs without bf16 (pre-Ampere)
     return "bfloat16" if native_bf16(flags) else "float32"
@@ -98,7 +101,9 @@ def resolve_device(spec: str = "auto"):
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     n = int(index or 0)
     if n >= count:
-        raise UserError(f"--device {spec}: this machine has {count} CUDA device(s) visible to torch "
-                        f"({'a CPU-only torch build' if torch.version.cuda is None else 'check CUDA_VISIBLE_DEVICES'});"
-                        " use --device cpu")
+        raise UserError(
+            f"--device {spec}: this machine has {count} CUDA device(s) visible to torch "
+            f"({'a CPU-only torch build' if torch.version.cuda is None else 'check CUDA_VISIBLE_DEVICES'});"
+            " use --device cpu"
+        )
     return torch.device(f"cuda:{n}")

@@ -1,4 +1,5 @@
 """A dependency-free progress line: what is done, elapsed and estimated time left."""
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,10 @@ class Progress:
         eta = el / done * (self.total - done) if done else 0.0
         width = 24
         fill = int(width * done / max(1, self.total))
-        line = (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
-                f"elapsed {_fmt(el)} left {_fmt(eta)} {note}")
+        line = (
+            f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+            f"elapsed {_fmt(el)} left {_fmt(eta)} {note}"
+        )
         if self._tty:
             self.stream.write("\r" + line.ljust(100))
             if done >= self.total:

@@ -5,10 +5,10 @@ names the modules that hold its built-in entries and imports them on first looku
 every built-in one whatever was imported before, and no package `__init__` has to import its members for their
 side effect (formats/ and kernels/ have no `__init__.py`: see ARCHITECTURE.md on why).
 """
+
 from __future__ import annotations
 
 import importlib
-
 from typing import Callable, Dict, Generic, Iterator, Sequence, TypeVar
 
 from compress_export.core.errors import UserError
@@ -34,7 +34,7 @@ class Registry(Generic[T]):
             if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
-            setattr(obj, "name", name)
+            setattr(obj, "name", name)  # noqa: B010  (T is any registered class: mypy cannot know it has .name)
             return obj
 
         return deco
@@ -44,9 +44,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise UserError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}"
-            ) from None
+            raise UserError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}") from None
 
     def names(self) -> list:
         self._load()

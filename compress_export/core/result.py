@@ -2,6 +2,7 @@
 
 Formats only pack and unpack it; kernels only run it. Layouts here are the plain, unpacked ones.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -53,13 +54,12 @@ class QuantizedWeight:
         zero = self.zeros.float()[:, g]
         return ((self.codes.float() - zero) * scale).to(dtype)
 
-    def to(self, device) -> "QuantizedWeight":
+    def to(self, device) -> QuantizedWeight:
         return _moved(self, device)
 
     def has_trivial_g_idx(self) -> bool:
-        gs = self.scheme.group_size
         n = self.codes.shape[1]
-        ref = torch.zeros(n, dtype=torch.int32) if gs == -1 else torch.arange(n, dtype=torch.int32) // gs
+        ref = torch.arange(n, dtype=torch.int32) // self.scheme.group_len(n)
         return bool(torch.equal(self.g_idx.cpu().int(), ref))
 
 
@@ -83,7 +83,7 @@ class SparseWeight:
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.values.to(dtype)
 
-    def to(self, device) -> "SparseWeight":
+    def to(self, device) -> SparseWeight:
         return _moved(self, device)
 
 
@@ -97,5 +97,11 @@ def corrected(result, dtype=torch.float32) -> torch.Tensor:
 
 def _moved(result, device):
     """The same result with every tensor on `device` (passes run on the layer's device; formats pack on the CPU)."""
-    return replace(result, **{f.name: getattr(result, f.name).to(device) for f in fields(result)
-                              if torch.is_tensor(getattr(result, f.name))})
+    return replace(
+        result,
+        **{
+            f.name: getattr(result, f.name).to(device)
+            for f in fields(result)
+            if torch.is_tensor(getattr(result, f.name))
+        },
+    )

@@ -1,4 +1,5 @@
 """Sparsity patterns and the one mask function every pruning pass uses. Pure: tensors in, tensors out."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ class Sparsity:
         return f"{self.n}:{self.m}" if self.structured else f"{self.ratio:g}"
 
     @staticmethod
-    def parse(text: str) -> "Sparsity":
+    def parse(text: str) -> Sparsity:
         """'2:4' (N:M) or a fraction such as '0.5' (unstructured)."""
         try:
             if ":" in text:
@@ -37,8 +38,9 @@ class Sparsity:
                 raise ValueError
             return Sparsity(ratio=r)
         except ValueError:
-            raise UserError(f"--sparsity {text!r}: give N:M with 0 < N < M (e.g. 2:4) "
-                            "or a fraction in (0, 1)") from None
+            raise UserError(
+                f"--sparsity {text!r}: give N:M with 0 < N < M (e.g. 2:4) or a fraction in (0, 1)"
+            ) from None
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -3,11 +3,12 @@
 Linears that read the same input (q/k/v, gate/up) are not listed here: the pipeline finds them at run time by
 tensor identity, which holds for any architecture, and shares one set of statistics between them.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -28,13 +29,20 @@ FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")),
     # MoE: the attention linears and any per-expert nn.Linear are compressed; transformers 5 keeps the experts of
     # these models as fused 3-D parameters (not nn.Linear), which stay in the source precision. Routers never.
-    Family("mixtral", ("mixtral", "qwen2_moe", "qwen3_moe"),
-           ignore=(r".*\.gate$", r".*router.*", r".*shared_expert_gate$")),
+    Family(
+        "mixtral", ("mixtral", "qwen2_moe", "qwen3_moe"), ignore=(r".*\.gate$", r".*router.*", r".*shared_expert_gate$")
+    ),
     Family("neox", ("gpt_neox",), layers="gpt_neox.layers"),
     Family("opt", ("opt",), layers="model.decoder.layers"),
 )
-GENERIC_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
-                       "model.language_model.layers", "transformer.blocks")
+GENERIC_LAYER_PATHS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.language_model.layers",
+    "transformer.blocks",
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,7 @@ class ScaleMapping:
 
 
 _LLAMA_AWQ = (
-    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                 inspect="self_attn"),
+    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), inspect="self_attn"),
     ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",), when_shapes_match=True),
     ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
     ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
@@ -89,7 +96,7 @@ def family_for(model_type: str) -> Family:
 
 
 def _get(model: nn.Module, path: str):
-    obj = model
+    obj: Any = model
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -121,8 +128,10 @@ def describe(model: nn.Module, where: str = "model") -> ModelLayout:
         if isinstance(layers, nn.ModuleList) and len(layers):
             break
     else:
-        raise UserError(f"{where}: no decoder layers found (looked for {', '.join(paths)}); "
-                        f"architecture {type(model).__name__} is not supported")
+        raise UserError(
+            f"{where}: no decoder layers found (looked for {', '.join(paths)}); "
+            f"architecture {type(model).__name__} is not supported"
+        )
     layout = ModelLayout(fam, path, layers)
     for layer in layers:
         found = []
@@ -135,8 +144,9 @@ def describe(model: nn.Module, where: str = "model") -> ModelLayout:
                 continue
             found.append((name, mod))
         layout.linears.append(found)
-    layout.fused_dense = [f"{path}.{i}.{n}" for i, layer in enumerate(layers) for n, p in layer.named_parameters()
-                          if p.dim() == 3]
+    layout.fused_dense = [
+        f"{path}.{i}.{n}" for i, layer in enumerate(layers) for n, p in layer.named_parameters() if p.dim() == 3
+    ]
     if not any(layout.linears):
         raise UserError(f"{where}: {type(model).__name__} has no nn.Linear layers to compress in {path}")
     return layout

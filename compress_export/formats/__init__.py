@@ -5,6 +5,7 @@ package of the same name for code run from the checkout. So formats/ has no __in
 only in the checkout, points the subpackage at it. An installed wheel holds the modules in compress_export/formats/
 itself, without this file (pyproject.toml maps compress_export.formats to formats/).
 """
+
 import os as _os
 
 __path__ = [_os.path.join(_os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))), "formats")]

@@ -5,6 +5,9 @@ package of the same name for code run from the checkout. So integrations/ has no
 only in the checkout, points the subpackage at it. An installed wheel holds the modules in compress_export/integrations/
 itself, without this file (pyproject.toml maps compress_export.integrations to integrations/).
 """
+
 import os as _os
 
-__path__ = [_os.path.join(_os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))), "integrations")]
+__path__ = [
+    _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))), "integrations")
+]

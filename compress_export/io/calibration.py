@@ -16,6 +16,7 @@
 
 Every source is deterministic: the same text (and seed, where the model writes) gives the same samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from compress_export.io import safety
 from compress_export.core.errors import UserError
+from compress_export.io import safety
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def read_text(path: Path) -> str:
         except (ValueError, KeyError, TypeError, RecursionError):
             text = None
         if not isinstance(text, str):
-            raise UserError(f"--dataset {path}:{i}: each line must be a JSON object with a `text` field holding a string")
+            raise UserError(
+                f"--dataset {path}:{i}: each line must be a JSON object with a `text` field holding a string"
+            )
         texts.append(text)
     return "\n\n".join(texts)
 
@@ -82,12 +85,16 @@ def check_dataset(path) -> str:
         return path
     p = Path(path)
     if not p.exists():
-        raise UserError(f"--dataset {p} does not exist (give a .txt, .jsonl or datasets directory, or `{BUILTIN}` "
-                        f"for the built-in text, or `{SELF}` for text the model writes itself)")
+        raise UserError(
+            f"--dataset {p} does not exist (give a .txt, .jsonl or datasets directory, or `{BUILTIN}` "
+            f"for the built-in text, or `{SELF}` for text the model writes itself)"
+        )
     if p.is_dir():
         if not any((p / n).is_file() for n in DATASETS_MARKS):
-            raise UserError(f"--dataset {p} is a folder but not one `datasets` saved (no {' or '.join(DATASETS_MARKS)})"
-                            "; give a .txt or .jsonl file, or a folder written by Dataset.save_to_disk")
+            raise UserError(
+                f"--dataset {p} is a folder but not one `datasets` saved (no {' or '.join(DATASETS_MARKS)})"
+                "; give a .txt or .jsonl file, or a folder written by Dataset.save_to_disk"
+            )
         safety.scan_folder(p, "--dataset")
         return p
     safety.regular_file(p, "--dataset")
@@ -102,8 +109,10 @@ def check_calibration_size(num_samples: int, seq_len: int, batch_size, model_con
     whose activations cannot fit in memory: such a run would otherwise crawl for hours, then be killed."""
     max_pos = getattr(model_config, "max_position_embeddings", None)
     if isinstance(max_pos, int) and 0 < max_pos < seq_len:
-        raise UserError(f"--seq-len {seq_len} is longer than the model's context (max_position_embeddings "
-                        f"{max_pos} in config.json); choose --seq-len {min(512, max_pos)} or at most {max_pos}")
+        raise UserError(
+            f"--seq-len {seq_len} is longer than the model's context (max_position_embeddings "
+            f"{max_pos} in config.json); choose --seq-len {min(512, max_pos)} or at most {max_pos}"
+        )
     if device is None or getattr(device, "type", "cpu") != "cpu":
         return  # the activations live on the GPU then; a shortage there is reported as out of memory (cli.main)
     hidden = int(getattr(model_config, "hidden_size", 0) or 0)
@@ -114,9 +123,11 @@ def check_calibration_size(num_samples: int, seq_len: int, batch_size, model_con
     need = 2 * num_samples * seq_len * hidden * 4 + batch * heads * seq_len * seq_len * 4
     free = available_memory()
     if free and need > free:
-        raise UserError(f"calibration with --num-samples {num_samples} × --seq-len {seq_len} needs at least "
-                        f"{need / 1e9:.1f} GB of memory for activations, but {free / 1e9:.1f} GB is available; "
-                        "lower --num-samples, --seq-len or --batch-size")
+        raise UserError(
+            f"calibration with --num-samples {num_samples} × --seq-len {seq_len} needs at least "
+            f"{need / 1e9:.1f} GB of memory for activations, but {free / 1e9:.1f} GB is available; "
+            "lower --num-samples, --seq-len or --batch-size"
+        )
 
 
 SINGLE_PASS_BUDGET = 6 << 30  # bytes of activations we allow for one whole-calibration-set forward
@@ -151,8 +162,9 @@ def from_file(tokenizer, path, num_samples: int, seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def data_free(model, tokenizer, num_samples: int, seq_len: int, seed: int = 0, batch_size: int = 16,
-              progress=None) -> torch.Tensor:
+def data_free(
+    model, tokenizer, num_samples: int, seq_len: int, seed: int = 0, batch_size: int = 16, progress=None
+) -> torch.Tensor:
     """Text the model samples itself, from seeded random first tokens (temperature 1, top-k 50)."""
     gen = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer)
@@ -161,10 +173,16 @@ def data_free(model, tokenizer, num_samples: int, seq_len: int, seed: int = 0, b
     out = []
     torch.manual_seed(seed)
     for b in range(0, num_samples, batch_size):
-        first = torch.tensor(starts[b:b + min(batch_size, num_samples - b)])[:, None]
+        first = torch.tensor(starts[b : b + min(batch_size, num_samples - b)])[:, None]
         seq = model.generate(
-            input_ids=first, attention_mask=torch.ones_like(first), do_sample=True, top_k=50, temperature=1.0,
-            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=tokenizer.eos_token_id,
+            input_ids=first,
+            attention_mask=torch.ones_like(first),
+            do_sample=True,
+            top_k=50,
+            temperature=1.0,
+            max_new_tokens=seq_len - 1,
+            min_new_tokens=seq_len - 1,
+            pad_token_id=tokenizer.eos_token_id,
         )
         out.append(seq[:, :seq_len])
         if progress:
@@ -193,8 +211,16 @@ def _the_model(model):
 
 
 @torch.no_grad()
-def continue_passages(model, prompts: torch.Tensor, seq_len: int, seed: int, banned=(), batch_size: int = 32,
-                      top_k: int = 50, progress=None) -> torch.Tensor:
+def continue_passages(
+    model,
+    prompts: torch.Tensor,
+    seq_len: int,
+    seed: int,
+    banned=(),
+    batch_size: int = 32,
+    top_k: int = 50,
+    progress=None,
+) -> torch.Tensor:
     """Each row of prompts [n, p] continued by the model to seq_len tokens: temperature-1 top-k sampling with a
     KV cache (one token per step after the prompt's forward), batch_size rows at a time, from a generator seeded
     here (the global RNG is left alone). `banned` ids (special tokens) are never sampled, so the text runs on
@@ -203,7 +229,7 @@ def continue_passages(model, prompts: torch.Tensor, seq_len: int, seed: int, ban
     dev = next(model.parameters()).device  # the model runs where it is; sampling stays on the CPU generator
     out = []
     for b in range(0, prompts.shape[0], batch_size):
-        seq = prompts[b:b + batch_size]
+        seq = prompts[b : b + batch_size]
         step = model(input_ids=seq.to(dev), use_cache=True)
         while seq.shape[1] < seq_len:
             logits = step.logits[:, -1].float().cpu()
@@ -227,19 +253,26 @@ def from_builtin(model, tokenizer, num_samples: int, seq_len: int, seed: int = 0
     missing = num_samples - real.shape[0]
     if missing == 0:
         return real, 0
-    log.warning("the built-in calibration text holds %d samples of %d tokens; the model writes the other %d "
-                "(slow on CPU: give --dataset for large sets)", real.shape[0], seq_len, missing)
+    log.warning(
+        "the built-in calibration text holds %d samples of %d tokens; the model writes the other %d "
+        "(slow on CPU: give --dataset for large sets)",
+        real.shape[0],
+        seq_len,
+        missing,
+    )
     p = max(1, min(PROMPT_TOKENS, seq_len // 2, ids.numel()))
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - p + 1, (missing,), generator=gen).tolist()
-    prompts = torch.stack([ids[s:s + p] for s in starts])
-    written = continue_passages(_the_model(model), prompts, seq_len, seed, banned=tokenizer.all_special_ids,
-                                progress=progress)
+    prompts = torch.stack([ids[s : s + p] for s in starts])
+    written = continue_passages(
+        _the_model(model), prompts, seq_len, seed, banned=tokenizer.all_special_ids, progress=progress
+    )
     return torch.cat([real, written]), missing
 
 
-def calibration_set(model, tokenizer, dataset: Optional[str], num_samples: int, seq_len: int, seed: int = 0,
-                    progress=None):
+def calibration_set(
+    model, tokenizer, dataset: Optional[str], num_samples: int, seq_len: int, seed: int = 0, progress=None
+):
     """(ids [num_samples, seq_len], a description naming the source) for --dataset `dataset` (None: builtin).
     `model` may be a loader (see _the_model); it is called only when the model has to write text.
     progress(done, total) is called while the model writes."""
@@ -257,7 +290,8 @@ def calibration_set(model, tokenizer, dataset: Optional[str], num_samples: int, 
     return ids, f"{ids.shape[0]}×{seq_len} tokens from {dataset}"
 
 
-def calibration_ids(model, tokenizer, dataset: Optional[str], num_samples: int, seq_len: int,
-                    seed: int = 0, progress=None) -> torch.Tensor:
+def calibration_ids(
+    model, tokenizer, dataset: Optional[str], num_samples: int, seq_len: int, seed: int = 0, progress=None
+) -> torch.Tensor:
     """The ids of calibration_set, without the description."""
     return calibration_set(model, tokenizer, dataset, num_samples, seq_len, seed, progress)[0]

@@ -19,6 +19,7 @@ names when it loads one, so its names are not ours to judge.
 Also here: the checks of eval's other inputs (the text and its windows, a non-finite perplexity), which cli.py's
 cmd_eval runs for both engines.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress_export.io import model_io, safety
 from compress_export.core.errors import UserError
+from compress_export.io import model_io, safety
 from compress_export.io.model_io import _st_clean as _clean
 from compress_export.io.source import FLOAT_TAGS
 
@@ -37,8 +38,15 @@ SHOWN = 3  # problems quoted in the one-line message
 # buffers old checkpoints still carry that transformers and vLLM drop on load (non-persistent since long ago)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 INT_TAGS = {"int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL"}
-SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-               "num_hidden_layers", "vocab_size")
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_hidden_layers",
+    "vocab_size",
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,7 @@ def check_served_export(folder) -> bool:
 
 def _format(p: Path, cfg: dict, quantized: bool):
     """(format, scheme, quantization_config) of the export; (None, None, None) for an unquantized folder."""
-    from compress_export.formats.base import FORMATS
-    from compress_export.formats.base import format_for_config, scheme_from_config
+    from compress_export.formats.base import FORMATS, format_for_config, scheme_from_config
 
     qcfg = cfg.get("quantization_config")
     if qcfg:  # the same test as load_model's: an empty one is an unquantized model
@@ -102,8 +109,10 @@ def _format(p: Path, cfg: dict, quantized: bool):
     if "compress_export_sparsity" in cfg:  # the dense format: pruned weights stored plain
         return FORMATS.get("dense")(), None, {}
     if quantized:
-        raise UserError(f"{p} has no quantization_config: it is not an export (give the folder compress-export "
-                        "wrote, or compress this model first)")
+        raise UserError(
+            f"{p} has no quantization_config: it is not an export (give the folder compress-export "
+            "wrote, or compress this model first)"
+        )
     return None, None, None
 
 
@@ -118,8 +127,10 @@ def _skeleton(p: Path, cfg: dict, index: dict, lenient: bool):
     layers = cfg.get("num_hidden_layers")
     # every layer holds tensors: more layers than tensors is a wrong config, and would only make building slow
     if isinstance(layers, int) and layers > len(index):
-        raise UserError(f"{p}/config.json: num_hidden_layers {layers} is more than the {len(index)} tensors the "
-                        "export holds; fix config.json, or write or download the export again")
+        raise UserError(
+            f"{p}/config.json: num_hidden_layers {layers} is more than the {len(index)} tensors the "
+            "export holds; fix config.json, or write or download the export again"
+        )
     try:
         if not cfg.get("model_type"):
             raise ValueError("config.json has no model_type")
@@ -131,8 +142,10 @@ def _skeleton(p: Path, cfg: dict, index: dict, lenient: bool):
         if lenient:
             return None
         why = str(e).splitlines()[0][:200] if str(e) else ""
-        raise UserError(f"{p}/config.json does not describe a model transformers can build ({type(e).__name__}: "
-                        f"{why}); fix config.json, or write or download the export again") from None
+        raise UserError(
+            f"{p}/config.json does not describe a model transformers can build ({type(e).__name__}: "
+            f"{why}); fix config.json, or write or download the export again"
+        ) from None
     archs = cfg.get("architectures") or []
     if lenient and archs and type(model).__name__ not in archs:
         return None  # e.g. a multimodal checkpoint vLLM serves: its tensor names are not this class's
@@ -164,8 +177,9 @@ class _Check:
         fmt, problems = self.fmt, self.problems
         primary = fmt.primary_tensor(self.qcfg) if fmt.primary else None  # the dense format packs nothing
         linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        packed = {n: (m.in_features, m.out_features) for n, m in linears.items()
-                  if primary and self.is_packed(n, m, primary)}
+        packed = {
+            n: (m.in_features, m.out_features) for n, m in linears.items() if primary and self.is_packed(n, m, primary)
+        }
         claimed = {f"{m}.{s}" for m in packed for s in self.by_module[m]}
         self.ignored = {n for n in self.index if _ignored(n, model)}  # buffers transformers drops on load
         claimed |= self.ignored
@@ -199,8 +213,16 @@ class _Check:
             packed = {**packed, **self.layout_only(skip=set(packed), layers=converted)}
             # what is left there must be plain (a router's weight); a packed linear's tensors without its primary
             # one are a linear that lost it
-            lost = sorted({n.rpartition(".")[0] for n in extra if _layer(n) in converted and primary
-                           and n.rpartition(".")[0] not in packed and n.rpartition(".")[2] not in ("weight", "bias")})
+            lost = sorted(
+                {
+                    n.rpartition(".")[0]
+                    for n in extra
+                    if _layer(n) in converted
+                    and primary
+                    and n.rpartition(".")[0] not in packed
+                    and n.rpartition(".")[2] not in ("weight", "bias")
+                }
+            )
             problems += [f"{m}.{primary} is missing ({fmt.name} stores it for every packed linear)" for m in lost]
             extra = [n for n in extra if _layer(n) not in converted]
         problems += [f"{_clean(n)} is not a tensor of this {model.config.model_type} model" for n in extra]
@@ -217,8 +239,9 @@ class _Check:
         except (ValueError, TypeError, ZeroDivisionError, KeyError):
             return False
         # `bias`, and a float `weight`, are what a plain linear stores too (W8A8's packed `weight` is int8)
-        return any(k in layout and k != "bias" and (k != "weight" or tag not in FLOAT_TAGS)
-                   for k, (_, tag, _) in have.items())
+        return any(
+            k in layout and k != "bias" and (k != "weight" or tag not in FLOAT_TAGS) for k, (_, tag, _) in have.items()
+        )
 
     def packed_linear(self, name: str, in_f: int, out_f: int, has_bias: bool) -> None:
         """One packed linear's tensors against the layout its format gives an out_f×in_f linear."""
@@ -237,17 +260,23 @@ class _Check:
                 continue
             _, tag, shape = have[k]
             if shape != tuple(spec.shape):
-                problems.append(f"{name}.{k} has shape {list(shape)}; a {out_f}×{in_f} linear in this {fmt.name} "
-                                f"export needs {list(spec.shape)}")
+                problems.append(
+                    f"{name}.{k} has shape {list(shape)}; a {out_f}×{in_f} linear in this {fmt.name} "
+                    f"export needs {list(spec.shape)}"
+                )
             elif not _dtype_fits(tag, spec.dtype):
                 problems.append(f"{name}.{k} is {tag}; {fmt.name} stores it as {_dtype_name(spec.dtype)}")
             elif k == "weight_shape" and (said := self.ints(f"{name}.{k}")) != [out_f, in_f]:
                 problems.append(f"{name}.weight_shape says {said}; the linear is [{out_f}, {in_f}]")
-        problems += [f"{name}.{_clean(k)} is not a tensor of a packed {fmt.name} linear"
-                     for k in sorted(set(have) - set(layout) - {"bias"})]
+        problems += [
+            f"{name}.{_clean(k)} is not a tensor of a packed {fmt.name} linear"
+            for k in sorted(set(have) - set(layout) - {"bias"})
+        ]
         if "bias" in have and (not has_bias or have["bias"][2] != (out_f,)):
-            problems.append(f"{name}.bias has shape {list(have['bias'][2])}; the linear has "
-                            + (f"{out_f} outputs" if has_bias else "no bias"))
+            problems.append(
+                f"{name}.bias has shape {list(have['bias'][2])}; the linear has "
+                + (f"{out_f} outputs" if has_bias else "no bias")
+            )
         elif has_bias and "bias" not in have:
             problems.append(f"{name}.bias is missing")
 
@@ -287,7 +316,7 @@ def stored_ints(f: Path, name: str, headers: dict) -> list:
     with safety.open_regular(Path(f).resolve()) as fh:
         fh.seek(fh.seek(0, os.SEEK_END) - last + start)
         raw = fh.read(end - start)
-    return [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
+    return [int.from_bytes(raw[i : i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
 
 
 def _ignored(name: str, model) -> bool:
@@ -303,7 +332,7 @@ def _layer(name: str):
     or None for a tensor outside the layers."""
     parts = name.split(".")
     i = next((i for i, x in enumerate(parts) if x.isdigit()), None)
-    return None if i is None else ".".join(parts[:i + 1])
+    return None if i is None else ".".join(parts[: i + 1])
 
 
 def _converted(missing: list, extra: list) -> set:
@@ -335,8 +364,10 @@ def _check_adapter(d: Path, linears: dict) -> None:
 
     pickles = sorted(str(f.relative_to(d)) for f in d.rglob("*") if f.suffix in safety.PICKLE_SUFFIXES)
     if pickles:
-        raise UserError(f"{d} holds pickle files ({_clean(', '.join(pickles[:3]))}); pickles are never loaded: "
-                        "remove them (the adapter is read from adapter_model.safetensors only)")
+        raise UserError(
+            f"{d} holds pickle files ({_clean(', '.join(pickles[:3]))}); pickles are never loaded: "
+            "remove them (the adapter is read from adapter_model.safetensors only)"
+        )
     r = adapter_config(d)["r"]
     f = d / "adapter_model.safetensors"
     if not f.is_file():
@@ -358,12 +389,16 @@ def _check_adapter(d: Path, linears: dict) -> None:
         in_f, out_f = linears[mod]
         want = [r, in_f] if which == "A" else [out_f, r]
         if info["shape"] != want:
-            problems.append(f"{_clean(name)} has shape {info['shape']}; rank {r} on a {out_f}×{in_f} linear "
-                            f"needs {want}")
+            problems.append(
+                f"{_clean(name)} has shape {info['shape']}; rank {r} on a {out_f}×{in_f} linear needs {want}"
+            )
         elif info["dtype"] not in FLOAT_TAGS:
             problems.append(f"{_clean(name)} is {info['dtype']}; LoRA factors are floats")
-    problems += [f"{_clean(m)} has lora_{''.join(sorted(w))} only; a LoRA pair needs A and B"
-                 for m, w in sorted(pairs.items()) if w != {"A", "B"}]
+    problems += [
+        f"{_clean(m)} has lora_{''.join(sorted(w))} only; a LoRA pair needs A and B"
+        for m, w in sorted(pairs.items())
+        if w != {"A", "B"}
+    ]
     if problems:
         head = problems[0] if len(problems) == 1 else f"{len(problems)} problems, e.g. {'; '.join(problems[:SHOWN])}"
         raise UserError(f"{f} does not match the export: {head}; write or download the export again")
@@ -386,14 +421,17 @@ def _refusal(p: Path, cfg: dict, problems: list) -> str:
     head = shown if len(problems) == 1 else f"{len(problems)} problems, e.g. {shown}"
     if any(" has shape " in x or "weight_shape says" in x for x in problems):
         sizes = ", ".join(f"{k}={cfg[k]}" for k in SIZE_FIELDS if k in cfg)
-        fix = (f"config.json's sizes ({sizes}) must describe these tensors: fix config.json, or write or "
-               "download the export again")
+        fix = (
+            f"config.json's sizes ({sizes}) must describe these tensors: fix config.json, or write or "
+            "download the export again"
+        )
     else:
         fix = "the export is incomplete or was altered: write or download it again"
     return f"{p} does not match its config.json: {head}; {fix}"
 
 
 # eval's other inputs -------------------------------------------------------------------------------------------
+
 
 def read_eval_text(path) -> str:
     """--text: a file of UTF-8 text that is not empty."""
@@ -413,20 +451,27 @@ def check_eval_windows(path, text: str, tokenizer, window: int) -> None:
     """The text holds at least one window of the model's tokens (evaluate.cut_windows needs one)."""
     n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     if n < window:
-        raise UserError(f"--text {path} has {n} tokens, fewer than one {window}-token window: give a longer text "
-                        "or a smaller --window")
+        raise UserError(
+            f"--text {path} has {n} tokens, fewer than one {window}-token window: give a longer text "
+            "or a smaller --window"
+        )
 
 
 def check_perplexity(model_dir, result: dict, text, engine: str) -> None:
     """A perplexity that is not a finite number means the model computed NaN or Inf: refuse to report it."""
-    bad = {k: result.get(k) for k in ("token_perplexity", "word_perplexity", "byte_perplexity")
-           if not isinstance(result.get(k), (int, float)) or not math.isfinite(result[k])}
+    bad = {
+        k: result.get(k)
+        for k in ("token_perplexity", "word_perplexity", "byte_perplexity")
+        if not isinstance(result.get(k), (int, float)) or not math.isfinite(result[k])
+    }
     if bad:
         k, v = next(iter(bad.items()))
         dtype = "; the engine dtype (try --dtype float32)" if engine == "vllm" else ""
-        raise UserError(f"{model_dir} computes non-finite values on --text {text} ({k.replace('_', ' ')} {v}): "
-                        f"check its tensors for overflowing values (scales, norm weights, embeddings), config.json's "
-                        f"rms_norm_eps and rope settings{dtype}; compare with the unquantized model")
+        raise UserError(
+            f"{model_dir} computes non-finite values on --text {text} ({k.replace('_', ' ')} {v}): "
+            f"check its tensors for overflowing values (scales, norm weights, embeddings), config.json's "
+            f"rms_norm_eps and rope settings{dtype}; compare with the unquantized model"
+        )
 
 
 def packed_linears(path: Path, fmt, scheme, qcfg: dict, index=None, headers=None) -> dict:
@@ -443,8 +488,11 @@ def packed_linears(path: Path, fmt, scheme, qcfg: dict, index=None, headers=None
         if not name.endswith("." + primary):
             continue
         mod = name[: -len(primary) - 1]
-        t = {k[len(mod) + 1:]: torch.empty(shape, device="meta") for k, (_, _, shape) in index.items()
-             if k.startswith(mod + ".") and "." not in k[len(mod) + 1:]}
+        t = {
+            k[len(mod) + 1 :]: torch.empty(shape, device="meta")
+            for k, (_, _, shape) in index.items()
+            if k.startswith(mod + ".") and "." not in k[len(mod) + 1 :]
+        }
         if "weight_shape" in t:  # compressed-tensors records the shape as two numbers, the only data read here
             ws = mod + ".weight_shape"
             t["weight_shape"] = torch.tensor(stored_ints(index[ws][0], ws, headers), dtype=torch.int64)

@@ -14,6 +14,7 @@ vLLM serves it with `--enable-lora --lora-modules corr=OUT/lowrank --max-lora-ra
 allowed ranks; `compress-export serve` sets all three); our loader, AutoCompressedModelForCausalLM and
 transformers' from_pretrained through our backend apply it.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from compress_export.io import model_io, safety
 from compress_export.core.errors import UserError
+from compress_export.io import model_io, safety
 from compress_export.io.model_io import _st_clean, _st_show
 
 ADAPTER_DIR = "lowrank"
@@ -74,8 +75,10 @@ def check_rank(rank: int, layout) -> None:
     for i, lin in enumerate(layout.linears):
         for name, m in lin:
             if rank > min(m.in_features, m.out_features):
-                raise UserError(f"--lowrank-rank {rank} exceeds {layout.full_name(i, name)} "
-                                f"[{m.out_features}×{m.in_features}]: use at most {min(m.in_features, m.out_features)}")
+                raise UserError(
+                    f"--lowrank-rank {rank} exceeds {layout.full_name(i, name)} "
+                    f"[{m.out_features}×{m.in_features}]: use at most {min(m.in_features, m.out_features)}"
+                )
 
 
 def storage_dtype(A: torch.Tensor, B: torch.Tensor) -> torch.dtype:
@@ -84,8 +87,9 @@ def storage_dtype(A: torch.Tensor, B: torch.Tensor) -> torch.dtype:
     return torch.float16 if big < 6e4 else torch.float32
 
 
-def save_adapter(folder: Path, factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]], rank: int,
-                 base_name: str) -> Path:
+def save_adapter(
+    folder: Path, factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]], rank: int, base_name: str
+) -> Path:
     """The PEFT LoRA adapter of `factors` {module name: (A, B)} in `folder` (inside the export being written)."""
     from safetensors.torch import save_file
 
@@ -98,11 +102,23 @@ def save_adapter(folder: Path, factors: Dict[str, Tuple[torch.Tensor, torch.Tens
     # readable like the rest of the export (save_file left it 0600 here)
     (folder / "adapter_model.safetensors").chmod(0o644)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-        "target_modules": sorted({n.rpartition(".")[2] for n in factors}), "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "layers_to_transform": None, "rank_pattern": {},
-        "alpha_pattern": {}, "base_model_name_or_path": base_name,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted({n.rpartition(".")[2] for n in factors}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": base_name,
         "compress_export": {"what": "low-rank correction of the quantization error (EoRA)"},
     }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -138,8 +154,11 @@ def adapter_config(folder: Path) -> dict:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise bad("lora_alpha", "not a number")
     targets = cfg.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not (
-            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+    if (
+        targets is not None
+        and not isinstance(targets, str)
+        and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
         raise bad("target_modules", "not a module name or a list of them")
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):  # per-module ranks or scalings: read_adapter applies one r and one lora_alpha
@@ -155,8 +174,10 @@ def read_adapter(folder: Path) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torc
     folder = Path(folder)
     cfg = adapter_config(folder)
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("fan_in_fan_out"):
-        raise UserError(f"{folder / 'adapter_config.json'}: only plain LoRA adapters are applied (peft_type LORA, "
-                        "no DoRA, no fan_in_fan_out)")
+        raise UserError(
+            f"{folder / 'adapter_config.json'}: only plain LoRA adapters are applied (peft_type LORA, "
+            "no DoRA, no fan_in_fan_out)"
+        )
     r = cfg["r"]
     scaling = float(cfg.get("lora_alpha", r)) / r
     f = folder / "adapter_model.safetensors"
@@ -171,8 +192,10 @@ def read_adapter(folder: Path) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torc
                 raise UserError(f"{f}: {_st_clean(k)} is not a LoRA factor name ({PREFIX}<module>.lora_A.weight)")
             t = fh.get_tensor(k)
             if t.dim() != 2 or t.shape[0 if key[1] == "A" else 1] != r or not t.is_floating_point():
-                raise UserError(f"{f}: {_st_clean(k)} is {str(t.dtype)[6:]} {list(t.shape)}, not a rank-{r} LoRA "
-                                "factor; write or download the export again")
+                raise UserError(
+                    f"{f}: {_st_clean(k)} is {str(t.dtype)[6:]} {list(t.shape)}, not a rank-{r} LoRA "
+                    "factor; write or download the export again"
+                )
             if not bool(torch.isfinite(t).all()):  # one NaN would make every output of the model NaN
                 raise UserError(f"{f}: tensor {_st_clean(k)} has NaN or Inf; write or download the export again")
             pairs.setdefault(key[0], {})[key[1]] = t

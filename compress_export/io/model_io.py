@@ -1,4 +1,5 @@
 """Reading a source model directory safely: safetensors only, no remote code unless asked, never written to."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from compress_export.io import safety
 from compress_export.core.errors import UserError
+from compress_export.io import safety
 
 PICKLE_SUFFIXES = safety.PICKLE_SUFFIXES
 
@@ -31,9 +32,11 @@ def check_model_dir(path, what: str = "MODEL_DIR") -> Path:
     if not list(p.glob("*.safetensors")):
         pickles = [f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES]
         if pickles:
-            raise UserError(f"{p} holds only pickle weights ({', '.join(pickles[:3])}); pickles are never loaded: "
-                            "convert them to safetensors first (e.g. with transformers' save_pretrained("
-                            "safe_serialization=True) on a machine where you trust them)")
+            raise UserError(
+                f"{p} holds only pickle weights ({', '.join(pickles[:3])}); pickles are never loaded: "
+                "convert them to safetensors first (e.g. with transformers' save_pretrained("
+                "safe_serialization=True) on a machine where you trust them)"
+            )
         raise UserError(f"{p} has no *.safetensors weights")
     check_safetensors(p)
     return p
@@ -41,8 +44,18 @@ def check_model_dir(path, what: str = "MODEL_DIR") -> Path:
 
 # The dtypes our pipeline computes with. safetensors also knows U16/U32/U64, F8_*, F4 and F6_*: torch computes
 # with them poorly or not at all, and nothing here writes them (writer._ST_DTYPES), so they are refused.
-SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1}
+SAFETENSORS_DTYPES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 _ST_MAX_HEADER = 100_000_000  # safetensors' own MAX_HEADER_SIZE (under 100 MiB): a larger header never opens
 _ST_MAX_ELEMENTS = 1 << 48  # more elements than any real tensor; also keeps safetensors' and torch's size
 #                             arithmetic (u64 products, int64 strides) clear of overflow for empty tensors
@@ -64,7 +77,7 @@ def _st_show(v) -> str:
     """A JSON value for a message: scalars as written, containers by kind (never printed whole: they can be huge
     or nested too deep to print)."""
     if isinstance(v, (bool, int, float, str)) or v is None:
-        return _st_clean(json.dumps(v) if not isinstance(v, int) or abs(v) < 10 ** 30 else "a huge number", 60)
+        return _st_clean(json.dumps(v) if not isinstance(v, int) or abs(v) < 10**30 else "a huge number", 60)
     return "a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else type(v).__name__
 
 
@@ -111,13 +124,15 @@ def _st_read_header(f: Path, bad):
                 raise bad(f"its header claims {n} bytes, more than the {_ST_MAX_HEADER} safetensors allows")
             raw = fh.read(n)
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on Python < 3.13
-        raise UserError(f"{_st_clean(f, 200)}: cannot be read ({_st_clean(e)}); check the file and its permissions"
-                        ) from None
+        raise UserError(
+            f"{_st_clean(f, 200)}: cannot be read ({_st_clean(e)}); check the file and its permissions"
+        ) from None
     if len(raw) < n:
         raise bad(f"it shrank to {8 + len(raw)} bytes while being read")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_st_object, parse_constant=_st_constant,
-                            parse_int=_st_int)
+        header = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_st_object, parse_constant=_st_constant, parse_int=_st_int
+        )
     except _StDuplicate as e:
         raise bad(f"its header names {_st_clean(e)} twice") from None
     except (ValueError, UnicodeDecodeError, RecursionError, MemoryError) as e:  # deep nesting: RecursionError
@@ -150,8 +165,11 @@ def _st_numel(shape, shown: str, bad) -> int:
 
 
 def _st_offsets(offsets, shown: str, bad) -> tuple:
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or any(not isinstance(v, int) or isinstance(v, bool) for v in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or any(not isinstance(v, int) or isinstance(v, bool) for v in offsets)
+    ):
         raise bad(f"tensor {shown}: data_offsets is {_st_show(offsets)}, not a list of two integers")
     start, end = offsets
     if not 0 <= start <= end:
@@ -173,16 +191,20 @@ def _st_check_entry(f: Path, name, info, data: int, bad) -> tuple:
     if not isinstance(dtype, str):
         raise bad(f"tensor {shown}: dtype is {_st_show(dtype)}, not a dtype name")
     if dtype not in SAFETENSORS_DTYPES:
-        raise UserError(f"{f}: unsupported dtype {_st_clean(dtype, 30)} in tensor {shown}; compress-export computes "
-                        f"only with {', '.join(SAFETENSORS_DTYPES)}: convert the checkpoint to BF16, F16 or F32 first")
+        raise UserError(
+            f"{f}: unsupported dtype {_st_clean(dtype, 30)} in tensor {shown}; compress-export computes "
+            f"only with {', '.join(SAFETENSORS_DTYPES)}: convert the checkpoint to BF16, F16 or F32 first"
+        )
     numel = _st_numel(info["shape"], shown, bad)
     start, end = _st_offsets(info["data_offsets"], shown, bad)
     if end > data:
         raise bad(f"tensor {shown} ends at byte {end} of the data but the file holds only {data}")
     need = numel * SAFETENSORS_DTYPES[dtype]
     if end - start != need:
-        raise bad(f"tensor {shown}: shape {_st_clean(info['shape'], 60)} of {dtype} needs {need} bytes, "
-                  f"its range {start}..{end} holds {end - start}")
+        raise bad(
+            f"tensor {shown}: shape {_st_clean(info['shape'], 60)} of {dtype} needs {need} bytes, "
+            f"its range {start}..{end} holds {end - start}"
+        )
     return start, end, shown
 
 
@@ -193,8 +215,10 @@ def _st_check_layout(ranges: list, data: int, bad) -> None:
     for start, end, shown in sorted(ranges):
         if start < pos:
             how = "share" if (start, end) == last[:2] else "overlap in"
-            raise bad(f"tensors {last[2]} and {shown} {how} the bytes {max(start, last[0])}..{pos} of the data; "
-                      "each tensor needs bytes of its own")
+            raise bad(
+                f"tensors {last[2]} and {shown} {how} the bytes {max(start, last[0])}..{pos} of the data; "
+                "each tensor needs bytes of its own"
+            )
         if start > pos:
             raise bad(f"bytes {pos}..{start} of the data belong to no tensor (before tensor {shown})")
         pos, last = end, (start, end, shown)
@@ -232,15 +256,18 @@ def _st_owners(p: Path) -> dict:
             if name == "__metadata__":
                 continue
             if name in owners:
-                raise UserError(f"{_st_clean(p, 200)}: tensor {_st_clean(name)} is in both "
-                                f"{_st_clean(owners[name][0].name)} and {_st_clean(f.name)}; a checkpoint must hold "
-                                "each tensor once")
+                raise UserError(
+                    f"{_st_clean(p, 200)}: tensor {_st_clean(name)} is in both "
+                    f"{_st_clean(owners[name][0].name)} and {_st_clean(f.name)}; a checkpoint must hold "
+                    "each tensor once"
+                )
             owners[name] = (f, info)
     return owners
 
 
 def _st_index_map(index: Path) -> dict:
     """The weight_map of a shard index, {tensor: plain *.safetensors file name}, checked."""
+
     def bad(why):
         return UserError(f"{_st_clean(index, 200)} is not a valid shard index: {why}; download the checkpoint again")
 
@@ -267,14 +294,18 @@ def check_safetensors(p: Path) -> None:
     wmap = _st_index_map(index) if index.exists() else {}
     missing = sorted({f for f in wmap.values() if not (p / f).is_file()})
     if missing:
-        raise UserError(f"{_st_clean(index, 200)} lists {_st_clean(', '.join(missing[:3]))}, missing from "
-                        f"{_st_clean(p, 200)}; the download is incomplete")
+        raise UserError(
+            f"{_st_clean(index, 200)} lists {_st_clean(', '.join(missing[:3]))}, missing from "
+            f"{_st_clean(p, 200)}; the download is incomplete"
+        )
     owners = _st_owners(p)
     for name, fname in wmap.items():
         if name not in owners or owners[name][0].name != fname:
             where = f"it is in {_st_clean(owners[name][0].name)}" if name in owners else "no shard holds it"
-            raise UserError(f"{_st_clean(index, 200)} places tensor {_st_clean(name)} in {_st_clean(fname)} but "
-                            f"{where}; the index does not match the shards: download the checkpoint again")
+            raise UserError(
+                f"{_st_clean(index, 200)} places tensor {_st_clean(name)} in {_st_clean(fname)} but "
+                f"{where}; the index does not match the shards: download the checkpoint again"
+            )
 
 
 def read_config(path) -> dict:
@@ -313,14 +344,15 @@ def load_source_model(path, dtype=torch.float32, trust_remote_code: bool = False
     except (OSError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001  (a stranger's config can break transformers in any way: one line)
-        raise UserError(f"{p}: transformers cannot load this model ({type(e).__name__}: "
-                        f"{_first_line(e)})") from None
+        raise UserError(f"{p}: transformers cannot load this model ({type(e).__name__}: {_first_line(e)})") from None
     tied = {n for n in info.get("missing_keys", ()) if _tied_name(model, n)}
     missing = sorted(set(info.get("missing_keys", ())) - tied)
     bad = missing + [str(k) for k in info.get("mismatched_keys", ())]
     if bad:
-        raise UserError(f"{p}: the checkpoint lacks {len(bad)} weight(s) the model needs (e.g. {', '.join(bad[:3])}); "
-                        "transformers would fill them with random numbers: download the checkpoint again")
+        raise UserError(
+            f"{p}: the checkpoint lacks {len(bad)} weight(s) the model needs (e.g. {', '.join(bad[:3])}); "
+            "transformers would fill them with random numbers: download the checkpoint again"
+        )
     model.eval()
     return model, load_tokenizer(p, trust_remote_code)
 
@@ -359,8 +391,15 @@ def check_tensor_finite(t: torch.Tensor, name: str, where) -> None:
         raise UserError(f"{where}: tensor {name} has NaN or Inf values; fix the checkpoint first")
 
 
-FLOAT_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
-                "bfloat16": torch.bfloat16, "float64": torch.float64, "double": torch.float64}
+FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
 
 
 def source_dtype(path) -> torch.dtype:
@@ -373,6 +412,8 @@ def source_dtype(path) -> torch.dtype:
         return torch.float32
     dtype = FLOAT_DTYPES.get(str(name).replace("torch.", ""))
     if dtype is None:
-        raise UserError(f"{Path(path) / 'config.json'}: {key} {name!r} is not a floating-point dtype (float32, float16 "
-                        f"or bfloat16); fix config.json to name the dtype its weights are stored in")
+        raise UserError(
+            f"{Path(path) / 'config.json'}: {key} {name!r} is not a floating-point dtype (float32, float16 "
+            f"or bfloat16); fix config.json to name the dtype its weights are stored in"
+        )
     return dtype

@@ -15,6 +15,7 @@ The rules (README.md, "Safety") and where this module enforces them:
   `read_mark`), and stale partial folders are removed only when their mark says the run that made them is gone
   (writer.remove_stale_partials).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,12 @@ def _inside(p: Path, root: Path) -> bool:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a file or folder"
@@ -69,15 +74,19 @@ def check_entry(p: Path, roots: Sequence[Path], folder: Path) -> os.stat_result:
     if stat.S_ISLNK(st.st_mode):
         target = p.resolve()
         if not any(_inside(target, r) for r in roots):
-            raise UserError(f"{p} is a link to {target}, outside {folder}; files are read only from inside the "
-                            "folder (copy the file in instead of linking to it)")
+            raise UserError(
+                f"{p} is a link to {target}, outside {folder}; files are read only from inside the "
+                "folder (copy the file in instead of linking to it)"
+            )
         try:
             st = os.stat(target)
         except OSError:
             raise UserError(f"{p} is a broken link (to {target}); the folder is incomplete") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        raise UserError(f"{p} is not a regular file ({_kind(st.st_mode)}); model folders, datasets and exports "
-                        "must hold regular files only: remove it")
+        raise UserError(
+            f"{p} is not a regular file ({_kind(st.st_mode)}); model folders, datasets and exports "
+            "must hold regular files only: remove it"
+        )
     return st
 
 
@@ -165,10 +174,11 @@ def copy_tree(src: Path, dst: Path, roots: Optional[Sequence[Path]] = None) -> N
 
 # -- foreign code ------------------------------------------------------------------------------------------------
 
+
 def _code_files(auto_map) -> list:
     """The Python files an auto_map names ("modeling_x.XForCausalLM", "org/repo--modeling_x.X", [slow, fast])."""
     refs = []
-    for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map]):
+    for v in auto_map.values() if isinstance(auto_map, dict) else [auto_map]:
         refs += v if isinstance(v, (list, tuple)) else [v]
     files = []
     for r in refs:
@@ -210,12 +220,18 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
             continue
         files = ", ".join(_code_files(auto_map))
         if not _builtin(name, cfg):
-            raise UserError(f"{f}: its auto_map needs {files}, code shipped with the model; it runs only with "
-                            f"{TRUST_FLAG}: read that code first")
+            raise UserError(
+                f"{f}: its auto_map needs {files}, code shipped with the model; it runs only with "
+                f"{TRUST_FLAG}: read that code first"
+            )
         if str(f) not in _warned:  # once per file, though several steps of a run ask
             _warned.add(str(f))
-            log.warning("%s: auto_map names %s; transformers' own code is used instead (the folder's code is "
-                        "never run without --trust-remote-code)", f, files)
+            log.warning(
+                "%s: auto_map names %s; transformers' own code is used instead (the folder's code is "
+                "never run without --trust-remote-code)",
+                f,
+                files,
+            )
 
 
 # -- outputs -----------------------------------------------------------------------------------------------------
@@ -279,8 +295,10 @@ def check_output(out, inputs: Iterable[Path], overwrite: bool, flag: str = "-o")
     for src in inputs:
         src = Path(src).resolve()
         if _inside(real, src):
-            raise UserError(f"output {out} ({flag}) is {'the' if real == src else 'inside the'} input model "
-                            f"directory {src}; choose another {flag}")
+            raise UserError(
+                f"output {out} ({flag}) is {'the' if real == src else 'inside the'} input model "
+                f"directory {src}; choose another {flag}"
+            )
         if _inside(src, real):
             raise UserError(f"output {out} ({flag}) contains the input model directory {src}; choose another {flag}")
     why = _protected(real)
@@ -293,11 +311,15 @@ def check_output(out, inputs: Iterable[Path], overwrite: bool, flag: str = "-o")
     if not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory; choose another {flag}")
     if not overwrite:
-        raise UserError(f"output {out} exists; pass --overwrite to replace it (only a folder compress-export "
-                        f"wrote is replaced) or choose another {flag}")
+        raise UserError(
+            f"output {out} exists; pass --overwrite to replace it (only a folder compress-export "
+            f"wrote is replaced) or choose another {flag}"
+        )
     if any(out.iterdir()) and not is_our_output(out):
-        raise UserError(f"{flag} {out} was not written by compress-export (it holds {_contents(out)}); "
-                        f"--overwrite replaces only compress-export's own outputs: choose another {flag}")
+        raise UserError(
+            f"{flag} {out} was not written by compress-export (it holds {_contents(out)}); "
+            f"--overwrite replaces only compress-export's own outputs: choose another {flag}"
+        )
     return out
 
 
@@ -357,6 +379,7 @@ def read_mark(path: Path, limit: int = 4096) -> str:
 
 # -- file names a config hands to transformers ------------------------------------------------------------------
 
+
 def _reaches_outside(v, folder: Path, roots: Sequence[Path]) -> bool:
     """Whether a file name from a config, opened as transformers would (as given, or inside the folder), is an
     existing file outside the folder. A stale path from the author's machine that exists nowhere here is
@@ -379,14 +402,18 @@ def check_file_references(folder: Path) -> None:
     roots = allowed_roots(folder)
     tok = folder / "tokenizer_config.json"
     cfg = read_json(tok) if tok.is_file() else None
-    for key, value in (cfg.items() if isinstance(cfg, dict) else ()):
+    for key, value in cfg.items() if isinstance(cfg, dict) else ():
         if not (key.endswith("_file") or key.endswith("_files")) or value is None:
             continue
-        for v in (value if isinstance(value, list) else [value]):
+        for v in value if isinstance(value, list) else [value]:
             if _reaches_outside(v, folder, roots):
-                raise UserError(f"{tok}: {key} names {str(v)[:120]!r}, a file outside the folder; files are read "
-                                "only from inside it: fix or remove that entry")
+                raise UserError(
+                    f"{tok}: {key} names {str(v)[:120]!r}, a file outside the folder; files are read "
+                    "only from inside it: fix or remove that entry"
+                )
     conf = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
     if isinstance(conf, dict) and conf.get("configuration_files"):
-        raise UserError(f"{folder / 'config.json'}: configuration_files makes transformers build the model from "
-                        "another file than the config.json that was checked; remove that entry")
+        raise UserError(
+            f"{folder / 'config.json'}: configuration_files makes transformers build the model from "
+            "another file than the config.json that was checked; remove that entry"
+        )

@@ -6,6 +6,7 @@ real), reads each decoder layer's tensors from the memory-mapped safetensors sha
 and drops them right after, so peak memory is one layer plus the calibration activations whatever the depth.
 Both kinds answer the same questions, so the pipeline has one code path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from compress_export.io import model_io, safety
 from compress_export.core.errors import UserError
+from compress_export.io import model_io, safety
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,10 @@ class StreamedSource:
         extra = sorted(set(index) - set(names) - {tied_head})
         if missing or extra:
             example = (missing or extra)[0]
-            return None, (f"the checkpoint's tensor names differ from the model's ({len(missing)} missing, "
-                          f"{len(extra)} extra, e.g. {example}); transformers' own loader converts them")
+            return None, (
+                f"the checkpoint's tensor names differ from the model's ({len(missing)} missing, "
+                f"{len(extra)} extra, e.g. {example}); transformers' own loader converts them"
+            )
         tokenizer = model_io.load_tokenizer(src, trust_remote_code)
         return cls(src, model, tokenizer, {n: f for n, (f, _, _) in index.items()}, names), ""
 
@@ -176,8 +179,10 @@ def build_skeleton(src: Path, trust_remote_code: bool = False) -> nn.Module:
     except (OSError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001  (config.json is a stranger's: zero heads, strings for sizes, ...)
-        raise UserError(f"{src}: transformers cannot build this model from config.json ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+        raise UserError(
+            f"{src}: transformers cannot build this model from config.json ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
+        ) from None
     model.tie_weights()  # from_pretrained ties after loading; the skeleton must share the same tensors
     return model.eval()
 
@@ -190,16 +195,28 @@ def _tied_head_name(model: nn.Module) -> Optional[str]:
     return next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
 
 
-def open_source(src: Path, skeleton: nn.Module, index: dict, stream: Optional[bool], needs_model_forward: bool,
-                trust_remote_code: bool = False):
+def open_source(
+    src: Path,
+    skeleton: nn.Module,
+    index: dict,
+    stream: Optional[bool],
+    needs_model_forward: bool,
+    trust_remote_code: bool = False,
+):
     """A StreamedSource over `skeleton` when it can work (and `stream` is not False), else the whole model in
     memory.
 
     needs_model_forward: data-free calibration generates text with the whole model, so it cannot stream.
     """
     if stream is not False:
-        why = ("data-free calibration (--dataset self) generates text with the whole model (give another "
-               "--dataset, or none, to stream)") if needs_model_forward else ""
+        why = (
+            (
+                "data-free calibration (--dataset self) generates text with the whole model (give another "
+                "--dataset, or none, to stream)"
+            )
+            if needs_model_forward
+            else ""
+        )
         if not why:
             source, why = StreamedSource.try_open(src, skeleton, index, trust_remote_code)
             if source is not None:
@@ -223,8 +240,10 @@ def check_tensors(src: Path, model: nn.Module, index: dict) -> None:
     names = [n for n in _deduped_state_names(model) if n != tied_head]
     missing = [n for n in names if n not in index]
     if missing and not set(index) - set(names) - {tied_head}:
-        raise UserError(f"{src}: {len(missing)} tensor(s) the model needs are missing from its safetensors files "
-                        f"(e.g. {', '.join(missing[:3])}); the checkpoint is incomplete: download it again")
+        raise UserError(
+            f"{src}: {len(missing)} tensor(s) the model needs are missing from its safetensors files "
+            f"(e.g. {', '.join(missing[:3])}); the checkpoint is incomplete: download it again"
+        )
     problems = []
     for n in names:
         if n not in index:
@@ -236,5 +255,7 @@ def check_tensors(src: Path, model: nn.Module, index: dict) -> None:
         elif state[n].is_floating_point() and tag not in FLOAT_TAGS:
             problems.append(f"{n} in {f.name} is stored as {tag}, not a float dtype")
     if problems:
-        raise UserError(f"{src}: {len(problems)} tensor(s) do not match config.json: {'; '.join(problems[:3])}; "
-                        "the checkpoint and its config.json disagree: download them again")
+        raise UserError(
+            f"{src}: {len(problems)} tensor(s) do not match config.json: {'; '.join(problems[:3])}; "
+            "the checkpoint and its config.json disagree: download them again"
+        )

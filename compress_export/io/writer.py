@@ -3,6 +3,7 @@
 An interrupted run leaves only `.NAME.partial-*`, which has no config.json until the very end and never looks
 like a valid checkpoint. The input model directory is only ever read.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from compress_export.io import safety
 from compress_export.core.errors import UserError
+from compress_export.io import safety
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".part")
 SKIP_NAMES = {"config.json", "model.safetensors.index.json", ".compress-export-example"}
@@ -106,9 +107,18 @@ class _Shard:
             os.fsync(out.fileno())
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class CheckpointWriter:
@@ -122,8 +132,7 @@ class CheckpointWriter:
         self.out = Path(out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         for what in remove_stale_partials(self.out):
-            logging.getLogger("compress_export").warning("removed a stale partial output from a killed run: %s",
-                                                         what)
+            logging.getLogger("compress_export").warning("removed a stale partial output from a killed run: %s", what)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         safety.write_mark(self.tmp / OWNER, f"{os.getpid()} {socket.gethostname()}\n")
         self.shard_bytes = shard_bytes
@@ -181,8 +190,11 @@ class CheckpointWriter:
             if not overwrite:
                 raise UserError(f"output {self.out} appeared while compressing; nothing was replaced")
             # checked before the run began; checked again now, since the folder may have changed meanwhile
-            if self.out.is_symlink() or not self.out.is_dir() or \
-                    (any(self.out.iterdir()) and not safety.is_our_output(self.out)):
+            if (
+                self.out.is_symlink()
+                or not self.out.is_dir()
+                or (any(self.out.iterdir()) and not safety.is_our_output(self.out))
+            ):
                 raise UserError(f"output {self.out} is no longer a compress-export output; nothing was replaced")
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             # the old export gets our mark: if killed now, the next run cleans it (never through a planted link)
@@ -204,8 +216,12 @@ def copy_side_files(src: Path, dst: Path, code: bool = True) -> None:
     hidden files or our own bookkeeping; Python files only when `code`."""
     roots = safety.allowed_roots(src)
     for f in sorted(src.iterdir()):
-        if f.name in SKIP_NAMES or f.name.startswith(".") or f.name.endswith(SKIP_SUFFIXES) or \
-                (not code and f.suffix == ".py"):
+        if (
+            f.name in SKIP_NAMES
+            or f.name.startswith(".")
+            or f.name.endswith(SKIP_SUFFIXES)
+            or (not code and f.suffix == ".py")
+        ):
             continue
         if not stat.S_ISREG(safety.check_entry(f, roots, src).st_mode):
             continue

@@ -1,8 +1,10 @@
 """The one Hessian core shared by GPTQ and SparseGPT: accumulate H = 2XXᵀ/n, dampen, invert via Cholesky."""
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,8 +27,9 @@ class HessianAccumulator:
 
     def __init__(self, in_features: int):
         self.in_features = in_features
-        self._upper = None  # allocated on the device of the first input (the layer's --device)
-        self._full = None
+        # allocated on the device of the first input (the layer's --device)
+        self._upper: Optional[torch.Tensor] = None
+        self._full: Optional[torch.Tensor] = None
         self.n = 0
 
     def _storage(self, device=None) -> torch.Tensor:
@@ -42,13 +45,13 @@ class HessianAccumulator:
         m = x.shape[0]
         if m == 0:
             return
-        self._storage(x.device)
+        upper = self._storage(x.device)
         total = self.n + m
         # H ← H·n/(n+m) + 2·xᵀx/(n+m) on row blocks of the upper triangle, without copying x
         d = x.shape[1]
         for a in range(0, d, self.BLOCK):
             b = min(a + self.BLOCK, d)
-            self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=self.n / total, alpha=2.0 / total)
+            upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=self.n / total, alpha=2.0 / total)
         self.n = total
         self._full = None
 
@@ -118,8 +121,10 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, name: str = "layer") -
     """
     H = H.double().clone()
     if not torch.isfinite(H).all():
-        raise UserError(f"{name}: its calibration inputs hold NaN or Inf (the activations overflowed before this "
-                        "layer); check the model runs in transformers on this text, or calibrate on another --dataset")
+        raise UserError(
+            f"{name}: its calibration inputs hold NaN or Inf (the activations overflowed before this "
+            "layer); check the model runs in transformers on this text, or calibrate on another --dataset"
+        )
     dead = dead_columns(H)
     H[dead, dead] = 1.0
     mean_diag = torch.diag(H).mean().item()
@@ -133,5 +138,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, name: str = "layer") -
             new = d * 10 if d > 0 else 1e-4
             log.warning("%s: Hessian not positive definite at damp=%g; retrying with damp=%g", name, d, new)
             d = new
-    raise UserError(f"{name}: its calibration Hessian stays singular even at damp={d:g}; give more or more varied "
-                    "calibration text (--dataset, --num-samples) or a larger --damp")
+    raise UserError(
+        f"{name}: its calibration Hessian stays singular even at damp={d:g}; give more or more varied "
+        "calibration text (--dataset, --num-samples) or a larger --damp"
+    )

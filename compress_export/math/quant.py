@@ -1,5 +1,8 @@
 """Pure quantization math: tensors in, tensors out. No hooks, no modules."""
+
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -71,10 +74,12 @@ def search_params(w: torch.Tensor, bits: int, symmetric: bool, search: bool = Tr
     steps = torch.arange(1, int(CLIP_GRID * CLIP_MAX_SHRINK) + 1, device=w.device)
     ratios = torch.cat([torch.ones(1, device=w.device), 1.0 - steps / CLIP_GRID])
     chunk = max(1, int(2**23 // max(1, w.numel())))
-    best_err = best_scale = best_zero = None
+    best_err: Any = None  # the three are set together on the first chunk
+    best_scale: Any = None
+    best_zero: Any = None
     rows = torch.arange(w.shape[0], device=w.device)
     for start in range(0, len(ratios), chunk):
-        r = ratios[start:start + chunk, None]
+        r = ratios[start : start + chunk, None]
         scale, zero = params_from_range(xmin[None] * r, xmax[None] * r, bits, symmetric, min_zero)
         s3, z3 = scale[..., None], zero[..., None].float()
         e = torch.div(w[None], s3).round_().add_(z3).clamp_(0, maxq).sub_(z3).mul_(s3).sub_(w[None])
@@ -92,21 +97,25 @@ def search_params(w: torch.Tensor, bits: int, symmetric: bool, search: bool = Tr
     return best_scale, best_zero
 
 
-def group_params(w: torch.Tensor, bits: int, symmetric: bool, group_size: int, search: bool = True,
-                 min_zero: int = 0):
-    """Scale/zero [rows, groups] for contiguous column groups of w [rows, n] (group_size -1: one group)."""
+def group_params(w: torch.Tensor, bits: int, symmetric: bool, group_len: int, search: bool = True, min_zero: int = 0):
+    """Scale/zero [rows, groups] for contiguous runs of `group_len` columns of w [rows, n] (Scheme.group_len:
+    n when per-channel)."""
     rows, n = w.shape
-    if group_size == -1:
-        s, z = search_params(w, bits, symmetric, search, min_zero)
-        return s[:, None], z[:, None]
-    g = n // group_size
-    flat = w.reshape(rows, g, group_size).transpose(0, 1).reshape(g * rows, group_size)
+    g = n // group_len
+    flat = w.reshape(rows, g, group_len).transpose(0, 1).reshape(g * rows, group_len)
     s, z = search_params(flat, bits, symmetric, search, min_zero)
     return s.view(g, rows).t().contiguous(), z.view(g, rows).t().contiguous()
 
 
-def weighted_group_params(w: torch.Tensor, H: torch.Tensor, bits: int, symmetric: bool, group_size: int,
-                          ratios: torch.Tensor, min_zero: int = 0):
+def weighted_group_params(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_len: int,
+    ratios: torch.Tensor,
+    min_zero: int = 0,
+):
     """Scale/zero [rows, groups] whose per-group range shrink minimises the group's output error over the inputs.
 
     For group g with inputs X_g, the error of row r is ‖X_g Δw_rgᵀ‖² ∝ Δw_rg H_gg Δw_rgᵀ, where H_gg is the
@@ -114,14 +123,16 @@ def weighted_group_params(w: torch.Tensor, H: torch.Tensor, bits: int, symmetric
     instead of stored activations. Each (row, group) keeps its best ratio from `ratios`.
     """
     rows, n = w.shape
-    gs = n if group_size == -1 else group_size
+    gs = group_len
     G = n // gs
     wg = w.float().reshape(rows, G, gs)
     idx = torch.arange(G, device=w.device)[:, None] * gs + torch.arange(gs, device=w.device)
     Hb = H[idx[:, :, None], idx[:, None, :]]  # [G, gs, gs]
     xmin = torch.minimum(wg.amin(dim=2), torch.zeros(()))
     xmax = torch.maximum(wg.amax(dim=2), torch.zeros(()))
-    best = best_s = best_z = None
+    best: Any = None  # the three are set together on the first ratio
+    best_s: Any = None
+    best_z: Any = None
     for r in ratios.tolist():
         s, z = params_from_range(xmin * r, xmax * r, bits, symmetric, min_zero)
         d = dequantize(quantize(wg, s[..., None], z[..., None].float(), bits), s[..., None], z[..., None]) - wg
@@ -138,7 +149,7 @@ def weighted_group_params(w: torch.Tensor, H: torch.Tensor, bits: int, symmetric
 def quantize_with_params(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     """Round W [out, in] with given group params [out, G] over contiguous groups (no error feedback)."""
     n = W.shape[1]
-    gs = n if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_len(n)
     g_idx = (torch.arange(n, device=W.device) // gs).to(torch.int32)
     # Groups are contiguous: broadcast each group's params over a [out, G, gs] view (quantize's arithmetic, in
     # place), not gathered into [out, in] copies: on an 8B MLP that is one 470 MB temporary instead of four.
@@ -150,5 +161,5 @@ def quantize_with_params(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 def rtn_quantize(W: torch.Tensor, scheme: Scheme, clip_search: bool = False, min_zero: int = 0) -> QuantizedWeight:
     """Round-to-nearest with min-max (optionally MSE-clipped) group params: the baseline."""
     W = W.detach().float()
-    s, z = group_params(W, scheme.bits, scheme.symmetric, scheme.group_size, clip_search, min_zero)
+    s, z = group_params(W, scheme.bits, scheme.symmetric, scheme.group_len(W.shape[1]), clip_search, min_zero)
     return quantize_with_params(W, s, z, scheme)

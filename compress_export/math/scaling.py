@@ -5,14 +5,15 @@ evaluated exactly as tr(ΔW H ΔWᵀ) with H = 2XᵀX/n (the shared Hessian core
 point instead of re-running the layer on stored activations. AutoAWQ and llm-compressor score q/k/v and gate/up
 on the output of the whole attention or MLP block instead; `search_scale` takes that loss as a function.
 """
+
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
 
-from compress_export.math.quant import rtn_quantize
 from compress_export.core.scheme import Scheme
+from compress_export.math.quant import rtn_quantize
 
 SCALE_GRID = 20  # α ∈ {0, 0.05, …, 0.95}: s = mean|x|^α, α = 0 is "no scaling"
 
@@ -44,8 +45,15 @@ def scaled_dequant(W: torch.Tensor, s: torch.Tensor, scheme: Scheme) -> torch.Te
 
 
 @torch.no_grad()
-def search_scale(W: torch.Tensor, H: torch.Tensor, x_absmean: torch.Tensor, scheme: Scheme,
-                 grid: int = SCALE_GRID, loss_of=None, reduce_sum=None) -> Tuple[torch.Tensor, float, float]:
+def search_scale(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    x_absmean: torch.Tensor,
+    scheme: Scheme,
+    grid: int = SCALE_GRID,
+    loss_of=None,
+    reduce_sum=None,
+) -> Tuple[torch.Tensor, float, float]:
     """Best per-input-channel scale s [in] for the balance weights W [rows, in] (concatenated).
 
     loss_of(effective W) -> summed error: None scores the balance linears' own output, tr(ΔW H ΔWᵀ); AWQ's
@@ -54,8 +62,10 @@ def search_scale(W: torch.Tensor, H: torch.Tensor, x_absmean: torch.Tensor, sche
     Returns (s, loss at s, loss without scaling)."""
     W = W.float()
     if loss_of is None:
+
         def loss_of(effective):
             return quadratic_error(W - effective, H)
+
     candidates = candidate_scales(x_absmean, grid)
     losses = torch.tensor([float(loss_of(scaled_dequant(W, s, scheme))) for s in candidates], dtype=torch.float64)
     if reduce_sum is not None:
@@ -65,7 +75,7 @@ def search_scale(W: torch.Tensor, H: torch.Tensor, x_absmean: torch.Tensor, sche
 
 
 @torch.no_grad()
-def fold_scale(smooth: torch.nn.Module, balance: list, s: torch.Tensor) -> None:
+def fold_scale(smooth: Any, balance: list, s: torch.Tensor) -> None:
     """Divide the op before by s and multiply the balance linears' input columns by s: same function.
 
     smooth: a norm (per-channel weight, optional bias) or a linear whose output rows feed the balance linears.

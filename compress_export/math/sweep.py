@@ -5,18 +5,19 @@ or both (SparseGPT joint 2:4 + quantization), and its error is fed forward throu
 H⁻¹ (the one Hessian core, hessian.py). Rows are independent given H, so linears that share an input (q/k/v,
 gate/up) are processed in one call on their concatenated rows: one Hessian, one inverse, one sweep.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from compress_export.math.hessian import inverse_cholesky
-from compress_export.math.quant import group_params, search_params
 from compress_export.core.result import QuantizedWeight, SparseWeight
 from compress_export.core.scheme import Scheme
 from compress_export.core.sparsity import Sparsity, nm_mask
+from compress_export.math.hessian import inverse_cholesky
+from compress_export.math.quant import group_params, search_params
 
 DEFAULT_BLOCK = 128
 
@@ -34,10 +35,19 @@ class ColumnRule:
       final_value   (value the column takes in the sweep, what is stored for it: codes or kept values).
     """
 
-    def __init__(self, scheme: Optional[Scheme], sparsity: Optional[Sparsity], rows: int, n: int, fixed_params,
-                 group_of_column, clip_search: bool, min_zero: int):
+    def __init__(
+        self,
+        scheme: Optional[Scheme],
+        sparsity: Optional[Sparsity],
+        rows: int,
+        n: int,
+        fixed_params,
+        group_of_column,
+        clip_search: bool,
+        min_zero: int,
+    ):
         self.scheme, self.sparsity, self.clip_search, self.min_zero = scheme, sparsity, clip_search, min_zero
-        self.group_size = n if scheme is None or scheme.group_size == -1 else scheme.group_size
+        self.group_size = n if scheme is None else scheme.group_len(n)
         self.fixed_params = fixed_params
         dev = group_of_column.device
         if scheme is not None:
@@ -48,7 +58,7 @@ class ColumnRule:
                 self.column_scales = fixed_params[0][:, group_of_column].t().contiguous()
                 self.column_zeros = fixed_params[1][:, group_of_column].t().float().contiguous()
         # keep[j, r]: True where weight (r, j) survives pruning
-        self.keep = torch.ones(n, rows, dtype=torch.bool, device=dev) if sparsity else None
+        self.keep: Any = torch.ones(n, rows, dtype=torch.bool, device=dev) if sparsity else None  # read when pruning
 
     def begin_block(self, start: int, block: torch.Tensor, inv_diag: torch.Tensor) -> None:
         """block: the view Wᵀ[start:start + b] the sweep updates in place; inv_diag: diag of U's block."""
@@ -65,7 +75,7 @@ class ColumnRule:
             k = int(saliency.numel() * sp.ratio)
             if k:
                 threshold = saliency.flatten().kthvalue(k).values
-                self.keep[start:start + block.shape[0]] = saliency > threshold
+                self.keep[start : start + block.shape[0]] = saliency > threshold
         self.start = start
 
     def decide_column(self, i: int, block: torch.Tensor, inv_diag: torch.Tensor) -> None:
@@ -73,21 +83,20 @@ class ColumnRule:
         j = self.start + i
         sp = self.sparsity
         if sp is not None and sp.structured and j % sp.m == 0:
-            saliency = block[i:i + sp.m].pow(2) / inv_diag[i:i + sp.m].pow(2)[:, None]
-            self.keep[j:j + sp.m] = nm_mask(saliency.t(), sp.n, sp.m).t()
+            saliency = block[i : i + sp.m].pow(2) / inv_diag[i : i + sp.m].pow(2)[:, None]
+            self.keep[j : j + sp.m] = nm_mask(saliency.t(), sp.n, sp.m).t()
         scheme = self.scheme
         if scheme is not None and self.fixed_params is None and j % self.group_size == 0:
             # the group's params from the weights as updated so far, this block's in-flight updates included
-            members = block[i:i + self.group_size]
-            scale, zero = search_params(members.t(), scheme.bits, scheme.symmetric, self.clip_search,
-                                        self.min_zero)
+            members = block[i : i + self.group_size]
+            scale, zero = search_params(members.t(), scheme.bits, scheme.symmetric, self.clip_search, self.min_zero)
             group = j // self.group_size
             self.scales[:, group], self.zeros[:, group] = scale, zero
-            self.block_scales[i:i + self.group_size], self.block_zeros[i:i + self.group_size] = scale, zero.float()
+            self.block_scales[i : i + self.group_size], self.block_zeros[i : i + self.group_size] = scale, zero.float()
 
     def final_value(self, i: int, w: torch.Tensor):
         """(value the column becomes, what to store in its place: codes or the kept values)."""
-        keep = self.keep[self.start + i] if self.sparsity is not None else None
+        keep: Any = self.keep[self.start + i] if self.sparsity is not None else None  # set when scheme is None
         if self.scheme is None:
             kept = w * keep
             return kept, kept
@@ -99,9 +108,18 @@ class ColumnRule:
 
 
 @torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Optional[Scheme], *, damp: float = 0.01,
-                  block_size: int = DEFAULT_BLOCK, clip_search: bool = True, min_zero: int = 0,
-                  sparsity: Optional[Sparsity] = None, name: str = "layer"):
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: Optional[Scheme],
+    *,
+    damp: float = 0.01,
+    block_size: int = DEFAULT_BLOCK,
+    clip_search: bool = True,
+    min_zero: int = 0,
+    sparsity: Optional[Sparsity] = None,
+    name: str = "layer",
+):
     """Quantize and/or prune W [out, in] column by column, feeding each column's error forward through H⁻¹.
 
     scheme None: prune only (SparseGPT), returning a SparseWeight; otherwise a QuantizedWeight (with its
@@ -113,18 +131,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Optional[Scheme], *,
     dead = torch.diag(H) == 0
     W[:, dead] = 0
     act = scheme.act_order if scheme is not None and sparsity is None else "none"
-    gs = n if scheme is None or scheme.group_size == -1 else scheme.group_size
+    gs = n if scheme is None else scheme.group_len(n)
     perm = torch.argsort(torch.diag(H), descending=True) if act != "none" else None
     # Static and per-channel params are fixed from the whole (unpermuted) weight before any update.
     fixed = None
-    if scheme is not None and (scheme.group_size == -1 or act == "static"):
-        fixed = group_params(W, scheme.bits, scheme.symmetric, scheme.group_size, clip_search, min_zero)
+    if scheme is not None and (scheme.per_channel or act == "static"):
+        fixed = group_params(W, scheme.bits, scheme.symmetric, gs, clip_search, min_zero)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U = inverse_cholesky(H, damp, name).U
     # Keep every group (and every N:M group) inside one block so its params see the in-flight updates.
-    unit = math.lcm(gs if scheme is not None and scheme.group_size != -1 else 1,
-                    sparsity.m if sparsity and sparsity.structured else 1)
+    unit = math.lcm(
+        gs if scheme is not None and not scheme.per_channel else 1,
+        sparsity.m if sparsity and sparsity.structured else 1,
+    )
     block = unit * max(1, math.ceil(block_size / unit))
     dev = W.device  # everything below lives where the weight does (the CPU, or the --device of the run)
     # group_of_column[k]: the group of the k-th visited column; original[k]: its index in W
@@ -134,13 +154,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: Optional[Scheme], *,
     swept_t = _sweep(W.t().contiguous(), U, block, rule)
     stored = torch.empty(rows, n, device=dev)
     stored[:, original] = swept_t.t()
-    mask = rule.keep.t().contiguous() if sparsity else None
+    mask: Any = rule.keep.t().contiguous() if sparsity else None  # set when scheme is None
     if scheme is None:
         return SparseWeight(stored, mask, sparsity)
     scales, zeros = fixed if fixed is not None else (rule.scales, rule.zeros)
     g_idx = torch.empty(n, dtype=torch.int32, device=dev)
     g_idx[original] = group_of_column.to(torch.int32)
-    if act == "static" or scheme.group_size == -1:
+    if act == "static" or scheme.per_channel:
         g_idx = (torch.arange(n, device=dev) // gs).to(torch.int32)
     return QuantizedWeight(stored.to(torch.uint8), scales.float(), zeros.int(), g_idx, scheme, mask=mask)
 

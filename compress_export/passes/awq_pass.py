@@ -5,6 +5,7 @@ are searched and folded mapping by mapping (in layer order, as the reference doe
 to the folded inputs, and only then is each linear quantized. The pipeline's propagation forward then feeds the
 compressed layer's outputs to the next layer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,10 @@ import re
 import torch
 
 from compress_export.core.errors import UserError
+from compress_export.core.structure import AWQ_MAPPINGS, AWQ_NO_CLIP
 from compress_export.math.hessian import HessianAccumulator
 from compress_export.math.quant import group_params, quantize_with_params, weighted_group_params
 from compress_export.math.scaling import fold_scale, search_scale
-from compress_export.core.structure import AWQ_MAPPINGS, AWQ_NO_CLIP
-
 from compress_export.passes.base import Pass, register_pass, split_rows
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ class AWQPass(Pass):
 
     def check_layout(self, layout, model_type: str) -> None:
         if model_type not in AWQ_MAPPINGS:
-            raise UserError(f"--method awq has no scale mappings for model_type {model_type!r}; supported: "
-                            f"{', '.join(sorted(AWQ_MAPPINGS))} (use --method gptq or rtn for others)")
+            raise UserError(
+                f"--method awq has no scale mappings for model_type {model_type!r}; supported: "
+                f"{', '.join(sorted(AWQ_MAPPINGS))} (use --method gptq or rtn for others)"
+            )
         self.mappings = AWQ_MAPPINGS[model_type]
 
     def make_stats(self, in_features):
@@ -93,14 +95,21 @@ class AWQPass(Pass):
                 continue
             gids = {group_of.get(b) for b in m.balance}
             if len(gids) != 1 or None in gids:
-                raise UserError(f"{where}: {', '.join(m.balance)} do not read the same input; "
-                                "AWQ cannot scale them together")
+                raise UserError(
+                    f"{where}: {', '.join(m.balance)} do not read the same input; AWQ cannot scale them together"
+                )
             shared = stats[gids.pop()]  # the balanced linears' common input statistics
             W = torch.cat([b.weight.float() for b in bal], dim=0)
             calls = self._blocks.get(m.inspect) if m.inspect else None
             loss_of = _block_loss(mods[m.inspect], bal, calls) if calls else None
-            s, loss, base = search_scale(W, shared.H, shared.absmean, self.scheme, loss_of=loss_of,
-                                         reduce_sum=sum_over_ranks if loss_of else None)
+            s, loss, base = search_scale(
+                W,
+                shared.H,
+                shared.absmean,
+                self.scheme,
+                loss_of=loss_of,
+                reduce_sum=sum_over_ranks if loss_of else None,
+            )
             fold_scale(smooth, bal, s)
             shared.scale_inputs(s)
             log.debug("%s%s: scaled %s, loss %.4g → %.4g", where, m.smooth, m.balance, base, loss)
@@ -109,13 +118,14 @@ class AWQPass(Pass):
     def compress_group(self, weights, stats, group):
         W = torch.cat([w.float() for w in weights], dim=0)
         scheme, opts = self.scheme, self.options
-        scales, zeros = group_params(W, scheme.bits, scheme.symmetric, scheme.group_size, search=False,
-                                     min_zero=opts.min_zero)
+        gs = scheme.group_len(W.shape[1])
+        scales, zeros = group_params(W, scheme.bits, scheme.symmetric, gs, search=False, min_zero=opts.min_zero)
         if opts.clip_search:
             clip = self._clipped_rows(group, [w.shape[0] for w in weights]).to(W.device)
             if clip.any():
-                scales[clip], zeros[clip] = weighted_group_params(W[clip], stats.H, scheme.bits, scheme.symmetric,
-                                                                  scheme.group_size, CLIP_RATIOS, opts.min_zero)
+                scales[clip], zeros[clip] = weighted_group_params(
+                    W[clip], stats.H, scheme.bits, scheme.symmetric, gs, CLIP_RATIOS, opts.min_zero
+                )
         qw = quantize_with_params(W, scales, zeros, scheme)
         return split_rows(qw, [w.shape[0] for w in weights])
 
@@ -136,8 +146,9 @@ def _mapping_modules(m, mods: dict, where: str):
     smooth, bal = mods.get(m.smooth), [mods.get(b) for b in m.balance]
     if smooth is None or None in bal:
         missing = [n for n in (m.smooth, *m.balance) if mods.get(n) is None]
-        raise UserError(f"{where}: AWQ mapping {m.smooth} → {m.balance} does not fit this layer "
-                        f"(no module {missing[0]})")
+        raise UserError(
+            f"{where}: AWQ mapping {m.smooth} → {m.balance} does not fit this layer (no module {missing[0]})"
+        )
     if any(b.in_features != smooth.weight.shape[0] for b in bal):
         if m.when_shapes_match:
             return None, None
@@ -156,8 +167,10 @@ def _block_loss(block, balance: list, calls: list):
         try:
             for b, w in zip(balance, effective.split(sizes)):
                 b.weight.data = w.to(b.weight.dtype)
-            return sum(float((_first(block(*args, **kwargs)).float() - ref.float()).pow(2).sum())
-                       for args, kwargs, ref in calls)
+            return sum(
+                float((_first(block(*args, **kwargs)).float() - ref.float()).pow(2).sum())
+                for args, kwargs, ref in calls
+            )
         finally:
             for b, w in zip(balance, originals):
                 b.weight.data = w

@@ -2,6 +2,7 @@
 
 The pipeline owns hooks, ordering and memory; a pass sees one group of linears that share an input at a time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,6 @@ class LinearGroup:
 class Pass:
     needs_calibration = True
     uses_act_order = True  # False: the pass keeps natural column order, so act_order is normalised to "none"
-    # Formats a pass's result may be written to; None = any weight-quantization format.
-    formats: Optional[tuple] = None
     # True: statistics of every linear group are gathered from the unquantized layer first, then
     # prepare_layer() runs, then groups are compressed (two forwards per layer). False: each group is
     # compressed as soon as its input is known (GPTQ's true-sequential single forward).
@@ -84,9 +83,6 @@ class Pass:
     def compress_group(self, weights: List[torch.Tensor], stats, group: LinearGroup) -> List[QuantizedWeight]:
         raise NotImplementedError
 
-    def describe(self) -> dict:
-        return {"method": self.name, **self.options.__dict__}
-
 
 def default_scheme(method: str) -> Scheme:
     """4-bit, automatic group size, static act-order, with the pass's own defaults (AWQ: asymmetric)."""
@@ -102,7 +98,15 @@ def split_rows(qw, sizes: List[int]) -> list:
         if isinstance(qw, SparseWeight):
             out.append(SparseWeight(qw.values[sl].contiguous(), mask, qw.sparsity))
         else:
-            out.append(QuantizedWeight(qw.codes[sl].contiguous(), qw.scales[sl].contiguous(),
-                                       qw.zeros[sl].contiguous(), qw.g_idx, qw.scheme, mask=mask))
+            out.append(
+                QuantizedWeight(
+                    qw.codes[sl].contiguous(),
+                    qw.scales[sl].contiguous(),
+                    qw.zeros[sl].contiguous(),
+                    qw.g_idx,
+                    qw.scheme,
+                    mask=mask,
+                )
+            )
         start += n
     return out

@@ -4,14 +4,14 @@ Each produces a SparseWeight (values with exact zeros and the keep mask) or, wit
 QuantizedWeight whose pruned codes equal their zero point. The masks all come from sparsity.mask_for; SparseGPT
 runs the GPTQ sweep with pruning (sweep.py) on the shared Hessian core.
 """
+
 from __future__ import annotations
 
 import torch
 
-from compress_export.math.quant import rtn_quantize
 from compress_export.core.result import QuantizedWeight, SparseWeight
 from compress_export.core.sparsity import mask_for
-
+from compress_export.math.quant import rtn_quantize
 from compress_export.passes.base import Pass, register_pass, split_rows
 from compress_export.passes.gptq_pass import GPTQPass
 

@@ -1,10 +1,10 @@
 """RTN: round-to-nearest with min-max group scales. No calibration; the baseline every pass must beat."""
+
 from __future__ import annotations
 
 import torch
 
 from compress_export.math.quant import rtn_quantize
-
 from compress_export.passes.base import Pass, register_pass, split_rows
 
 

@@ -3,6 +3,7 @@
 Only one decoder layer's statistics are alive at a time, and the hidden states of the calibration set are
 replaced in place as they flow through, so memory does not grow with depth.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Tuple
@@ -34,7 +35,7 @@ def capture_layer0_inputs(model: nn.Module, layer0: nn.Module, ids: torch.Tensor
     try:
         for b in range(0, ids.shape[0], batch_size):
             try:
-                model(input_ids=ids[b:b + batch_size], use_cache=False)
+                model(input_ids=ids[b : b + batch_size], use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -101,8 +102,9 @@ class InputGroups:
         self._seen.clear()
 
 
-def probe_groups(layer: nn.Module, linears: List[Tuple[str, nn.Linear]], hidden: torch.Tensor,
-                 kwargs: dict) -> List[List[str]]:
+def probe_groups(
+    layer: nn.Module, linears: List[Tuple[str, nn.Linear]], hidden: torch.Tensor, kwargs: dict
+) -> List[List[str]]:
     """Which linears read the same input tensor, from one cheap forward of a single sample."""
     groups = InputGroups(linears, lambda n: _Null())
     try:
@@ -115,12 +117,14 @@ def probe_groups(layer: nn.Module, linears: List[Tuple[str, nn.Linear]], hidden:
 
 def slice_batch(kwargs: dict, batch: int) -> dict:
     """kwargs for a one-sample forward: tensors with a leading batch dimension keep their first row."""
+
     def cut(v):
         if torch.is_tensor(v) and v.dim() and v.shape[0] == batch and batch > 1:
             return v[:1]
         if isinstance(v, tuple):
             return tuple(cut(x) for x in v)
         return v
+
     return {k: cut(v) for k, v in kwargs.items()}
 
 

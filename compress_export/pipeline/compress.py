@@ -1,8 +1,10 @@
 """The one pipeline the CLI, the Python API and torchrun (distributed.py) drive.
 
-validate everything → load → calibration ids → layer by layer: stats forward, compress, pack, propagate →
-write atomically. Passes never see hooks; formats never see the model.
+resolve the config into a Plan (plan.py) → validate everything → load → calibration ids → layer by layer: stats
+forward, compress, pack, propagate → write atomically. Passes never see hooks; formats never see the model; the
+plan's modifiers (modifiers/base.py) are called at their hooks, and the pipeline knows nothing about any one of them.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,22 +18,27 @@ from typing import Optional
 
 import torch
 
-from compress_export.io import model_io, safety
-from compress_export.pipeline.distributed import Dist, check_distributable, join
-from compress_export.pipeline.config import CompressionConfig
 from compress_export.core.errors import UserError
-from compress_export.passes import PASSES, LinearGroup, PassOptions, default_scheme
 from compress_export.core.progress import Progress
-from compress_export.core.result import SparseWeight
+from compress_export.core.result import SparseWeight, corrected
 from compress_export.core.scheme import Scheme
-from compress_export.io.lowrank import ADAPTER_DIR, check_rank, hessian_basis, lowrank_correction, save_adapter, storage_dtype
-from compress_export.core.result import corrected
-from compress_export.modifiers.smoothing import Smoothing
-from compress_export.passes.sequential import (CompressOnFirstCall, InputGroups, capture_layer0_inputs, probe_groups, run_layer,
-                         to_device)
-from compress_export.io.source import open_source
 from compress_export.core.structure import describe
+from compress_export.io import model_io
+from compress_export.io.source import open_source
 from compress_export.io.writer import CheckpointWriter, dir_weight_bytes
+from compress_export.modifiers.base import RunContext
+from compress_export.passes import LinearGroup
+from compress_export.passes.sequential import (
+    CompressOnFirstCall,
+    InputGroups,
+    capture_layer0_inputs,
+    probe_groups,
+    run_layer,
+    to_device,
+)
+from compress_export.pipeline.config import CompressionConfig
+from compress_export.pipeline.distributed import Dist, check_distributable, join
+from compress_export.pipeline.plan import Plan, resolve
 
 log = logging.getLogger(__name__)
 
@@ -60,53 +67,43 @@ class Summary:
     smoothquant: Optional[float] = None  # SmoothQuant's α when it ran (W8A8), else None
 
     def lines(self):
-        what = " ".join(x for x in (f"sparsity {self.sparsity}" if self.sparsity else "",
-                                    str(self.scheme) if self.scheme else "") if x)
+        what = " ".join(
+            x
+            for x in (f"sparsity {self.sparsity}" if self.sparsity else "", str(self.scheme) if self.scheme else "")
+            if x
+        )
         return [
             f"wrote {self.output}",
             f"  {self.method} → {self.format} {what}"
             + (f"; SmoothQuant α = {self.smoothquant}" if self.smoothquant is not None else ""),
             f"  {self.linears} linears in {self.decoder_layers} decoder layers; calibration: {self.calibration}",
-            *([f"  kept unquantized (never reached by calibration): {', '.join(self.kept_dense)}"]
-              if self.kept_dense else []),
-            *([f"  kept unquantized (fused MoE expert tensors, not supported yet): {len(self.fused_dense)}, e.g. "
-               f"{self.fused_dense[0]}"] if self.fused_dense else []),
+            *(
+                [f"  kept unquantized (never reached by calibration): {', '.join(self.kept_dense)}"]
+                if self.kept_dense
+                else []
+            ),
+            *(
+                [
+                    f"  kept unquantized (fused MoE expert tensors, not supported yet): {len(self.fused_dense)}, e.g. "
+                    f"{self.fused_dense[0]}"
+                ]
+                if self.fused_dense
+                else []
+            ),
             f"  {self.seconds:.1f} s on {self.device}{f' × {self.ranks} ranks' if self.ranks > 1 else ''}, "
             f"peak RSS {self.peak_rss_mb:.0f} MB "
             f"({'streamed layer by layer' if self.streamed else 'whole model in memory'})",
             f"  size {self.size_before_mb:.1f} MB → {self.size_after_mb:.1f} MB "
             f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.2f}× smaller)",
-            *([f"  low-rank correction: rank {self.lowrank_rank}, a LoRA adapter in {self.output}/lowrank "
-               f"(compress-export serve enables it; vLLM requests name the model 'corr')"] if self.lowrank_rank else []),
+            *(
+                [
+                    f"  low-rank correction: rank {self.lowrank_rank}, a LoRA adapter in {self.output}/lowrank "
+                    f"(compress-export serve enables it; vLLM requests name the model 'corr')"
+                ]
+                if self.lowrank_rank
+                else []
+            ),
         ]
-
-
-def default_output(model_dir: Path, method: str, fmt: str, scheme: Optional[Scheme], sparsity=None) -> Path:
-    tag = method + (f"-sp{str(sparsity).replace(':', 'of')}" if sparsity else "")
-    if scheme is not None:
-        g = "pc" if scheme.group_size == -1 else f"g{scheme.group_size}"
-        tag += f"-w{scheme.bits}{g}" + ("a8" if scheme.act_bits == 8 else "") + ("" if scheme.symmetric else "-asym")
-    return Path.cwd() / f"{model_dir.resolve().name}-{fmt}-{tag}"
-
-
-AUTO_GROUPS = (128, 64, 32)
-
-
-def resolve_group_size(scheme: Scheme, cfg: dict) -> Scheme:
-    """group_size 0 (auto): the largest of 128/64/32 dividing every linear input size named in config.json."""
-    if scheme.group_size != 0:
-        return scheme
-    heads = cfg.get("num_attention_heads") or 1
-    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
-    sizes = {cfg.get("hidden_size"), cfg.get("intermediate_size"), heads * head_dim} - {None, 0}
-    for g in AUTO_GROUPS:
-        if all(s % g == 0 for s in sizes):
-            if g != AUTO_GROUPS[0]:
-                log.warning("group size %d chosen: %d does not divide the layer sizes %s",
-                            g, AUTO_GROUPS[0], sorted(sizes))
-            return scheme.with_(group_size=g)
-    log.warning("no group size of %s divides %s; using per-channel scales", AUTO_GROUPS, sorted(sizes))
-    return scheme.with_(group_size=-1)
 
 
 def check_shapes(layout, scheme: Optional[Scheme], fmt, sparsity=None) -> None:
@@ -120,22 +117,36 @@ def check_shapes(layout, scheme: Optional[Scheme], fmt, sparsity=None) -> None:
             fmt.check_linear(layout.full_name(i, name), m.in_features, m.out_features, sparsity)
             if scheme is None:
                 continue
-            if scheme.group_size != -1 and m.in_features % scheme.group_size:
+            if not scheme.divides(m.in_features):
                 bad.setdefault((name, m.in_features), []).append(i)
             p = period(scheme.bits)
             if m.in_features % p or m.out_features % p:
-                raise UserError(f"{layout.full_name(i, name)} [{m.out_features}×{m.in_features}] cannot be packed "
-                                f"at {scheme.bits} bits: both sizes must be multiples of {p}")
+                raise UserError(
+                    f"{layout.full_name(i, name)} [{m.out_features}×{m.in_features}] cannot be packed "
+                    f"at {scheme.bits} bits: both sizes must be multiples of {p}"
+                )
     if bad:
         which = ", ".join(f"{n} (in={k})" for n, k in sorted(bad))
         ok = [g for g in (32, 64, 128, 256) if all(s % g == 0 for s in sizes)]
-        raise UserError(f"--group-size {scheme.group_size} does not divide the input size of {which}; "
-                        f"group sizes that fit every layer: {', '.join(map(str, ok)) or 'none'} (or -1)")
+        raise UserError(
+            f"--group-size {scheme.group_size} does not divide the input size of {which}; "
+            f"group sizes that fit every layer: {', '.join(map(str, ok)) or 'none'} (or -1)"
+        )
 
 
-def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None, *, overwrite: bool = False,
-             progress: bool = True, trust_remote_code: bool = False, on_result=None, device: str = "auto",
-             stream: Optional[bool] = None, **settings) -> Summary:
+def compress(
+    model_dir,
+    out_dir=None,
+    config: Optional[CompressionConfig] = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    on_result=None,
+    device: str = "auto",
+    stream: Optional[bool] = None,
+    **settings,
+) -> Summary:
     """Compress MODEL_DIR into OUT as `config` describes (the CLI, the Python API and export-on-load all call
     this). Keyword settings are the older spelling of the same (method=, fmt=, scheme=Scheme(...), options=,
     dataset=, num_samples=, seq_len=, batch_size=, seed=, sparsity=) and are turned into a CompressionConfig.
@@ -149,35 +160,51 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
     if settings:
         if config is not None:
             raise TypeError("compress() takes a CompressionConfig or keyword settings, not both")
-        config = config_from_settings(**settings)
-    config = config or CompressionConfig()
+        config = CompressionConfig.from_settings(**settings)
     t0 = time.time()
-    src, out, format_, the_pass = _plan(model_dir, out_dir, config.resolved_method(), config.resolved_format(),
-                                        config.to_scheme(), config.pass_options(), overwrite, config.sparsity)
-    dev, skeleton, layout, index = preflight(src, out, config, the_pass, format_, device, trust_remote_code)
-    smoothing = _smoothing(config, the_pass, skeleton)
-    calibrate = the_pass.needs_calibration or smoothing is not None
+    plan = resolve(config, model_dir, out_dir, overwrite=overwrite, device=device)
+    src, out, format_, the_pass, calib = plan.src, plan.out, plan.format, plan.the_pass, plan.calibration
+    dev, skeleton, layout, index = preflight(plan, trust_remote_code)
     dist, dev = join(dev)  # torchrun (or the caller's process group): this rank's place; else a run of one
     try:
         check_distributable(dist, layout)
         # only text the model writes itself needs the whole model (calibration loads it then, even when streaming)
-        source = open_source(src, skeleton, index, stream, needs_model_forward=calibrate and config.dataset == "self",
-                             trust_remote_code=trust_remote_code)
+        source = open_source(
+            src,
+            skeleton,
+            index,
+            stream,
+            needs_model_forward=calib.needed and calib.dataset == "self",
+            trust_remote_code=trust_remote_code,
+        )
         if source.model is not skeleton:  # loaded whole: the same structure, other module objects
             layout = describe(source.model, str(src))
         timings = {"load": time.time() - t0}
-        ids, calib_desc = _calibration(source, calibrate, config, progress and dist.main, timings, dist,
-                                       trust_remote_code)
+        ids, calib_desc = _calibration(source, calib, progress and dist.main, timings, dist, trust_remote_code)
         writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
-        lowrank = LowRank(config.lowrank_rank) if config.lowrank_rank else None
+        ctx = RunContext(src=src, layout=layout, dist=dist)
         try:
-            compressed = _run_layers(source, layout, the_pass, format_, writer, ids, config.batch_size,
-                                     progress and dist.main, timings, on_result, dev, dist, smoothing, lowrank)
-            kept_dense = sorted({layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
-                                - compressed)
+            compressed = _run_layers(
+                source,
+                layout,
+                the_pass,
+                format_,
+                writer,
+                ids,
+                calib.batch_size,
+                progress and dist.main,
+                timings,
+                on_result,
+                dev,
+                dist,
+                plan.modifiers,
+                ctx,
+            )
+            kept_dense = sorted(
+                {layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin} - compressed
+            )
             if writer is not None:
-                _finish(writer, source, src, layout, the_pass, format_, compressed, kept_dense, calib_desc,
-                        overwrite, smoothing, lowrank, trust_remote_code)
+                _finish(writer, source, plan, layout, compressed, kept_dense, calib_desc, ctx, trust_remote_code)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -187,29 +214,33 @@ def compress(model_dir, out_dir=None, config: Optional[CompressionConfig] = None
         dist.close()
     scheme = the_pass.scheme
     return Summary(
-        output=str(out), streamed=source.streamed, device=str(dev), method=the_pass.name, format=format_.name,
-        scheme=asdict(scheme) if scheme else None, ranks=dist.world, lowrank_rank=config.lowrank_rank,
-        smoothquant=smoothing.alpha if smoothing is not None else None,
-        sparsity=str(the_pass.sparsity or ""), decoder_layers=len(layout.layers),
-        linears=len(compressed), calibration=calib_desc, seconds=time.time() - t0, kept_dense=kept_dense,
+        output=str(out),
+        streamed=source.streamed,
+        device=str(dev),
+        method=the_pass.name,
+        format=format_.name,
+        scheme=asdict(scheme) if scheme else None,
+        ranks=dist.world,
+        **plan.summary_fields(),
+        sparsity=str(the_pass.sparsity or ""),
+        decoder_layers=len(layout.layers),
+        linears=len(compressed),
+        calibration=calib_desc,
+        seconds=time.time() - t0,
+        kept_dense=kept_dense,
         fused_dense=layout.fused_dense,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        size_before_mb=dir_weight_bytes(src) / 1e6, size_after_mb=dir_weight_bytes(out) / 1e6, timings=timings,
+        size_before_mb=dir_weight_bytes(src) / 1e6,
+        size_after_mb=dir_weight_bytes(out) / 1e6,
+        timings=timings,
     )
 
 
-def _smoothing(config: CompressionConfig, the_pass, skeleton) -> Optional[Smoothing]:
-    """SmoothQuant's plan when asked for (a UserError when it does not fit the scheme, pass or model)."""
-    return Smoothing.plan(config.smoothquant, the_pass.scheme, the_pass.name,
-                          getattr(skeleton.config, "model_type", ""))
-
-
-def _calibration(source, needed: bool, config: CompressionConfig, progress: bool, timings: dict, dist,
-                 trust_remote_code: bool = False):
+def _calibration(source, calib, progress: bool, timings: dict, dist, trust_remote_code: bool = False):
     """(ids [samples, seq_len], description) of the calibration set, or (None, ...) when nothing needs one (RTN
     without SmoothQuant). Rank 0 makes it (text the model writes is slow) and every rank receives the same ids.
     The description names the source: a path, the built-in text (the default) or the model itself."""
-    if not needed:
+    if not calib.needed:
         return None, "none (RTN)"
     from compress_export.io.calibration import calibration_set
 
@@ -228,28 +259,55 @@ def _calibration(source, needed: bool, config: CompressionConfig, progress: bool
                 bar.append(Progress(total, "calibration text written by the model", enabled=progress))
             bar[0].update(done)
 
-        made = calibration_set(load_whole if source.streamed else source.model, source.tokenizer, config.dataset,
-                               config.num_samples, config.seq_len, config.seed, progress=writing)
+        made = calibration_set(
+            load_whole if source.streamed else source.model,
+            source.tokenizer,
+            calib.dataset,
+            calib.num_samples,
+            calib.seq_len,
+            calib.seed,
+            progress=writing,
+        )
     made = dist.broadcast_object(made)
     vocab = getattr(getattr(source.model, "config", None), "vocab_size", None)
     if isinstance(vocab, int) and made[0].numel() and int(made[0].max()) >= vocab:  # else an IndexError later
-        raise UserError(f"{source.src}: its tokenizer gives token id {int(made[0].max())}, beyond the model's "
-                        f"vocab_size {vocab} in config.json; the tokenizer does not belong to this model")
+        raise UserError(
+            f"{source.src}: its tokenizer gives token id {int(made[0].max())}, beyond the model's "
+            f"vocab_size {vocab} in config.json; the tokenizer does not belong to this model"
+        )
     timings["calibration_data"] = time.time() - t
     return made
 
 
-def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kept_dense: list, calib_desc: str,
-            overwrite: bool, smoothing=None, lowrank=None, trust_remote_code: bool = False) -> None:
+def _finish(
+    writer,
+    source,
+    plan: Plan,
+    layout,
+    compressed: set,
+    kept_dense: list,
+    calib_desc: str,
+    ctx,
+    trust_remote_code: bool = False,
+) -> None:
     """The tensors outside the decoder layers, config.json with the format's quantization_config, and the
     atomic rename into place. Without --trust-remote-code the model ran on transformers' own classes, so the
-    export describes it that way: the folder's code (auto_map and its .py files) is not carried over."""
+    export describes it that way: the folder's code (auto_map and its .py files) is not carried over. Each
+    modifier adds its files to the folder being assembled and its extras to quantization_config, in plan order."""
+    src, the_pass, format_ = plan.src, plan.the_pass, plan.format
     if kept_dense:  # never dropped: written as they are, listed as unquantized, reported
-        log.warning("%d targeted linear(s) never ran during calibration (e.g. MoE experts no token was routed "
-                    "to) and are kept unquantized: %s", len(kept_dense), ", ".join(kept_dense[:6]))
+        log.warning(
+            "%d targeted linear(s) never ran during calibration (e.g. MoE experts no token was routed "
+            "to) and are kept unquantized: %s",
+            len(kept_dense),
+            ", ".join(kept_dense[:6]),
+        )
     if layout.fused_dense:
-        log.warning("%d fused MoE expert tensor(s) are not nn.Linear layers and stay unquantized (e.g. %s)",
-                    len(layout.fused_dense), layout.fused_dense[0])
+        log.warning(
+            "%d fused MoE expert tensor(s) are not nn.Linear layers and stay unquantized (e.g. %s)",
+            len(layout.fused_dense),
+            layout.fused_dense[0],
+        )
     dtype = model_io.source_dtype(src)
     for name, t in source.outer_tensors(layout.layers_path):
         writer.add(name, t.to(dtype) if t.is_floating_point() else t)
@@ -261,34 +319,33 @@ def _finish(writer, source, src, layout, the_pass, format_, compressed: set, kep
         extra.pop("awq_score")
     if the_pass.sparsity is not None:
         extra["sparsity"] = str(the_pass.sparsity)
-    if smoothing is not None:
-        extra["smoothquant"] = smoothing.alpha
-    if lowrank is not None:
-        extra["lowrank"] = {"rank": lowrank.rank, "adapter": ADAPTER_DIR}
-        lowrank.save(writer.tmp / ADAPTER_DIR, src)
+    for m in plan.modifiers:
+        m.at_export(ctx, writer.tmp, extra)
     cfg = model_io.read_config(src)
     if not trust_remote_code:
         cfg.pop("auto_map", None)
-    qc = format_.quantization_config(the_pass.scheme, ignore, extra)
+    qc = format_.quantization_config(the_pass.scheme, ignore, extra, dtype)
     if qc is not None:
         cfg["quantization_config"] = qc
     cfg.update(format_.config_extras(ignore, extra))
-    writer.finish(cfg, src, overwrite, code=trust_remote_code)
+    writer.finish(cfg, src, plan.overwrite, code=trust_remote_code)
 
 
-def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_, device, trust_remote_code):
+def preflight(plan: Plan, trust_remote_code: bool = False):
     """Everything config.json, the safetensors headers and the model's structure (built on the meta device, no
     weights) can tell, checked before any weight is read and reported together: the device, the dataset, group
-    size and packing against every layer, the pass against the architecture, the disk space. Returns (torch
+    size and packing against every layer, the pass and the modifiers against the architecture, the disk space
+    (everything else was checked when the plan was resolved). Returns (torch
     device, the weightless model, its layout, the checkpoint's tensor index)."""
-    from compress_export.io.calibration import check_calibration_size, check_dataset
     from compress_export.core.hardware import resolve_device
+    from compress_export.io.calibration import check_calibration_size, check_dataset
     from compress_export.io.source import build_skeleton, check_tensors
 
+    src, out, the_pass, format_, calib = plan.src, plan.out, plan.the_pass, plan.format, plan.calibration
     problems = []
-    dev = _collect(problems, resolve_device, device)
-    if config.dataset:  # checked whenever given (SmoothQuant may calibrate a pass that needs no statistics)
-        _collect(problems, check_dataset, config.dataset)
+    dev = _collect(problems, resolve_device, plan.device)
+    if calib.dataset:  # checked whenever given (a modifier may calibrate a pass that needs no statistics)
+        _collect(problems, check_dataset, calib.dataset)
     skeleton = build_skeleton(src, trust_remote_code)
     index = model_io.tensor_index(src)
     _collect(problems, check_tensors, src, skeleton, index)
@@ -296,11 +353,18 @@ def preflight(src: Path, out: Path, config: CompressionConfig, the_pass, format_
     if layout is not None:
         _collect(problems, check_shapes, layout, the_pass.scheme, format_, the_pass.sparsity)
         _collect(problems, the_pass.check_layout, layout, getattr(skeleton.config, "model_type", ""))
-        smoothing = _collect(problems, _smoothing, config, the_pass, skeleton)
-        if the_pass.needs_calibration or smoothing is not None:
-            _collect(problems, check_calibration_size, config.num_samples, config.seq_len, config.batch_size,
-                     skeleton.config, dev)
-        _collect(problems, check_rank, config.lowrank_rank, layout)
+        if calib.needed:
+            _collect(
+                problems,
+                check_calibration_size,
+                calib.num_samples,
+                calib.seq_len,
+                calib.batch_size,
+                skeleton.config,
+                dev,
+            )
+        for m in plan.modifiers:
+            _collect(problems, m.check, layout)
         _collect(problems, check_disk_space, out, index, layout, the_pass.scheme, the_pass.sparsity)
     if len(problems) == 1:
         raise UserError(problems[0])
@@ -349,49 +413,10 @@ def check_disk_space(out: Path, index: dict, layout, scheme, sparsity) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if free < need:
-        raise UserError(f"{where} has {free / 1e9:.2f} GB free; this export needs about {need / 1e9:.2f} GB "
-                        "while it is written: free space or choose another -o")
-
-
-def config_from_settings(method=None, fmt=None, scheme: Optional[Scheme] = None,
-                         options: Optional[PassOptions] = None, sparsity=None, **rest) -> CompressionConfig:
-    opts = options or PassOptions()
-    return CompressionConfig.from_scheme(scheme, method=method, format=fmt,
-                                         sparsity=None if sparsity is None else str(sparsity),
-                                         damp=opts.damp, clip_search=opts.clip_search,
-                                         awq_score=rest.pop("awq_score", opts.awq_score), **rest)
-
-
-def _plan(model_dir, out_dir, method, fmt, scheme, options, overwrite, sparsity=None):
-    """Every check that needs no weights, before any work starts: paths, method × format, scheme, sparsity."""
-    from compress_export.formats.base import FORMATS
-
-    from compress_export.core.sparsity import Sparsity
-
-    src = model_io.check_model_dir(model_dir)
-    model_io.check_not_quantized(src)
-    sp = Sparsity.parse(sparsity) if isinstance(sparsity, str) else sparsity
-    fmt = fmt or (("sparse24" if sp.structured else "dense") if sp else "gptq")
-    format_ = FORMATS.get(fmt)()
-    format_.storage_dtype = model_io.source_dtype(src)
-    method = method or format_.default_method
-    pass_cls = PASSES.get(method)
-    if pass_cls.prunes != (sp is not None):
-        raise UserError(f"--method {method} needs --sparsity (2:4 or a fraction)" if pass_cls.prunes else
-                        f"--sparsity needs a pruning method (--method magnitude, wanda or sparsegpt), not {method}")
-    if scheme is None and not pass_cls.prunes:
-        scheme = default_scheme(method)
-    if scheme is not None and not pass_cls.uses_act_order:
-        scheme = scheme.with_(act_order="none")
-    format_.check(scheme, sp)
-    if scheme is not None:
-        scheme = resolve_group_size(scheme, model_io.read_config(src))
-    out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme, sp)
-    safety.check_output(out, [src], overwrite)
-    opts = options or PassOptions()
-    if scheme is not None and not scheme.symmetric:
-        opts = PassOptions(**{**asdict(opts), "min_zero": max(opts.min_zero, format_.min_zero)})
-    return src, out, format_, pass_cls(scheme, opts, sp)
+        raise UserError(
+            f"{where} has {free / 1e9:.2f} GB free; this export needs about {need / 1e9:.2f} GB "
+            "while it is written: free space or choose another -o"
+        )
 
 
 def auto_batch_size(model, ids) -> int:
@@ -404,11 +429,25 @@ def auto_batch_size(model, ids) -> int:
 
 
 @torch.no_grad()
-def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, progress, timings, on_result=None,
-                device=torch.device("cpu"), dist=Dist(), smoothing=None, lowrank=None) -> set:
-    """Each decoder layer in turn: read it, move it to `device`, smooth it (SmoothQuant, when asked), compress its
-    linears, write it, drop it. writer None: a distributed rank other than 0, which computes its share and writes
-    nothing."""
+def _run_layers(
+    source,
+    layout,
+    the_pass,
+    format_,
+    writer,
+    ids,
+    batch_size,
+    progress,
+    timings,
+    on_result=None,
+    device=torch.device("cpu"),
+    dist=Dist(),
+    modifiers=(),
+    ctx=None,
+) -> set:
+    """Each decoder layer in turn: read it, move it to `device`, let the modifiers prepare it (before_layer:
+    SmoothQuant), compress its linears, write it, drop it. writer None: a distributed rank other than 0, which
+    computes its share and writes nothing."""
     t = time.time()
     states, single = None, False
     if ids is not None:
@@ -416,19 +455,22 @@ def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, prog
         batch_size = batch_size or auto_batch_size(source.model, ids)
         # decided on the whole set, so that any number of ranks runs the same algorithm
         single = ids.shape[0] <= batch_size and not the_pass.layer_wise
-        states = to_device(capture_layer0_inputs(source.model, layout.layers[0], dist.samples(ids), batch_size),
-                           device)
+        states = to_device(capture_layer0_inputs(source.model, layout.layers[0], dist.samples(ids), batch_size), device)
         source.release_inputs(layout.layers_path)
     timings["capture"] = time.time() - t
     bar = Progress(len(layout.layers), "compressing decoder layers", enabled=progress)
     done, t0, turns = set(), time.time(), itertools.count()
-    dtype = format_.storage_dtype
+    for m in modifiers:
+        m.before_pass(ctx)
+    dtype = model_io.source_dtype(source.src)  # float values are written in the source's dtype
     for i in range(len(layout.layers)):
         layer = source.load_layer(layout, i).to(device)
-        compress = _group_compressor(layout, i, the_pass, format_, writer, done, on_result, dist, turns, lowrank)
-        if states is not None and smoothing is not None:
-            smoothing.apply(layer, states, dist.max_ if dist.active else None)
-        if states is None or not the_pass.needs_calibration:  # RTN: no statistics (after SmoothQuant: propagate)
+        compress = _group_compressor(
+            layout, i, the_pass, format_, writer, done, on_result, dist, turns, modifiers, ctx, dtype
+        )
+        for m in modifiers:
+            m.before_layer(ctx, i, layer, states)
+        if states is None or not the_pass.needs_calibration:  # RTN: no statistics (after a modifier: propagate)
             compress([([n], None) for n, _ in layout.linears[i]])
             states = states and [(run_layer(layer, h, kw), kw) for h, kw in states]
         elif single:
@@ -440,32 +482,48 @@ def _run_layers(source, layout, the_pass, format_, writer, ids, batch_size, prog
             owner, _, what = name.rpartition(".")
             if not (owner in done and what in ("weight", "bias")):  # packed linears were written above
                 writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+        for m in modifiers:
+            m.after_layer(ctx, i, layer)
         source.release_layer(layout, i)
         bar.update(i + 1, f"({len(done)} linears)")
     timings["layers"] = time.time() - t0
     return done
 
 
-def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result, dist, turns, lowrank=None):
+def _group_compressor(
+    layout,
+    i,
+    the_pass,
+    format_,
+    writer,
+    done: set,
+    on_result,
+    dist,
+    turns,
+    modifiers=(),
+    ctx=None,
+    storage_dtype=torch.float16,
+):
     """compress([(names, stats), ...]): groups of layer i's linears that share an input, each compressed (by the
-    rank whose turn it is, when distributed), given its low-rank correction when asked, packed, written, and
-    replaced in the layer by what it computes (later linears and layers calibrate on the compressed function)."""
+    rank whose turn it is, when distributed), handed to the modifiers (after_group: the low-rank correction),
+    packed, written, and replaced in the layer by what it computes (later linears and layers calibrate on the
+    compressed function)."""
     mods = dict(layout.linears[i])
 
     def sweep(names, stats):
-        results = the_pass.compress_group([mods[n].weight for n in names], stats,
-                                          LinearGroup(layout.full_name(i, ""), tuple(names)))
+        results = the_pass.compress_group(
+            [mods[n].weight for n in names], stats, LinearGroup(layout.full_name(i, ""), tuple(names))
+        )
         for n, r in zip(names, results):  # NaN statistics (overflowing activations) show up here first
             check_result_finite(r, layout.full_name(i, n))
         for r in results:
             if isinstance(r, SparseWeight):  # float values are stored in the source dtype: round them now, so
                 # the result in memory, later layers' calibration and the file all hold the same numbers
-                r.values = r.values.to(format_.storage_dtype).to(r.values.dtype)
-        if lowrank is not None:
-            basis = hessian_basis(getattr(stats, "H", None))  # once per group: its linears share the input
-            for n, r in zip(names, results):
-                lowrank.correct(r, mods[n].weight, basis)
-                check_result_finite(r, layout.full_name(i, n))
+                r.values = r.values.to(storage_dtype).to(r.values.dtype)
+        for m in modifiers:
+            m.after_group(ctx, names, [mods[n].weight for n in names], results, stats)
+        for n, r in zip(names, results) if modifiers else ():  # what a modifier changed, checked again
+            check_result_finite(r, layout.full_name(i, n))
         return results
 
     def apply(names, results):
@@ -474,11 +532,11 @@ def _group_compressor(layout, i, the_pass, format_, writer, done: set, on_result
             qw.bias = m.bias.detach().clone() if m.bias is not None else None
             m.weight.data.copy_(corrected(qw, m.weight.dtype))
             qw = qw.to("cpu")
-            if lowrank is not None:
-                lowrank.factors[layout.full_name(i, n)] = (qw.lora_a, qw.lora_b)
+            for mod in modifiers:
+                mod.after_linear(ctx, layout.full_name(i, n), qw)
             if on_result is not None:
                 on_result(layout.full_name(i, n), qw)
-            for suffix, tensor in format_.pack(qw).items() if writer is not None else ():
+            for suffix, tensor in format_.pack(qw, storage_dtype).items() if writer is not None else ():
                 writer.add(f"{layout.full_name(i, n)}.{suffix}", tensor)
             done.add(layout.full_name(i, n))
 
@@ -496,29 +554,11 @@ def check_result_finite(result, name: str) -> None:
     for what in ("scales", "values", "lora_a", "lora_b"):
         t = getattr(result, what, None)
         if t is not None and not torch.isfinite(t).all():
-            raise UserError(f"{name}: the {what} computed for this layer hold NaN or Inf (its calibration "
-                            "activations overflow or the weights are extreme); nothing was written: check the "
-                            "source weights, or try --dataset with other text or --damp 0.1")
-
-
-class LowRank:
-    """The run's low-rank corrections: computed per linear after its weight pass, kept (they are small) and
-    written as one LoRA adapter when the export is complete."""
-
-    def __init__(self, rank: int):
-        self.rank, self.factors = rank, {}
-
-    def correct(self, result, weight: torch.Tensor, basis) -> None:
-        """Set result.lora_a / lora_b from its error against the weight it replaces (basis: hessian_basis of its
-        inputs), rounded to the adapter's storage dtype now, so the layer, later calibration and the file hold the
-        same numbers."""
-        A, B = lowrank_correction(weight.float() - result.dequantize(torch.float32), basis, self.rank)
-        dt = storage_dtype(A, B)
-        result.lora_a, result.lora_b = A.to(dt).float(), B.to(dt).float()
-
-    def save(self, folder: Path, src: Path) -> None:
-        packed = {n: (a.to(storage_dtype(a, b)), b.to(storage_dtype(a, b))) for n, (a, b) in self.factors.items()}
-        save_adapter(folder, packed, self.rank, src.name)
+            raise UserError(
+                f"{name}: the {what} computed for this layer hold NaN or Inf (its calibration "
+                "activations overflow or the weights are extreme); nothing was written: check the "
+                "source weights, or try --dataset with other text or --damp 0.1"
+            )
 
 
 def _single_pass(layer, linears, state, the_pass, compress, dist):
@@ -555,7 +595,12 @@ def _two_pass(layer, layout, i, states, the_pass, compress, dist):
     dist.check_same(groups.members, f"{layout.full_name(i, '')[:-1]}: the linear groups")
     for stats in groups.stats:
         dist.merge_stats(stats)
-    the_pass.prepare_layer(layer, groups.members, groups.stats, layout.full_name(i, ""),  # same on every rank
-                           sum_over_ranks=dist.sum_ if dist.active else None)
+    the_pass.prepare_layer(
+        layer,
+        groups.members,
+        groups.stats,
+        layout.full_name(i, ""),  # same on every rank
+        sum_over_ranks=dist.sum_ if dist.active else None,
+    )
     compress(list(zip(groups.members, groups.stats)))
     return [(run_layer(layer, h, kw), kw) for h, kw in states]

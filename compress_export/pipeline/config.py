@@ -1,64 +1,181 @@
-"""`CompressionConfig`: one typed description of an export, shared by every entry point.
+"""`CompressionConfig`: one validated, typed description of an export, shared by every entry point.
 
 The CLI builds it from its flags (or from a recipe file, `--recipe recipe.json`, which its flags then override),
-the Python API takes it (`compress(model_dir, out, config)`), and Optimum-style export on load takes it
-(`AutoCompressedModelForCausalLM.from_pretrained(MODEL_DIR, export=True, quantization_config=...)`). Saved and read
-as JSON; unknown keys are an error naming the valid ones. Fields left None take the pipeline's defaults (which
-depend on the method and the model: group size 128 where it divides every layer, else 64 or 32).
+the Python API takes it (`compress(model_dir, out, config)`), Optimum-style export on load takes it
+(`AutoCompressedModelForCausalLM.from_pretrained(MODEL_DIR, export=True, quantization_config=...)`), and torchrun
+runs the same CLI in every rank. It is a frozen pydantic model: saved and read as JSON, its JSON schema published
+(`compress-export recipe --schema`); unknown keys and bad values are one UserError naming the field. Fields left
+None are decided once, by `plan.resolve` (through the `resolved_*` rules below and the model's shapes: group size
+128 where it divides every layer, else 64 or 32); nothing downstream derives a default again.
 """
+
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from compress_export.core.errors import UserError
+from compress_export.core.scheme import ACT_ORDERS, PRESETS, Scheme
 from compress_export.formats.base import FORMATS
 from compress_export.passes import AWQ_SCORES, PASSES, PassOptions, default_scheme
-from compress_export.core.scheme import PRESETS, Scheme
 
 
-@dataclass(frozen=True)
-class CompressionConfig:
-    method: Optional[str] = None  # the pass (rtn, gptq, awq, magnitude, wanda, sparsegpt); None: the format's own
-    format: Optional[str] = None  # gptq, awq, compressed-tensors, sparse24, dense; None: gptq (pruning: see below)
-    scheme: Optional[str] = None  # a preset (W4A16, W8A16, ...); the fields below override it
-    bits: Optional[int] = None
-    group_size: Optional[int] = None
-    symmetric: Optional[bool] = None
-    act_order: Optional[str] = None
-    sparsity: Optional[str] = None  # "2:4" or a fraction such as "0.5"; needs a pruning method
-    dataset: Optional[str] = None  # .txt, .jsonl, a datasets folder, "builtin" or "self"; None: "builtin"
-    num_samples: int = 64
-    seq_len: int = 512
-    batch_size: Optional[int] = None
-    damp: float = 0.01
-    clip_search: bool = True
-    awq_score: str = "block"  # AWQ scale candidates scored on the block's output ("block") or the linears' ("linear")
-    seed: int = 0
-    smoothquant: Optional[float] = None  # W8A8: SmoothQuant's α before the weight pass; None: 0.5 where it applies
-    # (W8A8 with RTN/GPTQ on a model with mappings), else off; 0: off
-    lowrank_rank: int = 0  # rank of the low-rank error correction (a LoRA adapter in OUT/lowrank); 0: none
+def _choices(names):
+    """json_schema_extra that lists the allowed names of an optional string field (evaluated when the schema is
+    made, so the registries are read then, not at import)."""
 
-    def __post_init__(self):
-        if self.scheme is not None and self.scheme not in PRESETS:
-            raise UserError(f"scheme {self.scheme!r} is not a preset; choose one of {sorted(PRESETS)}")
-        for name in ("num_samples", "seq_len"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1 (got {self.batch_size})")
-        if not 0 <= self.damp < 1:
-            raise UserError(f"damp must be in [0, 1) (got {self.damp})")
-        if self.smoothquant is not None and not 0 <= self.smoothquant <= 1:
-            raise UserError(f"smoothquant must be an α between 0 and 1 (got {self.smoothquant})")
-        if self.lowrank_rank < 0:
-            raise UserError(f"lowrank_rank must be 0 (none) or a positive rank (got {self.lowrank_rank})")
-        if self.awq_score not in AWQ_SCORES:
-            raise UserError(f"awq_score must be one of {', '.join(AWQ_SCORES)} (got {self.awq_score!r})")
+    def extra(schema: dict) -> None:
+        branches = schema.get("anyOf") or [schema]
+        for b in branches:
+            if b.get("type") == "string":
+                b["enum"] = list(names())
 
-    # -- what the pipeline needs -------------------------------------------------------------------------------
+    return extra
+
+
+class CompressionConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", title="compress-export recipe")
+
+    method: Optional[str] = Field(
+        None,
+        description="the pass (rtn, gptq, awq, magnitude, wanda, sparsegpt); None: the format's own",
+        json_schema_extra=_choices(PASSES.names),
+    )
+    format: Optional[str] = Field(
+        None,
+        description="gptq, awq, compressed-tensors, sparse24, dense; None: gptq "
+        "(W8A8: compressed-tensors; pruning: sparse24 for N:M, else dense)",
+        json_schema_extra=_choices(FORMATS.names),
+    )
+    scheme: Optional[str] = Field(
+        None,
+        description="a preset (W4A16, W8A16, W8A8, ...); the fields below override it",
+        json_schema_extra=_choices(lambda: sorted(PRESETS)),
+    )
+    bits: Optional[int] = Field(None, description="weight bits: 2, 3, 4 or 8 (default 4)")
+    group_size: Optional[int] = Field(
+        None,
+        description="columns per scale group; -1 per output channel; "
+        "None or 0: 128 where it divides every layer, else 64 or 32",
+    )
+    symmetric: Optional[bool] = Field(None, description="None: asymmetric for awq, else symmetric")
+    act_order: Optional[str] = Field(
+        None, description="GPTQ column order", json_schema_extra=_choices(lambda: ACT_ORDERS)
+    )
+    sparsity: Optional[str] = Field(None, description='"2:4" or a fraction such as "0.5"; needs a pruning method')
+    dataset: Optional[str] = Field(
+        None, description='.txt, .jsonl, a datasets folder, "builtin" or "self"; None: "builtin"'
+    )
+    num_samples: int = Field(64, description="calibration samples")
+    seq_len: int = Field(512, description="tokens per calibration sample")
+    batch_size: Optional[int] = Field(
+        None, description="calibration samples per forward; None: all at once when they fit in memory"
+    )
+    damp: float = Field(0.01, description="GPTQ dampening, a fraction of mean diag(H), in [0, 1)")
+    clip_search: bool = Field(True, description="MSE clip search of the scales (else plain min-max)")
+    awq_score: str = Field(
+        "block",
+        description="AWQ scale candidates scored on the block's output (block) or the linears' (linear)",
+        json_schema_extra={"enum": list(AWQ_SCORES)},
+    )
+    seed: int = Field(0, description="calibration seed")
+    smoothquant: Optional[float] = Field(
+        None,
+        description="W8A8: SmoothQuant's α before the weight pass; None: "
+        "0.5 where it applies (W8A8 with rtn/gptq on a model with mappings), "
+        "else off; 0: off",
+    )
+    lowrank_rank: int = Field(
+        0, description="rank of the low-rank error correction (a LoRA adapter in OUT/lowrank); 0: none"
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_user_error(cls, data, handler, info):
+        """Every entry point gets our one-line UserError, never pydantic's report; `where` (a recipe's path, or
+        quantization_config) comes in the validation context, else the class is named."""
+        try:
+            return handler(data)
+        except ValidationError as e:
+            raise UserError(one_line(e, (info.context or {}).get("where") or cls.__name__)) from None
+
+    # -- validation (each message names its field; one_line adds where it came from) --------------------------
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity_text(cls, v):
+        # 0.5 in Python or JSON means the fraction "0.5"; a Sparsity object its own spelling
+        return v if v is None or isinstance(v, (str, bool)) else str(v)
+
+    @field_validator("scheme")
+    @classmethod
+    def _preset(cls, v):
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"scheme {v!r} is not a preset; choose one of {sorted(PRESETS)}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v):
+        return _registered(PASSES, v)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v):
+        return _registered(FORMATS, v)
+
+    @field_validator("act_order")
+    @classmethod
+    def _act_order(cls, v):
+        if v is not None and v not in ACT_ORDERS:
+            raise ValueError(f"act_order must be one of {', '.join(ACT_ORDERS)} (got {v!r})")
+        return v
+
+    @field_validator("num_samples", "seq_len")
+    @classmethod
+    def _at_least_one(cls, v, info):
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be at least 1 (got {v})")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"batch_size must be at least 1 (got {v})")
+        return v
+
+    @field_validator("damp")
+    @classmethod
+    def _damp(cls, v):
+        if not 0 <= v < 1:
+            raise ValueError(f"damp must be in [0, 1) (got {v})")
+        return v
+
+    @field_validator("smoothquant")
+    @classmethod
+    def _alpha(cls, v):
+        if v is not None and not 0 <= v <= 1:
+            raise ValueError(f"smoothquant must be an α between 0 and 1 (got {v})")
+        return v
+
+    @field_validator("lowrank_rank")
+    @classmethod
+    def _rank(cls, v):
+        if v < 0:
+            raise ValueError(f"lowrank_rank must be 0 (none) or a positive rank (got {v})")
+        return v
+
+    @field_validator("awq_score")
+    @classmethod
+    def _awq_score(cls, v):
+        if v not in AWQ_SCORES:
+            raise ValueError(f"awq_score must be one of {', '.join(AWQ_SCORES)} (got {v!r})")
+        return v
+
+    # -- the rules plan.resolve applies (the only place the config's defaults are decided) ---------------------
     def resolved_format(self) -> str:
         if self.format:
             return self.format
@@ -73,7 +190,7 @@ class CompressionConfig:
 
     def to_scheme(self) -> Optional[Scheme]:
         """The scheme these fields describe; None for a pruning run that asked for no bits (no quantization).
-        A group size of 0 stays 0 ("auto") until the pipeline has read the model's shapes."""
+        A group size of 0 stays 0 ("auto") until plan.resolve has read the model's shapes."""
         method = self.resolved_method()
         pass_cls = PASSES.get(method)
         if pass_cls.prunes and self.bits is None and self.scheme is None:
@@ -82,8 +199,11 @@ class CompressionConfig:
             base = PRESETS[self.scheme]
         else:
             base = default_scheme(method)
-        kw = {k: getattr(self, k) for k in ("bits", "group_size", "symmetric", "act_order")
-              if getattr(self, k) is not None}
+        kw = {
+            k: getattr(self, k)
+            for k in ("bits", "group_size", "symmetric", "act_order")
+            if getattr(self, k) is not None
+        }
         return base.with_(**kw)
 
     def pass_options(self):
@@ -91,20 +211,13 @@ class CompressionConfig:
 
     # -- recipes -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "recipe") -> "CompressionConfig":
+    def from_dict(cls, d: dict, where: str = "recipe") -> CompressionConfig:
         if not isinstance(d, dict):
             raise UserError(f"{where}: want a JSON object of compression settings")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"{where}: unknown setting(s) {unknown}; valid ones are {sorted(known)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise UserError(f"{where}: {e}") from None
+        return cls.model_validate(d, context={"where": where})
 
     def save(self, path) -> Path:
         """Write the recipe atomically (never half a file, never through a link at its name)."""
@@ -115,7 +228,7 @@ class CompressionConfig:
         return path
 
     @classmethod
-    def load(cls, path) -> "CompressionConfig":
+    def load(cls, path) -> CompressionConfig:
         from compress_export.io.safety import read_json, regular_file
 
         path = Path(path)
@@ -134,16 +247,76 @@ class CompressionConfig:
             return False
         return True
 
-    def with_(self, **kw) -> "CompressionConfig":
-        """A copy with the given fields replaced; None values leave the field as it is (unset CLI flags)."""
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+    @classmethod
+    def json_schema(cls) -> dict:
+        """The published schema of a recipe file (`compress-export recipe --schema`)."""
+        return cls.model_json_schema()
+
+    def with_(self, **kw) -> CompressionConfig:
+        """A copy with the given fields replaced, validated again; None values leave the field as it is (unset
+        CLI flags)."""
+        return type(self)(**{**self.model_dump(), **{k: v for k, v in kw.items() if v is not None}})
 
     @classmethod
-    def from_scheme(cls, scheme: Optional[Scheme], **kw) -> "CompressionConfig":
+    def from_scheme(cls, scheme: Optional[Scheme], **kw) -> CompressionConfig:
         """From a Scheme object (the older Python API) plus other fields."""
         if scheme is not None:
-            kw.update(bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric,
-                      act_order=scheme.act_order)
+            kw.update(
+                bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric, act_order=scheme.act_order
+            )
             if scheme.act_bits == 8:
                 kw.setdefault("scheme", "W8A8")
         return cls(**{k: v for k, v in kw.items() if v is not None})
+
+    @classmethod
+    def from_settings(
+        cls,
+        method=None,
+        fmt=None,
+        scheme: Optional[Scheme] = None,
+        options: Optional[PassOptions] = None,
+        sparsity=None,
+        **rest,
+    ) -> CompressionConfig:
+        """The older keyword spelling of compress() (method=, fmt=, scheme=Scheme(...), options=PassOptions(...),
+        sparsity=, dataset=, ...) as a config: a translation only, every default is still the config's."""
+        opts = options or PassOptions()
+        return cls.from_scheme(
+            scheme,
+            method=method,
+            format=fmt,
+            sparsity=None if sparsity is None else str(sparsity),
+            damp=opts.damp,
+            clip_search=opts.clip_search,
+            awq_score=rest.pop("awq_score", opts.awq_score),
+            **rest,
+        )
+
+
+def _registered(registry, name):
+    """`name` when the registry has it; else the registry's own message (unknown pass 'x'; choose one of ...)."""
+    if name is not None:
+        try:
+            registry.get(name)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+    return name
+
+
+def one_line(e: ValidationError, where: str) -> str:
+    """pydantic's report as our one line: unknown keys listed with the valid ones, else each bad field named with
+    what is wrong and the value given."""
+    errors = e.errors()
+    unknown = sorted(str(err["loc"][0]) for err in errors if err["type"] == "extra_forbidden" and err["loc"])
+    if unknown:
+        known = sorted(CompressionConfig.model_fields)
+        return f"{where}: unknown setting(s) {unknown}; valid ones are {known}"
+    parts = []
+    for err in errors:
+        field = ".".join(str(x) for x in err["loc"]) or "?"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] != "value_error":  # pydantic's own wording: show the value it refused
+            shown = repr(err.get("input"))
+            msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+        parts.append(f"field '{field}': {msg}")
+    return f"{where}: " + "; ".join(parts)

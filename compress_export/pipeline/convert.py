@@ -3,6 +3,7 @@
 Formats only pack and unpack, so any export converts to any format that can express its scheme; what cannot
 be expressed (3-bit into AWQ GEMM, a zero point of 0 into GPTQ v1) is refused before anything is written.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,7 @@ from compress_export.io.writer import CheckpointWriter
 
 
 def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = False) -> Path:
-    from compress_export.formats.base import FORMATS, format_for_config
-    from compress_export.formats.base import ignored_modules
+    from compress_export.formats.base import FORMATS, format_for_config, ignored_modules
 
     # what eval refuses, convert refuses too, before anything is read or written; lenient: convert builds no
     # model, so an architecture only vLLM or remote code knows is converted with its linears' own layouts checked
@@ -33,8 +33,10 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
     target.check(scheme)
     for name, qw in qweights.items():
         if int(qw.zeros.min()) < target.min_zero:
-            raise UserError(f"{name}: zero point {int(qw.zeros.min())} cannot be stored by --format {fmt} "
-                            f"(smallest it stores: {target.min_zero}); compress again with --format {fmt}")
+            raise UserError(
+                f"{name}: zero point {int(qw.zeros.min())} cannot be stored by --format {fmt} "
+                f"(smallest it stores: {target.min_zero}); compress again with --format {fmt}"
+            )
         if not qw.has_trivial_g_idx() and scheme.act_order != "group":
             raise UserError(f"{name}: regrouped columns (g_idx) cannot be stored by --format {fmt}")
     extra = dict(cfg["quantization_config"].get("compress_export") or {}, converted_from=source_fmt.name)
@@ -55,4 +57,3 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
     except BaseException:
         writer.abort()
         raise
-

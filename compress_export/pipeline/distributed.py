@@ -14,6 +14,7 @@ initialised) runs the same pipeline in every process:
 gloo carries the collectives on the CPU, NCCL when the layers run on CUDA (each rank on cuda:LOCAL_RANK).
 Multi-node runs use torchrun's own rendezvous (`--nnodes`, `--rdzv-endpoint`); there is no scheduler here.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -52,8 +53,10 @@ class Dist:
         if not self.active:
             return ids
         if ids.shape[0] < self.world:
-            raise UserError(f"{ids.shape[0]} calibration samples cannot be split over {self.world} ranks: give "
-                            f"--num-samples {self.world} or more, or run fewer processes")
+            raise UserError(
+                f"{ids.shape[0]} calibration samples cannot be split over {self.world} ranks: give "
+                f"--num-samples {self.world} or more, or run fewer processes"
+            )
         return torch.tensor_split(ids, self.world)[self.rank]
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
@@ -124,8 +127,10 @@ class Dist:
         seen = [None] * self.world
         torch.distributed.all_gather_object(seen, value)
         if any(v != seen[0] for v in seen):
-            raise UserError(f"{what} differ between ranks ({seen[0]!r} on rank 0, "
-                            f"{next(v for v in seen if v != seen[0])!r} elsewhere); run in one process")
+            raise UserError(
+                f"{what} differ between ranks ({seen[0]!r} on rank 0, "
+                f"{next(v for v in seen if v != seen[0])!r} elsewhere); run in one process"
+            )
 
     def barrier(self) -> None:
         if self.active:
@@ -181,9 +186,10 @@ def check_distributable(dist: Dist, layout) -> None:
     statistics. Dense layers always do; per-expert linears run only for the tokens routed to them."""
     if not dist.active:
         return
-    experts = [layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin
-               if ".experts." in f".{n}"]
+    experts = [layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin if ".experts." in f".{n}"]
     if experts:
-        raise UserError(f"distributed calibration cannot compress per-expert linears yet ({experts[0]} and "
-                        f"{len(experts) - 1} more): a rank whose samples route no token to an expert would have "
-                        "no statistics to share; run this model in one process")
+        raise UserError(
+            f"distributed calibration cannot compress per-expert linears yet ({experts[0]} and "
+            f"{len(experts) - 1} more): a rank whose samples route no token to an expert would have "
+            "no statistics to share; run this model in one process"
+        )

