@@ -21,8 +21,15 @@ setup(
     ext_modules=[
         Extension(
             "compress_export.kernels._cpu",
-            sources=["kernels/csrc/cpu_wna16.c", "kernels/csrc/cpu_int8.c"],
-            depends=["kernels/csrc/cpu_common.h"],
+            sources=[
+                "kernels/csrc/cpu_module.c",
+                "kernels/csrc/cpu_wna16.c",
+                "kernels/csrc/cpu_w4a8.c",
+                "kernels/csrc/cpu_int8.c",
+                "kernels/csrc/cpu_sparse24.c",
+                "kernels/csrc/cpu_lowrank.c",
+            ],
+            depends=["kernels/csrc/cpu_common.h", "kernels/csrc/cpu_w4a8_tile.h"],
             optional=True,
             extra_compile_args=["-O3", "-std=gnu11", "-fopenmp"],
             extra_link_args=["-fopenmp"],

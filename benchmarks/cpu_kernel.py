@@ -1,8 +1,12 @@
-"""Micro benchmark: the CPU W4A16 kernel (`cpu-wna16`) against torch.nn.functional.linear in bf16 and fp32, with
+"""Micro benchmark: the CPU 4-bit kernel (`cpu-wna16`) against torch.nn.functional.linear in bf16 and fp32, with
 PyTorch's tinygemm (`_weight_int4pack_mm_for_cpu`) and, where this vLLM build has it (AVX-512 wheels), vLLM's own
 `cpu_gemm_wna16` beside them. Median of --repeats timed calls per cell (after warm-up), all in one run.
 
-  python benchmarks/cpu_kernel.py [--shapes smollm2,8b] [--rows 1,4,16,128] [--repeats 20] [--group 128]
+  python benchmarks/cpu_kernel.py [--shapes smollm2,8b] [--rows 1,4,16,128,512] [--repeats 20] [--group 128]
+
+"ours" is the path the registry runs at that M: the int16 decode kernel below 8 rows, the W4A8 integer prefill
+(COMPRESS_EXPORT_PREFILL=int8, the default) from 8; "ours exact" is the float prefill (dequantized tiles into
+torch's GEMM, COMPRESS_EXPORT_PREFILL=float) at the same M, for the prefill rows.
 
 Shapes are out×in of one linear: SmolLM2-135M's (q/o 576×576, k/v 192×576, gate/up 1536×576, down 576×1536) and
 Llama-3-8B's (4096×4096, 14336×4096, 4096×14336). Random 4-bit codes, asymmetric, group 64 for SmolLM2 (576 is
@@ -108,11 +112,19 @@ def row(out_f, in_f, group, m, repeats) -> dict:
     r = {
         "shape": f"{out_f}x{in_f}",
         "M": m,
+        "path": ck.prefill_path(m),
         "ours_fp32": timed(lambda: ours(x32), repeats),
         "ours_bf16": timed(lambda: ours(x16), repeats),
         "linear_bf16": timed(lambda: torch.nn.functional.linear(x16, w16), repeats),
         "linear_fp32": timed(lambda: torch.nn.functional.linear(x32, w32), repeats),
     }
+    r["ours_exact_fp32"] = None
+    if r["path"] == "w4a8":
+        os.environ["COMPRESS_EXPORT_PREFILL"] = "float"
+        try:
+            r["ours_exact_fp32"] = timed(lambda: ours(x32), repeats)
+        finally:
+            os.environ.pop("COMPRESS_EXPORT_PREFILL")
     for name, make in (("tinygemm_bf16", tinygemm), ("vllm_wna16_bf16", vllm_wna16)):
         fn = make(qw)
         r[name] = timed(lambda: fn(x16), repeats) if fn is not None else None
@@ -124,7 +136,7 @@ def row(out_f, in_f, group, m, repeats) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="smollm2,8b")
-    p.add_argument("--rows", default="1,4,16,128")
+    p.add_argument("--rows", default="1,4,16,128,512")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--group", type=int, default=128, help="group size for the 8B shapes")
     p.add_argument("--json", help="also write the rows here")
@@ -141,16 +153,28 @@ def main():
                 print(
                     json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True
                 )
-    cols = ["ours_fp32", "ours_bf16", "linear_bf16", "linear_fp32", "tinygemm_bf16", "vllm_wna16_bf16"]
+    cols = [
+        "ours_fp32",
+        "ours_bf16",
+        "ours_exact_fp32",
+        "linear_bf16",
+        "linear_fp32",
+        "tinygemm_bf16",
+        "vllm_wna16_bf16",
+    ]
     print(
-        "\n| shape (out×in) | M | "
+        "\n| shape (out×in) | M | path | "
         + " | ".join(c.replace("_", " ") + " ms" for c in cols)
         + " | ours vs bf16 | ours vs fp32 |"
     )
-    print("|---|---|" + "---|" * (len(cols) + 2))
+    print("|---|---|---|" + "---|" * (len(cols) + 2))
     for r in rows:
         cells = [f"{r[c]:.3f}" if r[c] is not None else "–" for c in cols]
-        print(f"| {r['shape']} | {r['M']} | " + " | ".join(cells) + f" | {r['vs_bf16']:.2f}× | {r['vs_fp32']:.2f}× |")
+        print(
+            f"| {r['shape']} | {r['M']} | {r['path']} | "
+            + " | ".join(cells)
+            + f" | {r['vs_bf16']:.2f}× | {r['vs_fp32']:.2f}× |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

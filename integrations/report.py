@@ -10,6 +10,8 @@ import json
 import statistics
 from pathlib import Path
 
+from compress_export.integrations import load_sweep
+
 # Perplexity increase (export over baseline, %) up to which the verdict calls the quality close / acceptable.
 CLOSE_PCT, ACCEPTABLE_PCT = 5.0, 15.0
 
@@ -90,6 +92,8 @@ def compare(runs: dict) -> dict:
     out["served_p50_e2el_speedup"] = ratio(
         get(b, "serve", "bench", "p50_e2el_ms"), get(e, "serve", "bench", "p50_e2el_ms")
     )
+    if get(e, "serve", "load") and get(b, "serve", "load"):
+        out["load"] = load_sweep.compare(e["serve"]["load"], b["serve"]["load"])
     return out
 
 
@@ -143,6 +147,8 @@ def verdict(report: dict) -> list:
             f"{e['offline'].get('weight_bytes', 0) / 1e6:.1f} MB in vLLM; give --baseline for ratios "
             "and a verdict."
         )
+        if get(e, "serve", "load"):
+            lines.append(f"Served output tokens/s by requests in flight: {load_sweep.figures(e['serve']['load'])}.")
         return lines
     r = c.get("token_perplexity_ratio")
     ok_quality = None
@@ -168,6 +174,8 @@ def verdict(report: dict) -> list:
             f"offline throughput {c.get('offline_throughput_ratio')}×, "
             f"served {c.get('served_throughput_ratio')}×. {how_it_ran(report)}"
         )
+    load = c.get("load") or []
+    lines += load_sweep.verdict(load)
     if c.get("weight_bytes_ratio"):
         lines.append(
             f"Memory: weights in vLLM {c['weight_bytes_ratio']:.2f}× the baseline's "
@@ -175,13 +183,14 @@ def verdict(report: dict) -> list:
         )
     if ok_quality is not None:
         smaller = (c.get("weight_bytes_ratio") or 1) < 0.9 or (c.get("size_ratio") or 1) < 0.9
-        faster = bool(speed) and statistics.median(speed) >= 1.0
+        faster = _faster(speed, load)
         served = serve is None or "error" not in serve
         if ok_quality and served and (smaller or faster):
             why = " and ".join(w for w, f in (("smaller", smaller), ("faster", faster)) if f)
             lines.append(
                 f"Worth serving: YES: {why}, with quality within {ACCEPTABLE_PCT:g}% perplexity"
                 + ("." if faster else "; slower on this platform's kernel.")
+                + _load_summary(load)
             )
         else:
             lines.append(
@@ -195,6 +204,29 @@ def verdict(report: dict) -> list:
                 )
             )
     return lines
+
+
+def _faster(speed: list, load: list) -> bool:
+    """Faster: under load, when the sweep ran, the export wins more workloads than it loses (a mixed one counts
+    neither way); without a sweep, decode at batch 1 is at least the baseline's."""
+    if load:
+        outcomes = [x["outcome"] for x in load]
+        return outcomes.count("wins") > outcomes.count("loses")
+    return bool(speed) and statistics.median(speed) >= 1.0
+
+
+def _load_summary(load: list) -> str:
+    """ " Under load it wins decode-heavy at 4, 16 in flight; loses prefill-heavy at 1 in flight." (or "")"""
+    parts = []
+    for outcome in ("wins", "loses", "mixed"):
+        by_mix = {}
+        for x in load:
+            if x["outcome"] == outcome:
+                by_mix.setdefault(x["mix"], []).append(str(x["concurrency"]))
+        if by_mix:
+            word = "is mixed on" if outcome == "mixed" else outcome
+            parts.append(f"{word} " + " and ".join(f"{m} at {', '.join(c)} in flight" for m, c in by_mix.items()))
+    return (" Under load it " + "; ".join(parts) + ".") if parts else ""
 
 
 def _fmt(v, digits=2):
@@ -394,7 +426,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     lines += [f"- {v}" for v in report["verdict"]] + [""]
-    lines += _md_quality(report) + _md_speed(report) + _md_memory(report)
+    lines += _md_quality(report) + _md_speed(report) + load_sweep.markdown(report, _tags(report)) + _md_memory(report)
     for t in _tags(report):
         smoke = get(report["runs"][t], "serve", "smoke")
         if smoke:
@@ -406,7 +438,7 @@ def markdown(report: dict) -> str:
     plots = report.get("plots", {})
     if plots.get("skipped"):
         lines += [f"Plots skipped: {plots['skipped']}", ""]
-    for name in ("latency", "throughput", "ppl_vs_size"):
+    for name in ("latency", "throughput", "load", "ppl_vs_size"):
         if name in plots:
             lines += [f"![{name}]({plots[name]})", ""]
     o = report["options"]
@@ -532,7 +564,10 @@ def plots(report, folder: Path) -> dict:
         for t in _tags(report)
     }
     plot_series(series, folder / "ppl_vs_size.png", "perplexity (vLLM) vs size", logy=False)
-    return {"latency": "latency.png", "throughput": "throughput.png", "ppl_vs_size": "ppl_vs_size.png"}
+    out = {"latency": "latency.png", "throughput": "throughput.png", "ppl_vs_size": "ppl_vs_size.png"}
+    if load_sweep.plot(report, _tags(report), folder / "load.png", _pyplot):
+        out["load"] = "load.png"
+    return out
 
 
 def write(report: dict, folder: Path) -> None:

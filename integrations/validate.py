@@ -5,7 +5,8 @@ a missing kernel becomes that model's error in the report, not the end of the ru
   1. offline (`vllm_offline`): greedy outputs on fixed prompts, perplexity from vLLM's prompt log-probabilities,
      batch-1 latency by length, offline throughput, the bytes vLLM holds for the weights;
   2. served (`vllm_serve`): `vllm serve` on 127.0.0.1, a smoke request to /v1/completions and
-     /v1/chat/completions, then vLLM's own serving benchmark (`vllm bench serve`) at a concurrency cap.
+     /v1/chat/completions, then vLLM's own serving benchmark (`vllm bench serve`) at a concurrency cap, and the
+     load sweep (`load_sweep`): a prefill-heavy and a decode-heavy mix at several concurrency caps.
 Peak memory of each run is sampled here, over the run's whole process tree. The report (report.json, report.md,
 PNG plots) is written to a temporary folder and renamed into place when complete.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from compress_export.core.errors import UserError
 from compress_export.core.progress import Progress
+from compress_export.integrations import load_sweep
 from compress_export.integrations.vllm_lowrank import served_lora
 from compress_export.io.lowrank import ADAPTER_NAME
 from compress_export.io.safety import REPORT_MARK, check_output, read_mark, regular_file, write_mark
@@ -49,7 +51,7 @@ def default_text() -> Path:
 
 
 OFFLINE_STAGES = 5  # PROGRESS lines vllm_offline prints
-SERVE_STAGES = 3  # start, smoke, benchmark
+SERVE_STAGES = 3  # start, smoke, benchmark (the classic point and the load sweep, in one client)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class ValidateOptions:
     output_len: int = 32
     concurrency: int = 4
     serve: bool = True
+    load: bool = True  # the load sweep (served, so only with serve)
+    load_concurrency: tuple = load_sweep.CONCURRENCY
+    load_mixes: tuple = load_sweep.MIXES  # (name, prompt tokens, output tokens)
+    load_prompts: int = 4  # requests per load point: at least this, and 2 × its concurrency
     dtype: str = ""  # engine dtype for both models; "" = each model in this machine's fastest (hardware.fast_dtype)
     prompts: tuple = field(default_factory=lambda: tuple(PROMPTS))
 
@@ -80,12 +86,16 @@ class ValidateOptions:
             input_len=32,
             output_len=8,
             concurrency=2,
+            load_concurrency=(1, 2),
+            load_mixes=(("prefill-heavy", 64, 4), ("decode-heavy", 8, 16)),
+            load_prompts=2,
             prompts=tuple(PROMPTS[:2] + PROMPTS[5:6]),
         )
         return replace(base, **kw)
 
     def max_model_len(self) -> int:
         need = [self.window, self.input_len + self.output_len] + [a + b for a, b in self.latency_lengths]
+        need += [a + b for _, a, b in self.load_mixes] if self.serve and self.load else []
         longest = max((len(p["text"]) for p in self.prompts), default=0)  # tokens ≤ characters
         return max(max(need), longest + 64) + self.max_new_tokens + 64  # 64: a chat template's own tokens
 
@@ -260,7 +270,24 @@ def kill_group(proc) -> None:
         pass
 
 
-def _run_served(model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, progress, chat: bool) -> dict:
+def _bench_points(model_dir: Path, opts: ValidateOptions, name: str, port: int) -> tuple:
+    """`vllm bench serve` argument lists: the classic point (throughput options, seed 0), then the load sweep's
+    points (their own seeds, --ignore-eos), and the sweep's plan."""
+    from compress_export.integrations.vllm_serve import bench_args
+
+    m = str(model_dir)
+    classic = bench_args(m, name, port, opts.input_len, opts.output_len, opts.num_prompts, opts.concurrency)
+    sweep = load_sweep.plan(opts.load_mixes, opts.load_concurrency, opts.load_prompts) if opts.load else []
+    args = [
+        bench_args(m, name, port, p["input_len"], p["output_len"], p["num_prompts"], p["concurrency"], p["seed"], True)
+        for p in sweep
+    ]
+    return [classic] + args, sweep
+
+
+def _run_served(
+    model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, progress, chat: bool, timeout: float
+) -> dict:
     from compress_export.integrations import vllm_serve
 
     progress.step(f"{tag}: starting vllm serve")
@@ -280,11 +307,14 @@ def _run_served(model_dir: Path, opts: ValidateOptions, logs: Path, tag: str, pr
             res["start_s"] = server.start_s
             progress.step(f"{tag}: smoke requests")
             res["smoke"] = vllm_serve.smoke(server.base_url, tag, chat)
-            progress.step(f"{tag}: vllm bench serve")
-            point = vllm_serve.bench_args(
-                str(model_dir), tag, server.port, opts.input_len, opts.output_len, opts.num_prompts, opts.concurrency
-            )
-            res["bench"] = vllm_serve.bench([point], logs / f"{tag}-bench.log")[0]
+            points, sweep = _bench_points(model_dir, opts, tag, server.port)
+            progress.step(f"{tag}: vllm bench serve" + (f" (+ {len(sweep)} load points)" if sweep else ""))
+            results = vllm_serve.bench(points, logs / f"{tag}-bench.log", timeout)
+            if "error" in results[0]:
+                raise RuntimeError(f"vllm bench serve failed: {results[0]['error']}")
+            if sweep:  # each point: its plan, then vLLM's figures (or its error)
+                res["load"] = [{**p, **r} for p, r in zip(sweep, results[1:])]
+            res["bench"] = results[0]
             res["bench"].update(
                 input_len=opts.input_len,
                 output_len=opts.output_len,
@@ -421,7 +451,7 @@ def _measure(tag: str, d: Path, opts: ValidateOptions, text: Path, logs: Path, s
     run = {"dir": str(d), "size_mb": round(dir_weight_bytes(d) / 1e6, 1), "chat_template": chat}
     run["offline"] = _run_offline(d, spec, logs, tag, steps, timeout)
     if opts.serve:
-        run["serve"] = _run_served(d, opts, logs, tag, steps, chat)
+        run["serve"] = _run_served(d, opts, logs, tag, steps, chat, timeout)
     return run
 
 

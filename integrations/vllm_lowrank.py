@@ -1,9 +1,10 @@
 """The low-rank correction (OUT/lowrank) applied inside our plugin's linears, instead of as a vLLM LoRA adapter.
 
-Why: vLLM's CPU LoRA path costs about 0.45 ms per adapted linear per step (SmolLM2 GPTQ W3 +
-rank 64: 5.2-7.6 against 21-29 tokens/s decode, benchmarks/lowrank.py). Fused, each linear adds two small products,
-y = Q(W)·x + B·(A·x), to the kernel call it already makes: 9.4-14.1 tokens/s with the same perplexity. The
-factors are not small (rank 64 here: 117 MB a token in fp32 with B's zero blocks), so it is not free either.
+Why: vLLM's CPU LoRA path costs about 0.45 ms per adapted linear per step (SmolLM2 GPTQ W3 + rank 64: 5.2-7.6
+against 21-29 tokens/s decode, benchmarks/lowrank.py). Fused, each linear adds y += B·(A·x) to the kernel call it
+already makes, with the same perplexity. As two torch matmuls per linear on fp32 factors (B block-diagonal over a
+merged linear's parts, zero blocks included) that decoded at 9.4-14.1 tokens/s; the C kernel of kernels/lowrank.py
+reads fp16 factors without zero blocks in one call per linear (figures in benchmarks/README.md).
 
 Opt-in: COMPRESS_EXPORT_LOWRANK=fused (in the environment of `compress-export serve`, `vllm serve` or the offline
 LLM). The served model is then the corrected one under the export's own name; `compress-export serve` leaves out
@@ -11,16 +12,16 @@ the `corr` LoRA adapter, and passing it by hand as well would apply the correcti
 the checkpoint even where vLLM has its own kernel, since only our linears apply the correction. One process
 (tensor-parallel size 1): the factors are not sharded.
 
-Fused linears (q/k/v, gate/up) hold one module's pair per part: A is the parts' A stacked [Σr, in], and B the
-block-diagonal [Σout, Σr] that sends each part's rank block to its own rows, so one pair of matmuls serves all
-parts. A part the adapter does not correct has no block.
+Fused linears (q/k/v, gate/up) hold one module's pair per part: A is the parts' A stacked [Σr, in], and each
+corrected part its own B_p [out_p, r_p] writing only its columns (kernels/lowrank.py, one kernel call for all
+parts). A part the adapter does not correct has no block.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -90,12 +91,12 @@ def read_factors(model_dir: Optional[Path] = None) -> dict:
     return factors
 
 
-def fused_pair(
-    factors: dict, prefix: str, parts: Sequence[str], sizes: Sequence[int], in_f: int, dtype: torch.dtype
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(A [Σr, in_f], B [Σsizes, Σr]) for the linear at `prefix` whose output concatenates `parts` (module names,
-    as in the model's packed_modules_mapping; [] when it is one module) of `sizes` rows; None when the adapter
-    corrects none of them. The pairs used are removed from `factors`, so what is left was never applied."""
+def _parts(
+    factors: dict, prefix: str, parts: Sequence[str], sizes: Sequence[int], in_f: int
+) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first output column, A [r, in_f], B [size, r]) for each part of the linear at `prefix` that the adapter
+    corrects; its output concatenates `parts` (module names, as in the model's packed_modules_mapping; [] when it is
+    one module) of `sizes` rows. The pairs used are removed from `factors`, so what is left was never applied."""
     parent, _, leaf = prefix.rpartition(".")
     names = list(parts) or [leaf]
     if len(names) == 1 and len(sizes) > 1:  # one checkpoint module split by vLLM into parts (Phi-3's qkv_proj)
@@ -106,12 +107,7 @@ def fused_pair(
             "to serve the correction as a LoRA"
         )
     found = [factors.pop(f"{parent}.{n}" if parent else n, None) for n in names]  # popped: leftovers are errors
-    if not any(f is not None for f in found):
-        return None
-    rank = sum(f[0].shape[0] for f in found if f is not None)
-    A = torch.zeros(rank, in_f, dtype=dtype)
-    B = torch.zeros(sum(sizes), rank, dtype=dtype)
-    row = r0 = 0
+    out, col = [], 0
     for name, size, f in zip(names, sizes, found):
         if f is not None:
             a, b = f
@@ -121,8 +117,35 @@ def fused_pair(
                     f"linear is {size}×{in_f}: OUT/lowrank is not this export's correction "
                     f"(re-export with --lowrank-rank, or unset {ENV})"
                 )
-            A[r0 : r0 + a.shape[0]] = a.to(dtype)
-            B[row : row + size, r0 : r0 + a.shape[0]] = b.to(dtype)
-            r0 += a.shape[0]
-        row += size
+            out.append((col, a, b))
+        col += size
+    return out
+
+
+def fused_pair(
+    factors: dict, prefix: str, parts: Sequence[str], sizes: Sequence[int], in_f: int, dtype: torch.dtype
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(A [Σr, in_f], B [Σsizes, Σr]): the parts' A stacked and the block-diagonal B (zero blocks included) that
+    sends each part's rank block to its own rows; None when the adapter corrects none of the parts (see _parts).
+    One pair of plain matmuls: the reference the fused kernel (fused_factors) is tested against."""
+    blocks = _parts(factors, prefix, parts, sizes, in_f)
+    if not blocks:
+        return None
+    rank = sum(a.shape[0] for _, a, _ in blocks)
+    A = torch.zeros(rank, in_f, dtype=dtype)
+    B = torch.zeros(sum(sizes), rank, dtype=dtype)
+    r0 = 0
+    for col, a, b in blocks:
+        A[r0 : r0 + a.shape[0]] = a.to(dtype)
+        B[col : col + b.shape[0], r0 : r0 + a.shape[0]] = b.to(dtype)
+        r0 += a.shape[0]
     return A, B
+
+
+def fused_factors(factors: dict, prefix: str, parts: Sequence[str], sizes: Sequence[int], in_f: int):
+    """The linear's correction in the fused kernel's layout (kernels/lowrank.py: A stacked, one B block per
+    corrected part, no zero blocks, 16-bit), or None when the adapter corrects none of its parts (see _parts)."""
+    from compress_export.kernels.lowrank import pack
+
+    blocks = _parts(factors, prefix, parts, sizes, in_f)
+    return pack(prefix, blocks, sum(sizes), in_f) if blocks else None

@@ -283,18 +283,18 @@ class CompressExportLinearMethod(LinearMethodBase):
             )
         leaf = self.prefix.rpartition(".")[2]
         parts = getattr(self.config, "packed_modules_mapping", {}).get(leaf, [])
-        pair = vllm_lowrank.fused_pair(
-            factors, self.prefix, parts, layer.ce_parts, layer.ce_shape[1], layer.ce_act_dtype
-        )
-        if pair is not None:
-            layer.register_buffer("ce_lowrank_A", pair[0].to(device), persistent=False)
-            layer.register_buffer("ce_lowrank_B", pair[1].to(device), persistent=False)
+        lr = vllm_lowrank.fused_factors(factors, self.prefix, parts, layer.ce_parts, layer.ce_shape[1])
+        if lr is not None:  # kernels/lowrank.py's layout; the buffers only make the tensors the module's own
+            lr = lr.to(device)
+            for n, t in lr.tensors().items():
+                layer.register_buffer(f"ce_lowrank_{n}", t, persistent=False)
+            layer.ce_lowrank = lr
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.config.lowrank_checked:
             self.config.check_lowrank_used()
         y = layer.ce_kernel(x)
-        A = getattr(layer, "ce_lowrank_A", None)
-        if A is not None:  # the fused low-rank correction: y += B·(A·x)
-            y = y + (x.to(A.dtype) @ A.t() @ layer.ce_lowrank_B.t()).to(y.dtype)
+        lr = getattr(layer, "ce_lowrank", None)
+        if lr is not None:  # the fused low-rank correction, y += B·(A·x), in place on the kernel's fresh output
+            y = lr.add_to(x, y)
         return y + bias if bias is not None else y

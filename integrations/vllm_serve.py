@@ -133,9 +133,18 @@ def smoke(base_url: str, name: str, chat: bool, prompt: str = "The capital of Fr
 
 
 def bench_args(
-    model_dir: str, name: str, port: int, input_len: int, output_len: int, num_prompts: int, concurrency: int
+    model_dir: str,
+    name: str,
+    port: int,
+    input_len: int,
+    output_len: int,
+    num_prompts: int,
+    concurrency: int,
+    seed: int = 0,
+    ignore_eos: bool = False,
 ) -> list:
-    """`vllm bench serve` flags for one load point."""
+    """`vllm bench serve` flags for one load point. Points with different seeds get different random prompts
+    (no prefix-cache hits between them); ignore_eos makes every answer output_len tokens long."""
     return [
         "--backend",
         "openai",
@@ -160,13 +169,13 @@ def bench_args(
         "--max-concurrency",
         str(concurrency),
         "--seed",
-        "0",
+        str(seed),
         "--percentile-metrics",
         "ttft,tpot,e2el",
         "--metric-percentiles",
-        "50,95",
+        "50,90,95,99",
         "--disable-tqdm",
-    ]
+    ] + (["--ignore-eos"] if ignore_eos else [])
 
 
 KEEP = (
@@ -176,20 +185,14 @@ KEEP = (
     "request_throughput",
     "output_throughput",
     "total_token_throughput",
-    "mean_ttft_ms",
-    "p50_ttft_ms",
-    "p95_ttft_ms",
-    "mean_tpot_ms",
-    "p50_tpot_ms",
-    "p95_tpot_ms",
-    "mean_e2el_ms",
-    "p50_e2el_ms",
-    "p95_e2el_ms",
-)
+    "total_input_tokens",
+    "total_output_tokens",
+) + tuple(f"{s}_{m}_ms" for m in ("ttft", "tpot", "e2el") for s in ("mean", "p50", "p90", "p95", "p99"))
 
 
 def run_bench(points: list) -> list:
-    """In this process: each point is a `vllm bench serve` argument list; the summary numbers of each."""
+    """In this process: each point is a `vllm bench serve` argument list; the summary numbers of each, or
+    {"error": ...} for a point whose client failed (the points after it still run)."""
     import argparse
 
     from compress_export.integrations.vllm_launch import cpu_environment
@@ -203,7 +206,11 @@ def run_bench(points: list) -> list:
     for argv in points:
         p = argparse.ArgumentParser()
         add_cli_args(p)
-        res = main(p.parse_args(argv))
+        try:
+            res = main(p.parse_args(argv))
+        except Exception as e:  # one point's failure is that point's figure, not the sweep's end
+            results.append({"error": f"{type(e).__name__}: {str(e)[-1000:]}"})
+            continue
         results.append({k: res[k] for k in KEEP if k in res})
     return results
 

@@ -18,7 +18,10 @@ from compress_export.core.scheme import PER_CHANNEL, group_len
 
 KERNELS: Registry = Registry(
     "kernel",
-    builtins=[f"compress_export.kernels.{m}" for m in ("torch_dequant", "dense", "cpu_wna16", "cuda_wna16", "int8")],
+    builtins=[
+        f"compress_export.kernels.{m}"
+        for m in ("torch_dequant", "dense", "cpu_wna16", "cuda_wna16", "int8", "cpu_sparse24")
+    ],
 )
 WEIGHT_ONLY = "weight-only: keeps activations in float, and this layer's scheme quantizes them to int8 (W8A8)"
 register_kernel = KERNELS.register

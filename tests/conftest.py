@@ -79,6 +79,21 @@ def _no_fused_lowrank_from_the_shell(monkeypatch):
     monkeypatch.delenv("COMPRESS_EXPORT_LOWRANK", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _exact_prefill(monkeypatch):
+    """Tests that compare a kernel's model with the dequantized math to 1e-4 run the exact float prefill
+    (COMPRESS_EXPORT_PREFILL=float; vLLM's child inherits the environment). The default int8 prefill (W4A8) is
+    tested where a test asks for it: its kernels against the exact path within the int8 rounding bound
+    (test_cpu_w4a8.py, test_cpu_kernel.py), whole models within a wider one (test_pipeline.py, test_vllm.py)."""
+    monkeypatch.setenv("COMPRESS_EXPORT_PREFILL", "float")
+
+
+@pytest.fixture
+def int8_prefill(monkeypatch):
+    """The default W4A8 prefill, for the tests that check it."""
+    monkeypatch.setenv("COMPRESS_EXPORT_PREFILL", "int8")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")

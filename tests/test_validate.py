@@ -145,6 +145,143 @@ def test_report_without_matplotlib_says_so(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.png"))
 
 
+def _point(mix, c, tp, ttft, tpot, **kw):
+    """A hand-made load point as vllm bench serve reports it (percentiles p90 = 1.5 × p50, p99 = 2 × p50)."""
+    inp, out = {"prefill-heavy": (512, 16), "decode-heavy": (32, 128)}[mix]
+    p = {"mix": mix, "input_len": inp, "output_len": out, "concurrency": c, "num_prompts": 2 * c, "completed": 2 * c}
+    p.update(failed=0, output_throughput=tp)
+    for m, v in (("ttft", ttft), ("tpot", tpot)):
+        p.update({f"p50_{m}_ms": v, f"p90_{m}_ms": v * 1.5, f"p99_{m}_ms": v * 2})
+    p.update(kw)
+    return p
+
+
+def _with_load(run, points):
+    run["serve"]["load"] = points
+    return run
+
+
+def test_load_plan_and_concurrency_option():
+    from compress_export.integrations import load_sweep
+
+    pts = load_sweep.plan((("prefill-heavy", 512, 16), ("decode-heavy", 32, 128)), (1, 4, 16), 4)
+    assert [(p["mix"], p["concurrency"], p["num_prompts"]) for p in pts] == [
+        ("prefill-heavy", 1, 4),
+        ("prefill-heavy", 4, 8),
+        ("prefill-heavy", 16, 32),
+        ("decode-heavy", 1, 4),
+        ("decode-heavy", 4, 8),
+        ("decode-heavy", 16, 32),
+    ]
+    assert len({p["seed"] for p in pts}) == 6 and 0 not in {p["seed"] for p in pts}  # 0: the classic point's
+    assert load_sweep.parse_concurrency("16,1,4,4") == (1, 4, 16)
+    for bad in ("0,4", "a", ""):
+        with pytest.raises(Exception, match="--load-concurrency"):
+            load_sweep.parse_concurrency(bad)
+    opts = ValidateOptions(window=64, latency_lengths=((16, 8),), input_len=16, output_len=8, max_new_tokens=8)
+    assert opts.max_model_len() >= 512 + 16  # the prefill-heavy mix fits the served context
+    assert ValidateOptions.quick().load_concurrency == (1, 2)
+
+
+def test_load_comparison_words_each_workload():
+    from compress_export.integrations import load_sweep
+
+    base = [_point("prefill-heavy", 1, 10.0, 100.0, 50.0), _point("decode-heavy", 16, 20.0, 200.0, 100.0)]
+    exp = [_point("prefill-heavy", 1, 9.8, 112.0, 51.0), _point("decode-heavy", 16, 28.0, 202.0, 70.0)]
+    cmps = load_sweep.compare(exp, base)
+    pre, dec = cmps
+    # prefill: throughput 0.98× and TPOT +2% are noise; TTFT +12% at p50 and p99 (224 against 200) loses
+    assert pre["output_throughput_ratio"] == 0.98 and pre["ttft_p50_change_pct"] == 12.0
+    assert pre["ttft_p90_change_pct"] == 12.0 and pre["tpot_p50_change_pct"] == 2.0
+    assert pre["outcome"] == "loses" and pre["wins"] == []
+    assert load_sweep.describe(pre) == (
+        "prefill-heavy at 1 in flight: TTFT p50 +12% (loses), 0.98× output tokens/s (even)"
+    )
+    # decode: 28/20 = 1.4× and TPOT 70 against 100 ms (−30%, also at p99) win; TTFT +1% is noise
+    assert dec["outcome"] == "wins" and dec["output_throughput_ratio"] == 1.4
+    assert load_sweep.describe(dec) == (
+        "decode-heavy at 16 in flight: 1.40× output tokens/s (wins), TPOT p50 -30% (wins), TPOT p99 -30% (wins)"
+    )
+    # tail only: p99 +10% is within the looser ±15%, so only the p50 counts
+    mixed = load_sweep.compare_point(
+        _point("prefill-heavy", 4, 12.0, 120.0, 50.0, p99_ttft_ms=220.0), _point("prefill-heavy", 4, 10.0, 100.0, 50.0)
+    )
+    assert mixed["outcome"] == "mixed" and mixed["wins"] == ["1.20× output tokens/s"]
+    assert mixed["loses"] == ["TTFT p50 +20%"]
+    even = load_sweep.compare_point(
+        _point("decode-heavy", 4, 10.3, 101.0, 49.0), _point("decode-heavy", 4, 10.0, 100.0, 50.0)
+    )
+    assert even["outcome"] == "ties"
+    assert load_sweep.describe(even) == "decode-heavy at 4 in flight: 1.03× output tokens/s, all within ±5% (ties)"
+    failed = load_sweep.compare_point({**base[0], "error": "x"}, base[0])
+    assert failed["outcome"] == "loses" and "failed" in load_sweep.describe(failed)
+    assert load_sweep.compare_point(base[0], {**base[0], "error": "x"})["outcome"] == "not compared"
+    # a point only one run has is not compared; a failed request loses however fast the rest ran
+    assert load_sweep.compare(exp + [_point("decode-heavy", 1, 1.0, 1.0, 1.0)], base)[1:] == [dec]
+    lost = load_sweep.compare_point({**exp[1], "failed": 3}, base[1])
+    assert lost["outcome"] == "mixed" and lost["loses"] == ["3 of 32 requests failed"]
+
+
+def test_verdict_weighs_the_load_sweep():
+    """Batch-1 decode is faster (TPOT 50 against 100 ms), but the export loses 2 of 3 workloads under load: not
+    'faster'. The verdict counts them and names each."""
+    pts_b = [_point("prefill-heavy", c, 10.0, 100.0, 50.0) for c in (1, 4)] + [_point("decode-heavy", 4, 20.0, 9, 9)]
+    pts_e = [_point("prefill-heavy", c, 7.0, 150.0, 50.0) for c in (1, 4)] + [_point("decode-heavy", 4, 30.0, 9, 9)]
+    r = _report(_with_load(_run(ppl=41.0, tpot=50.0, wb=40e6), pts_e), _with_load(_run(), pts_b))
+    v = r["verdict"]
+    head = next(x for x in v if x.startswith("Under load"))
+    assert "wins 1 of 3 workloads, loses 2, 0 mixed, 0 even" in head
+    assert (
+        "  prefill-heavy at 1 in flight: 0.70× output tokens/s (loses), TTFT p50 +50% (loses), TTFT p99 +50% (loses)"
+        in v
+    )
+    assert v[-1] == (
+        "Worth serving: YES: smaller, with quality within 15% perplexity; slower on this platform's kernel. Under "
+        "load it wins decode-heavy at 4 in flight; loses prefill-heavy at 1, 4 in flight."
+    )
+    assert [c["outcome"] for c in r["comparison"]["load"]] == ["loses", "loses", "wins"]
+    # the same export winning 2 of 3: faster
+    pts_e[0] = _point("prefill-heavy", 1, 12.0, 80.0, 50.0)
+    r = _report(_with_load(_run(ppl=41.0, tpot=50.0, wb=40e6), pts_e), _with_load(_run(), pts_b))
+    assert r["verdict"][-1].startswith("Worth serving: YES: smaller and faster, with quality within 15% perplexity.")
+    # no baseline: the figures, by mix and concurrency
+    r = _report(_with_load(_run(), pts_e))
+    assert r["verdict"][-1] == (
+        "Served output tokens/s by requests in flight: prefill-heavy 12.0 at 1, 7.0 at 4; decode-heavy 30.0 at 4."
+    )
+
+
+def test_load_tables_and_plot(tmp_path):
+    pts_b = [_point(m, c, 10.0, 100.0, 50.0) for m in ("prefill-heavy", "decode-heavy") for c in (1, 4)]
+    pts_e = [_point(m, c, 14.0, 100.0, 35.0) for m in ("prefill-heavy", "decode-heavy") for c in (1, 4)]
+    pts_e[3] = {k: pts_e[3][k] for k in ("mix", "input_len", "output_len", "concurrency", "num_prompts")}
+    pts_e[3]["error"] = "RuntimeError: boom"
+    r = _report(_with_load(_run(ppl=41.0, wb=40e6), pts_e), _with_load(_run(), pts_b))
+    rep.write(r, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Served under load (`vllm bench serve`)" in md
+    head = "| in flight | run | requests done | out tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | TPOT p50 ms |"
+    assert md.count(head) == 2  # a table per mix
+    sec = md.split("### prefill-heavy: 512 prompt tokens, 16 output tokens")[1].split("###")[0]
+    assert "| 1 | baseline | 2/2 | 10.00 | 100.00 | 150.00 | 200.00 | 50.00 | 75.00 | 100.00 | – |" in sec
+    assert (
+        "| 4 | export | 8/8 | 14.00 | 100.00 | 150.00 | 200.00 | 35.00 | 52.50 | 70.00 | 1.40× output tokens/s "
+        "(wins), TPOT p50 -30% (wins), TPOT p99 -30% (wins) |"
+    ) in sec
+    dec = md.split("### decode-heavy: 32 prompt tokens, 128 output tokens")[1]
+    assert "| 4 | export | 8 | failed | – |" in dec and "the export's requests failed (loses)" in dec
+    assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![load](load.png)" in md
+    j = json.loads((tmp_path / "report.json").read_text())
+    assert j["runs"]["export"]["serve"]["load"][0]["p99_ttft_ms"] == 200.0
+    assert [c["outcome"] for c in j["comparison"]["load"]] == ["wins", "wins", "wins", "loses"]
+    # without a sweep (older reports, --no-load) there is no load section and no load plot
+    r = _report(_run(ppl=41.0, wb=40e6), _run())
+    (tmp_path / "old").mkdir()
+    rep.write(r, tmp_path / "old")
+    assert "under load" not in (tmp_path / "old" / "report.md").read_text().lower()
+    assert not (tmp_path / "old" / "load.png").exists()
+
+
 def test_prompts_files(tmp_path):
     (tmp_path / "p.txt").write_text("The capital of France is\n\nchat: Say hi.\n")
     assert load_prompts(tmp_path / "p.txt") == (
@@ -195,6 +332,10 @@ def test_lengths_and_option_errors(tmp_path, tiny_model):
             parse_lengths(bad)
     rc, _, err = cli("validate", tiny_model, "--windows", "0")
     assert rc == 2 and "--windows must be at least 1" in err
+    rc, _, err = cli("validate", tiny_model, "--load-concurrency", "0,4")
+    assert rc == 2 and "--load-concurrency '0,4'" in err
+    rc, _, err = cli("validate", tiny_model, "--prefill-mix", "512")
+    assert rc == 2 and "--prefill-mix '512': give one PROMPTxOUTPUT pair" in err
     small = ["--quick", "--window", "64"]  # fits the tiny model's 512 positions
     rc, _, err = cli("validate", tiny_model, *small, "--report-dir", tiny_model / "r")
     assert rc == 2 and "inside the input model directory" in err
@@ -397,6 +538,23 @@ def test_validate_smollm2_w4(smollm2, smollm2_w4, eval_txt, tmp_path):
     e = r["runs"]["export"]
     assert "Paris" in e["serve"]["smoke"]["completions"] and e["serve"]["smoke"]["chat_completions"].strip()
     assert e["serve"]["bench"]["completed"] == 4 and e["serve"]["bench"]["failed"] == 0
+    # the quick load sweep: 2 mixes × 1, 2 in flight, each point 2 × its concurrency requests (at least 2), every
+    # answer its full length (--ignore-eos), vLLM's percentiles in order
+    for run in r["runs"].values():
+        load = run["serve"]["load"]
+        assert [(p["mix"], p["concurrency"]) for p in load] == [
+            (m, c) for m in ("prefill-heavy", "decode-heavy") for c in (1, 2)
+        ], load
+        for p in load:
+            assert p["completed"] == p["num_prompts"] == max(2, 2 * p["concurrency"]) and p["failed"] == 0, p
+            assert p["total_output_tokens"] == p["num_prompts"] * p["output_len"], p
+            assert p["total_input_tokens"] == p["num_prompts"] * p["input_len"], p
+            for m in ("ttft", "tpot"):
+                assert 0 < p[f"p50_{m}_ms"] <= p[f"p90_{m}_ms"] <= p[f"p99_{m}_ms"], p
+    assert len(r["comparison"]["load"]) == 4
+    assert any(v.startswith("Under load (vllm bench serve): the export wins") for v in r["verdict"]), r["verdict"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "### prefill-heavy: 64 prompt tokens, 4 output tokens" in md and (tmp_path / "report" / "load.png").exists()
     c = r["comparison"]
     print(
         json.dumps(

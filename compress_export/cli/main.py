@@ -387,101 +387,10 @@ def cmd_serve(argv):
     return launch(["serve"] + argv)
 
 
-def cmd_validate(argv):
-    from compress_export.integrations.validate import ValidateOptions, load_prompts, parse_lengths
+def _validate(argv):
+    from compress_export.cli.validate_cmd import cmd_validate
 
-    d = ValidateOptions()
-    p = argparse.ArgumentParser(
-        prog="compress-export validate",
-        description="Run an export (and a baseline) in vLLM, each in its own subprocess: greedy outputs and token "
-        "agreement, perplexity from vLLM's prompt logprobs, batch-1 latency, offline and served "
-        "throughput (vllm bench serve on 127.0.0.1), memory. Writes report.json, report.md and plots.",
-    )
-    p.add_argument("dir", metavar="OUT", help="the export to validate")
-    p.add_argument("--baseline", metavar="MODEL_DIR", help="the uncompressed model, for ratios and agreement")
-    p.add_argument("--report-dir", help="where the report goes (default: OUT-validation beside OUT)")
-    p.add_argument(
-        "--text",
-        help="UTF-8 text for perplexity (default: a passage shipped with compress-export; "
-        "the project's protocol uses ../shared/data/text/eval.txt)",
-    )
-    # Each number flag maps to a ValidateOptions field; unset ones keep the default (or --quick's) value.
-    fields = {
-        "window": "window",
-        "windows": "windows",
-        "repeats": "latency_repeats",
-        "num_prompts": "num_prompts",
-        "input_len": "input_len",
-        "output_len": "output_len",
-        "concurrency": "concurrency",
-        "max_new_tokens": "max_new_tokens",
-    }
-    helps = {
-        "window": "tokens per perplexity window",
-        "windows": "perplexity windows (at most)",
-        "repeats": "latency repeats (median)",
-        "num_prompts": "throughput prompts (offline and served)",
-        "input_len": "throughput prompt tokens",
-        "output_len": "throughput output tokens",
-        "concurrency": "served requests in flight at most",
-        "max_new_tokens": "greedy tokens per prompt",
-    }
-    for flag, field_name in fields.items():
-        p.add_argument(
-            "--" + flag.replace("_", "-"), type=int, help=f"{helps[flag]} (default {getattr(d, field_name)})"
-        )
-    p.add_argument(
-        "--lengths",
-        help="batch-1 latency points, PROMPTxOUTPUT tokens (default "
-        + ",".join(f"{a}x{b}" for a, b in d.latency_lengths)
-        + ")",
-    )
-    p.add_argument(
-        "--prompts",
-        help="greedy prompts: .jsonl ({\"text\", \"chat\"} per line) or one per line, "
-        "'chat: ' in front for chat (default: 8 built-in prompts, 3 of them chat)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="engine dtype for both models (default auto: each in this machine's fastest, bf16 on CPUs "
-        "with AVX-512 bf16 or AMX, float32 on AVX2-only CPUs)",
-    )
-    p.add_argument("--no-serve", action="store_true", help="skip vllm serve (offline figures only)")
-    p.add_argument("--quick", action="store_true", help="small N everywhere (a smoke run in a few minutes)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    p.add_argument("--json", action="store_true", help="print report.json")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    a = p.parse_args(argv)
-    from dataclasses import replace
-
-    from compress_export.integrations.validate import validate
-
-    given = {}
-    for flag, field_name in fields.items():
-        v = getattr(a, flag)
-        if v is not None and v < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-        if v is not None:
-            given[field_name] = v
-    if a.lengths:
-        given["latency_lengths"] = parse_lengths(a.lengths)
-    if a.prompts:
-        given["prompts"] = load_prompts(a.prompts)
-    opts = replace(
-        ValidateOptions.quick() if a.quick else d,
-        serve=not a.no_serve,
-        dtype="" if a.dtype == "auto" else a.dtype,
-        **given,
-    )
-    r = validate(a.dir, a.baseline, a.report_dir, a.text, opts, overwrite=a.overwrite, progress=not a.quiet)
-    if a.json:
-        print(json.dumps(r, indent=2))
-    else:
-        print("\n".join(r["verdict"]))
-        print(f"report: {r['report_dir']}/report.md")
-    return 0 if "error" not in r["runs"]["export"]["offline"] else 1
+    return cmd_validate(argv)
 
 
 def cmd_check(argv):
@@ -593,7 +502,7 @@ def main(argv=None) -> int:
         "eval": cmd_eval,
         "convert": cmd_convert,
         "serve": cmd_serve,
-        "validate": cmd_validate,
+        "validate": _validate,
         "list": cmd_list,
         "check": cmd_check,
         "recipe": cmd_recipe,

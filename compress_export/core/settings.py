@@ -94,9 +94,18 @@ SETTINGS: Dict[str, Setting] = {
             "CPU_ISA",
             "choice",
             "auto",
-            choices=("auto", "generic"),
-            meaning="The compiled CPU kernel's instruction set: `auto` uses AVX2 where the CPU has it, "
-            "`generic` forces the portable C path.",
+            choices=("auto", "generic", "avx2", "avxvnni", "avx512", "avx512vnni"),
+            meaning="The compiled CPU kernel's instruction-set variant: `auto` picks the best this CPU has "
+            "(cpuid, at load); `generic` forces the portable C path; naming a variant the CPU lacks is an error.",
+        ),
+        Setting(
+            "PREFILL",
+            "choice",
+            "int8",
+            choices=("int8", "float"),
+            meaning="How the CPU kernel multiplies prefill-sized batches (8 rows or more) of 2/3/4-bit weights: "
+            "`int8` quantizes the activations to int8 per block (W4A8, integer dot products); `float` dequantizes "
+            "the weights a tile at a time for an fp32/bf16 GEMM (slower, no activation rounding).",
         ),
         Setting(
             "MALLOC",

@@ -106,7 +106,7 @@ static void run(const Job *j, int nthreads) {
     for (int64_t b = 0; b < blocks; b++) {
         int64_t n0 = 4 * b, n1 = n0 + 4 < j->N ? n0 + 4 : j->N;
 #ifdef CE_X86
-        if (g_isa == ISA_AVX2) {
+        if (g_isa >= ISA_AVX2) {
             rows_avx2(j, n0, n1);
             continue;
         }

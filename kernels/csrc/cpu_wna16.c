@@ -38,22 +38,6 @@ typedef struct {
     int32_t *isum; /* [M, nb] */
 } Job;
 
-static float h2f(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, f;
-    float out;
-    if (exp == 0) {
-        out = (float)man * 5.9604644775390625e-08f; /* subnormal (or zero): man · 2^-24 */
-        memcpy(&f, &out, 4);
-        f |= sign;
-    } else if (exp == 31) {
-        f = sign | 0x7f800000u | (man << 13);
-    } else {
-        f = sign | ((exp + 112u) << 23) | (man << 13);
-    }
-    memcpy(&out, &f, 4);
-    return out;
-}
-
 /* The block of activation columns quantized together: the weight group if it is at most `cap` columns, else the
  * largest of 256/128/64/32 dividing it. `cap` bounds the int32 sums: 256·15·32767 (4-bit) and 128·255·32767
  * (8-bit) stay below 2^31. */
@@ -262,38 +246,14 @@ AVX2 static void dequant_row_avx2(const Job *j, int64_t n, void *out, int bf16) 
 }
 #endif
 
-int g_isa = ISA_GENERIC;
-
-static void detect_isa(void) {
-    g_isa = ISA_GENERIC;
-#ifdef CE_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        g_isa = ISA_AVX2;
-#endif
-}
-
 static void run_rows(const Job *j, int64_t n0, int64_t n1) {
 #ifdef CE_X86
-    if (g_isa == ISA_AVX2) {
+    if (g_isa >= ISA_AVX2) {
         rows_avx2(j, n0, n1);
         return;
     }
 #endif
     rows_generic(j, n0, n1);
-}
-
-/* Scratch for the quantized activations: grows, never shrinks; one per calling thread. */
-static __thread void *t_scratch = NULL;
-static __thread size_t t_scratch_bytes = 0;
-
-static void *scratch(size_t bytes) {
-    if (bytes > t_scratch_bytes) {
-        free(t_scratch);
-        t_scratch = malloc(bytes);
-        t_scratch_bytes = t_scratch ? bytes : 0;
-    }
-    return t_scratch;
 }
 
 static const char *check_shape(int bits, int64_t M, int64_t N, int64_t K, int64_t group) {
@@ -303,22 +263,7 @@ static const char *check_shape(int bits, int64_t M, int64_t N, int64_t K, int64_
     return NULL;
 }
 
-static float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static PyObject *py_gemm(PyObject *self, PyObject *args) {
+PyObject *py_gemm(PyObject *self, PyObject *args) {
     int bits, nthreads, bf16 = 0;
     Py_ssize_t M, N, K, group;
     unsigned long long x, qw, scales, zeros, y;
@@ -338,7 +283,7 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     j.bpg = group / j.B;
     size_t xq_bytes = (size_t)(M * K) * sizeof(int16_t), side = (size_t)(M * j.nb) * 4;
     size_t io_bytes = bf16 ? (size_t)(M * K + M * N) * sizeof(float) : 0; /* fp32 copies of x and y */
-    char *buf = scratch(xq_bytes + 2 * side + io_bytes + 64);
+    char *buf = ce_scratch(xq_bytes + 2 * side + io_bytes + 64);
     if (!buf) return PyErr_NoMemory();
     j.xq = (int16_t *)buf;
     j.xs = (float *)(buf + xq_bytes);
@@ -346,7 +291,7 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     if (bf16) {
         float *xf = (float *)(buf + xq_bytes + 2 * side);
-        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf2f(((const uint16_t *)x)[i]);
         j.x = xf;
         j.y = xf + M * K;
     }
@@ -363,7 +308,7 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     }
     (void)nt;
     if (bf16)
-        for (int64_t i = 0; i < M * N; i++) ((uint16_t *)y)[i] = f32_to_bf16(j.y[i]);
+        for (int64_t i = 0; i < M * N; i++) ((uint16_t *)y)[i] = f2bf(j.y[i]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -380,12 +325,12 @@ static void dequant_row_generic(const Job *j, int64_t n, void *out, int bf16) {
             if (!bf16)
                 ((float *)out)[k] = v;
             else
-                ((uint16_t *)out)[k] = f32_to_bf16(v);
+                ((uint16_t *)out)[k] = f2bf(v);
         }
     }
 }
 
-static PyObject *py_dequant(PyObject *self, PyObject *args) {
+PyObject *py_dequant(PyObject *self, PyObject *args) {
     int bits, bf16, nthreads;
     Py_ssize_t N, K, group, n0, n1;
     unsigned long long qw, scales, zeros, out;
@@ -410,7 +355,7 @@ static PyObject *py_dequant(PyObject *self, PyObject *args) {
     for (int64_t n = n0; n < n1; n++) {
         void *o = (char *)(uintptr_t)out + (size_t)((n - n0) * K) * esize;
 #ifdef CE_X86
-        if (g_isa == ISA_AVX2) {
+        if (g_isa >= ISA_AVX2) {
             dequant_row_avx2(&j, n, o, bf16);
             continue;
         }
@@ -421,42 +366,3 @@ static PyObject *py_dequant(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_isa(PyObject *self, PyObject *noargs) {
-    return PyUnicode_FromString(g_isa == ISA_AVX2 ? "avx2" : "generic");
-}
-
-static PyObject *py_set_isa(PyObject *self, PyObject *args) {
-    const char *name;
-    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
-    if (strcmp(name, "generic") == 0) {
-        g_isa = ISA_GENERIC;
-    } else if (strcmp(name, "auto") == 0) {
-        detect_isa();
-    } else {
-        PyErr_Format(PyExc_ValueError, "unknown ISA %s: choose generic or auto", name);
-        return NULL;
-    }
-    return py_isa(self, NULL);
-}
-
-static PyMethodDef methods[] = {
-    {"gemm", py_gemm, METH_VARARGS,
-     "gemm(bits, M, N, K, group, x, qw, scales, zeros, y, nthreads, bf16=0): y[M,N] = x[M,K] · dequant(W)ᵀ "
-     "(addresses; x and y bf16 when bf16=1, else fp32)"},
-    {"dequant", py_dequant, METH_VARARGS, "dequant(bits, N, K, group, n0, n1, qw, scales, zeros, out, bf16, nthreads): rows n0..n1 of W"},
-    {"int8_gemm", py_int8_gemm, METH_VARARGS,
-     "int8_gemm(M, N, K, xq, w, acc, nthreads): acc[M,N] int32 = xq[M,K] int8 · w[N,K] int8ᵀ, exact (addresses)"},
-    {"int8_linear", py_int8_linear, METH_VARARGS,
-     "int8_linear(M, N, K, x, w, scale, y, nthreads): y[M,N] fp32 = W8A8 of x[M,K] fp32 (per-token int8) and "
-     "w[N,K] int8 with per-channel scale[N] fp32 (addresses)"},
-    {"isa", py_isa, METH_NOARGS, "the instruction-set path in use: avx2 or generic"},
-    {"set_isa", py_set_isa, METH_VARARGS, "set_isa('generic'|'auto'): force the portable path or detect (kernels/cpu_wna16.py passes "
-     "COMPRESS_EXPORT_CPU_ISA at load; the C code reads no environment)"},
-    {NULL, NULL, 0, NULL}};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "CPU W{2,3,4,8}A16 and exact W8A8 kernels", -1, methods};
-
-PyMODINIT_FUNC PyInit__cpu(void) {
-    detect_isa();
-    return PyModule_Create(&module);
-}
