@@ -88,7 +88,7 @@ def compare_point(e: dict, b: dict) -> dict:
     """One (mix, concurrency) point: export / baseline throughput, latency changes in %, and the outcome."""
     out = {k: e.get(k, b.get(k)) for k in ("mix", "input_len", "output_len", "concurrency")}
     if "error" in e or "error" in b:
-        out["outcome"] = "loses" if "error" in e and "error" not in b else "not compared"
+        out["outcome"] = "loses" if "error" in e else "not compared"  # failed requests lose, whatever the baseline did
         out["wins"], out["loses"] = [], (["the export's requests failed"] if out["outcome"] == "loses" else [])
         return out
     e_tp, b_tp = e.get("output_throughput"), b.get("output_throughput")

@@ -1,10 +1,12 @@
 """`cpu-wna16`: the fast CPU kernel for 2/3/4/8-bit weights with float activations (fp32, bf16, fp16).
 
-The weights stay packed in memory and are expanded only in registers by the compiled extension
-(`kernels/csrc/cpu_wna16.c`, built by the package's own build; AVX2 where the CPU has it, portable C elsewhere).
-Decode-sized calls (few rows of x) run its integer kernel: x quantized to int16 per block (relative error 1.5e-5 of
-the block's largest value, far below bf16's), codes multiplied as int16, exact integer sums per block. Large calls
-(prefill) dequantize W a tile of rows at a time into the activation dtype and hand each tile to torch's GEMM.
+The weights stay packed in memory and are expanded only in registers by the compiled extension (kernels/csrc/,
+built by the package's own build). One build holds every instruction-set variant (portable C, AVX2, AVX-VNNI,
+AVX-512-VNNI); cpuid picks the best this CPU runs at import (COMPRESS_EXPORT_CPU_ISA pins one). Calls of fewer than
+8 rows (decode) quantize x to int16 per block (relative error 1.5e-5 of the block's largest value, far below bf16's)
+and multiply the codes as int16 with exact integer sums; larger calls (prefill) quantize x to int8 per block and
+multiply with u8 × s8 dot products (W4A8), or, with COMPRESS_EXPORT_PREFILL=float, dequantize W a tile of rows at a
+time for torch's GEMM.
 
 Prepared layouts (built once at load from a QuantizedWeight; never stored in a checkpoint: they depend on the kernel):
 - 2/3/4-bit codes (2/3-bit fit the 4-bit container exactly): the panel layout of kernels/csrc/cpu_w4a8.c

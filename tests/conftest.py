@@ -72,6 +72,18 @@ def make_tiny_llama(
     return path
 
 
+def _isa_in_use() -> str:
+    from compress_export.kernels import cpu_wna16
+
+    ext = cpu_wna16.extension()
+    return ext.isa() if ext is not None else "auto"
+
+
+# The C extension's variant for this session: auto's choice, or a COMPRESS_EXPORT_CPU_ISA pin (a CI job may pin
+# one). Tests that switch variants put this one back, so a pinned job keeps testing its variant.
+ISA_IN_USE = _isa_in_use()
+
+
 @pytest.fixture(autouse=True)
 def _no_fused_lowrank_from_the_shell(monkeypatch):
     """COMPRESS_EXPORT_LOWRANK=fused in a developer's or CI's shell would change what vLLM runs in every test (the

@@ -4,6 +4,7 @@ round trip of its weight, and a tiny exported model run through it."""
 
 import pytest
 import torch
+from conftest import ISA_IN_USE
 
 from compress_export.core.result import QuantizedWeight, SparseWeight
 from compress_export.core.scheme import Scheme
@@ -72,7 +73,7 @@ def test_float_values_every_isa(isa, dtype, values):
         for M in ROWS:
             check_product(k, w, M, dtype, seed=M)
     finally:
-        ck.extension().set_isa("auto")
+        ck.extension().set_isa(ISA_IN_USE)
 
 
 @needs_ext
@@ -87,7 +88,7 @@ def test_codes_every_isa(isa, dtype, bits, group):
         for M in ROWS:
             check_product(k, w, M, dtype, seed=M)
     finally:
-        ck.extension().set_isa("auto")
+        ck.extension().set_isa(ISA_IN_USE)
 
 
 @needs_ext
@@ -105,7 +106,7 @@ def test_expand_is_the_dense_weight_exactly(isa):
             cs.expand(k.values, k.meta, k.scales, k.zeros, k.kind, k.group, 7, 12, part)
             assert torch.equal(part, w.dequantize()[7:12])
         finally:
-            ck.extension().set_isa("auto")
+            ck.extension().set_isa(ISA_IN_USE)
 
 
 @needs_ext
@@ -121,7 +122,7 @@ def test_non_finite_input_gives_nan(isa, dtype):
             ck.extension().set_isa(isa)
             y = k(x)
         finally:
-            ck.extension().set_isa("auto")
+            ck.extension().set_isa(ISA_IN_USE)
         assert torch.isfinite(y[0]).all() and torch.isnan(y[1:]).all()
 
 
@@ -178,12 +179,21 @@ def test_weight_round_trip_is_exact():
 
 
 @needs_ext
-def test_torch_compile_op_matches_eager():
+def test_compiled_graph_calls_the_op_and_matches_the_dense_product():
+    """Under torch.compile (vLLM's compiled mode) the traced graph calls the opaque `compress_export::cpu_sparse24`
+    op, and its numbers are the dense pruned weight's product."""
     w = float_weight(32, 64)
     k = kernel(w)
+    targets = []
+
+    def record(gm, inputs):  # a backend that only notes which functions the traced graph calls
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
     x = torch.randn(2, 64)
-    args = (k.values, k.meta, k.scales, k.zeros, k.kind, k.group)
-    assert torch.equal(torch.ops.compress_export.cpu_sparse24(x, *args), k(x))
+    y = torch.compile(lambda t: k(t), backend=record, fullgraph=True)(x)
+    assert torch.ops.compress_export.cpu_sparse24 in targets
+    assert torch.allclose(y, x @ w.values.float().T, atol=1e-5)
 
 
 @needs_ext

@@ -13,6 +13,7 @@ Error bounds (u = the unit roundoff of the dtype named):
 
 import pytest
 import torch
+from conftest import ISA_IN_USE
 
 from compress_export.kernels import cpu_wna16 as ck
 from compress_export.kernels import lowrank as lk
@@ -88,7 +89,7 @@ def test_every_variant_matches_a_plain_torch_product_per_part(K, sizes, ranks, d
                 untouched[c : c + b.shape[0]] = False
             assert torch.equal(y[:, untouched], y0[:, untouched])  # the uncorrected part is never written
     finally:
-        ext.set_isa("auto")
+        ext.set_isa(ISA_IN_USE)
 
 
 @needs_ext
@@ -134,7 +135,7 @@ def test_nan_and_inf_reach_every_corrected_output_of_their_row(isa):
             assert not torch.isfinite(y[1, corrected]).any()  # Inf·(±a)·(±b) sums to NaN or Inf, never finite
             assert torch.isfinite(y[[0, 2]]).all() and torch.equal(y[1, 576:768], torch.zeros(192))
     finally:
-        ext.set_isa("auto")
+        ext.set_isa(ISA_IN_USE)
 
 
 def test_prefill_takes_the_torch_path_with_the_same_numbers():

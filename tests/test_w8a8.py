@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_written_as_computed, make_tiny_llama, recorder
+from conftest import ISA_IN_USE, assert_written_as_computed, make_tiny_llama, recorder
 
 from compress_export.core.errors import UserError
 from compress_export.core.result import QuantizedWeight
@@ -79,7 +79,7 @@ def test_compiled_int8_gemm_is_exact_where_a_saturating_pair_sum_is_not(isa):
             assert got.dtype == torch.int32 and torch.equal(got.double(), want), (m, k, n)
             assert not torch.equal(saturating_pair_sum(xq, w).double(), want), (m, k, n)
     finally:
-        ext.set_isa("auto")
+        ext.set_isa(ISA_IN_USE)
     assert ext.isa() in ("avx2", "generic")
 
 
@@ -104,7 +104,7 @@ def test_compiled_w8a8_linear_gives_the_torch_expressions_floats(isa):
         keep = [0, 1, 2, 4, 5]
         assert torch.equal(got[keep], want[keep]) and torch.equal(got[1], torch.zeros(37))
     finally:
-        ext.set_isa("auto")
+        ext.set_isa(ISA_IN_USE)
 
 
 def test_compiled_int8_gemm_is_built_where_a_compiler_exists():

@@ -15,16 +15,26 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <float.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define CE_X86 1
+/* The VEX-encoded AVX-VNNI (target "avxvnni", _mm256_dpbusd_avx_epi32) needs GCC 11 or clang 12; older compilers
+ * build every other variant and report avxvnni as unsupported, rather than lose the whole extension. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define CE_AVXVNNI 1
+#endif
 #endif
 
-/* Ordered: each variant needs what the ones before it need (the VNNI ones add vpdpbusd). */
+/* Ordered by preference, not by inclusion: AVX-512 CPUs without VNNI (Skylake-X) lack AVX-VNNI, so dispatch tests
+ * the VNNI variants with == and only the AVX2 baseline with >=. */
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512 = 3, ISA_AVX512VNNI = 4, ISA_COUNT = 5 };
 extern int g_isa;                     /* the variant in use */
 extern const char *const ISA_NAMES[]; /* "generic", "avx2", "avxvnni", "avx512", "avx512vnni" */
 int isa_supported(int isa);           /* whether this CPU (and OS) can run that variant */
+/* Blocks of x whose largest |value| is below this quantize to zeros with scale 0 (qmax / amax would overflow; their
+ * contribution is below 1e-30 · |w| · block anyway). */
+#define CE_TINY_AMAX 1e-30f
 /* Per-thread scratch (quantized activations, expanded tiles): grows, never shrinks. Valid until the calling
  * thread's next ce_scratch call, so a kernel takes it once per call. NULL when malloc fails. */
 void *ce_scratch(size_t bytes);

@@ -122,7 +122,7 @@ static float quantize_row(const float *x, int64_t K, int16_t *q) {
     float amax = 0.f;
     for (int64_t k = 0; k < K; k++) {
         float a = fabsf(x[k]);
-        if (!(a <= 3.4e38f)) {
+        if (!(a <= FLT_MAX)) {
             memset(q, 0, (size_t)K * sizeof(int16_t));
             return NAN;
         }

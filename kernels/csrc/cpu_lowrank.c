@@ -216,10 +216,11 @@ PyObject *py_lowrank_apply(PyObject *self, PyObject *args) {
     }
     if (M == 0) Py_RETURN_NONE;
     size_t tb = (size_t)(M * R) * sizeof(float), xb = xbf16 ? (size_t)(M * K) * sizeof(float) : 0;
-    char *buf = ce_scratch(tb + xb + (size_t)P * sizeof(int64_t) + 64);
+    const size_t ob = (size_t)P * sizeof(int64_t); /* the int64 offsets first: aligned, whatever M·(R + K) is */
+    char *buf = ce_scratch(ob + tb + xb + 64);
     if (!buf) return PyErr_NoMemory();
     Job j = {M, K, N, R, P, (const float *)x, (const uint16_t *)A, (const uint16_t *)B, (const int64_t *)parts,
-             (const int64_t *)(buf + tb + xb), (float *)buf, ybf16 ? NULL : (float *)y, ybf16 ? (uint16_t *)y : NULL,
+             (const int64_t *)buf, (float *)(buf + ob), ybf16 ? NULL : (float *)y, ybf16 ? (uint16_t *)y : NULL,
              fbf16 != 0};
     const char *bad = check_parts(j.parts, P, N, R, blen, (int64_t *)j.boff);
     if (bad) {
@@ -230,7 +231,7 @@ PyObject *py_lowrank_apply(PyObject *self, PyObject *args) {
     int nt = (M * (R * K + blen) < (1 << 15)) ? 1 : (nthreads > 0 ? nthreads : 1);
     Py_BEGIN_ALLOW_THREADS
     if (xbf16) {
-        float *xf = (float *)(buf + tb);
+        float *xf = (float *)(buf + ob + tb);
         for (int64_t i = 0; i < M * K; i++) xf[i] = bf2f(((const uint16_t *)x)[i]);
         j.x = xf;
     }

@@ -26,7 +26,9 @@ int isa_supported(int isa) {
                  __builtin_cpu_supports("avx512vl");
     switch (isa) {
         case ISA_AVX2: return avx2;
+#ifdef CE_AVXVNNI
         case ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni"); /* the VEX encoding: 256-bit vpdpbusd */
+#endif
         case ISA_AVX512: return avx512;
         case ISA_AVX512VNNI: return avx512 && __builtin_cpu_supports("avx512vnni");
         default: return 0;

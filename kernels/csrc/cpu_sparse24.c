@@ -290,13 +290,13 @@ static void run_rows(const Job *j, int64_t n0, int64_t n1) {
 static const char *check_shape(int kind, int64_t M, int64_t N, int64_t K, int64_t group) {
     if (!(kind == KIND_F32 || kind == KIND_BF16 || kind == KIND_F16 || kind == KIND_Q4))
         return "kind must be 0 (fp32 values), 1 (bf16), 2 (fp16) or 4 (4-bit codes)";
-    if (M < 0 || N < 1 || K < 32 || K % 32) return "K must be a positive multiple of 32";
+    if (M < 0 || N < 1) return "needs M ≥ 0 rows of x and N ≥ 1 outputs";
+    if (K < 32 || K % 32) return "K must be a positive multiple of 32";
     if (kind == KIND_Q4 && (group < 32 || group % 32 || K % group))
         return "group must be a multiple of 32 that divides K";
     return NULL;
 }
 
-/* Scratch for fp32 copies of x and y: grows, never shrinks; one per calling thread. */
 /* Widen bf16 x into xf (when given) and flag rows holding inf or NaN (see the header). */
 static void prepare_x(const void *x, int bf16, float *xf, int64_t M, int64_t K, char *bad) {
     for (int64_t m = 0; m < M; m++) {
@@ -304,7 +304,7 @@ static void prepare_x(const void *x, int bf16, float *xf, int64_t M, int64_t K, 
         for (int64_t k = 0; k < K; k++) {
             float v = bf16 ? bf2f(((const uint16_t *)x)[m * K + k]) : ((const float *)x)[m * K + k];
             if (bf16) xf[m * K + k] = v;
-            nonfinite |= !(fabsf(v) <= 3.4028235e38f);
+            nonfinite |= !(fabsf(v) <= FLT_MAX);
         }
         bad[m] = (char)nonfinite;
     }

@@ -1,6 +1,6 @@
 /* compress_export.kernels._cpu: y = x Wᵀ for 2/3/4-bit codes in the panel layout, three ways on one layout:
  *   w4_gemv16  decode-sized M: x quantized to int16 per block (relative error 1.5e-5 of the block's largest value,
- *              below bf16's 3.9e-3 per element), codes × int16 with vpmaddwd (vpdpwssd with VNNI), exact sums.
+ *              below bf16's 3.9e-3 per element), codes × int16 with vpmaddwd (every variant), exact sums.
  *   w4a8_gemm  prefill-sized M: x quantized to int8 per block (as llama.cpp's Q8_0 does for its Q4_0 GEMM), codes
  *              × int8 with vpmaddubsw + vpmaddwd (vpdpbusd with VNNI). Exact: a u8 × s8 pair sum is at most
  *              2 · 15 · 127 = 3810, so the int16 step that saturates for 8-bit weights (W8A8 on AVX2) cannot here.
@@ -71,7 +71,8 @@ static inline int panel_code(const uint8_t *qw, int64_t K, int64_t n, int64_t k)
 }
 
 /* One block of x: codes with `qmax` levels each side (127 or 32767), its scale and code sum. A non-finite block
- * gets scale NaN and zero codes, so its outputs are NaN rather than silently finite. perm8: store column j of each
+ * gets scale NaN and zero codes, so its outputs are NaN rather than silently finite; a block below CE_TINY_AMAX
+ * gets scale 0 and zero codes. perm8: store column j of each
  * 8-step at A8_POS[j] (int8) or in place (int16). */
 static void quantize_block(const void *x, int bf16, int64_t off, int64_t B, float qmax, void *q, int is8, float *scale,
                            int32_t *sum) {
@@ -79,13 +80,13 @@ static void quantize_block(const void *x, int bf16, int64_t off, int64_t B, floa
     int nonfinite = 0;
     for (int64_t k = 0; k < B; k++) {
         float a = fabsf(load_x(x, bf16, off + k));
-        if (!(a <= 3.4e38f)) nonfinite = 1;
+        if (!(a <= FLT_MAX)) nonfinite = 1;
         else if (a > amax) amax = a;
     }
-    const float inv = (!nonfinite && amax > 0.f) ? qmax / amax : 0.f;
+    const float inv = (!nonfinite && amax >= CE_TINY_AMAX) ? qmax / amax : 0.f;
     int32_t s = 0;
     for (int64_t k = 0; k < B; k++) {
-        long v = lrintf(load_x(x, bf16, off + k) * inv);
+        long v = inv > 0.f ? lrintf(load_x(x, bf16, off + k) * inv) : 0;
         v = v > (long)qmax ? (long)qmax : v < -(long)qmax ? -(long)qmax : v;
         if (is8)
             ((int8_t *)q)[(k & ~7) + A8_POS[k & 7]] = (int8_t)v;
@@ -93,7 +94,7 @@ static void quantize_block(const void *x, int bf16, int64_t off, int64_t B, floa
             ((int16_t *)q)[k] = (int16_t)v;
         s += (int32_t)v;
     }
-    *scale = nonfinite ? NAN : amax / qmax;
+    *scale = nonfinite ? NAN : inv > 0.f ? amax / qmax : 0.f;
     *sum = s;
 }
 
@@ -154,7 +155,7 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const void *
 
 __attribute__((target("avx2,fma,f16c"))) static int quantize8_avx2(const void *x, int bf16, int64_t B, int8_t *q,
                                                                   float *scale, int32_t *sum) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.4e38f);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
     __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
     for (int64_t k = 0; k < B; k += 8) {
         __m256 a = _mm256_and_ps(load8(x, bf16, k), absmask);
@@ -166,7 +167,8 @@ __attribute__((target("avx2,fma,f16c"))) static int quantize8_avx2(const void *x
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float amax = _mm_cvtss_f32(m4);
-    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    if (amax < CE_TINY_AMAX) return 0; /* the portable loop writes the zero block */
+    const __m256 inv = _mm256_set1_ps(127.f / amax);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* A8_POS: byte i holds column order[i] */
     __m256i vsum = _mm256_setzero_si256();
     for (int64_t k = 0; k < B; k += 8) {
@@ -195,6 +197,7 @@ __attribute__((target("avx2,fma,f16c"))) static int quantize8_avx2(const void *x
 #undef V
 #undef DOT4
 
+#ifdef CE_AVXVNNI
 #define TGT "avx2,fma,f16c,avxvnni"
 #define V(name) name##_avxvnni
 #define DOT4(acc, w, x) acc = _mm256_dpbusd_avx_epi32(acc, w, x)
@@ -202,6 +205,7 @@ __attribute__((target("avx2,fma,f16c"))) static int quantize8_avx2(const void *x
 #undef TGT
 #undef V
 #undef DOT4
+#endif
 
 #define TGT "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
 #define V(name) name##_avx512vnni
@@ -215,7 +219,9 @@ __attribute__((target("avx2,fma,f16c"))) static int quantize8_avx2(const void *x
 static void a8_run(const A8Job *j, int64_t p0, int64_t p1) {
 #ifdef CE_X86
     if (g_isa == ISA_AVX512VNNI) return a8_panels_avx512vnni(j, p0, p1);
+#ifdef CE_AVXVNNI
     if (g_isa == ISA_AVXVNNI) return a8_panels_avxvnni(j, p0, p1);
+#endif
     if (g_isa >= ISA_AVX2) return a8_panels_avx2(j, p0, p1);
 #endif
     a8_panels_generic(j, p0, p1);
@@ -224,14 +230,17 @@ static void a8_run(const A8Job *j, int64_t p0, int64_t p1) {
 static void w16_run(const A16Job *j, int64_t p0, int64_t p1) {
 #ifdef CE_X86
     if (g_isa == ISA_AVX512VNNI) return w16_panels_avx512vnni(j, p0, p1);
+#ifdef CE_AVXVNNI
     if (g_isa == ISA_AVXVNNI) return w16_panels_avxvnni(j, p0, p1);
+#endif
     if (g_isa >= ISA_AVX2) return w16_panels_avx2(j, p0, p1);
 #endif
     w16_panels_generic(j, p0, p1);
 }
 
 static const char *check_shape(int64_t M, int64_t N, int64_t K, int64_t group) {
-    if (M < 0 || N < 1 || K < 32 || K % 32) return "K must be a positive multiple of 32";
+    if (M < 0 || N < 1) return "needs M ≥ 0 rows of x and N ≥ 1 outputs";
+    if (K < 32 || K % 32) return "K must be a positive multiple of 32";
     if (group < 32 || group % 32 || K % group) return "group must be a multiple of 32 that divides K";
     return NULL;
 }
@@ -349,6 +358,27 @@ PyObject *py_w4_gemv16(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Row n of W = (q − z) · s into o32 (fp32) or o16 (bf16). Output n's 4 bytes of a step, read as a little-endian
+ * uint32 w, hold column j's code at bits 16·(j & 1) + 4·(j >> 1) (panel_code's mapping, unrolled per step so the
+ * compiler vectorizes the 8 columns). */
+static void dequant_row(const uint8_t *qw, const uint16_t *sc, const uint8_t *zp, int64_t K, int64_t Np,
+                        int64_t group, int64_t n, float *o32, uint16_t *o16) {
+    const uint8_t *src = qw + (n >> 3) * (K / 8) * 32 + (n & 7) * 4;
+    for (int64_t g = 0; g < K / group; g++) {
+        const float s = h2f(sc[g * Np + n]), zs = (float)zp[g * Np + n] * s;
+        for (int64_t c = g * group / 8; c < (g + 1) * group / 8; c++) {
+            uint32_t w;
+            float v[8];
+            memcpy(&w, src + c * 32, 4);
+            for (int j = 0; j < 8; j++) v[j] = (float)((w >> (16 * (j & 1) + 4 * (j >> 1))) & 15u) * s - zs;
+            if (o16)
+                for (int j = 0; j < 8; j++) o16[c * 8 + j] = f2bf(v[j]);
+            else
+                memcpy(o32 + c * 8, v, sizeof v);
+        }
+    }
+}
+
 /* w4_dequant(N, K, group, n0, n1, qw, scales, zeros, out, bf16, nthreads): rows n0..n1 of W[n, k] =
  * (q − z) · s into out [n1 − n0, K], fp32 or bf16 (the float prefill path's tile). */
 PyObject *py_w4_dequant(PyObject *self, PyObject *args) {
@@ -364,7 +394,7 @@ PyObject *py_w4_dequant(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, bad);
         return NULL;
     }
-    const int64_t Np = (N + 7) / 8 * 8, G = K / group;
+    const int64_t Np = (N + 7) / 8 * 8;
     const int nt = nthreads > 0 ? nthreads : 1;
     (void)nt;
     Py_BEGIN_ALLOW_THREADS
@@ -372,13 +402,9 @@ PyObject *py_w4_dequant(PyObject *self, PyObject *args) {
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
     for (int64_t n = n0; n < n1; n++) {
-        for (int64_t g = 0; g < G; g++) {
-            const float s = h2f(((const uint16_t *)scales)[g * Np + n]);
-            const float zs = (float)((const uint8_t *)zeros)[g * Np + n] * s;
-            for (int64_t k = g * group; k < (g + 1) * group; k++)
-                store_scalar((void *)out, bf16, (n - n0) * K + k,
-                             (float)panel_code((const uint8_t *)qw, K, n, k) * s - zs);
-        }
+        float *o32 = bf16 ? NULL : (float *)(uintptr_t)out + (n - n0) * K;
+        uint16_t *o16 = bf16 ? (uint16_t *)(uintptr_t)out + (n - n0) * K : NULL;
+        dequant_row((const uint8_t *)qw, (const uint16_t *)scales, (const uint8_t *)zeros, K, Np, group, n, o32, o16);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;

@@ -56,7 +56,7 @@ static void quantize_block(const float *x, int64_t B, int16_t *q, float *scale, 
     int nonfinite = 0;
     for (int64_t k = 0; k < B; k++) {
         float a = fabsf(x[k]);
-        if (!(a <= 3.4e38f)) nonfinite = 1;
+        if (!(a <= FLT_MAX)) nonfinite = 1;
         else if (a > amax) amax = a;
     }
     if (nonfinite) {
@@ -65,15 +65,15 @@ static void quantize_block(const float *x, int64_t B, int16_t *q, float *scale, 
         *sum = 0;
         return;
     }
-    float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    float inv = amax >= CE_TINY_AMAX ? 32767.f / amax : 0.f;
     int32_t s = 0;
     for (int64_t k = 0; k < B; k++) {
-        long v = lrintf(x[k] * inv);
+        long v = inv > 0.f ? lrintf(x[k] * inv) : 0;
         v = v > 32767 ? 32767 : v < -32767 ? -32767 : v;
         q[k] = (int16_t)v;
         s += (int32_t)v;
     }
-    *scale = amax / 32767.f;
+    *scale = inv > 0.f ? amax / 32767.f : 0.f;
     *sum = s;
 }
 
@@ -258,7 +258,8 @@ static void run_rows(const Job *j, int64_t n0, int64_t n1) {
 
 static const char *check_shape(int bits, int64_t M, int64_t N, int64_t K, int64_t group) {
     if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8)) return "bits must be 2, 3, 4 or 8";
-    if (M < 0 || N < 1 || K < 32 || K % 32) return "K must be a positive multiple of 32";
+    if (M < 0 || N < 1) return "needs M ≥ 0 rows of x and N ≥ 1 outputs";
+    if (K < 32 || K % 32) return "K must be a positive multiple of 32";
     if (group < 32 || group % 32 || K % group) return "group must be a multiple of 32 that divides K";
     return NULL;
 }
