@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,3 +131,16 @@ def vllm_check(model, *args) -> dict:
     if r.returncode or res is None:
         return {"model": str(model), "error": (r.stderr or r.stdout)[-1500:]}
     return res
+
+
+def timed(fn, repeats: int, *, warmup: int = 10, stat=statistics.median) -> float:
+    """Milliseconds per call of fn: `warmup` untimed calls first (steady state: caches warm, OpenMP's threads awake,
+    as between a model's linears), then `stat` (median; min for the least disturbed) of `repeats` timed calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return stat(ts) * 1e3

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
+from common import timed
 
 from compress_export.core.hardware import cpu_kind
 from compress_export.core.result import QuantizedWeight
@@ -33,17 +32,6 @@ SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
     "8b": [(4096, 4096), (14336, 4096), (4096, 14336)],
 }
-
-
-def timed(fn, repeats: int) -> float:
-    for _ in range(10):  # steady state: caches warm, OpenMP's threads awake, as between a model's linears
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def random_weight(out_f, in_f, group) -> QuantizedWeight:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # before vLLM is imported: its CPU platform, its AVX2/512 ops
 
 import torch  # noqa: E402
+from common import timed  # noqa: E402
 
 from compress_export.core.hardware import cpu_kind, saturating_int8_gemm  # noqa: E402
 from compress_export.kernels.int8 import extension, w8a8_linear  # noqa: E402
@@ -87,13 +87,7 @@ def exactness(shapes) -> None:
 
 
 def ms(f, repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2] * 1e3
+    return timed(f, repeats, warmup=1)
 
 
 def speed(shapes, repeats: int) -> None:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
+from common import timed
 
 from compress_export.core.hardware import cpu_kind
 from compress_export.core.result import QuantizedWeight, SparseWeight
@@ -35,17 +35,6 @@ SHAPES = {
     "8b": [(4096, 4096), (14336, 4096), (4096, 14336)],
 }
 GROUP = 64
-
-
-def timed(fn, repeats: int) -> float:
-    for _ in range(5):  # steady state: caches warm, OpenMP's threads awake
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts) * 1e3
 
 
 def weights(out_f: int, in_f: int):
@@ -69,7 +58,7 @@ def row(out_f: int, in_f: int, m: int, dtype, repeats: int) -> dict:
     cells = {}
     for name, wd in (("dense fp32", torch.float32), ("dense bf16", torch.bfloat16)):
         w, xd = sw.values.to(wd), x.to(wd)
-        cells[name] = timed(lambda: torch.nn.functional.linear(xd, w), repeats)
+        cells[name] = timed(lambda: torch.nn.functional.linear(xd, w), repeats, warmup=5, stat=min)
     for name, cls, weight in (
         ("s24", CpuSparse24Kernel, sw),
         ("wna16", CpuWNA16Kernel, qw),
@@ -77,7 +66,7 @@ def row(out_f: int, in_f: int, m: int, dtype, repeats: int) -> dict:
     ):
         req = KernelRequest.for_weight(weight, dtype, "cpu")
         kernel = cls(weight, req)
-        cells[name] = timed(lambda: kernel(x), repeats)
+        cells[name] = timed(lambda: kernel(x), repeats, warmup=5, stat=min)
     return cells
 
 

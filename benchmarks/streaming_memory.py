@@ -2,6 +2,7 @@
 
     python benchmarks/streaming_memory.py                 # hidden 2048, 12 and 48 layers, RTN and GPTQ
     python benchmarks/streaming_memory.py --llama3-8b     # Llama-3-8B shapes, bf16, RTN W4 g128 (needs ~25 GB disk)
+    python benchmarks/streaming_memory.py --methods gptq-kd   # GPTQ + --recover kd (2 steps a layer: memory only)
 
 Random-weight Llamas are written shard by shard in bf16 (one decoder layer in memory at a time, so building
 them needs little memory either), exported by `compress-export` in a fresh process each, and deleted afterwards.
@@ -114,6 +115,8 @@ def depth_sweep(a) -> None:
     methods = {
         "rtn": ["--method", "rtn", "--group-size", "128"],
         "gptq": ["--method", "gptq", "--group-size", "128", *calib],
+        # recovery's own memory (teacher stream, targets, trained copies): its step count does not change it
+        "gptq-kd": ["--method", "gptq", "--group-size", "128", *calib, "--recover", "kd", "--recover-steps", "2"],
     }
     methods = {k: v for k, v in methods.items() if k in a.methods}
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
@@ -160,7 +163,7 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=49152)  # the example tokenizer's size
-    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq", "gptq-kd"])
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--llama3-8b", action="store_true", help="the 8B-shaped export instead of the depth sweep")

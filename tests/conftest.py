@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -82,6 +83,17 @@ def _isa_in_use() -> str:
 # The C extension's variant for this session: auto's choice, or a COMPRESS_EXPORT_CPU_ISA pin (a CI job may pin
 # one). Tests that switch variants put this one back, so a pinned job keeps testing its variant.
 ISA_IN_USE = _isa_in_use()
+
+
+@contextlib.contextmanager
+def isa_variant(ext, name):
+    """Run the block with the extension's `name` variant, then restore the one the session pinned (ISA_IN_USE), even
+    when the block fails. A refused switch changes nothing, so there is nothing to restore when set_isa raises."""
+    ext.set_isa(name)
+    try:
+        yield
+    finally:
+        ext.set_isa(ISA_IN_USE)
 
 
 @pytest.fixture(autouse=True)

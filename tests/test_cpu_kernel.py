@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ISA_IN_USE
+from conftest import isa_variant
 
 from compress_export.core import settings
 from compress_export.core.result import QuantizedWeight
@@ -78,8 +78,7 @@ def tolerance(bits: int, m: int) -> float:
 @pytest.mark.parametrize("bits,group,sym,act", CASES)
 def test_matches_the_exact_product_on_every_variant(bits, group, sym, act, isa):
     ext = ck.extension()
-    ext.set_isa(isa)
-    try:
+    with isa_variant(ext, isa):
         for seed, (out_f, in_f) in enumerate([(96, 256), (40, 512), (200, 768)]):
             if group != -1 and in_f % group:
                 continue
@@ -90,8 +89,6 @@ def test_matches_the_exact_product_on_every_variant(bits, group, sym, act, isa):
                 err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
                 assert y.dtype == torch.float32 and err < tolerance(bits, m), (out_f, in_f, m, err)
                 assert y.is_contiguous()  # vLLM splits fused q/k/v outputs by views
-    finally:
-        ext.set_isa(ISA_IN_USE)
 
 
 @needs_ext

@@ -4,7 +4,7 @@ product within the bound that rounding x to int8 per block allows."""
 
 import pytest
 import torch
-from conftest import ISA_IN_USE
+from conftest import ISA_IN_USE, isa_variant
 from test_cpu_kernel import random_qw, run_both
 
 from compress_export.kernels import cpu_wna16 as ck
@@ -55,13 +55,10 @@ def test_every_variant_matches_the_portable_path(isa, dtype):
         k = _kernel(qw, dtype)
         for m in (1, 2, 3, 4, 5, 7, 8, 9, 13, 33):
             x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)).to(dtype)
-            try:
-                EXT.set_isa("generic")
+            with isa_variant(EXT, "generic"):
                 ref = k(x)
-                EXT.set_isa(isa)
+            with isa_variant(EXT, isa):
                 y = k(x)
-            finally:
-                EXT.set_isa(ISA_IN_USE)
             scale = ref.double().abs().max()
             tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
             assert (y.double() - ref.double()).abs().max() <= tol * scale, (isa, bits, group, m)
@@ -82,11 +79,8 @@ def test_w4a8_within_the_int8_rounding_bound(isa, group):
     qw = random_qw(72, in_f, 4, group, sym=False, seed=3)
     m = ck.W4A8_MIN_ROWS + 5
     x = torch.randn(m, in_f) * torch.linspace(0.01, 5, in_f)  # blocks of very different ranges
-    EXT.set_isa(isa)
-    try:
+    with isa_variant(EXT, isa):
         y, exact = run_both(qw, x)
-    finally:
-        EXT.set_isa(ISA_IN_USE)
     assert ck.prefill_path(m) == "w4a8"
     B = _block(group, in_f)
     half_step = x.abs().view(m, -1, B).amax(-1).repeat_interleave(B, dim=1).double() / 254

@@ -13,7 +13,7 @@ Error bounds (u = the unit roundoff of the dtype named):
 
 import pytest
 import torch
-from conftest import ISA_IN_USE
+from conftest import isa_variant
 
 from compress_export.kernels import cpu_wna16 as ck
 from compress_export.kernels import lowrank as lk
@@ -70,8 +70,7 @@ SHAPES = [
 def test_every_variant_matches_a_plain_torch_product_per_part(K, sizes, ranks, dtype, isa, monkeypatch):
     monkeypatch.setattr(lk, "KERNEL_MAX_ROWS", 1 << 20)  # M = 17 runs the kernel too
     ext = ck.extension()
-    ext.set_isa(isa)
-    try:
+    with isa_variant(ext, isa):
         blocks = parts_of(K, sizes, ranks)
         f = lk.pack("model.layers.0.mlp.x", blocks, sum(sizes), K)
         assert f.factor_dtype == torch.float16
@@ -88,8 +87,6 @@ def test_every_variant_matches_a_plain_torch_product_per_part(K, sizes, ranks, d
             for c, _, b in blocks:
                 untouched[c : c + b.shape[0]] = False
             assert torch.equal(y[:, untouched], y0[:, untouched])  # the uncorrected part is never written
-    finally:
-        ext.set_isa(ISA_IN_USE)
 
 
 @needs_ext
@@ -122,8 +119,7 @@ def test_bf16_storage_only_where_fp16_overflows():
 @pytest.mark.parametrize("isa", ISAS)
 def test_nan_and_inf_reach_every_corrected_output_of_their_row(isa):
     ext = ck.extension()
-    ext.set_isa(isa)
-    try:
+    with isa_variant(ext, isa):
         K, sizes, ranks = SHAPES[0]
         f = lk.pack("qkv", parts_of(K, sizes, ranks), sum(sizes), K)
         for bad in (float("nan"), float("inf")):
@@ -134,8 +130,6 @@ def test_nan_and_inf_reach_every_corrected_output_of_their_row(isa):
             corrected = torch.cat([torch.arange(0, 576), torch.arange(768, 960)])
             assert not torch.isfinite(y[1, corrected]).any()  # Inf·(±a)·(±b) sums to NaN or Inf, never finite
             assert torch.isfinite(y[[0, 2]]).all() and torch.equal(y[1, 576:768], torch.zeros(192))
-    finally:
-        ext.set_isa(ISA_IN_USE)
 
 
 def test_prefill_takes_the_torch_path_with_the_same_numbers():

@@ -15,7 +15,7 @@ from compress_export.pipeline.config import CompressionConfig
 
 
 def test_builtin_modifiers_are_registered():
-    assert MODIFIERS.names() == ["lowrank", "smoothquant"]
+    assert MODIFIERS.names() == ["lowrank", "recover", "smoothquant"]
     from compress_export.modifiers.lowrank import LowRank
     from compress_export.modifiers.smoothing import SmoothQuant
 
@@ -31,7 +31,12 @@ def test_the_pipeline_imports_no_particular_modifier():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "compress_export.modifiers.base" in imported
     assert (
-        not {"compress_export.modifiers.smoothing", "compress_export.modifiers.lowrank", "compress_export.io.lowrank"}
+        not {
+            "compress_export.modifiers.smoothing",
+            "compress_export.modifiers.lowrank",
+            "compress_export.modifiers.recover",
+            "compress_export.io.lowrank",
+        }
         & imported
     )
 

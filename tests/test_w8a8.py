@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ISA_IN_USE, assert_written_as_computed, make_tiny_llama, recorder
+from conftest import ISA_IN_USE, assert_written_as_computed, isa_variant, make_tiny_llama, recorder
 
 from compress_export.core.errors import UserError
 from compress_export.core.result import QuantizedWeight
@@ -68,8 +68,7 @@ def test_compiled_int8_gemm_is_exact_where_a_saturating_pair_sum_is_not(isa):
     multiple of 16): the compiled GEMM equals the integer product computed in float64 (exact below 2^53), and the
     operands are such that the saturating int16 pair sum differs, so this check can tell the two apart."""
     ext = int8.extension()
-    ext.set_isa(isa)
-    try:
+    with isa_variant(ext, isa):
         g = torch.Generator().manual_seed(0)
         for m, k, n in [(1, 576, 64), (2, 64, 7), (3, 577, 13), (5, 1536, 9), (33, 40, 4)]:
             xq = torch.randint(-128, 128, (m, k), generator=g).to(torch.int8)
@@ -78,9 +77,7 @@ def test_compiled_int8_gemm_is_exact_where_a_saturating_pair_sum_is_not(isa):
             got = int8.int8_matmul(xq, w)
             assert got.dtype == torch.int32 and torch.equal(got.double(), want), (m, k, n)
             assert not torch.equal(saturating_pair_sum(xq, w).double(), want), (m, k, n)
-    finally:
-        ext.set_isa(ISA_IN_USE)
-    assert ext.isa() in ("avx2", "generic")
+    assert ext.isa() == ISA_IN_USE  # the session's variant is back
 
 
 @pytest.mark.skipif(int8.extension() is None, reason="the compiled int8 GEMM is not built (no C compiler)")
@@ -90,8 +87,7 @@ def test_compiled_w8a8_linear_gives_the_torch_expressions_floats(isa):
     replaces: the same floats, bit for bit, including an all-zero token, a rounding tie (x/s = 2.5) and a token
     with NaN, whose outputs must be NaN."""
     ext = int8.extension()
-    ext.set_isa(isa)
-    try:
+    with isa_variant(ext, isa):
         qw = random_w8a8(out_f=37, in_f=70, seed=3)
         w = (qw.codes.int() - 128).to(torch.int8).contiguous()
         scale = qw.scales.float().view(1, -1).contiguous()
@@ -103,8 +99,6 @@ def test_compiled_w8a8_linear_gives_the_torch_expressions_floats(isa):
         assert torch.isnan(got[3]).all() and torch.isnan(want[3]).all()
         keep = [0, 1, 2, 4, 5]
         assert torch.equal(got[keep], want[keep]) and torch.equal(got[1], torch.zeros(37))
-    finally:
-        ext.set_isa(ISA_IN_USE)
 
 
 def test_compiled_int8_gemm_is_built_where_a_compiler_exists():

@@ -129,7 +129,7 @@ def _compress_parser():
 
 
 def _beyond_weight_only(p) -> None:
-    """Flags of the passes around the weight pass: SmoothQuant before it, the low-rank correction after it."""
+    """Flags of the steps around the weight pass: SmoothQuant before it, the low-rank correction and recovery after."""
     g = p.add_argument_group("around the weight pass")
     g.add_argument(
         "--smoothquant",
@@ -146,6 +146,19 @@ def _beyond_weight_only(p) -> None:
         "adapter in OUT/lowrank (compress-export serve enables it; plain vllm serve needs "
         "--enable-lora --lora-modules corr=OUT/lowrank --max-lora-rank R or more; our loader and "
         "from_pretrained apply it)",
+    )
+    g.add_argument(
+        "--recover",
+        choices=("kd", "none"),
+        help="after the pass, train each compressed decoder layer to reproduce the original's outputs "
+        "(layer-wise distillation, within what the format holds: rounding and scales, or the kept values of "
+        "a pruned weight); default none",
+    )
+    g.add_argument(
+        "--recover-steps",
+        type=int,
+        metavar="N",
+        help="training steps per decoder layer for --recover kd (default 100)",
     )
 
 
@@ -173,6 +186,8 @@ def config_from_args(a):
         awq_score=a.awq_score,
         smoothquant=a.smoothquant,
         lowrank_rank=a.lowrank_rank,
+        recover=a.recover,
+        recover_steps=a.recover_steps,
     )
 
 

@@ -27,6 +27,9 @@ class QuantizedWeight:
             dequantize to exactly 0).
     lora_a, lora_b: optional float32 [rank, in] and [out, rank], the low-rank correction of the compression error
             (lowrank.py): the layer acts with dequantize() + lora_b @ lora_a.
+    offsets: optional float32 [out, in], in code units, in [-1/2, 1/2]: where the weight GPTQ rounded sat relative
+            to its code (its error-updated value / scale + zero - code). Transient: recovery (modifiers/recover.py)
+            starts its rounding offsets there; no format stores it.
     """
 
     codes: torch.Tensor
@@ -38,6 +41,7 @@ class QuantizedWeight:
     mask: Optional[torch.Tensor] = None
     lora_a: Optional[torch.Tensor] = None
     lora_b: Optional[torch.Tensor] = None
+    offsets: Optional[torch.Tensor] = None
 
     @property
     def shape(self):

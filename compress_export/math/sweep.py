@@ -57,6 +57,8 @@ class ColumnRule:
             if fixed_params is not None:  # per-column scale/zero in visiting order, gathered once: [n, rows]
                 self.column_scales = fixed_params[0][:, group_of_column].t().contiguous()
                 self.column_zeros = fixed_params[1][:, group_of_column].t().float().contiguous()
+        # offsets[j, r]: where weight (r, j) sat before rounding, in code units (QuantizedWeight.offsets)
+        self.offsets: Any = torch.zeros(n, rows, device=dev) if scheme is not None else None  # read when rounding
         # keep[j, r]: True where weight (r, j) survives pruning
         self.keep: Any = torch.ones(n, rows, dtype=torch.bool, device=dev) if sparsity else None  # read when pruning
 
@@ -101,7 +103,9 @@ class ColumnRule:
             kept = w * keep
             return kept, kept
         scale, zero = self.block_scales[i], self.block_zeros[i]
-        codes = torch.div(w, scale).round_().add_(zero).clamp_(0, self.scheme.maxq)
+        position = torch.div(w, scale).add_(zero)
+        codes = position.round().clamp_(0, self.scheme.maxq)
+        self.offsets[self.start + i] = position.sub_(codes).clamp_(-0.5, 0.5)
         if keep is not None:
             codes = torch.where(keep, codes, zero)  # a pruned weight is its zero point: it dequantizes to exactly 0
         return (codes - zero).mul_(scale), codes
@@ -162,7 +166,11 @@ def gptq_quantize(
     g_idx[original] = group_of_column.to(torch.int32)
     if act == "static" or scheme.per_channel:
         g_idx = (torch.arange(n, device=dev) // gs).to(torch.int32)
-    return QuantizedWeight(stored.to(torch.uint8), scales.float(), zeros.int(), g_idx, scheme, mask=mask)
+    offsets = torch.empty(rows, n, device=dev)
+    offsets[:, original] = rule.offsets.t()
+    return QuantizedWeight(
+        stored.to(torch.uint8), scales.float(), zeros.int(), g_idx, scheme, mask=mask, offsets=offsets
+    )
 
 
 def _sweep(Wt: torch.Tensor, U: torch.Tensor, block_size: int, rule: ColumnRule) -> torch.Tensor:

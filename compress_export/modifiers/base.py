@@ -8,6 +8,8 @@ plan's order:
     before_layer(ctx, i, layer, states)                layer i loaded, before the pass sees it (calibration inputs)
     after_group(ctx, names, weights, results, stats)   the pass compressed linears that share an input
     after_linear(ctx, name, result)                    one linear's final result (on the CPU, on every rank)
+    refine_layer(ctx, i, layer, results) -> bool       every linear of layer i compressed (results: local name →
+                                                       result, replaceable), none written yet; True: changed
     after_layer(ctx, i, layer)                         layer i compressed and written
     at_export(ctx, folder, extra)                      the export's folder being assembled, and the extras that
                                                        go into its quantization_config (key order is the plan's)
@@ -37,12 +39,13 @@ class PlanContext:
 
 @dataclass
 class RunContext:
-    """What a modifier sees of the run: the source folder, the model's layout and this process's place in a
-    distributed run (pipeline/distributed.Dist: reduce_max, sum_, main)."""
+    """What a modifier sees of the run: the source folder, the model's layout, this process's place in a
+    distributed run (pipeline/distributed.Dist: reduce_max, sum_, main) and the dtype of stored float values."""
 
     src: Path
     layout: Any
     dist: Any
+    storage_dtype: Any = None  # the dtype the export stores float values in (the source's)
 
 
 class Modifier:
@@ -72,8 +75,17 @@ class Modifier:
     def after_linear(self, ctx: RunContext, name: str, result) -> None:
         pass
 
+    def refine_layer(self, ctx: RunContext, index: int, layer, results: dict) -> bool:
+        """Replace entries of `results` (and set the layer's weights to match); True when anything changed, so
+        the pipeline propagates the calibration states through the layer again."""
+        return False
+
     def after_layer(self, ctx: RunContext, index: int, layer) -> None:
         pass
+
+    def layer_note(self) -> str:
+        """A few words for the progress line after each layer (a loss, a time); empty: nothing."""
+        return ""
 
     def at_export(self, ctx: RunContext, folder: Path, extra: dict) -> None:
         pass
@@ -84,7 +96,12 @@ class Modifier:
 
 
 MODIFIERS: Registry = Registry(
-    "modifier", builtins=("compress_export.modifiers.smoothing", "compress_export.modifiers.lowrank")
+    "modifier",
+    builtins=(
+        "compress_export.modifiers.smoothing",
+        "compress_export.modifiers.lowrank",
+        "compress_export.modifiers.recover",
+    ),
 )
 
 
@@ -93,7 +110,7 @@ def register_modifier(name: str):
 
 
 def plan_modifiers(config, ctx: PlanContext) -> tuple:
-    """The modifiers `config` turns on, in registration order (SmoothQuant before the low-rank correction: the
-    order of their hooks and of their quantization_config extras)."""
+    """The modifiers `config` turns on, in registration order (SmoothQuant, the low-rank correction, recovery:
+    the order of their hooks and of their quantization_config extras)."""
     planned = (cls.plan(config, ctx) for _, cls in MODIFIERS.items())
     return tuple(m for m in planned if m is not None)

@@ -106,6 +106,7 @@ def split_rows(qw, sizes: List[int]) -> list:
                     qw.g_idx,
                     qw.scheme,
                     mask=mask,
+                    offsets=qw.offsets[sl].contiguous() if qw.offsets is not None else None,
                 )
             )
         start += n

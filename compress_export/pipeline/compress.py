@@ -20,7 +20,7 @@ import torch
 
 from compress_export.core.errors import UserError
 from compress_export.core.progress import Progress
-from compress_export.core.result import SparseWeight, corrected
+from compress_export.core.result import QuantizedWeight, SparseWeight, corrected
 from compress_export.core.scheme import Scheme
 from compress_export.core.structure import describe
 from compress_export.io import model_io
@@ -65,6 +65,7 @@ class Summary:
     ranks: int = 1  # processes that shared the calibration (torchrun)
     lowrank_rank: int = 0  # rank of the low-rank correction written as a LoRA adapter in OUT/lowrank (0: none)
     smoothquant: Optional[float] = None  # SmoothQuant's α when it ran (W8A8), else None
+    recover: str = ""  # the layer-wise distillation's steps and mean loss before → after, when it ran
 
     def lines(self):
         what = " ".join(
@@ -103,6 +104,7 @@ class Summary:
                 if self.lowrank_rank
                 else []
             ),
+            *([f"  recovery: {self.recover}"] if self.recover else []),
         ]
 
 
@@ -182,7 +184,7 @@ def compress(
         timings = {"load": time.time() - t0}
         ids, calib_desc = _calibration(source, calib, progress and dist.main, timings, dist, trust_remote_code)
         writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
-        ctx = RunContext(src=src, layout=layout, dist=dist)
+        ctx = RunContext(src=src, layout=layout, dist=dist, storage_dtype=model_io.source_dtype(src))
         try:
             compressed = _run_layers(
                 source,
@@ -470,6 +472,7 @@ def _run_layers(
         )
         for m in modifiers:
             m.before_layer(ctx, i, layer, states)
+        inputs = states
         if states is None or not the_pass.needs_calibration:  # RTN: no statistics (after a modifier: propagate)
             compress([([n], None) for n, _ in layout.linears[i]])
             states = states and [(run_layer(layer, h, kw), kw) for h, kw in states]
@@ -477,6 +480,10 @@ def _run_layers(
             states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress, dist)
         else:
             states = _two_pass(layer, layout, i, states, the_pass, compress, dist)
+        refined = [m.refine_layer(ctx, i, layer, compress.results) for m in modifiers]  # a list: every one runs
+        if any(refined):  # the layer changed after calibration: propagate the states through what is written
+            states = [(run_layer(layer, h, kw), kw) for h, kw in inputs]
+        compress.flush()
         for local, t in layer.state_dict().items() if writer is not None else ():
             name = layout.full_name(i, local)  # norms, buffers, linears calibration never reached
             owner, _, what = name.rpartition(".")
@@ -485,7 +492,7 @@ def _run_layers(
         for m in modifiers:
             m.after_layer(ctx, i, layer)
         source.release_layer(layout, i)
-        bar.update(i + 1, f"({len(done)} linears)")
+        bar.update(i + 1, " ".join([f"({len(done)} linears)", *filter(None, (m.layer_note() for m in modifiers))]))
     timings["layers"] = time.time() - t0
     return done
 
@@ -505,10 +512,12 @@ def _group_compressor(
     storage_dtype=torch.float16,
 ):
     """compress([(names, stats), ...]): groups of layer i's linears that share an input, each compressed (by the
-    rank whose turn it is, when distributed), handed to the modifiers (after_group: the low-rank correction),
-    packed, written, and replaced in the layer by what it computes (later linears and layers calibrate on the
-    compressed function)."""
+    rank whose turn it is, when distributed), handed to the modifiers (after_group: the low-rank correction) and
+    replaced in the layer by what it computes (later linears and layers calibrate on the compressed function).
+    compress.results holds the layer's results by local name until compress.flush() hands each to after_linear
+    and on_result, packs and writes it: modifiers may replace them in between (refine_layer)."""
     mods = dict(layout.linears[i])
+    results_of: dict = {}
 
     def sweep(names, stats):
         results = the_pass.compress_group(
@@ -524,6 +533,9 @@ def _group_compressor(
             m.after_group(ctx, names, [mods[n].weight for n in names], results, stats)
         for n, r in zip(names, results) if modifiers else ():  # what a modifier changed, checked again
             check_result_finite(r, layout.full_name(i, n))
+        for r in results if dist.active else ():  # rounding positions serve refine_layer, which torchrun runs
+            if isinstance(r, QuantizedWeight):  # refuse: do not send them between ranks
+                r.offsets = None
         return results
 
     def apply(names, results):
@@ -531,6 +543,13 @@ def _group_compressor(
             m = mods[n]
             qw.bias = m.bias.detach().clone() if m.bias is not None else None
             m.weight.data.copy_(corrected(qw, m.weight.dtype))
+            results_of[n] = qw
+
+    def flush():
+        for n, qw in results_of.items():
+            check_result_finite(qw, layout.full_name(i, n))  # a refining modifier's result too
+            if isinstance(qw, QuantizedWeight):
+                qw.offsets = None  # transient (QuantizedWeight): no further use once the layer is final
             qw = qw.to("cpu")
             for mod in modifiers:
                 mod.after_linear(ctx, layout.full_name(i, n), qw)
@@ -539,6 +558,7 @@ def _group_compressor(
             for suffix, tensor in format_.pack(qw, storage_dtype).items() if writer is not None else ():
                 writer.add(f"{layout.full_name(i, n)}.{suffix}", tensor)
             done.add(layout.full_name(i, n))
+        results_of.clear()
 
     def compress(groups):
         owners = [dist.owner(next(turns)) for _ in groups]
@@ -546,6 +566,7 @@ def _group_compressor(
         for (names, _), results, o in zip(groups, mine, owners):
             apply(names, dist.broadcast_results(results, o))
 
+    compress.results, compress.flush = results_of, flush  # type: ignore[attr-defined]
     return compress
 
 

@@ -91,6 +91,15 @@ class CompressionConfig(BaseModel):
     lowrank_rank: int = Field(
         0, description="rank of the low-rank error correction (a LoRA adapter in OUT/lowrank); 0: none"
     )
+    recover: Optional[str] = Field(
+        None,
+        description='layer-wise distillation after the pass (training what the format holds against the '
+        'original model): "kd", or "none" (None: none)',
+        json_schema_extra={"enum": ["kd", "none"]},
+    )
+    recover_steps: Optional[int] = Field(
+        None, description="training steps per decoder layer for --recover kd; None: 100"
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -161,11 +170,19 @@ class CompressionConfig(BaseModel):
             raise ValueError(f"smoothquant must be an α between 0 and 1 (got {v})")
         return v
 
-    @field_validator("lowrank_rank")
+    @field_validator("recover")
     @classmethod
-    def _rank(cls, v):
-        if v < 0:
-            raise ValueError(f"lowrank_rank must be 0 (none) or a positive rank (got {v})")
+    def _recover(cls, v):
+        if v is not None and v not in ("kd", "none"):
+            raise ValueError(f"recover must be kd or none (got {v!r})")
+        return v
+
+    @field_validator("recover_steps", "lowrank_rank")
+    @classmethod
+    def _zero_is_off(cls, v, info):
+        if v is not None and v < 0:
+            what = "a positive rank" if info.field_name == "lowrank_rank" else "a number of steps"
+            raise ValueError(f"{info.field_name} must be 0 (none) or {what} (got {v})")
         return v
 
     @field_validator("awq_score")
