@@ -183,8 +183,8 @@ def compress(
             layout = describe(source.model, str(src))
         timings = {"load": time.time() - t0}
         ids, calib_desc = _calibration(source, calib, progress and dist.main, timings, dist, trust_remote_code)
-        writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
         ctx = RunContext(src=src, layout=layout, dist=dist, storage_dtype=model_io.source_dtype(src))
+        writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
         try:
             compressed = _run_layers(
                 source,
