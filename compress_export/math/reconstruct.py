@@ -19,7 +19,7 @@ at a rate that falls the same way.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -64,20 +64,16 @@ class Trainable:
             result.lora_b.float() @ result.lora_a.float() if getattr(result, "lora_a", None) is not None else None
         )
 
-    def params(self) -> List[torch.Tensor]:
-        return [self.v, self.m] if isinstance(self.base, QuantizedWeight) else [self.values]
-
-    def _codes_scales(self):
+    def _codes(self, s: torch.Tensor, rounding=round_ste):
+        """(codes, per-column scales, per-column zeros) at group scales s [out, groups]."""
         r = self.base
-        s = r.scales.float() * self.m
         s_full, z_full = s[:, self._g], r.zeros.float()[:, self._g]
-        q = torch.clamp(round_ste(self._w0 / s_full + self.v) + z_full, 0, 2**r.scheme.bits - 1)
-        return q, s, s_full, z_full
+        return torch.clamp(rounding(self._w0 / s_full + self.v) + z_full, 0, 2**r.scheme.bits - 1), s_full, z_full
 
     def weight(self) -> torch.Tensor:
         """The weight the layer acts with (plus the fixed low-rank correction, if the result has one)."""
         if isinstance(self.base, QuantizedWeight):
-            q, _, s_full, z_full = self._codes_scales()
+            q, s_full, z_full = self._codes(self.base.scales.float() * self.m)
             w = (q - z_full) * s_full
             if self.base.mask is not None:
                 w = w * self.base.mask
@@ -107,8 +103,7 @@ class Trainable:
         if isinstance(r, SparseWeight):
             return replace(r, values=(self.values * r.mask).to(r.values.dtype))
         s = fp16_exact(r.scales.float() * self.m)
-        s_full, z_full = s[:, self._g], r.zeros.float()[:, self._g]
-        codes = torch.clamp(torch.round(self._w0 / s_full + self.v) + z_full, 0, 2**r.scheme.bits - 1)
+        codes, _, z_full = self._codes(s, torch.round)
         if r.mask is not None:  # pruned codes stay at their zero point (they dequantize to exactly 0)
             codes = torch.where(r.mask, codes, z_full)
         return replace(r, codes=codes.to(r.codes.dtype), scales=s.to(r.scales.dtype), offsets=None)

@@ -103,7 +103,7 @@ class Recover(Modifier):
             best, best_results = before, None
             for _ in self._train(layer, inputs, targets, train, index):  # at each checkpoint
                 trained = {n: _stored(t.result(), ctx.storage_dtype) for n, t in train.items()}
-                loss = self._loss(layer, inputs, targets, {n: _acting(r) for n, r in trained.items()})
+                loss = self._loss(layer, inputs, targets, {n: corrected(r) for n, r in trained.items()})
                 if loss < best:
                     best, best_results = loss, trained
         finally:
@@ -116,7 +116,7 @@ class Recover(Modifier):
         results.update(best_results)
         for n, r in best_results.items():
             w = layer.get_submodule(n).weight
-            w.data.copy_(_acting(r).to(w.dtype))
+            w.data.copy_(corrected(r).to(w.dtype))
         return True
 
     def _train(self, layer, inputs, targets, train: dict, index: int):
@@ -175,11 +175,6 @@ def _stored(result, dtype):
     if isinstance(result, SparseWeight) and dtype is not None:
         result.values = result.values.to(dtype).to(result.values.dtype)
     return result
-
-
-def _acting(result) -> torch.Tensor:
-    """The weight a layer computes with for `result` (its low-rank correction included)."""
-    return corrected(result)
 
 
 def _forward(layer, weights: dict, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
