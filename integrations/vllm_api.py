@@ -63,6 +63,11 @@ NAMES: Dict[str, Name] = {
     "choose_mp_linear_kernel": Name("vllm.model_executor.kernels.linear", "choose_mp_linear_kernel"),
     "WNA16_SUPPORTED_TYPES_MAP": Name(_WNA16, "WNA16_SUPPORTED_TYPES_MAP"),
     "WNA16_ZP_SUPPORTED_TYPES_MAP": Name(_WNA16, "WNA16_ZP_SUPPORTED_TYPES_MAP"),
+    "check_cpu_sgl_kernel": Name(
+        "vllm.model_executor.layers.utils",
+        "check_cpu_sgl_kernel",
+        why="W8A8 on AMX CPUs: vLLM's int8 kernel there takes only bf16/fp16 activations",
+    ),
     # the launcher (vllm_launch.py) and the serving benchmark (vllm_serve.py)
     "cli_main": Name("vllm.entrypoints.cli.main", "main", why="`vllm` console script, where its metadata resolves"),
     "FlexibleArgumentParser": Name("vllm.utils.argparse_utils", "FlexibleArgumentParser"),

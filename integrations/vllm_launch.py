@@ -11,11 +11,13 @@ the ones that `main()` drives (`run_cli`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import os
 import sys
-from typing import List
+from typing import List, Optional
 
+from compress_export.core import settings
 from compress_export.core.hardware import fast_dtype, has_cuda
 
 
@@ -56,6 +58,49 @@ def engine_defaults() -> dict:
     if has_cuda():
         return {}
     return {"dtype": fast_dtype("cpu"), "enforce_eager": True}
+
+
+DTYPE_NAMES = {
+    "half": "float16",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "float": "float32",
+    "float32": "float32",
+}
+
+
+def dtype_hint(dtype) -> dict:
+    """{COMPRESS_EXPORT_DTYPE: the engine dtype} for the environment vLLM decides our route in: its
+    `override_quantization_method` is not told the `--dtype` (vllm_route.engine_dtype). {} for auto/unknown."""
+    name = DTYPE_NAMES.get(str(dtype).replace("torch.", "")) if dtype is not None else None
+    return {settings.PREFIX + "DTYPE": name} if name else {}
+
+
+@contextlib.contextmanager
+def scoped_environment(values: dict):
+    """os.environ with `values` set inside the block and restored after it (a later engine in the same process
+    must not inherit this one's hint)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def arg_value(args: List[str], flag: str) -> Optional[str]:
+    """The value of `--flag V` or `--flag=V` among CLI arguments (the last one given), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 def default_args(user_args: List[str]) -> List[str]:
@@ -138,6 +183,7 @@ def main(argv=None) -> int:
     os.environ.update(cpu_environment(tensor_parallel=tensor_parallel_arg(argv)))
     if argv and argv[0] in ("serve", "bench", "run-batch"):
         argv = argv[:1] + argv[1:] + default_args(argv[1:])
+        os.environ.update(dtype_hint(arg_value(argv, "--dtype")))
     if argv[:1] == ["serve"] and len(argv) > 1:
         argv += lora_args(argv[1], argv[2:])
     run_cli(argv)

@@ -215,7 +215,12 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
     """vLLM's offline engine with this platform's working settings (CPU: forced platform, the CPU's fastest dtype,
     eager, small KV cache; each yields to an explicit kwarg). lora: a LoRA adapter folder (an export's low-rank
     correction) applied to every request. Returns (llm, facts about the load)."""
-    from compress_export.integrations.vllm_launch import cpu_environment, engine_defaults
+    from compress_export.integrations.vllm_launch import (
+        cpu_environment,
+        dtype_hint,
+        engine_defaults,
+        scoped_environment,
+    )
 
     os.environ.update(cpu_environment(tensor_parallel=int(kwargs.get("tensor_parallel_size") or 1)))
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships our inspection functions
@@ -232,7 +237,8 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
             raise ValueError(f"{lora}: no adapter_config.json (not a LoRA adapter folder)")
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(rank))
     t0 = time.perf_counter()
-    llm = LLM(model=model, max_model_len=max_model_len, seed=0, **kwargs)
+    with scoped_environment(dtype_hint(kwargs.get("dtype"))):  # the plugin's route sees the dtype
+        llm = LLM(model=model, max_model_len=max_model_len, seed=0, **kwargs)
     _ENGINES.append(llm)
     if lora:
         from compress_export.integrations.vllm_api import LoRARequest

@@ -10,7 +10,8 @@ finds a kernel for the model's layer shapes on this platform. One gap of vLLM's 
 Then the plugin claims the checkpoint where vLLM has no kernel, and on the CPU also wherever our compiled kernel
 (`cpu-wna16`) runs it: measured faster than vLLM's CPU kernel (benchmarks/README.md). On CUDA, vLLM's Marlin and
 Machete kernels are faster than ours and it steps aside. W8A8 int8 is vLLM's, except on x86 CPUs without VNNI,
-where vLLM's int8 GEMM is inexact and ours is exact (`w8a8_route`). COMPRESS_EXPORT_VLLM=always|never forces
+where vLLM's int8 GEMM is inexact and ours is exact, and in float32 on AMX CPUs, where vLLM's kernel refuses float32
+activations (`w8a8_route`). COMPRESS_EXPORT_VLLM=always|never forces
 either way.
 """
 
@@ -63,13 +64,17 @@ def engine_dtype(hf_config=None) -> torch.dtype:
     earlier: vLLM's ModelConfig calls each method's `override_quantization_method` with the checkpoint's config
     before any engine config exists, and no public hook carries the resolved dtype there. So this is the dtype
     vLLM's `--dtype auto` resolves from that config: the checkpoint's own, a float32 checkpoint in the platform's
-    preferred dtype (vLLM's `_resolve_auto_dtype`). Trade-off: an explicit `--dtype` that differs from it is not
-    seen at that moment. Our launchers pass the CPU's fastest dtype, and where our compiled CPU kernel is built the
-    route is the same in either dtype; elsewhere COMPRESS_EXPORT_VLLM=always|never decides."""
+    preferred dtype (vLLM's `_resolve_auto_dtype`), unless COMPRESS_EXPORT_DTYPE names one: our launchers
+    (`compress-export serve`, the offline engine) set it to the `--dtype` they pass, so an explicit dtype is seen.
+    A bare `vllm serve --dtype X` is not seen at that moment; where it matters (W8A8 on AMX CPUs in float32) set
+    COMPRESS_EXPORT_DTYPE too, or COMPRESS_EXPORT_VLLM=always|never decides."""
     vc = vllm_api.get("get_current_vllm_config_or_none")()
     dt = getattr(getattr(vc, "model_config", None), "dtype", None)
     if isinstance(dt, torch.dtype):
         return dt
+    hinted = settings.get("DTYPE", log)
+    if hinted != "auto":
+        return getattr(torch, str(hinted))
     get = (lambda k: hf_config.get(k)) if isinstance(hf_config, dict) else (lambda k: getattr(hf_config, k, None))
     dt = (get("dtype") or get("torch_dtype")) if hf_config is not None else None
     if not isinstance(dt, torch.dtype):
@@ -182,34 +187,38 @@ def our_kernel(scheme, device: str, act_dtype: torch.dtype, hf_config=None) -> O
     return "+".join(sorted(names))
 
 
-def w8a8_route(device: str, flags=None) -> Route:
-    """W8A8 int8: vLLM's own kernels (CUTLASS on GPU, oneDNN on CPU) are fast and exact, except oneDNN on x86 CPUs
-    without VNNI, whose int16 pair sums saturate (hardware.saturating_int8_gemm); there our exact int8 GEMM runs it
-    when it is built."""
+def vllm_int8_wants_half(hf_config=None, flags=None) -> bool:
+    """vLLM's CPU W8A8 kernel for this model's layers is its AMX one (`int8_scaled_mm_with_quant`), which takes
+    only bf16/fp16 activations: with float32 the engine dies at the first forward. Asked of vLLM's own
+    `check_cpu_sgl_kernel` (AMX tiles present, layer shapes that tile), so it follows vLLM releases; `flags`
+    without amx_tile (a test of another CPU kind) answers False."""
+    if flags is not None and "amx_tile" not in flags:
+        return False
+    check = vllm_api.get("check_cpu_sgl_kernel")
+    return any(check(out_f, in_f, torch.int8) for in_f, out_f in layer_shapes(hf_config))
+
+
+def w8a8_route(device: str, flags=None, act_dtype=None, hf_config=None) -> Route:
+    """W8A8 int8: vLLM's own kernels (CUTLASS on GPU, oneDNN or AMX on CPU) are fast and exact, except oneDNN on
+    x86 CPUs without VNNI, whose int16 pair sums saturate (hardware.saturating_int8_gemm), and vLLM's AMX kernel
+    with float32 activations, which it refuses; there our exact int8 GEMM runs it when it is built."""
     theirs = "CPUInt8ScaledMMLinearKernel" if device == "cpu" else None
-    if device != "cpu" or not saturating_int8_gemm(flags):
-        return Route(
-            False,
-            "W8A8 int8: vLLM's own int8 kernel runs it exactly "
-            f"({'oneDNN with VNNI/AMX' if device == 'cpu' else 'CUTLASS'})",
-            None,
-            theirs,
-        )
+    if device != "cpu":
+        return Route(False, "W8A8 int8: vLLM's own int8 kernel runs it exactly (CUTLASS)", None, theirs)
+    if saturating_int8_gemm(flags):
+        problem = "vLLM's oneDNN GEMM adds u8×s8 pairs in saturating int16 on this CPU without VNNI (inexact)"
+    elif act_dtype not in (torch.bfloat16, torch.float16) and vllm_int8_wants_half(hf_config, flags):
+        problem = f"vLLM's AMX int8 kernel takes only bfloat16/float16 activations, not {act_dtype}"
+    else:
+        return Route(False, "W8A8 int8: vLLM's own int8 kernel runs it exactly (oneDNN with VNNI/AMX)", None, theirs)
     if int8_extension() is None:
         return Route(
             False,
-            "W8A8 int8: our exact int8 GEMM is not built, so vLLM's oneDNN kernel runs it (inexact "
-            "on this CPU without VNNI: int16 pair sums saturate)",
+            f"W8A8 int8: {problem}, and our exact int8 GEMM is not built (scripts/build_ext.sh); vLLM's kernel runs it",
             None,
             theirs,
         )
-    return Route(
-        True,
-        "W8A8 int8 on a CPU without VNNI: vLLM's oneDNN GEMM adds u8×s8 pairs in saturating int16; "
-        "our exact int8 GEMM runs it",
-        "int8-dynamic",
-        theirs,
-    )
+    return Route(True, f"W8A8 int8: {problem}; our exact int8 GEMM runs it", "int8-dynamic", theirs)
 
 
 def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=None, flags=None) -> Route:
@@ -233,9 +242,9 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
         if current_platform.is_cpu()
         else current_platform.device_type
     )
-    if scheme is not None and scheme.act_bits == 8:
-        return w8a8_route(device, flags)
     act_dtype = act_dtype or engine_dtype(hf_config)
+    if scheme is not None and scheme.act_bits == 8:
+        return w8a8_route(device, flags, act_dtype, hf_config)
     ours = our_kernel(scheme, device, act_dtype, hf_config)
     theirs, why = vllm_native(qcfg, act_dtype, hf_config)
     if device == "cpu" and ours == "cpu-wna16":

@@ -43,6 +43,24 @@ def test_engine_defaults_follow_the_cpu_and_yield_to_the_user(monkeypatch):
     assert vllm_launch.engine_defaults()["dtype"] == "float32"
 
 
+def test_the_engine_dtype_reaches_the_plugins_route(monkeypatch):
+    """vLLM does not tell override_quantization_method the --dtype: our launchers put it in COMPRESS_EXPORT_DTYPE
+    (vLLM's spellings normalised), the offline engine only while it starts, and the route reads it."""
+    from compress_export.integrations import vllm_launch
+
+    assert vllm_launch.arg_value(["s", "--dtype", "half", "--port", "1"], "--dtype") == "half"
+    assert vllm_launch.arg_value(["--dtype=float", "--dtype", "bfloat16"], "--dtype") == "bfloat16"
+    assert vllm_launch.arg_value(["--port", "1"], "--dtype") is None
+    assert vllm_launch.dtype_hint("half") == {"COMPRESS_EXPORT_DTYPE": "float16"}
+    assert vllm_launch.dtype_hint("float") == {"COMPRESS_EXPORT_DTYPE": "float32"}
+    assert vllm_launch.dtype_hint("torch.bfloat16") == {"COMPRESS_EXPORT_DTYPE": "bfloat16"}
+    assert vllm_launch.dtype_hint("auto") == {} and vllm_launch.dtype_hint(None) == {}
+    monkeypatch.setenv("COMPRESS_EXPORT_DTYPE", "bfloat16")
+    with vllm_launch.scoped_environment({"COMPRESS_EXPORT_DTYPE": "float32", "COMPRESS_EXPORT_NEW": "1"}):
+        assert os.environ["COMPRESS_EXPORT_DTYPE"] == "float32" and os.environ["COMPRESS_EXPORT_NEW"] == "1"
+    assert os.environ["COMPRESS_EXPORT_DTYPE"] == "bfloat16" and "COMPRESS_EXPORT_NEW" not in os.environ
+
+
 def lscpu_flags():
     """The flags as util-linux's lscpu prints them (None without lscpu): a second reader of the same machine."""
     lscpu = shutil.which("lscpu")

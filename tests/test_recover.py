@@ -154,3 +154,26 @@ def test_quantized_with_mask_keeps_pruned_codes_at_zero():
     r = t.result()
     assert isinstance(r, QuantizedWeight)
     assert torch.equal(r.dequantize()[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_gptq_records_rounding_positions_only_for_a_modifier_that_reads_them(tiny_model, tiny_text, tmp_path):
+    """With an identity Hessian GPTQ has no error to feed forward: each weight's position before rounding is
+    w / scale + zero, so its recorded offset is that minus its code (within ±1/2 where it was not clipped). The
+    plan asks for them only with --recover kd (an [in, out] buffer per sweep otherwise)."""
+    from compress_export.math.sweep import gptq_quantize
+    from compress_export.pipeline.plan import resolve
+
+    torch.manual_seed(3)
+    w = torch.randn(8, 64)
+    scheme = Scheme(4, 32, True, "none")
+    assert gptq_quantize(w, torch.eye(64), scheme).offsets is None
+    qw = gptq_quantize(w, torch.eye(64), scheme, damp=0.0, record_offsets=True)
+    g = qw.g_idx.long()
+    position = w / qw.scales[:, g] + qw.zeros[:, g].float()
+    inside = (position - qw.codes.float()).abs() <= 0.5
+    assert inside.float().mean() > 0.9
+    assert torch.allclose(qw.offsets[inside], (position - qw.codes.float())[inside], atol=1e-5)
+    cfg = dict(dataset=str(tiny_text), num_samples=8, seq_len=32, group_size=32)
+    assert not resolve(CompressionConfig(**cfg), tiny_model, tmp_path / "a").the_pass.options.record_offsets
+    plan = resolve(CompressionConfig(recover="kd", **cfg), tiny_model, tmp_path / "b")
+    assert plan.the_pass.options.record_offsets

@@ -91,6 +91,15 @@ class SparseWeight:
         return _moved(self, device)
 
 
+def stored_as(result, dtype):
+    """The result with its float values rounded to the dtype the export stores them in (a SparseWeight's kept
+    values; codes and scales are already exact), so the layer, later layers' calibration and the file hold the
+    same numbers. dtype None: left as it is. Returns the result, changed in place."""
+    if isinstance(result, SparseWeight) and dtype is not None:
+        result.values = result.values.to(dtype).to(result.values.dtype)
+    return result
+
+
 def corrected(result, dtype=torch.float32) -> torch.Tensor:
     """The weight a layer acts with: the dequantized result plus its low-rank correction, if any."""
     w = result.dequantize(torch.float32)

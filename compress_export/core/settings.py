@@ -88,7 +88,8 @@ SETTINGS: Dict[str, Setting] = {
             "auto",
             choices=("auto", "bfloat16", "float16", "float32"),
             meaning="The engine dtype where `--dtype` is not given: `auto` is this machine's fastest "
-            "(bfloat16 with AVX-512 bf16, AMX or CUDA, else float32).",
+            "(bfloat16 with AVX-512 bf16, AMX or CUDA, else float32). Our launchers set it to the `--dtype` they "
+            "pass, for the vLLM plugin's route; with a bare `vllm serve --dtype X` set it to X yourself.",
         ),
         Setting(
             "CPU_ISA",

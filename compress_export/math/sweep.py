@@ -45,6 +45,7 @@ class ColumnRule:
         group_of_column,
         clip_search: bool,
         min_zero: int,
+        record_offsets: bool = False,
     ):
         self.scheme, self.sparsity, self.clip_search, self.min_zero = scheme, sparsity, clip_search, min_zero
         self.group_size = n if scheme is None else scheme.group_len(n)
@@ -58,7 +59,7 @@ class ColumnRule:
                 self.column_scales = fixed_params[0][:, group_of_column].t().contiguous()
                 self.column_zeros = fixed_params[1][:, group_of_column].t().float().contiguous()
         # offsets[j, r]: where weight (r, j) sat before rounding, in code units (QuantizedWeight.offsets)
-        self.offsets: Any = torch.zeros(n, rows, device=dev) if scheme is not None else None  # read when rounding
+        self.offsets: Any = torch.zeros(n, rows, device=dev) if scheme is not None and record_offsets else None
         # keep[j, r]: True where weight (r, j) survives pruning
         self.keep: Any = torch.ones(n, rows, dtype=torch.bool, device=dev) if sparsity else None  # read when pruning
 
@@ -105,7 +106,8 @@ class ColumnRule:
         scale, zero = self.block_scales[i], self.block_zeros[i]
         position = torch.div(w, scale).add_(zero)
         codes = position.round().clamp_(0, self.scheme.maxq)
-        self.offsets[self.start + i] = position.sub_(codes).clamp_(-0.5, 0.5)
+        if self.offsets is not None:
+            self.offsets[self.start + i] = position.sub_(codes).clamp_(-0.5, 0.5)
         if keep is not None:
             codes = torch.where(keep, codes, zero)  # a pruned weight is its zero point: it dequantizes to exactly 0
         return (codes - zero).mul_(scale), codes
@@ -123,11 +125,12 @@ def gptq_quantize(
     min_zero: int = 0,
     sparsity: Optional[Sparsity] = None,
     name: str = "layer",
+    record_offsets: bool = False,
 ):
     """Quantize and/or prune W [out, in] column by column, feeding each column's error forward through H⁻¹.
 
     scheme None: prune only (SparseGPT), returning a SparseWeight; otherwise a QuantizedWeight (with its
-    sparsity mask when pruning too). Lazy batch updates (§3.2): a block's errors reach the rest of the matrix
+    sparsity mask when pruning too, and each weight's pre-rounding position when record_offsets). Lazy batch updates (§3.2): a block's errors reach the rest of the matrix
     in one matmul after the block; inside a block each column updates only the block's remainder.
     """
     W = W.detach().float().clone()
@@ -154,7 +157,7 @@ def gptq_quantize(
     # group_of_column[k]: the group of the k-th visited column; original[k]: its index in W
     group_of_column = torch.arange(n, device=dev) // gs if perm is None or act == "group" else perm // gs
     original = perm if perm is not None else torch.arange(n, device=dev)
-    rule = ColumnRule(scheme, sparsity, rows, n, fixed, group_of_column, clip_search, min_zero)
+    rule = ColumnRule(scheme, sparsity, rows, n, fixed, group_of_column, clip_search, min_zero, record_offsets)
     swept_t = _sweep(W.t().contiguous(), U, block, rule)
     stored = torch.empty(rows, n, device=dev)
     stored[:, original] = swept_t.t()
@@ -166,8 +169,10 @@ def gptq_quantize(
     g_idx[original] = group_of_column.to(torch.int32)
     if act == "static" or scheme.per_channel:
         g_idx = (torch.arange(n, device=dev) // gs).to(torch.int32)
-    offsets = torch.empty(rows, n, device=dev)
-    offsets[:, original] = rule.offsets.t()
+    offsets = None
+    if rule.offsets is not None:
+        offsets = torch.empty(rows, n, device=dev)
+        offsets[:, original] = rule.offsets.t()
     return QuantizedWeight(
         stored.to(torch.uint8), scales.float(), zeros.int(), g_idx, scheme, mask=mask, offsets=offsets
     )

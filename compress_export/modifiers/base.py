@@ -53,6 +53,9 @@ class Modifier:
 
     name = "modifier"  # set by register_modifier
     needs_calibration = False  # True: the run calibrates (builds calibration inputs) even for RTN
+    # True: GPTQ records where each weight sat before rounding (QuantizedWeight.offsets) for refine_layer; an
+    # [in, out] buffer and a write per column, so only when a modifier reads them
+    needs_rounding_offsets = False
 
     @classmethod
     def plan(cls, config, ctx: PlanContext) -> Optional[Modifier]:

@@ -29,10 +29,10 @@ import torch
 from torch.func import functional_call
 
 from compress_export.core.errors import UserError
-from compress_export.core.result import SparseWeight, corrected
+from compress_export.core.result import corrected, stored_as
 from compress_export.math.reconstruct import linear_decay, normalized_mse, trainables
 from compress_export.modifiers.base import Modifier, PlanContext, RunContext, register_modifier
-from compress_export.passes.sequential import run_layer
+from compress_export.passes.sequential import run_layer, take_rows
 
 DEFAULT_STEPS = 100  # per decoder layer: 2:4 SmolLM2 in benchmarks/README.md
 EVAL_ROWS = 16  # calibration samples the before/after loss is measured on
@@ -44,6 +44,7 @@ class Recover(Modifier):
     """Layer-wise distillation of each compressed layer against the original (see the module's text)."""
 
     needs_calibration = True
+    needs_rounding_offsets = True  # training starts from GPTQ's own rounding positions
 
     def __init__(self, steps: int, lr: Optional[float] = None, batch: int = 4, values_lr: float = 1e-4, seed: int = 0):
         # AutoRound's rate: 1/steps, falling linearly, so a rounding offset can travel up to 1/2 over the run
@@ -102,7 +103,7 @@ class Recover(Modifier):
             before = self._loss(layer, inputs, targets, {})  # the layer holds the pass's results now
             best, best_results = before, None
             for _ in self._train(layer, inputs, targets, train, index):  # at each checkpoint
-                trained = {n: _stored(t.result(), ctx.storage_dtype) for n, t in train.items()}
+                trained = {n: stored_as(t.result(), ctx.storage_dtype) for n, t in train.items()}
                 loss = self._loss(layer, inputs, targets, {n: corrected(r) for n, r in trained.items()})
                 if loss < best:
                     best, best_results = loss, trained
@@ -130,7 +131,7 @@ class Recover(Modifier):
             rows = torch.randperm(hidden.shape[0], generator=gen)[: self.batch]
             with torch.enable_grad():
                 weights = dict(zip(params, (t.weight() for t in train.values())))
-                out = _forward(layer, weights, hidden[rows], _rows(kw, hidden.shape[0], rows))
+                out = _forward(layer, weights, hidden[rows], take_rows(kw, hidden.shape[0], rows))
                 normalized_mse(out, targets[c][rows]).backward()
             lr = linear_decay(step, self.steps, self.lr)
             for t in train.values():
@@ -148,7 +149,7 @@ class Recover(Modifier):
             rows = torch.arange(min(left, hidden.shape[0]))
             if not len(rows):
                 break
-            out = _forward(layer, named, hidden[rows], _rows(kw, hidden.shape[0], rows)).float()
+            out = _forward(layer, named, hidden[rows], take_rows(kw, hidden.shape[0], rows)).float()
             num += float((out - target[rows].float()).pow(2).sum())
             den += float(target[rows].float().pow(2).sum())
             left -= len(rows)
@@ -169,28 +170,6 @@ class Recover(Modifier):
         extra["recover"] = {"method": "kd", "loss": "squarehead", "steps": self.steps, "lr": self.lr}
 
 
-def _stored(result, dtype):
-    """Kept float values rounded to the dtype the export stores them in, so the layer, later calibration and the
-    file hold the same numbers (the pipeline does the same to a pass's values)."""
-    if isinstance(result, SparseWeight) and dtype is not None:
-        result.values = result.values.to(dtype).to(result.values.dtype)
-    return result
-
-
 def _forward(layer, weights: dict, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = functional_call(layer, weights, (hidden,), kwargs, strict=False)
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _rows(kwargs: dict, batch: int, rows: torch.Tensor) -> dict:
-    """The layer's kwargs for the samples `rows`: tensors with a leading batch dimension are indexed, the rest
-    (rotary tables shared by the batch, None masks) pass as they are."""
-
-    def cut(v):
-        if torch.is_tensor(v) and v.dim() and v.shape[0] == batch and batch > 1:
-            return v[rows]
-        if isinstance(v, tuple):
-            return tuple(cut(x) for x in v)
-        return v
-
-    return {k: cut(v) for k, v in kwargs.items()}

@@ -31,6 +31,7 @@ class PassOptions:
     clip_search: bool = True
     min_zero: int = 0  # set by the pipeline from the output format's limits
     awq_score: str = "block"  # see AWQ_SCORES
+    record_offsets: bool = False  # GPTQ keeps each weight's pre-rounding position (set by the plan for modifiers)
 
 
 @dataclass(frozen=True)

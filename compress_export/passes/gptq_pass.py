@@ -27,5 +27,6 @@ class GPTQPass(Pass):
             min_zero=o.min_zero,
             sparsity=self.sparsity,
             name=group.label,
+            record_offsets=o.record_offsets,
         )
         return split_rows(qw, [w.shape[0] for w in weights])

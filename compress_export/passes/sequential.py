@@ -108,19 +108,20 @@ def probe_groups(
     """Which linears read the same input tensor, from one cheap forward of a single sample."""
     groups = InputGroups(linears, lambda n: _Null())
     try:
-        run_layer(layer, hidden[:1], slice_batch(kwargs, hidden.shape[0]))
+        run_layer(layer, hidden[:1], take_rows(kwargs, hidden.shape[0], slice(0, 1)))
     finally:
         groups.remove()
     seen = set(groups.group_of)
     return groups.members + [[n] for n, _ in linears if n not in seen]
 
 
-def slice_batch(kwargs: dict, batch: int) -> dict:
-    """kwargs for a one-sample forward: tensors with a leading batch dimension keep their first row."""
+def take_rows(kwargs: dict, batch: int, rows) -> dict:
+    """A decoder layer's kwargs for the samples `rows` (an index tensor or a slice): tensors with a leading batch
+    dimension are indexed, the rest (rotary tables shared by the batch, None masks) pass as they are."""
 
     def cut(v):
         if torch.is_tensor(v) and v.dim() and v.shape[0] == batch and batch > 1:
-            return v[:1]
+            return v[rows]
         if isinstance(v, tuple):
             return tuple(cut(x) for x in v)
         return v

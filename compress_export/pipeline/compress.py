@@ -20,14 +20,12 @@ import torch
 
 from compress_export.core.errors import UserError
 from compress_export.core.progress import Progress
-from compress_export.core.result import QuantizedWeight, SparseWeight, corrected
 from compress_export.core.scheme import Scheme
 from compress_export.core.structure import describe
 from compress_export.io import model_io
 from compress_export.io.source import open_source
 from compress_export.io.writer import CheckpointWriter, dir_weight_bytes
 from compress_export.modifiers.base import RunContext
-from compress_export.passes import LinearGroup
 from compress_export.passes.sequential import (
     CompressOnFirstCall,
     InputGroups,
@@ -38,6 +36,7 @@ from compress_export.passes.sequential import (
 )
 from compress_export.pipeline.config import CompressionConfig
 from compress_export.pipeline.distributed import Dist, check_distributable, join
+from compress_export.pipeline.layer_compressor import LayerCompressor
 from compress_export.pipeline.plan import Plan, resolve
 
 log = logging.getLogger(__name__)
@@ -467,7 +466,7 @@ def _run_layers(
     dtype = model_io.source_dtype(source.src)  # float values are written in the source's dtype
     for i in range(len(layout.layers)):
         layer = source.load_layer(layout, i).to(device)
-        compress = _group_compressor(
+        compress = LayerCompressor(
             layout, i, the_pass, format_, writer, done, on_result, dist, turns, modifiers, ctx, dtype
         )
         for m in modifiers:
@@ -495,91 +494,6 @@ def _run_layers(
         bar.update(i + 1, " ".join([f"({len(done)} linears)", *filter(None, (m.layer_note() for m in modifiers))]))
     timings["layers"] = time.time() - t0
     return done
-
-
-def _group_compressor(
-    layout,
-    i,
-    the_pass,
-    format_,
-    writer,
-    done: set,
-    on_result,
-    dist,
-    turns,
-    modifiers=(),
-    ctx=None,
-    storage_dtype=torch.float16,
-):
-    """compress([(names, stats), ...]): groups of layer i's linears that share an input, each compressed (by the
-    rank whose turn it is, when distributed), handed to the modifiers (after_group: the low-rank correction) and
-    replaced in the layer by what it computes (later linears and layers calibrate on the compressed function).
-    compress.results holds the layer's results by local name until compress.flush() hands each to after_linear
-    and on_result, packs and writes it: modifiers may replace them in between (refine_layer)."""
-    mods = dict(layout.linears[i])
-    results_of: dict = {}
-
-    def sweep(names, stats):
-        results = the_pass.compress_group(
-            [mods[n].weight for n in names], stats, LinearGroup(layout.full_name(i, ""), tuple(names))
-        )
-        for n, r in zip(names, results):  # NaN statistics (overflowing activations) show up here first
-            check_result_finite(r, layout.full_name(i, n))
-        for r in results:
-            if isinstance(r, SparseWeight):  # float values are stored in the source dtype: round them now, so
-                # the result in memory, later layers' calibration and the file all hold the same numbers
-                r.values = r.values.to(storage_dtype).to(r.values.dtype)
-        for m in modifiers:
-            m.after_group(ctx, names, [mods[n].weight for n in names], results, stats)
-        for n, r in zip(names, results) if modifiers else ():  # what a modifier changed, checked again
-            check_result_finite(r, layout.full_name(i, n))
-        for r in results if dist.active else ():  # rounding positions serve refine_layer, which torchrun runs
-            if isinstance(r, QuantizedWeight):  # refuse: do not send them between ranks
-                r.offsets = None
-        return results
-
-    def apply(names, results):
-        for n, qw in zip(names, results):
-            m = mods[n]
-            qw.bias = m.bias.detach().clone() if m.bias is not None else None
-            m.weight.data.copy_(corrected(qw, m.weight.dtype))
-            results_of[n] = qw
-
-    def flush():
-        for n, qw in results_of.items():
-            check_result_finite(qw, layout.full_name(i, n))  # a refining modifier's result too
-            if isinstance(qw, QuantizedWeight):
-                qw.offsets = None  # transient (QuantizedWeight): no further use once the layer is final
-            qw = qw.to("cpu")
-            for mod in modifiers:
-                mod.after_linear(ctx, layout.full_name(i, n), qw)
-            if on_result is not None:
-                on_result(layout.full_name(i, n), qw)
-            for suffix, tensor in format_.pack(qw, storage_dtype).items() if writer is not None else ():
-                writer.add(f"{layout.full_name(i, n)}.{suffix}", tensor)
-            done.add(layout.full_name(i, n))
-        results_of.clear()
-
-    def compress(groups):
-        owners = [dist.owner(next(turns)) for _ in groups]
-        mine = [sweep(*g) if o == dist.rank else None for g, o in zip(groups, owners)]  # all ranks at once
-        for (names, _), results, o in zip(groups, mine, owners):
-            apply(names, dist.broadcast_results(results, o))
-
-    compress.results, compress.flush = results_of, flush  # type: ignore[attr-defined]
-    return compress
-
-
-def check_result_finite(result, name: str) -> None:
-    """Stop the run, naming the layer, when a pass produced NaN or Inf (never written as an export)."""
-    for what in ("scales", "values", "lora_a", "lora_b"):
-        t = getattr(result, what, None)
-        if t is not None and not torch.isfinite(t).all():
-            raise UserError(
-                f"{name}: the {what} computed for this layer hold NaN or Inf (its calibration "
-                "activations overflow or the weights are extreme); nothing was written: check the "
-                "source weights, or try --dataset with other text or --damp 0.1"
-            )
 
 
 def _single_pass(layer, linears, state, the_pass, compress, dist):

@@ -11,7 +11,7 @@ again: compress(), preflight and the summary read the Plan.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -108,6 +108,8 @@ def resolve(
     the_pass = pass_cls(scheme, opts, sp)
     model_type = cfg.get("model_type") or ""
     modifiers = plan_modifiers(config, PlanContext(scheme=the_pass.scheme, method=method, model_type=model_type))
+    if any(m.needs_rounding_offsets for m in modifiers):
+        the_pass.options = replace(the_pass.options, record_offsets=True)
     needed = the_pass.needs_calibration or any(m.needs_calibration for m in modifiers)
     calibration = Calibration(
         needed, config.dataset, config.num_samples, config.seq_len, config.batch_size, config.seed
