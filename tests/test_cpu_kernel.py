@@ -257,3 +257,22 @@ def test_cuda_kernel_on_the_gpu():
         x = torch.randn(m, 1024, dtype=torch.float16, device="cuda")
         ref = x.double() @ qw.dequantize(torch.float64).cuda().T
         assert ((k(x).double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+@needs_ext
+def test_row_fillers_refuse_a_row_range_outside_the_matrix():
+    """dequant, w4_dequant and sparse24_expand share one row-parallel loop (ce_fill_rows): a range past N, or
+    reversed, is a ValueError before any byte is written."""
+    ext, N, K = ck.extension(), 16, 64
+    buf = torch.zeros(N, K)
+    calls = {
+        "dequant": lambda n0, n1: ext.dequant(8, N, K, 32, n0, n1, 0, 0, 0, buf.data_ptr(), 0, 1),
+        "w4_dequant": lambda n0, n1: ext.w4_dequant(N, K, 32, n0, n1, 0, 0, 0, buf.data_ptr(), 0, 1),
+        "sparse24_expand": lambda n0, n1: ext.sparse24_expand(0, N, K, 32, n0, n1, 0, 0, 0, 0, buf.data_ptr(), 0, 1),
+    }
+    for name, call in calls.items():
+        for n0, n1 in ((0, N + 1), (5, 4), (-1, 2)):
+            with pytest.raises(ValueError, match="row range out of bounds"):
+                call(n0, n1)
+        call(3, 3)  # an empty range touches nothing
+    assert not buf.any()

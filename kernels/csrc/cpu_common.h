@@ -39,6 +39,13 @@ int isa_supported(int isa);           /* whether this CPU (and OS) can run that 
  * thread's next ce_scratch call, so a kernel takes it once per call. NULL when malloc fails. */
 void *ce_scratch(size_t bytes);
 
+/* Rows [n0, n1) of an N-row matrix, each written by row(ctx, n, dst) to dst = out + (n − n0) · row_bytes, on
+ * nthreads OpenMP threads with the GIL released (the dequantize/expand entry points' shared loop). Returns 0, or -1
+ * with a ValueError set when the row range is not inside [0, N]. */
+typedef void (*ce_row_fn)(const void *ctx, int64_t n, void *dst);
+int ce_fill_rows(Py_ssize_t N, Py_ssize_t n0, Py_ssize_t n1, size_t row_bytes, void *out, int nthreads, ce_row_fn row,
+                 const void *ctx);
+
 PyObject *py_gemm(PyObject *self, PyObject *args);
 PyObject *py_dequant(PyObject *self, PyObject *args);
 PyObject *py_int8_gemm(PyObject *self, PyObject *args);
@@ -79,5 +86,39 @@ static inline uint16_t f2bf(float f) { /* round to nearest even; NaN stays NaN *
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+static inline float ce_load_x(const void *x, int bf16, int64_t i) { /* x[i] of an fp32 (bf16 = 0) or bf16 row */
+    return bf16 ? bf2f(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* The portable activation quantizer every kernel's dynamic path shares: block x[off, off + B) (fp32, or bf16 when
+ * bf16) as symmetric codes with qmax levels each side (127: int8, 32767: int16), its scale amax / qmax and code sum.
+ * Code k is stored at pos8[k & 7] within its 8-step when pos8 is given (int8 panels), else in place. A non-finite
+ * block gets scale NaN and zero codes, so its outputs are NaN rather than silently finite; a block whose amax is
+ * below CE_TINY_AMAX gets scale 0 and zero codes. Vector variants must give the same codes. */
+static inline void ce_quantize_block(const void *x, int bf16, int64_t off, int64_t B, float qmax, void *q, int is8,
+                                     const int *pos8, float *scale, int32_t *sum) {
+    float amax = 0.f;
+    int nonfinite = 0;
+    for (int64_t k = 0; k < B; k++) {
+        float a = fabsf(ce_load_x(x, bf16, off + k));
+        if (!(a <= FLT_MAX)) nonfinite = 1;
+        else if (a > amax) amax = a;
+    }
+    const float inv = (!nonfinite && amax >= CE_TINY_AMAX) ? qmax / amax : 0.f;
+    int32_t s = 0;
+    for (int64_t k = 0; k < B; k++) {
+        long v = inv > 0.f ? lrintf(ce_load_x(x, bf16, off + k) * inv) : 0;
+        v = v > (long)qmax ? (long)qmax : v < -(long)qmax ? -(long)qmax : v;
+        const int64_t at = pos8 ? (k & ~7) + pos8[k & 7] : k;
+        if (is8)
+            ((int8_t *)q)[at] = (int8_t)v;
+        else
+            ((int16_t *)q)[at] = (int16_t)v;
+        s += (int32_t)v;
+    }
+    *scale = nonfinite ? NAN : inv > 0.f ? amax / qmax : 0.f;
+    *sum = s;
 }
 #endif

@@ -17,6 +17,23 @@ void *ce_scratch(size_t bytes) {
     return t_scratch;
 }
 
+int ce_fill_rows(Py_ssize_t N, Py_ssize_t n0, Py_ssize_t n1, size_t row_bytes, void *out, int nthreads, ce_row_fn row,
+                 const void *ctx) {
+    if (!(0 <= n0 && n0 <= n1 && n1 <= N)) {
+        PyErr_SetString(PyExc_ValueError, "row range out of bounds");
+        return -1;
+    }
+    const int nt = nthreads > 0 ? nthreads : 1;
+    (void)nt;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+    for (int64_t n = n0; n < n1; n++) row(ctx, n, (char *)out + (size_t)(n - n0) * row_bytes);
+    Py_END_ALLOW_THREADS
+    return 0;
+}
+
 int isa_supported(int isa) {
     if (isa == ISA_GENERIC) return 1;
 #ifdef CE_X86

@@ -359,6 +359,22 @@ PyObject *py_sparse24_gemm(PyObject *self, PyObject *args) {
 /* sparse24_expand(kind, N, K, group, n0, n1, values, meta, scales, zeros, out, bf16, nthreads): rows [n0, n1) of
  * the dense W into out [n1 − n0, K], fp32 (bf16 = 0) or bf16: the large-batch path expands a tile and hands it to
  * a GEMM. */
+typedef struct {
+    Job j;
+    int bf16;
+} ExpandCtx;
+
+static void expand_one_row(const void *ctx, int64_t n, void *dst) {
+    const ExpandCtx *c = (const ExpandCtx *)ctx;
+#ifdef CE_X86
+    if (g_isa >= ISA_AVX2) {
+        expand_row_avx2(&c->j, n, dst, c->bf16);
+        return;
+    }
+#endif
+    expand_row_generic(&c->j, n, dst, c->bf16);
+}
+
 PyObject *py_sparse24_expand(PyObject *self, PyObject *args) {
     int kind, bf16, nthreads;
     Py_ssize_t N, K, group, n0, n1;
@@ -367,31 +383,15 @@ PyObject *py_sparse24_expand(PyObject *self, PyObject *args) {
                           &out, &bf16, &nthreads))
         return NULL;
     const char *bad = check_shape(kind, 1, N, K, group);
-    if (!bad && !(0 <= n0 && n0 <= n1 && n1 <= N)) bad = "row range out of bounds";
     if (bad) {
         PyErr_SetString(PyExc_ValueError, bad);
         return NULL;
     }
     init_tables();
-    Job j = {kind, 1, N, K, group, NULL, (const void *)values, (const uint8_t *)meta, (const uint16_t *)scales,
-             (const uint8_t *)zeros, NULL};
-    const size_t esize = bf16 ? 2 : 4;
-    int nt = nthreads > 0 ? nthreads : 1;
-    (void)nt;
-    Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
-#endif
-    for (int64_t n = n0; n < n1; n++) {
-        void *o = (char *)(uintptr_t)out + (size_t)((n - n0) * K) * esize;
-#ifdef CE_X86
-        if (g_isa >= ISA_AVX2) {
-            expand_row_avx2(&j, n, o, bf16);
-            continue;
-        }
-#endif
-        expand_row_generic(&j, n, o, bf16);
-    }
-    Py_END_ALLOW_THREADS
+    ExpandCtx c = {{kind, 1, N, K, group, NULL, (const void *)values, (const uint8_t *)meta, (const uint16_t *)scales,
+                    (const uint8_t *)zeros, NULL},
+                   bf16};
+    if (ce_fill_rows(N, n0, n1, (size_t)K * (bf16 ? 2 : 4), (void *)(uintptr_t)out, nthreads, expand_one_row, &c))
+        return NULL;
     Py_RETURN_NONE;
 }

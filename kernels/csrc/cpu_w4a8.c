@@ -48,13 +48,6 @@ typedef struct {
 
 static const int A8_POS[8] = {0, 2, 4, 6, 1, 3, 5, 7}; /* column j of a step is stored at byte A8_POS[j] */
 
-static inline float load_x(const void *x, int bf16, int64_t i) {
-    if (!bf16) return ((const float *)x)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static inline void store_scalar(void *y, int bf16, int64_t i, float v) {
     if (bf16)
@@ -68,34 +61,6 @@ static inline int panel_code(const uint8_t *qw, int64_t K, int64_t n, int64_t k)
     const int64_t p = n >> 3, i = n & 7, c = k >> 3, jj = k & 7, e = jj >> 1, h = jj & 1;
     const uint8_t byte = qw[(p * (K / 8) + c) * 32 + 2 * (2 * i + h) + (e >> 1)];
     return (e & 1) ? byte >> 4 : byte & 0xF;
-}
-
-/* One block of x: codes with `qmax` levels each side (127 or 32767), its scale and code sum. A non-finite block
- * gets scale NaN and zero codes, so its outputs are NaN rather than silently finite; a block below CE_TINY_AMAX
- * gets scale 0 and zero codes. perm8: store column j of each
- * 8-step at A8_POS[j] (int8) or in place (int16). */
-static void quantize_block(const void *x, int bf16, int64_t off, int64_t B, float qmax, void *q, int is8, float *scale,
-                           int32_t *sum) {
-    float amax = 0.f;
-    int nonfinite = 0;
-    for (int64_t k = 0; k < B; k++) {
-        float a = fabsf(load_x(x, bf16, off + k));
-        if (!(a <= FLT_MAX)) nonfinite = 1;
-        else if (a > amax) amax = a;
-    }
-    const float inv = (!nonfinite && amax >= CE_TINY_AMAX) ? qmax / amax : 0.f;
-    int32_t s = 0;
-    for (int64_t k = 0; k < B; k++) {
-        long v = inv > 0.f ? lrintf(load_x(x, bf16, off + k) * inv) : 0;
-        v = v > (long)qmax ? (long)qmax : v < -(long)qmax ? -(long)qmax : v;
-        if (is8)
-            ((int8_t *)q)[(k & ~7) + A8_POS[k & 7]] = (int8_t)v;
-        else
-            ((int16_t *)q)[k] = (int16_t)v;
-        s += (int32_t)v;
-    }
-    *scale = nonfinite ? NAN : inv > 0.f ? amax / qmax : 0.f;
-    *sum = s;
 }
 
 /* ---- portable reference: the same arithmetic in plain C ---- */
@@ -145,7 +110,7 @@ store_out(void *y, int bf16, int64_t row, int64_t n0, int64_t N, __m256 v) {
     for (int i = 0; i < 8 && n0 + i < N; i++) store_scalar(y, bf16, row + n0 + i, t[i]);
 }
 
-/* quantize_block for int8 with AVX2 (fp32 input): the same codes as the portable loop (cvtps rounds to nearest
+/* ce_quantize_block for int8 with AVX2 (fp32 input): the same codes as the portable loop (cvtps rounds to nearest
  * even, as lrintf does under the default rounding mode), stored in the permuted step order. */
 __attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const void *x, int bf16, int64_t k) {
     if (!bf16) return _mm256_loadu_ps((const float *)x + k);
@@ -311,7 +276,7 @@ PyObject *py_w4a8_gemm(PyObject *self, PyObject *args) {
             if (g_isa >= ISA_AVX2 && quantize8_avx2(xb, a.bf16, j.B, (int8_t *)j.xq + off, j.xs + r, j.isum + r))
                 continue;
 #endif
-            quantize_block((const void *)a.x, a.bf16, off, j.B, 127.f, (int8_t *)j.xq + off, 1, j.xs + r, j.isum + r);
+            ce_quantize_block((const void *)a.x, a.bf16, off, j.B, 127.f, (int8_t *)j.xq + off, 1, A8_POS, j.xs + r, j.isum + r);
         }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -345,8 +310,8 @@ PyObject *py_w4_gemv16(PyObject *self, PyObject *args) {
     (void)nt;
     Py_BEGIN_ALLOW_THREADS
     for (int64_t r = 0; r < a.M * j.nb; r++)
-        quantize_block((const void *)a.x, a.bf16, (r / j.nb) * a.K + (r % j.nb) * j.B, j.B, 32767.f,
-                       (int16_t *)j.xq + (r / j.nb) * a.K + (r % j.nb) * j.B, 0, j.xs + r, j.isum + r);
+        ce_quantize_block((const void *)a.x, a.bf16, (r / j.nb) * a.K + (r % j.nb) * j.B, j.B, 32767.f,
+                          (int16_t *)j.xq + (r / j.nb) * a.K + (r % j.nb) * j.B, 0, NULL, j.xs + r, j.isum + r);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
@@ -381,6 +346,19 @@ static void dequant_row(const uint8_t *qw, const uint16_t *sc, const uint8_t *zp
 
 /* w4_dequant(N, K, group, n0, n1, qw, scales, zeros, out, bf16, nthreads): rows n0..n1 of W[n, k] =
  * (q − z) · s into out [n1 − n0, K], fp32 or bf16 (the float prefill path's tile). */
+typedef struct {
+    const uint8_t *qw, *zeros;
+    const uint16_t *scales;
+    int64_t K, Np, group;
+    int bf16;
+} W4DequantCtx;
+
+static void w4_dequant_one_row(const void *ctx, int64_t n, void *dst) {
+    const W4DequantCtx *c = (const W4DequantCtx *)ctx;
+    dequant_row(c->qw, c->scales, c->zeros, c->K, c->Np, c->group, n, c->bf16 ? NULL : (float *)dst,
+                c->bf16 ? (uint16_t *)dst : NULL);
+}
+
 PyObject *py_w4_dequant(PyObject *self, PyObject *args) {
     Py_ssize_t N, K, group, n0, n1;
     unsigned long long qw, scales, zeros, out;
@@ -389,23 +367,13 @@ PyObject *py_w4_dequant(PyObject *self, PyObject *args) {
                           &nthreads))
         return NULL;
     const char *bad = check_shape(1, N, K, group);
-    if (!bad && !(0 <= n0 && n0 <= n1 && n1 <= N)) bad = "row range out of bounds";
     if (bad) {
         PyErr_SetString(PyExc_ValueError, bad);
         return NULL;
     }
-    const int64_t Np = (N + 7) / 8 * 8;
-    const int nt = nthreads > 0 ? nthreads : 1;
-    (void)nt;
-    Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
-#endif
-    for (int64_t n = n0; n < n1; n++) {
-        float *o32 = bf16 ? NULL : (float *)(uintptr_t)out + (n - n0) * K;
-        uint16_t *o16 = bf16 ? (uint16_t *)(uintptr_t)out + (n - n0) * K : NULL;
-        dequant_row((const uint8_t *)qw, (const uint16_t *)scales, (const uint8_t *)zeros, K, Np, group, n, o32, o16);
-    }
-    Py_END_ALLOW_THREADS
+    W4DequantCtx c = {(const uint8_t *)qw, (const uint8_t *)zeros, (const uint16_t *)scales, K, (N + 7) / 8 * 8,
+                      group, bf16};
+    if (ce_fill_rows(N, n0, n1, (size_t)K * (bf16 ? 2 : 4), (void *)(uintptr_t)out, nthreads, w4_dequant_one_row, &c))
+        return NULL;
     Py_RETURN_NONE;
 }

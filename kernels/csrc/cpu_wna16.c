@@ -49,39 +49,11 @@ static int64_t act_block(int64_t group, int bits) {
     return 32;
 }
 
-/* One row block of x: int16 codes, the scale and the code sum. A non-finite block gets scale NaN/inf and zero
- * codes, so its outputs are NaN instead of silently finite. */
-static void quantize_block(const float *x, int64_t B, int16_t *q, float *scale, int32_t *sum) {
-    float amax = 0.f;
-    int nonfinite = 0;
-    for (int64_t k = 0; k < B; k++) {
-        float a = fabsf(x[k]);
-        if (!(a <= FLT_MAX)) nonfinite = 1;
-        else if (a > amax) amax = a;
-    }
-    if (nonfinite) {
-        memset(q, 0, (size_t)B * sizeof(int16_t));
-        *scale = NAN;
-        *sum = 0;
-        return;
-    }
-    float inv = amax >= CE_TINY_AMAX ? 32767.f / amax : 0.f;
-    int32_t s = 0;
-    for (int64_t k = 0; k < B; k++) {
-        long v = inv > 0.f ? lrintf(x[k] * inv) : 0;
-        v = v > 32767 ? 32767 : v < -32767 ? -32767 : v;
-        q[k] = (int16_t)v;
-        s += (int32_t)v;
-    }
-    *scale = inv > 0.f ? amax / 32767.f : 0.f;
-    *sum = s;
-}
-
 static void quantize_rows(Job *j) {
     for (int64_t m = 0; m < j->M; m++)
         for (int64_t b = 0; b < j->nb; b++)
-            quantize_block(j->x + m * j->K + b * j->B, j->B, j->xq + m * j->K + b * j->B, j->xs + m * j->nb + b,
-                           j->isum + m * j->nb + b);
+            ce_quantize_block(j->x, 0, m * j->K + b * j->B, j->B, 32767.f, j->xq + m * j->K + b * j->B, 0, NULL,
+                              j->xs + m * j->nb + b, j->isum + m * j->nb + b);
 }
 
 /* ---- portable path: the same arithmetic in plain C (any CPU; also the reference the tests compare with) ---- */
@@ -331,6 +303,22 @@ static void dequant_row_generic(const Job *j, int64_t n, void *out, int bf16) {
     }
 }
 
+typedef struct {
+    Job j;
+    int bf16;
+} DequantCtx;
+
+static void dequant_one_row(const void *ctx, int64_t n, void *dst) {
+    const DequantCtx *c = (const DequantCtx *)ctx;
+#ifdef CE_X86
+    if (g_isa >= ISA_AVX2) {
+        dequant_row_avx2(&c->j, n, dst, c->bf16);
+        return;
+    }
+#endif
+    dequant_row_generic(&c->j, n, dst, c->bf16);
+}
+
 PyObject *py_dequant(PyObject *self, PyObject *args) {
     int bits, bf16, nthreads;
     Py_ssize_t N, K, group, n0, n1;
@@ -339,31 +327,15 @@ PyObject *py_dequant(PyObject *self, PyObject *args) {
                           &nthreads))
         return NULL;
     const char *bad = check_shape(bits, 1, N, K, group);
-    if (!bad && !(0 <= n0 && n0 <= n1 && n1 <= N)) bad = "row range out of bounds";
     if (bad) {
         PyErr_SetString(PyExc_ValueError, bad);
         return NULL;
     }
-    Job j = {bits, 1, N, K, group, 0, 0, 0, NULL, (const uint8_t *)qw, (const uint16_t *)scales,
-             (const uint8_t *)zeros, NULL, NULL, NULL, NULL};
-    const size_t esize = bf16 ? 2 : 4;
-    int nt = nthreads > 0 ? nthreads : 1;
-    (void)nt;
-    Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
-#endif
-    for (int64_t n = n0; n < n1; n++) {
-        void *o = (char *)(uintptr_t)out + (size_t)((n - n0) * K) * esize;
-#ifdef CE_X86
-        if (g_isa >= ISA_AVX2) {
-            dequant_row_avx2(&j, n, o, bf16);
-            continue;
-        }
-#endif
-        dequant_row_generic(&j, n, o, bf16);
-    }
-    Py_END_ALLOW_THREADS
+    DequantCtx c = {{bits, 1, N, K, group, 0, 0, 0, NULL, (const uint8_t *)qw, (const uint16_t *)scales,
+                     (const uint8_t *)zeros, NULL, NULL, NULL, NULL},
+                    bf16};
+    if (ce_fill_rows(N, n0, n1, (size_t)K * (bf16 ? 2 : 4), (void *)(uintptr_t)out, nthreads, dequant_one_row, &c))
+        return NULL;
     Py_RETURN_NONE;
 }
 
