@@ -144,3 +144,14 @@ def timed(fn, repeats: int, *, warmup: int = 10, stat=statistics.median) -> floa
         fn()
         ts.append(time.perf_counter() - t)
     return stat(ts) * 1e3
+
+
+def bench_venv(name: str, *packages: str) -> Path:
+    """The python of .bench/NAME (a peer tool's own venv, created on first use with the CPU torch this project
+    pins, then `packages`): never a dependency of ours."""
+    venv = ROOT / ".bench" / name
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", *packages], check=True)
+    return py

@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, TEXT, example_model
+from common import ROOT, TEXT, bench_venv, example_model
 
-VENV = ROOT / ".bench" / "llmc-venv"
 LLMC = "llmcompressor==0.14.0.1"
 
 LLMC_SCRIPT = r'''
@@ -56,11 +55,7 @@ print(json.dumps(perplexity(m, t, open(sys.argv[2], encoding="utf-8").read()).as
 
 
 def ensure_venv() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", LLMC], check=True)
-    return py
+    return bench_venv("llmc-venv", LLMC)
 
 
 def run_with_rss(cmd) -> dict:

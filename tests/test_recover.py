@@ -177,3 +177,41 @@ def test_gptq_records_rounding_positions_only_for_a_modifier_that_reads_them(tin
     assert not resolve(CompressionConfig(**cfg), tiny_model, tmp_path / "a").the_pass.options.record_offsets
     plan = resolve(CompressionConfig(recover="kd", **cfg), tiny_model, tmp_path / "b")
     assert plan.the_pass.options.record_offsets
+
+
+def test_norm_training_writes_the_trained_norms(tiny_model, tiny_text, tmp_path, monkeypatch):
+    """With a rate for the layers' norm weights the layer losses still fall, and the export's norm tensors are the
+    trained ones: different from the source's, which the linears-only run writes unchanged."""
+    from safetensors.torch import load_file
+
+    from compress_export.modifiers import recover
+
+    def norms(folder):
+        tensors = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            tensors.update({k: v for k, v in load_file(str(f)).items() if k.endswith("layernorm.weight")})
+        return tensors
+
+    kw = dict(method="rtn", bits=3, recover="kd", recover_steps=30)
+    _run(tiny_model, tiny_text, tmp_path / "lin", **kw)
+    monkeypatch.setattr(recover, "NORMS_LR", 1e-3)
+    s1, _ = _run(tiny_model, tiny_text, tmp_path / "norms", **kw)
+    before, after = (float(x) for x in s1.recover.split("mean layer loss ")[1].split(" → "))
+    assert after < before
+    src, lin, trained = norms(tiny_model), norms(tmp_path / "lin"), norms(tmp_path / "norms")
+    assert src and sorted(src) == sorted(lin) == sorted(trained)
+    assert all(torch.equal(src[k], lin[k]) for k in src)
+    assert sum(not torch.equal(src[k], trained[k]) for k in src) >= len(src) // 2
+    extra = json.loads((tmp_path / "norms" / "config.json").read_text())["quantization_config"]["compress_export"]
+    assert extra["recover"]["norms_lr"] == 1e-3 and extra["recover"]["train_dtype"] in ("float32", "bfloat16")
+
+
+def test_training_matmuls_run_in_the_machines_fast_dtype(monkeypatch):
+    """bf16 autocast for the steps only where bf16 is this machine's fast dtype (COMPRESS_EXPORT_DTYPE stands in
+    for the CPU kind here); other devices train in float32."""
+    from compress_export.modifiers.recover import train_in_bf16
+
+    monkeypatch.setenv("COMPRESS_EXPORT_DTYPE", "float32")
+    assert not train_in_bf16("cpu")
+    monkeypatch.setenv("COMPRESS_EXPORT_DTYPE", "bfloat16")
+    assert train_in_bf16("cpu") and not train_in_bf16("mps")

@@ -109,6 +109,27 @@ class Trainable:
         return replace(r, codes=codes.to(r.codes.dtype), scales=s.to(r.scales.dtype), offsets=None)
 
 
+class FloatParams:
+    """A layer's float parameters outside its compressed linears (RMSNorm weights), which every format writes as
+    they are: trained by Adam from their current values. tensors: name → trainable copy."""
+
+    def __init__(self, named: Dict[str, torch.Tensor], lr: float):
+        self.lr = lr
+        self.tensors = {n: t.detach().float().clone().requires_grad_(True) for n, t in named.items()}
+        self._adam = torch.optim.Adam(list(self.tensors.values()), lr=lr) if self.tensors else None
+
+    @torch.no_grad()
+    def step(self, lr_fraction: float = 1.0) -> None:
+        if self._adam is not None:
+            self._adam.param_groups[0]["lr"] = self.lr * lr_fraction
+            self._adam.step()
+            self._adam.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def snapshot(self) -> Dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self.tensors.items()}
+
+
 def normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SquareHead's layer-wise distillation loss: the squared error over the target's mean square, so blocks of
     very different activation scale weigh alike (0: exact; 1: as far as predicting zeros)."""

@@ -15,6 +15,11 @@ is what the format holds: rounding offsets and scale multipliers of a quantized 
 style) or the kept values of a pruned one (mask fixed, so 2:4 stays 2:4). The trained result is kept only where its
 loss on the calibration samples fell; the loss before and after is printed on the progress line and summarised.
 
+The steps' matmuls run in bf16 (autocast) where bf16 is the machine's fast dtype (AVX-512 bf16/AMX CPUs, CUDA;
+`train_in_bf16`), float32 elsewhere; the losses that pick the kept checkpoint are float32 everywhere, and the
+export's recipe records which ran. The layer's norm weights can be trained too (NORMS_LR; off: not measured to
+help yet).
+
 Off by default: `--recover kd` turns it on for any weight-only pass, `--recover-steps` bounds it (default 100 per
 layer). Its figures are in benchmarks/README.md ("Recovery by layer-wise distillation"); it is not the GPTQ default
 yet, because its gain at W4 and its time against AutoRound's are not measured side by side.
@@ -29,14 +34,17 @@ import torch
 from torch.func import functional_call
 
 from compress_export.core.errors import UserError
+from compress_export.core.hardware import fast_dtype
 from compress_export.core.result import corrected, stored_as
-from compress_export.math.reconstruct import linear_decay, normalized_mse, trainables
+from compress_export.math.reconstruct import FloatParams, linear_decay, normalized_mse, trainables
 from compress_export.modifiers.base import Modifier, PlanContext, RunContext, register_modifier
 from compress_export.passes.sequential import run_layer, take_rows
 
 DEFAULT_STEPS = 100  # per decoder layer: 2:4 SmolLM2 in benchmarks/README.md
 EVAL_ROWS = 16  # calibration samples the before/after loss is measured on
 CHECKPOINTS = 4  # loss measurements during training; the best wins
+VALUES_LR = 1e-4  # Adam's starting rate for the kept values of pruned weights
+NORMS_LR = 0.0  # Adam's starting rate for the layer's norm weights (0: not trained)
 
 
 @register_modifier("recover")
@@ -46,9 +54,19 @@ class Recover(Modifier):
     needs_calibration = True
     needs_rounding_offsets = True  # training starts from GPTQ's own rounding positions
 
-    def __init__(self, steps: int, lr: Optional[float] = None, batch: int = 4, values_lr: float = 1e-4, seed: int = 0):
+    def __init__(
+        self,
+        steps: int,
+        lr: Optional[float] = None,
+        batch: int = 4,
+        values_lr: float = VALUES_LR,
+        seed: int = 0,
+        norms_lr: float = NORMS_LR,
+    ):
         # AutoRound's rate: 1/steps, falling linearly, so a rounding offset can travel up to 1/2 over the run
         self.steps, self.lr, self.batch, self.values_lr, self.seed = steps, lr or 1.0 / steps, batch, values_lr, seed
+        self.norms_lr = norms_lr  # 0: the layer's norms stay as they are
+        self.train_dtype = "float32"
         self._teacher_in = self._inputs = self._targets = None
         self._originals: dict = {}
         self.losses: list = []
@@ -64,7 +82,9 @@ class Recover(Modifier):
                 f"--recover kd trains weight-only results; {s.act_bits}-bit activations are not: drop --recover"
             )
         steps = config.recover_steps if config.recover_steps is not None else DEFAULT_STEPS
-        return cls(steps, batch=min(4, config.num_samples), seed=config.seed) if steps else None
+        if not steps:
+            return None
+        return cls(steps, batch=min(4, config.num_samples), seed=config.seed, values_lr=VALUES_LR, norms_lr=NORMS_LR)
 
     def before_pass(self, ctx: RunContext) -> None:
         if ctx.dist.active:
@@ -96,17 +116,20 @@ class Recover(Modifier):
         self._originals = {}
         if inputs is None or not train:
             return False
+        norms = FloatParams(norm_weights(layer, train) if self.norms_lr else {}, self.norms_lr)
         t0, frozen = time.time(), [p for p in layer.parameters() if p.requires_grad]
         for p in frozen:  # gradients only for what is trained
             p.requires_grad_(False)
         try:
             before = self._loss(layer, inputs, targets, {})  # the layer holds the pass's results now
-            best, best_results = before, None
-            for _ in self._train(layer, inputs, targets, train, index):  # at each checkpoint
+            best, best_results, best_norms = before, None, {}
+            for _ in self._train(layer, inputs, targets, train, norms, index):  # at each checkpoint
                 trained = {n: stored_as(t.result(), ctx.storage_dtype) for n, t in train.items()}
-                loss = self._loss(layer, inputs, targets, {n: corrected(r) for n, r in trained.items()})
+                kept = {n: v.to(ctx.storage_dtype or v.dtype).float() for n, v in norms.snapshot().items()}
+                weights = {f"{n}.weight": corrected(r) for n, r in trained.items()}
+                loss = self._loss(layer, inputs, targets, {**weights, **kept})
                 if loss < best:
-                    best, best_results = loss, trained
+                    best, best_results, best_norms = loss, trained, kept
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -118,31 +141,39 @@ class Recover(Modifier):
         for n, r in best_results.items():
             w = layer.get_submodule(n).weight
             w.data.copy_(corrected(r).to(w.dtype))
+        for n, v in best_norms.items():  # written with the layer's other float tensors
+            p = layer.get_parameter(n)
+            p.data.copy_(v.to(p.dtype))
         return True
 
-    def _train(self, layer, inputs, targets, train: dict, index: int):
+    def _train(self, layer, inputs, targets, train: dict, norms: FloatParams, index: int):
         """The training steps; yields at each checkpoint (every steps / CHECKPOINTS steps, and at the end)."""
         gen = torch.Generator().manual_seed(self.seed * 100003 + index)
         params = [f"{n}.weight" for n in train]
+        device = next(layer.parameters()).device.type
+        bf16 = train_in_bf16(device)
+        self.train_dtype = "bfloat16" if bf16 else "float32"
         every = max(1, self.steps // CHECKPOINTS)
         for step in range(self.steps):
             c = step % len(inputs)
             hidden, kw = inputs[c]
             rows = torch.randperm(hidden.shape[0], generator=gen)[: self.batch]
-            with torch.enable_grad():
-                weights = dict(zip(params, (t.weight() for t in train.values())))
+            with torch.enable_grad(), torch.autocast(device, torch.bfloat16, enabled=bf16):
+                weights = {**dict(zip(params, (t.weight() for t in train.values()))), **norms.tensors}
                 out = _forward(layer, weights, hidden[rows], take_rows(kw, hidden.shape[0], rows))
-                normalized_mse(out, targets[c][rows]).backward()
+                loss = normalized_mse(out, targets[c][rows])
+            loss.backward()
             lr = linear_decay(step, self.steps, self.lr)
             for t in train.values():
                 t.step(lr, lr / self.lr)
+            norms.step(lr / self.lr)
             if (step + 1) % every == 0 or step + 1 == self.steps:
                 yield step + 1
 
     @torch.no_grad()
-    def _loss(self, layer, inputs, targets, weights: dict) -> float:
-        """The normalised MSE on up to EVAL_ROWS calibration samples with `weights` (local name → weight)."""
-        named = {f"{n}.weight": w for n, w in weights.items()}
+    def _loss(self, layer, inputs, targets, named: dict) -> float:
+        """The normalised MSE on up to EVAL_ROWS calibration samples with the parameters `named` (name → tensor)
+        in place of the layer's."""
         num = den = 0.0
         left = EVAL_ROWS
         for (hidden, kw), target in zip(inputs, targets):
@@ -167,7 +198,32 @@ class Recover(Modifier):
         return {"recover": f"kd {self.steps} steps/layer, mean layer loss {b:.4f} → {a:.4f}"}
 
     def at_export(self, ctx: RunContext, folder, extra: dict) -> None:
-        extra["recover"] = {"method": "kd", "loss": "squarehead", "steps": self.steps, "lr": self.lr}
+        extra["recover"] = {
+            "method": "kd",
+            "loss": "squarehead",
+            "steps": self.steps,
+            "lr": self.lr,
+            "values_lr": self.values_lr,
+            "norms_lr": self.norms_lr,
+            "train_dtype": self.train_dtype,  # the steps' matmuls (train_in_bf16): a machine's kind changes it
+        }
+
+
+def train_in_bf16(device: str) -> bool:
+    """The training steps' matmuls run in bf16 (autocast) where bf16 is this machine's fast dtype (AVX-512 bf16 or
+    AMX CPUs, CUDA): 2× faster per step on an AMX Xeon, and only the gradients' signs and Adam's normalised steps
+    use them. The losses that decide which checkpoint is kept are computed in float32 everywhere."""
+    return device in ("cpu", "cuda") and fast_dtype(device) == "bfloat16"
+
+
+def norm_weights(layer, train: dict) -> dict:
+    """The layer's one-dimensional float parameters outside its linears (RMSNorm weights): name → tensor."""
+    linears = tuple(f"{n}." for n in train)
+    return {
+        n: p
+        for n, p in layer.named_parameters()
+        if p.dim() == 1 and p.is_floating_point() and not n.startswith(linears)
+    }
 
 
 def _forward(layer, weights: dict, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
