@@ -41,8 +41,7 @@ class Trainable:
         """original: the weight the pass compressed (float [out, in]); where the result carries no offsets, v
         starts at the original's rounding position (RTN's exactly)."""
         self.base = result
-        self.values_lr = values_lr
-        self._adam: Any = None  # the kept values' optimizer (pruned results only)
+        self._kept: Any = None  # the kept values and their Adam (pruned results only)
         if isinstance(result, QuantizedWeight):
             g = result.g_idx.long()
             self._g = g
@@ -56,8 +55,8 @@ class Trainable:
             self.v = start.detach().float().clone().requires_grad_(True)
             self.m = torch.ones_like(result.scales, dtype=torch.float32, requires_grad=True)
         elif isinstance(result, SparseWeight):
-            self.values = result.values.detach().float().clone().requires_grad_(True)
-            self._adam = torch.optim.Adam([self.values], lr=values_lr)
+            self._kept = FloatParams({"values": result.values}, values_lr)
+            self.values = self._kept.tensors["values"]
         else:
             raise TypeError(f"cannot train a {type(result).__name__}")
         self._lora = (
@@ -91,10 +90,8 @@ class Trainable:
                     p.grad = None
             self.v.clamp_(-1.0, 1.0)
             self.m.clamp_(1 - SCALE_RANGE, 1 + SCALE_RANGE)
-        elif self.values.grad is not None:
-            self._adam.param_groups[0]["lr"] = self.values_lr * lr_fraction
-            self._adam.step()
-            self.values.grad = None
+        else:
+            self._kept.step(lr_fraction)
 
     @torch.no_grad()
     def result(self):
@@ -110,8 +107,9 @@ class Trainable:
 
 
 class FloatParams:
-    """A layer's float parameters outside its compressed linears (RMSNorm weights), which every format writes as
-    they are: trained by Adam from their current values. tensors: name → trainable copy."""
+    """Float tensors trained by Adam from their current values, at a starting rate scaled down by step's
+    lr_fraction: a pruned weight's kept values, and a layer's float parameters outside its compressed linears
+    (RMSNorm weights), which every format writes as they are. tensors: name → trainable copy."""
 
     def __init__(self, named: Dict[str, torch.Tensor], lr: float):
         self.lr = lr
