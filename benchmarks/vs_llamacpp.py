@@ -5,7 +5,7 @@ token perplexity on the shared protocol.
   python benchmarks/vs_llamacpp.py [--models smollm2,1b] [--tokens 64] [--prompt-tokens 128] [--repeats 3]
                                    [--dtypes float32,bfloat16] [--skip-install] [--out FILE]
 
-llama.cpp comes from llama-cpp-python, built from its sdist (CMAKE_ARGS -DGGML_NATIVE=ON: this CPU's ISA) into
+llama.cpp comes from llama-cpp-python, built from its sdist (this CPU's ISA; on AMX CPUs without AMX, see cmake_args) into
 its own venv, ~/.cache/compress-export/llamacpp-venv; it is never a dependency of ours. The first run builds it
 (about 20 minutes on 2 cores); later runs reuse it (--skip-install: fail instead of building). The GGUF files
 come from llama.cpp's own converter (vendor/llama.cpp/convert_hf_to_gguf.py of that sdist, run by our venv's
@@ -52,7 +52,35 @@ CACHE = Path.home() / ".cache" / "compress-export"
 VENV = CACHE / "llamacpp-venv"
 WORK = CACHE / "llamacpp"  # the sdist, its unpacked source (the converter), the GGUF files
 # a native build (this CPU's AVX2/AVX-512/VNNI), as a user building llama.cpp on this machine would get
-CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+COMMON_ARGS = "-DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+# -DGGML_<flag>=ON for each x86 extension llama.cpp builds for, named by /proc/cpuinfo's flag
+X86_FLAGS = {
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "f16c": "F16C",
+    "avx_vnni": "AVX_VNNI",
+    "avx512f": "AVX512",
+    "avx512vbmi": "AVX512_VBMI",
+    "avx512_vnni": "AVX512_VNNI",
+    "avx512_bf16": "AVX512_BF16",
+}
+
+
+def cmake_args() -> str:
+    """A native build, except on CPUs with AMX: llama.cpp 0.3.36's AMX matmul (built by -march=native there)
+    crashed with SIGSEGV in ggml_backend_amx_mul_mat at the first decode on an AMX Xeon, for its own GGUF files
+    too. There every other extension of this CPU is named explicitly and AMX is left out."""
+    try:
+        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    if "amx_int8" not in flags:
+        return f"-DGGML_NATIVE=ON {COMMON_ARGS}"
+    on = " ".join(f"-DGGML_{v}=ON" for k, v in X86_FLAGS.items() if k in flags)
+    return f"-DGGML_NATIVE=OFF {on} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF {COMMON_ARGS}"
+
+
 THREADS = 2  # vLLM's CPU engine runs on 2 threads here (integrations/vllm_launch.cpu_environment)
 DECODE_PROMPT = "The capital of France is"  # vllm_check's default prompt: the decode runs start from it
 WINDOW, WINDOWS = 512, 16  # the protocol (compress_export.pipeline.evaluate.WINDOW/WINDOWS)
@@ -133,6 +161,8 @@ def _worker_quantize(spec: dict) -> dict:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0  # llama.cpp's default Q4_0 mix (its own tensor choices)
     params.nthread = THREADS
+    if spec.get("embeddings"):  # the token embedding (the output too, when tied) in this GGML type, not Q6_K
+        params.token_embedding_type = params.output_tensor_type = spec["embeddings"]
     rc = llama_cpp.llama_model_quantize(spec["src"].encode(), spec["dst"].encode(), params)
     if rc:
         raise SystemExit(f"llama_model_quantize {spec['src']} → Q4_0 failed with {rc}")
@@ -178,10 +208,19 @@ def ensure_llamacpp(skip_install: bool) -> Path:
     """llama-cpp-python in its own venv, built for this CPU; its unpacked sdist's vendor/llama.cpp (returned)."""
     sdist = WORK / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     src = WORK / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
-    ok = (VENV / "bin" / "python").exists() and not subprocess.run(
-        [str(VENV / "bin" / "python"), "-c", f"import llama_cpp; assert llama_cpp.__version__ == '{LLAMA_CPP_PYTHON}'"],
-        capture_output=True,
-    ).returncode
+    built_with = VENV / "cmake-args.txt"  # a venv built with other flags (an older recipe) is built again
+    ok = (
+        built_with.exists()
+        and built_with.read_text() == cmake_args()
+        and not subprocess.run(
+            [
+                str(VENV / "bin" / "python"),
+                "-c",
+                f"import llama_cpp; assert llama_cpp.__version__ == '{LLAMA_CPP_PYTHON}'",
+            ],
+            capture_output=True,
+        ).returncode
+    )
     if not ok or not sdist.exists():
         if skip_install:
             raise SystemExit(f"--skip-install: no llama-cpp-python {LLAMA_CPP_PYTHON} in {VENV} (or no {sdist})")
@@ -198,8 +237,9 @@ def ensure_llamacpp(skip_install: bool) -> Path:
                 "-d",
                 sdist.parent,
             )
-        env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
-        _pip("install", str(sdist), "numpy", env=env)
+        env = {**os.environ, "CMAKE_ARGS": cmake_args(), "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+        _pip("install", "--force-reinstall", "--no-cache-dir", str(sdist), "numpy", env=env)
+        built_with.write_text(cmake_args())
     if not (src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").exists():
         src.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["tar", "-xzf", str(sdist), "-C", str(src.parent)], check=True)

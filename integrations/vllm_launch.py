@@ -139,6 +139,38 @@ def lora_args(model_dir: str, user_args: List[str]) -> List[str]:
     return extra
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: reachable from wherever it resolves
+        return False
+
+
+def network_args(user_args: List[str], env=None) -> List[str]:
+    """`serve` binds 127.0.0.1 unless --host is given (vLLM's own default is every interface, without a key).
+    A non-loopback host without --api-key (or VLLM_API_KEY) gets one warning line: anyone who can reach that
+    address can use the model."""
+    env = os.environ if env is None else env
+    host = arg_value(user_args, "--host")
+    if host is None:
+        return ["--host", LOOPBACK]
+    if not is_loopback(host) and arg_value(user_args, "--api-key") is None and not env.get("VLLM_API_KEY"):
+        where = "every interface" if host in ("", "0.0.0.0", "::") else host
+        print(
+            f"compress-export: warning: serving on {where} without --api-key: anyone who can reach it can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
+    return []
+
+
 # vLLM's CLI subcommands we launch, by the table name (integrations/vllm_api.py) of the module's cmd_init
 SUBCOMMANDS = {"serve": "cli_serve_commands", "bench": "cli_bench_commands", "run-batch": "cli_run_batch_commands"}
 
@@ -185,7 +217,7 @@ def main(argv=None) -> int:
         argv = argv[:1] + argv[1:] + default_args(argv[1:])
         os.environ.update(dtype_hint(arg_value(argv, "--dtype")))
     if argv[:1] == ["serve"] and len(argv) > 1:
-        argv += lora_args(argv[1], argv[2:])
+        argv += lora_args(argv[1], argv[2:]) + network_args(argv[2:])
     run_cli(argv)
     return 0
 

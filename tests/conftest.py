@@ -43,13 +43,14 @@ def make_tiny_llama(
     model_type="llama",
     heads=4,
     max_pos=512,
+    tokenizer=None,
 ) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    tok = _tiny_tokenizer()
+    tok = tokenizer or _tiny_tokenizer()  # another tokenizer: the vocabulary is its size
     cfg = LlamaConfig(
-        vocab_size=64,
+        vocab_size=len(tok) if tokenizer is not None else 64,
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,

@@ -25,6 +25,7 @@ def _compress_parser():
     from compress_export.core.scheme import ACT_ORDERS, PRESETS
     from compress_export.formats.base import FORMATS
     from compress_export.passes import AWQ_SCORES, PASSES
+    from compress_export.pipeline.config import CONTAINERS
 
     p = argparse.ArgumentParser(
         prog="compress-export",
@@ -36,8 +37,9 @@ def _compress_parser():
     p.add_argument("-o", "--output", help="output directory (default: derived from the input and settings)")
     p.add_argument(
         "--format",
-        choices=FORMATS.names(),
-        help="checkpoint format (default gptq; with --sparsity: sparse24 for 2:4, else dense)",
+        choices=[*FORMATS.names(), *CONTAINERS],
+        help="checkpoint format (default gptq; with --sparsity: sparse24 for 2:4, else dense); gguf: one GGUF file "
+        "for llama.cpp (4-bit → Q4_0, --asym → Q4_1, 8-bit → Q8_0; group size 32)",
     )
     p.add_argument(
         "--method",
@@ -271,19 +273,34 @@ def cmd_example_model(argv):
 
 def cmd_convert(argv):
     from compress_export.formats.base import FORMATS
+    from compress_export.pipeline.config import CONTAINERS
 
     p = argparse.ArgumentParser(
         prog="compress-export convert",
         description="Repack an export into another format: the same quantized numbers, no requantization.",
     )
     p.add_argument("dir", help="an export written by compress-export (or any format it reads)")
-    p.add_argument("--format", required=True, choices=FORMATS.names())
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=[*FORMATS.names(), *CONTAINERS],
+        help="gguf: one GGUF file for llama.cpp (4-bit group 32 → Q4_0/Q4_1, 8-bit symmetric group 32 → Q8_0)",
+    )
     p.add_argument("-o", "--output", help="default: DIR-FORMAT beside DIR")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--gguf-embeddings",
+        choices=("q8_0", "f16"),
+        default="q8_0",
+        help="gguf: the token embedding (and an untied lm_head), which no pass quantizes (default q8_0)",
+    )
     a = p.parse_args(argv)
-    from compress_export.pipeline.convert import convert
+    from compress_export.pipeline.convert import convert, convert_gguf
 
-    print(f"wrote {convert(a.dir, a.format, a.output, a.overwrite)}")
+    if a.format == "gguf":
+        print(f"wrote {convert_gguf(a.dir, a.output, a.overwrite, a.gguf_embeddings)}")
+    else:
+        print(f"wrote {convert(a.dir, a.format, a.output, a.overwrite)}")
     return 0
 
 
@@ -313,6 +330,11 @@ def cmd_eval(argv):
         action="store_false",
         help="leave out the export's low-rank correction (OUT/lowrank; applied by default)",
     )
+    p.add_argument(
+        "--card",
+        action="store_true",
+        help="also record the token perplexity in the export's model card (README.md, 'Measured')",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     from pathlib import Path
@@ -325,6 +347,10 @@ def cmd_eval(argv):
     if a.windows < 1:
         raise UserError(f"--windows must be at least 1 (got {a.windows})")
     text = read_eval_text(a.text)
+    if a.card:  # before the minutes of measuring: a card goes only into our own exports
+        from compress_export.io.model_card import check_card_target
+
+        check_card_target(a.dir)
     if a.engine == "vllm":
         from compress_export.integrations.validate import vllm_perplexity
         from compress_export.integrations.vllm_lowrank import fused_requested, served_lora
@@ -351,6 +377,12 @@ def cmd_eval(argv):
             r = {"token_perplexity": float("inf")}
         where += ", with its low-rank adapter" if a.lowrank and (Path(a.dir) / ADAPTER_DIR).is_dir() else ""
     check_perplexity(a.dir, r, a.text, a.engine)  # never `ppl nan` with exit 0
+    if a.card:
+        from compress_export.io.model_card import record_figure
+
+        how = f"compress-export eval --engine {a.engine}: {r['windows']}×{a.window} tokens; {where}"
+        value = f"{r['token_perplexity']:.3f}"
+        record_figure(Path(a.dir), {"what": "token perplexity", "text": Path(a.text).name, "value": value, "how": how})
     if a.json:
         print(json.dumps({**r, "engine": where}, indent=2))
     else:
@@ -372,7 +404,10 @@ low-rank correction (OUT/lowrank, from --lowrank-rank) is served with it as the 
 (--enable-lora --lora-modules corr=OUT/lowrank): requests naming the model `corr` get the corrected model.
 With COMPRESS_EXPORT_LOWRANK=fused in the environment our plugin applies the correction inside its linears
 instead: the export's own name serves the corrected model, and CPU decode is 1.6-1.8× faster than through vLLM's
-LoRA layers (SmolLM2 W3 + rank 64; benchmarks/README.md)."""
+LoRA layers (SmolLM2 W3 + rank 64; benchmarks/README.md).
+
+Network: it binds 127.0.0.1 unless --host is given (vLLM's own default is every interface). vLLM checks no key
+unless --api-key KEY (or VLLM_API_KEY) is set; a non-loopback --host without one prints a warning."""
 
 
 def cmd_serve(argv):

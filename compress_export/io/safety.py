@@ -238,12 +238,13 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
 
 OUR_TAG = "compress-export:"  # the `quantizer` entry every export's config.json carries
 REPORT_MARK = ".compress-export-report"  # in a validate report folder
+GGUF_MARK = ".compress-export-gguf"  # in a GGUF export folder (it has no config.json to name us)
 
 
 def is_our_output(d: Path) -> bool:
     """Whether folder `d` was written by compress-export: an export (its config.json names us as quantizer) or a
     validate report (its mark file)."""
-    if (d / REPORT_MARK).is_file() or _older_report(d):
+    if (d / REPORT_MARK).is_file() or (d / GGUF_MARK).is_file() or _older_report(d):
         return True
     try:
         cfg = read_json(d / "config.json") if (d / "config.json").is_file() else None

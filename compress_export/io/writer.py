@@ -17,6 +17,7 @@ import torch
 
 from compress_export.core.errors import UserError
 from compress_export.io import safety
+from compress_export.io.model_card import write_card
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".part")
 SKIP_NAMES = {"config.json", "model.safetensors.index.json", ".compress-export-example"}
@@ -167,6 +168,7 @@ class CheckpointWriter:
         self._flush()
         self._name_shards()
         copy_side_files(Path(src_dir), self.tmp, code)
+        write_card(self.tmp, config, self.out.name)  # after the copy: the source's card is kept below ours
         # config.json last: a folder without it is never mistaken for a checkpoint.
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return self._commit(overwrite)

@@ -23,6 +23,7 @@ from compress_export.core.progress import Progress
 from compress_export.core.scheme import Scheme
 from compress_export.core.structure import describe
 from compress_export.io import model_io
+from compress_export.io.model_card import source_facts
 from compress_export.io.source import open_source
 from compress_export.io.writer import CheckpointWriter, dir_weight_bytes
 from compress_export.modifiers.base import RunContext
@@ -164,6 +165,9 @@ def compress(
         config = CompressionConfig.from_settings(**settings)
     t0 = time.time()
     plan = resolve(config, model_dir, out_dir, overwrite=overwrite, device=device)
+    if plan.container == "gguf":
+        run = dict(progress=progress, trust_remote_code=trust_remote_code, on_result=on_result, device=device)
+        return _compress_to_gguf(plan, model_dir, stream=stream, **run)
     src, out, format_, the_pass, calib = plan.src, plan.out, plan.format, plan.the_pass, plan.calibration
     dev, skeleton, layout, index = preflight(plan, trust_remote_code)
     dist, dev = join(dev)  # torchrun (or the caller's process group): this rank's place; else a run of one
@@ -323,6 +327,7 @@ def _finish(
     for m in plan.modifiers:
         m.at_export(ctx, writer.tmp, extra)
     cfg = model_io.read_config(src)
+    extra.update(source_facts(src, cfg))  # the model card names the source by them (and convert keeps them)
     if not trust_remote_code:
         cfg.pop("auto_map", None)
     qc = format_.quantization_config(the_pass.scheme, ignore, extra, dtype)
@@ -330,6 +335,38 @@ def _finish(
         cfg["quantization_config"] = qc
     cfg.update(format_.config_extras(ignore, extra))
     writer.finish(cfg, src, plan.overwrite, code=trust_remote_code)
+
+
+def _compress_to_gguf(plan: Plan, model_dir, **run) -> Summary:
+    """--format gguf: the pass's result written by the container's format into a private folder beside OUT (our
+    owner mark in it, so a killed run's leftovers are cleaned like any partial output), then repacked as one GGUF
+    file into OUT (pipeline/convert.py), which appears only when complete."""
+    import os
+    import shutil
+    import socket
+    import tempfile
+
+    from compress_export.io.safety import write_mark
+    from compress_export.io.writer import OWNER, remove_stale_partials
+    from compress_export.pipeline.config import CONTAINERS
+    from compress_export.pipeline.convert import convert_gguf
+
+    out = plan.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write_mark(work / OWNER, f"{os.getpid()} {socket.gethostname()}\n")
+        inner = plan.config.model_copy(
+            update={"format": CONTAINERS["gguf"], "group_size": plan.scheme.group_size if plan.scheme else None}
+        )
+        summary = compress(model_dir, work / out.name, inner, overwrite=False, **run)
+        convert_gguf(work / out.name, out, plan.overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary.output, summary.format = str(out), "gguf"
+    summary.size_after_mb = sum(f.stat().st_size for f in out.glob("*.gguf")) / 1e6
+    return summary
 
 
 def preflight(plan: Plan, trust_remote_code: bool = False):

@@ -133,7 +133,7 @@ class CompressionConfig(BaseModel):
     @field_validator("format")
     @classmethod
     def _format(cls, v):
-        return _registered(FORMATS, v)
+        return v if v in CONTAINERS else _registered(FORMATS, v)
 
     @field_validator("act_order")
     @classmethod
@@ -203,7 +203,8 @@ class CompressionConfig(BaseModel):
         return "gptq"
 
     def resolved_method(self) -> str:
-        return self.method or FORMATS.get(self.resolved_format()).default_method
+        fmt = self.resolved_format()
+        return self.method or ("gptq" if fmt in CONTAINERS else FORMATS.get(fmt).default_method)
 
     def to_scheme(self) -> Optional[Scheme]:
         """The scheme these fields describe; None for a pruning run that asked for no bits (no quantization).
@@ -308,6 +309,11 @@ class CompressionConfig(BaseModel):
             awq_score=rest.pop("awq_score", opts.awq_score),
             **rest,
         )
+
+
+# Output files that are not a checkpoint format: the pass's result is packed by a format (CONTAINERS[name]) and
+# then repacked as one file of another kind (pipeline/convert.py): "gguf" for llama.cpp.
+CONTAINERS = {"gguf": "compressed-tensors"}
 
 
 def _registered(registry, name):

@@ -57,3 +57,65 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
     except BaseException:
         writer.abort()
         raise
+
+
+def convert_gguf(src, out_dir: Optional[str] = None, overwrite: bool = False, embeddings: str = "q8_0") -> Path:
+    """An export as a folder holding one GGUF file (`model-Q4_0.gguf`, …) and its model card; the folder is
+    assembled privately and renamed into place only when the file is complete."""
+    import os
+    import shutil
+    import tempfile
+
+    from compress_export.formats.gguf import block_type
+    from compress_export.io.gguf_file import check_architecture, write_gguf
+    from compress_export.io.model_card import write_card
+    from compress_export.io.safety import GGUF_MARK, check_output, write_mark
+
+    info = check_export(src, lenient=True)
+    src = info.path
+    out = Path(out_dir) if out_dir else src.parent / f"{src.name}-gguf"
+    check_output(out, [src], overwrite)
+    # what config.json and the headers tell, before any tensor is read: the architecture, the block type
+    check_architecture(info.config)
+    _, why = block_type(info.scheme)
+    if why:
+        raise UserError(f"{src}: {why}")
+    if (src / ADAPTER_DIR).is_dir():
+        raise UserError(
+            f"{src} has a low-rank correction ({ADAPTER_DIR}/) that a GGUF file cannot carry; "
+            "convert an export made without --lowrank-rank"
+        )
+    cfg, qweights, rest = read_export(info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        card = src / "README.md"  # the source's card (ours: the part after our own) is kept under the new one
+        if card.is_file():
+            from compress_export.io.model_card import MAX_SOURCE_CARD, source_card_of
+            from compress_export.io.safety import open_regular
+
+            with open_regular(card) as f:
+                text = f.read(MAX_SOURCE_CARD).decode("utf-8", errors="replace")
+            (tmp / "README.md").write_text(source_card_of(text), encoding="utf-8")
+        part = tmp / "model.gguf.part"
+        res = write_gguf(part, cfg, qweights, rest, src, embeddings)
+        os.rename(part, tmp / f"model-{res['type']}.gguf")
+        qc = dict(cfg.get("quantization_config") or {})
+        qc["compress_export"] = dict(qc.get("compress_export") or {}, converted_from=qc.get("quant_method"))
+        write_card(tmp, dict(cfg, quantization_config=qc), out.name, gguf=f"{res['type']} in model-{res['type']}.gguf")
+        write_mark(tmp / GGUF_MARK, f"{res['type']}\n")
+        if os.path.lexists(out):  # check_output allowed it (--overwrite, our own output)
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for w in res["warnings"]:
+        import logging
+
+        logging.getLogger("compress_export").warning("%s: %s", out, w)
+    return out

@@ -22,7 +22,7 @@ from compress_export.formats.base import FORMATS
 from compress_export.io import model_io, safety
 from compress_export.modifiers.base import Modifier, PlanContext, plan_modifiers
 from compress_export.passes import PASSES, PassOptions
-from compress_export.pipeline.config import CompressionConfig
+from compress_export.pipeline.config import CONTAINERS, CompressionConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Plan:
     calibration: Calibration
     device: str  # as asked (auto, cpu, cuda, cuda:N); preflight checks it against the machine
     model_type: str
+    container: Optional[str] = None  # "gguf": the format's checkpoint is repacked as one GGUF file at the end
 
     @property
     def scheme(self) -> Optional[Scheme]:
@@ -86,7 +87,8 @@ def resolve(
     cfg = model_io.read_config(src)
     method, fmt = config.resolved_method(), config.resolved_format()
     sp = Sparsity.parse(config.sparsity) if config.sparsity else None
-    format_ = FORMATS.get(fmt)()
+    container = fmt if fmt in CONTAINERS else None
+    format_ = FORMATS.get(CONTAINERS.get(fmt, fmt))()
     pass_cls = PASSES.get(method)
     if pass_cls.prunes != (sp is not None):
         raise UserError(
@@ -98,6 +100,8 @@ def resolve(
     if scheme is not None and not pass_cls.uses_act_order:
         scheme = scheme.with_(act_order="none")
     format_.check(scheme, sp)
+    if container == "gguf":
+        scheme = check_gguf(config, scheme, cfg, src)
     if scheme is not None:
         scheme = resolve_group_size(scheme, cfg)
     out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme, sp)
@@ -125,7 +129,26 @@ def resolve(
         calibration=calibration,
         device=device,
         model_type=model_type,
+        container=container,
     )
+
+
+def check_gguf(config: CompressionConfig, scheme, cfg: dict, src: Path):
+    """--format gguf: the scheme a GGUF block type holds (group size auto → 32, its block), the architecture and
+    the tokenizer llama.cpp reads, checked before any weight is read."""
+    from compress_export.formats.gguf import BLOCK, block_type
+    from compress_export.io.gguf_file import check_architecture, check_tokenizer
+
+    if scheme is not None and scheme.group_size == 0:
+        scheme = scheme.with_(group_size=BLOCK)
+    _, why = block_type(scheme)
+    if why:
+        raise UserError(f"--format gguf: {why}")
+    if config.lowrank_rank:
+        raise UserError("--format gguf: a GGUF file cannot carry the low-rank correction; drop --lowrank-rank")
+    check_architecture(cfg)
+    check_tokenizer(src)
+    return scheme
 
 
 def default_output(model_dir: Path, method: str, fmt: str, scheme: Optional[Scheme], sparsity=None) -> Path:

@@ -1,0 +1,82 @@
+"""Our GGUF against llama.cpp's own quantization, measured by llama.cpp on the shared protocol: one table of file
+size and token perplexity for the same model (SmolLM2-135M-Instruct).
+
+  python benchmarks/gguf_quality.py [--skip-install] [--rows f16,llamacpp-q4_0,llamacpp-q4_0-q8emb,ours-rtn,ours-gptq]
+
+Rows (every file is run by llama.cpp's own forward, llama-cpp-python in benchmarks/vs_llamacpp.py's venv):
+- llamacpp-f16: llama.cpp's converter (convert_hf_to_gguf.py --outtype f16), the reference;
+- llamacpp-q4_0: llama.cpp's quantizer on that file, its default Q4_0 mix (token embedding Q6_K, being the output
+  of a tied model);
+- llamacpp-q4_0-q8emb: the same with the token embedding Q8_0 (--token-embedding-type/--output-tensor-type q8_0):
+  exactly the tensor types and file size of ours;
+- ours-rtn / ours-gptq: `compress-export --format gguf --method rtn|gptq --group-size 32` (GPTQ on calib.txt's
+  64 × 512 tokens, the shared protocol), every linear Q4_0 holding our codes and scales exactly, token embedding
+  Q8_0.
+Token perplexity: eval.txt tokenized whole without BOS by the model's tokenizer, the first 16 non-overlapping
+512-token windows, llama.cpp's logits (logits_all), mean loss per window, then over windows (as `compress-export
+eval`). Not measured: llama.cpp's importance-weighted Q4_0 (`llama-quantize --imatrix`): llama-cpp-python's
+quantize call takes no importance matrix file and its build here has no llama-imatrix tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import vs_llamacpp as L
+from common import TEXT, example_model
+
+ROWS = ("llamacpp-f16", "llamacpp-q4_0", "llamacpp-q4_0-q8emb", "ours-rtn", "ours-gptq")
+GGML_Q8_0 = 8
+
+
+def ppl(path: Path, windows) -> dict:
+    r = L.llamacpp({"do": "losses", "gguf": str(path), "windows": [w.tolist() for w in windows]})
+    means = [sum(x) / len(x) for x in r["losses"]]
+    return {"token_ppl": round(math.exp(sum(means) / len(means)), 3), "seconds": r["seconds"]}
+
+
+def ours(model: Path, method: str, work: Path) -> Path:
+    out = work / f"ours-{method}"
+    if not out.exists():
+        import subprocess
+
+        cmd = [sys.executable, "-m", "compress_export.cli.main", "--format", "gguf", "--method", method]
+        cmd += ["--group-size", "32", "--dataset", str(TEXT / "calib.txt"), str(model), "-o", str(out), "-q"]
+        subprocess.run(cmd, check=True)
+    (f,) = out.glob("*.gguf")
+    return f
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--skip-install", action="store_true")
+    a = p.parse_args()
+    rows = a.rows.split(",")
+    llama_dir = L.ensure_llamacpp(a.skip_install)
+    model = Path(example_model())
+    _, _, windows = L.protocol_ids(model)
+    base = L.ggufs(model, "smollm2", llama_dir)
+    work = L.WORK / "gguf_quality" / L.fingerprint(model)
+    work.mkdir(parents=True, exist_ok=True)
+    q8emb = work / "llamacpp-q4_0-q8emb.gguf"
+    if "llamacpp-q4_0-q8emb" in rows and not q8emb.exists():
+        L.llamacpp({"do": "quantize", "src": str(base["F16"]), "dst": str(q8emb), "embeddings": GGML_Q8_0})
+    files = {"llamacpp-f16": base["F16"], "llamacpp-q4_0": base["Q4_0"], "llamacpp-q4_0-q8emb": q8emb}
+    print(f"llama.cpp {L.llamacpp({'do': 'info'})['version']}; model {model}")
+    print("| file | tensor types | size MB | llama.cpp token ppl | seconds |\n|---|---|---|---|---|")
+    for row in rows:
+        t = time.time()
+        path = files.get(row) or ours(model, row.split("-", 1)[1], work)
+        m = ppl(path, windows)
+        types = L.tensor_types(path, llama_dir)
+        print(f"| {row} | {types} | {path.stat().st_size / 1e6:.1f} | {m['token_ppl']} | {time.time() - t:.0f} |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
