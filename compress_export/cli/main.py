@@ -2,7 +2,8 @@
 
 compress-export [--format gptq] [--method gptq] [--bits 4] [--group-size 64] [--dataset F] MODEL_DIR [-o OUT]
 compress-export example-model [DIR]
-compress-export eval DIR [--text FILE]
+compress-export eval DIR [--text FILE] [--tasks T1,T2]
+compress-export lm-eval [lm_eval args...]
 compress-export serve OUT [vLLM args...]
 compress-export validate OUT [--baseline MODEL_DIR]
 compress-export recipe --schema | FILE
@@ -18,7 +19,7 @@ import sys
 from compress_export._version import __version__
 from compress_export.core.errors import UserError
 
-VERBS = ("example-model", "eval", "convert", "serve", "validate", "list", "check", "recipe")
+VERBS = ("example-model", "eval", "lm-eval", "convert", "serve", "validate", "list", "check", "recipe")
 
 
 def _compress_parser():
@@ -304,96 +305,6 @@ def cmd_convert(argv):
     return 0
 
 
-def cmd_eval(argv):
-    p = argparse.ArgumentParser(
-        prog="compress-export eval", description="Token/word/byte perplexity and bits per byte (shared protocol)."
-    )
-    p.add_argument("dir", help="an export or an unquantized model directory")
-    p.add_argument("--text", required=True, help="UTF-8 text to score, e.g. ../shared/data/text/eval.txt")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument(
-        "--engine",
-        choices=("torch", "vllm"),
-        default="torch",
-        help="torch: our loader in fp32 (default); vllm: vLLM's prompt log-probabilities, i.e. what "
-        "vLLM serves (its kernels, dtype and any activation quantization)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="--engine vllm: the engine dtype (default: this machine's fastest)",
-    )
-    p.add_argument(
-        "--no-lowrank",
-        dest="lowrank",
-        action="store_false",
-        help="leave out the export's low-rank correction (OUT/lowrank; applied by default)",
-    )
-    p.add_argument(
-        "--card",
-        action="store_true",
-        help="also record the token perplexity in the export's model card (README.md, 'Measured')",
-    )
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    from pathlib import Path
-
-    from compress_export.io.export_check import check_eval_windows, check_export, check_perplexity, read_eval_text
-    from compress_export.io.lowrank import ADAPTER_DIR, adapter_rank
-
-    if a.window < 2:  # a window scores each token after its first
-        raise UserError(f"--window must be at least 2 tokens (got {a.window})")
-    if a.windows < 1:
-        raise UserError(f"--windows must be at least 1 (got {a.windows})")
-    text = read_eval_text(a.text)
-    if a.card:  # before the minutes of measuring: a card goes only into our own exports
-        from compress_export.io.model_card import check_card_target
-
-        check_card_target(a.dir)
-    if a.engine == "vllm":
-        from compress_export.integrations.validate import vllm_perplexity
-        from compress_export.integrations.vllm_lowrank import fused_requested, served_lora
-        from compress_export.io.model_io import load_tokenizer
-
-        model_dir = check_export(a.dir, quantized=False).path  # what our loader refuses, before vLLM starts
-        check_eval_windows(a.text, text, load_tokenizer(model_dir), a.window)
-        lora = served_lora(a.dir, wanted=a.lowrank)  # None when fused: our plugin's linears apply it then
-        res = vllm_perplexity(model_dir, a.text, a.window, a.windows, a.dtype, lora=lora)
-        r, where = res["perplexity"], f"vLLM {res.get('quantization') or 'unquantized'}, {res.get('dtype')}"
-        r["kernels"] = res.get("kernels")
-        fused = a.lowrank and fused_requested() and adapter_rank(Path(a.dir) / ADAPTER_DIR) is not None
-        where += ", with its low-rank adapter" if lora else ", its low-rank correction fused" if fused else ""
-    else:
-        from compress_export.io.loading import load_model
-        from compress_export.pipeline.evaluate import perplexity
-
-        model, tok = load_model(a.dir, lowrank=a.lowrank)  # checks the export, refuses NaN or Inf in its tensors
-        check_eval_windows(a.text, text, tok, a.window)
-        where = "our loader, float32"
-        try:
-            r = perplexity(model, tok, text, a.window, a.windows).as_dict()
-        except OverflowError:  # a mean loss past exp's range (709 nats): the model's numbers blow up
-            r = {"token_perplexity": float("inf")}
-        where += ", with its low-rank adapter" if a.lowrank and (Path(a.dir) / ADAPTER_DIR).is_dir() else ""
-    check_perplexity(a.dir, r, a.text, a.engine)  # never `ppl nan` with exit 0
-    if a.card:
-        from compress_export.io.model_card import record_figure
-
-        how = f"compress-export eval --engine {a.engine}: {r['windows']}×{a.window} tokens; {where}"
-        value = f"{r['token_perplexity']:.3f}"
-        record_figure(Path(a.dir), {"what": "token perplexity", "text": Path(a.text).name, "value": value, "how": how})
-    if a.json:
-        print(json.dumps({**r, "engine": where}, indent=2))
-    else:
-        print(
-            f"{a.dir}: token ppl {r['token_perplexity']:.3f}  word ppl {r['word_perplexity']:.2f}  "
-            f"byte ppl {r['byte_perplexity']:.4f}  bits/byte {r['bits_per_byte']:.4f}  "
-            f"({r['windows']}×{a.window} tokens, {r['seconds']:.1f} s; {where})"
-        )
-    return 0
-
-
 SERVE_HELP = """usage: compress-export serve OUT_DIR [vLLM serve arguments]
 
 Start vLLM's OpenAI-compatible server (`vllm serve OUT_DIR`) with settings that work on this machine: on a CPU,
@@ -435,6 +346,29 @@ def cmd_serve(argv):
     if problem:
         raise UserError(problem)
     return launch(["serve"] + argv)
+
+
+def _eval(argv):
+    from compress_export.cli.eval_cmd import cmd_eval
+
+    return cmd_eval(argv)
+
+
+def _lm_eval(argv):
+    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(LM_EVAL_HELP)
+        return 0
+    from compress_export.integrations.lm_harness import passthrough
+
+    return passthrough(argv)
+
+
+LM_EVAL_HELP = """usage: compress-export lm-eval [lm_eval arguments]
+
+lm-evaluation-harness's own command (`lm_eval ...`), with every export loadable first: `--model hf --model_args
+pretrained=OUT` reads any format we write (transformers' backend where installed, ours where not), and `--model
+vllm` gets this machine's vLLM platform settings and our plugin. Example:
+  compress-export lm-eval --model hf --model_args pretrained=OUT --tasks hellaswag,arc_easy --batch_size 8"""
 
 
 def _validate(argv):
@@ -534,7 +468,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] not in ("serve", "list", "example-model", "validate", "check", "recipe"):
+    if not argv or argv[0] not in ("serve", "list", "example-model", "validate", "check", "recipe", "lm-eval"):
         from compress_export.cli.runtime import tune_process
 
         tune_process()  # long tensor work ahead; before torch is imported: see runtime.py
@@ -549,7 +483,8 @@ def main(argv=None) -> int:
     settings.warn_unknown()  # a misspelt COMPRESS_EXPORT_* name does nothing silently otherwise
     verbs = {
         "example-model": cmd_example_model,
-        "eval": cmd_eval,
+        "eval": _eval,
+        "lm-eval": _lm_eval,
         "convert": cmd_convert,
         "serve": cmd_serve,
         "validate": _validate,
