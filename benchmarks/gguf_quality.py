@@ -5,10 +5,10 @@ size and token perplexity for the same model (SmolLM2-135M-Instruct).
 
 Rows (every file is run by llama.cpp's own forward, llama-cpp-python in benchmarks/vs_llamacpp.py's venv):
 - llamacpp-f16: llama.cpp's converter (convert_hf_to_gguf.py --outtype f16), the reference;
-- llamacpp-q4_0: llama.cpp's quantizer on that file, its default Q4_0 mix (token embedding Q6_K, being the output
-  of a tied model);
-- llamacpp-q4_0-q8emb: the same with the token embedding Q8_0 (--token-embedding-type/--output-tensor-type q8_0):
-  exactly the tensor types and file size of ours;
+- llamacpp-q4_0: llama.cpp's quantizer on that file, its default Q4_0 mix (for SmolLM2 it keeps the tied token
+  embedding Q8_0 itself: the same tensor types and file size as ours);
+- llamacpp-q4_0-q8emb: the same with the token embedding asked for as Q8_0 (--token-embedding-type/
+  --output-tensor-type q8_0), for models where llama.cpp's own mix would choose another type;
 - ours-rtn / ours-gptq: `compress-export --format gguf --method rtn|gptq --group-size 32` (GPTQ on calib.txt's
   64 × 512 tokens, the shared protocol), every linear Q4_0 holding our codes and scales exactly, token embedding
   Q8_0.

@@ -88,6 +88,15 @@ def pack_blocks(qw: QuantizedWeight, ggml_type: int) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(out_f, -1)
 
 
+def check_scales(qw: QuantizedWeight) -> Optional[str]:
+    """Why the scales do not survive GGUF's fp16 d (None: each is an fp16 number, so d holds it exactly)."""
+    s = qw.scales.float()
+    if not torch.equal(s.half().float(), s):
+        worst = float((s.half().float() - s).abs().max())
+        return f"its scales are not fp16 numbers (off by up to {worst:.3g} in fp16); GGUF's block scale is fp16"
+    return None
+
+
 def check_codes(qw: QuantizedWeight, ggml_type: int) -> Optional[str]:
     """Why this result does not fit the type's fixed zero point (None: it fits)."""
     if ggml_type in (Q4_0, Q8_0) and bool((qw.zeros != qw.scheme.sym_zero).any()):

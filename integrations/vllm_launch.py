@@ -153,15 +153,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _config_file(user_args: List[str]) -> dict:
+    """The mapping in vLLM's --config YAML ({} without one, or when it is not a mapping vLLM would read)."""
+    path = arg_value(user_args, "--config")
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {}  # vLLM reports its own file's problems
+    return data if isinstance(data, dict) else {}
+
+
 def network_args(user_args: List[str], env=None) -> List[str]:
     """`serve` binds 127.0.0.1 unless --host is given (vLLM's own default is every interface, without a key).
     A non-loopback host without --api-key (or VLLM_API_KEY) gets one warning line: anyone who can reach that
     address can use the model."""
     env = os.environ if env is None else env
-    host = arg_value(user_args, "--host")
+    from_file = _config_file(user_args)  # vLLM's --config YAML may set them too; vLLM reads it after the flags
+    host = arg_value(user_args, "--host") or from_file.get("host")
+    key = arg_value(user_args, "--api-key") or from_file.get("api-key") or from_file.get("api_key")
     if host is None:
         return ["--host", LOOPBACK]
-    if not is_loopback(host) and arg_value(user_args, "--api-key") is None and not env.get("VLLM_API_KEY"):
+    if not is_loopback(str(host)) and key is None and not env.get("VLLM_API_KEY"):
         where = "every interface" if host in ("", "0.0.0.0", "::") else host
         print(
             f"compress-export: warning: serving on {where} without --api-key: anyone who can reach it can use the model",

@@ -90,12 +90,11 @@ def test_qk_rows_by_hand():
 
 
 @pytest.fixture(scope="module")
-def bpe_llama(tmp_path_factory):
-    """A tiny random Llama with a byte-level BPE tokenizer (what GGUF's gpt2 tokenizer model holds)."""
+def bpe_family(tmp_path_factory):
+    """family → a tiny random model of it with a byte-level BPE tokenizer (what GGUF's gpt2 tokenizer holds)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("gguf") / "bpe-llama"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -104,7 +103,21 @@ def bpe_llama(tmp_path_factory):
     )
     tok.train_from_iterator([TINY_TEXT], trainer)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    return make_tiny_llama(path, tie=False, max_pos=256, tokenizer=hf_tok)
+    root, made = tmp_path_factory.mktemp("gguf"), {}
+
+    def get(family: str = "llama") -> Path:
+        if family not in made:
+            made[family] = make_tiny_llama(
+                root / f"bpe-{family}", tie=False, max_pos=256, tokenizer=hf_tok, model_type=family
+            )
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def bpe_llama(bpe_family):
+    return bpe_family("llama")
 
 
 def gguf_file(folder: Path) -> Path:
@@ -121,9 +134,17 @@ def transformers_reads(folder: Path):
 
 
 @pytest.mark.parametrize(
-    "flags,ggml", [((), "Q4_0"), (("--asym",), "Q4_1"), (("--bits", "8"), "Q8_0")], ids=["Q4_0", "Q4_1", "Q8_0"]
+    "family,flags,ggml",
+    [
+        ("llama", (), "Q4_0"),
+        ("llama", ("--asym",), "Q4_1"),
+        ("llama", ("--bits", "8"), "Q8_0"),
+        ("qwen2", (), "Q4_0"),  # q/k/v biases, no row interleaving
+    ],
+    ids=["llama-Q4_0", "llama-Q4_1", "llama-Q8_0", "qwen2-Q4_0"],
 )
-def test_tiny_llama_through_gguf_reads_back_in_transformers(bpe_llama, tmp_path, flags, ggml):
+def test_tiny_models_through_gguf_read_back_in_transformers(bpe_family, tmp_path, family, flags, ggml):
+    bpe_llama = bpe_family(family)
     from compress_export import load_model
     from compress_export.io.export_check import check_export
     from compress_export.io.loading import read_export

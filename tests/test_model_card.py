@@ -66,7 +66,9 @@ def test_eval_card_records_and_replaces_a_figure(export, tiny_text, tmp_path):
     rows = [ln for ln in text.splitlines() if ln.startswith("| token perplexity |")]
     assert len(rows) == 1, rows  # the same text measured again replaces its row
     assert f"| {ppl:.3f} |" in rows[0] and "2×64 tokens" in rows[0]
-    front_matter(text)  # still a valid card
+    assert front_matter(text)["license"] == "apache-2.0"  # still a valid card, the source's license kept
+    rc, so, err = cli("eval", out, "--tasks", "x", "--card")
+    assert_one_line_error(rc, err, "--card", "--text")
 
 
 def test_eval_card_refuses_a_folder_we_did_not_write(tiny_model, tiny_text, tmp_path):
@@ -85,4 +87,20 @@ def test_convert_keeps_the_source_facts(export, carded_source, tmp_path):
     assert hashlib.sha256((carded_source / "config.json").read_bytes()).hexdigest() in text
     assert "converted from" in text and "a gptq export" in text
     assert text.count("The source's own words.") == 1
-    assert front_matter(text)["base_model"] == "someone/tiny-llama"
+    meta = front_matter(text)
+    assert meta["base_model"] == "someone/tiny-llama" and meta["license"] == "apache-2.0"  # carried on by our card
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["license: mit\n? base_model\n: x", "license: mit\nfoo bar", "license: *a", "license: {a: 1}\nlanguage: [1, 2]"],
+)
+def test_a_strangers_header_cannot_change_or_break_ours(tmp_path, header):
+    from compress_export.io.model_card import card_text, kept_metadata
+
+    cfg = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True}}
+    source = f"---\n{header}\n---\nbody\n"
+    text = card_text(cfg, "x", source_card=source, meta_src=kept_metadata(source))
+    meta = front_matter(text)
+    assert "base_model" not in meta and set(meta) <= {"library_name", "pipeline_tag", "tags", "license", "language"}
+    assert meta.get("license") in (None, "mit")

@@ -54,6 +54,8 @@ def cmd_eval(argv):
     a = _parser().parse_args(argv)
     if not a.text and not a.tasks:
         raise UserError("eval needs --text FILE (perplexity) or --tasks T1,T2 (lm-eval), or both")
+    if a.card and not a.text:
+        raise UserError("--card records the perplexity of --text FILE; give --text too")
     if a.window < 2:  # a window scores each token after its first
         raise UserError(f"--window must be at least 2 tokens (got {a.window})")
     if a.windows < 1:
@@ -69,7 +71,9 @@ def cmd_eval(argv):
         from compress_export.integrations.lm_harness import evaluate
 
         tasks = [t for t in a.tasks.split(",") if t]
-        res = evaluate(a.dir, tasks, engine=a.engine, limit=a.limit, include_path=a.include_path, dtype=a.dtype)
+        res = evaluate(
+            a.dir, tasks, engine=a.engine, limit=a.limit, include_path=a.include_path, dtype=a.dtype, lowrank=a.lowrank
+        )
         out["lm_eval"] = res["results"]
         if not a.json:
             print(res["table"])

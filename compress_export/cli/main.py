@@ -416,7 +416,12 @@ def cmd_list(argv):
     from compress_export.passes import PASSES
 
     print("methods:", ", ".join(PASSES.names()))
-    print("formats:", ", ".join(FORMATS.names()))
+    from compress_export.pipeline.config import CONTAINERS
+
+    print(
+        "formats:",
+        ", ".join([*FORMATS.names(), *(f"{c} (one file, repacked from {f})" for c, f in CONTAINERS.items())]),
+    )
     print("kernels:", ", ".join(KERNELS.names()))
     print(f"this machine: {cpu_kind()} CPU, cpu-wna16 path {isa()}, fastest dtype {fast_dtype('cpu')}")
     return 0

@@ -27,7 +27,7 @@ from compress_export.io import safety
 log = logging.getLogger("compress_export")
 
 # model_type → the GGUF architecture and whether llama.cpp's rotary layout wants q/k rows interleaved
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True)}
+ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -44,11 +44,12 @@ def check_architecture(cfg: dict) -> tuple:
     """(GGUF architecture, permute q/k) for a config.json, or a UserError saying what is not written."""
     mt = cfg.get("model_type")
     if mt not in ARCHS:
-        raise UserError(f"--format gguf writes llama-family models ({', '.join(ARCHS)}); model_type {mt!r} is not one")
-    rope = cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "?"
-    if kind not in ("default", None):
-        raise UserError(f"--format gguf: rope scaling {kind!r} (config.json rope_scaling) is not written to GGUF yet")
+        raise UserError(f"--format gguf writes these model types: {', '.join(ARCHS)}; model_type {mt!r} is not one")
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 5 keeps the rope type in rope_parameters
+        rope = cfg.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "?"
+        if kind not in ("default", None):
+            raise UserError(f"--format gguf: rope type {kind!r} (config.json {key}) is not written to GGUF yet")
     return ARCHS[mt]
 
 
@@ -104,7 +105,7 @@ def check_tokenizer(folder: Path, copy: Optional[Path] = None) -> dict:
     return tok
 
 
-def _tokenizer(writer, folder: Path, work: Path) -> Optional[str]:
+def _tokenizer(writer, folder: Path, work: Path, vocab_size: int) -> Optional[str]:
     """Tokens, types, merges, special ids and chat template from private copies of the export's tokenizer files.
     Returns a warning when llama.cpp will not pre-tokenize as the source does, else None."""
     import gguf
@@ -117,7 +118,11 @@ def _tokenizer(writer, folder: Path, work: Path) -> Optional[str]:
             safety.copy_file(f, work / name)
     tok = check_tokenizer(folder, work / "tokenizer.json")
     vocab = tok["model"]["vocab"]
-    size = max([*vocab.values(), *(a["id"] for a in tok.get("added_tokens") or [])]) + 1
+    size = int(vocab_size)  # the embedding's rows: llama.cpp wants one token per row (padding rows included)
+    added = tok.get("added_tokens") or []
+    for i in [*vocab.values(), *(a.get("id") if isinstance(a, dict) else None for a in added)]:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < size:
+            raise UserError(f"{folder}/tokenizer.json: token id {i!r} is not one of the model's {size} (vocab_size)")
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for text, i in vocab.items():
@@ -153,9 +158,8 @@ def _metadata(writer, cfg: dict, ggml_type: int, description: str) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != cfg["hidden_size"] // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)  # always: readers differ in the default they assume (transformers' qwen3: 128)
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(FILE_TYPES[ggml_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -187,14 +191,15 @@ def write_gguf(
     types = set()
     for name, qw in qweights.items():
         t, why = blocks.block_type(qw.scheme)
-        why = why or blocks.check_codes(qw, t)
+        why = why or blocks.check_codes(qw, t) or blocks.check_scales(qw)
         if why:
             raise UserError(f"{name}: {why}")
         types.add(t)
     if len(types) != 1:
         raise UserError("--format gguf: the linears need different block types; one scheme per export is written")
     ggml_type = types.pop()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_id, cfg["num_hidden_layers"])
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     plan = {}
     for hf in [*(f"{n}.weight" for n in qweights), *rest]:
@@ -206,7 +211,7 @@ def write_gguf(
         plan.pop("lm_head.weight")  # tied: llama.cpp uses token_embd for the output when output.weight is absent
     writer = gguf.GGUFWriter(str(path), arch)
     with tempfile.TemporaryDirectory(prefix="ce-gguf-") as work:
-        warning = _tokenizer(writer, Path(folder), Path(work))
+        warning = _tokenizer(writer, Path(folder), Path(work), cfg["vocab_size"])
     desc = f"compress-export: {blocks.TYPE_NAMES[ggml_type]} from {next(iter(qweights.values())).scheme}"
     _metadata(writer, cfg, ggml_type, desc)
     for name, qw in qweights.items():

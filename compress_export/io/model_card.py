@@ -47,20 +47,36 @@ def source_facts(src: Path, cfg: dict) -> dict:
 
 
 def _split_front_matter(text: str):
-    """(metadata lines as {key: raw value}, body) of a card; a card without a header has empty metadata."""
+    """(metadata header text, body) of a card; a card without a header has an empty one."""
     if not text.startswith("---\n"):
-        return {}, text
+        return "", text
     end = text.find("\n---", 4)
     if end < 0:
-        return {}, text
-    meta, key = {}, None
-    for line in text[4:end].splitlines():  # top-level keys and their indented continuation lines
-        if line and not line[0].isspace() and ":" in line:
-            key, _, value = line.partition(":")
-            meta[key.strip()] = [value.strip()]
-        elif key is not None:
-            meta[key].append(line)
-    return meta, text[end + 4 :].lstrip("\n")
+        return "", text
+    return text[4:end], text[end + 4 :].lstrip("\n")
+
+
+def kept_metadata(card: str) -> dict:
+    """KEPT_METADATA of a card's header (the source's, or ours, which carries them on): parsed as YAML by a safe
+    loader and kept only as plain strings or lists of strings, re-emitted by us. A stranger's header cannot add
+    keys to ours or break its syntax."""
+    import yaml
+
+    head, _ = _split_front_matter(card)
+    try:
+        meta = yaml.safe_load(head) if head else None
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    out = {}
+    for k in KEPT_METADATA:
+        v = meta.get(k)
+        if isinstance(v, str) and v:
+            out[k] = v
+        elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            out[k] = v
+    return out
 
 
 def _yaml_str(s: str) -> str:
@@ -90,15 +106,20 @@ def card_facts(cfg: dict) -> dict:
 
 
 def card_text(
-    cfg: dict, out_name: str, figures: Optional[list] = None, source_card: str = "", gguf: Optional[str] = None
+    cfg: dict,
+    out_name: str,
+    figures: Optional[list] = None,
+    source_card: str = "",
+    gguf: Optional[str] = None,
+    meta_src: Optional[dict] = None,
 ) -> str:
-    """gguf: what the GGUF file holds (a GGUF folder's card: its format and how to run it)."""
+    """source_card: the source's card body; meta_src: its KEPT_METADATA (kept_metadata); gguf: what the GGUF file
+    holds (a GGUF folder's card: its format and how to run it)."""
     facts = card_facts(cfg)
     if gguf:
         facts["format"] = f"gguf ({gguf})"
-    x, meta_src = facts["extras"], {}
-    if source_card:
-        meta_src, source_card = _split_front_matter(source_card)
+    x, meta_src = facts["extras"], meta_src or {}
+    _, source_card = _split_front_matter(source_card)
     method = x.get("method", "?")
     tags = ["compress-export", method, facts["format"].split(" ")[0]]
     if gguf:
@@ -113,9 +134,8 @@ def card_text(
         head += [f"base_model: {_yaml_str(src)}", "base_model_relation: quantized"]
     head.append("tags:")
     head += [f"- {_yaml_str(t)}" for t in dict.fromkeys(tags)]
-    for k in KEPT_METADATA:
-        if k in meta_src:
-            head += [f"{k}: {meta_src[k][0]}".rstrip()] + meta_src[k][1:]
+    for k, v in meta_src.items():
+        head += [f"{k}: {_yaml_str(v)}"] if isinstance(v, str) else [f"{k}:", *(f"- {_yaml_str(i)}" for i in v)]
     head.append("---")
     rows = [
         ("source model", f"`{src or '?'}` (config.json sha256 `{x.get('source_config_sha256', '?')}`)"),
@@ -204,7 +224,8 @@ def write_card(folder: Path, cfg: dict, out_name: str, gguf: Optional[str] = Non
     if path.is_file():  # a copy we made of the source's card; a card past MAX_SOURCE_CARD is cut, not kept whole
         with open(path, "rb") as f:
             existing = f.read(MAX_SOURCE_CARD).decode("utf-8", errors="replace")
-    text = card_text(cfg, out_name, read_figures(existing), source_card_of(existing), gguf)
+    figures = [] if gguf else read_figures(existing)  # a GGUF file is other numbers than the export measured
+    text = card_text(cfg, out_name, figures, source_card_of(existing), gguf, kept_metadata(existing))
     path.write_text(text, encoding="utf-8")
 
 
@@ -227,6 +248,6 @@ def record_figure(export: Path, figure: dict) -> Path:
         with safety.open_regular(path) as f:
             existing = f.read(MAX_SOURCE_CARD).decode("utf-8", errors="replace")
     figures = [f for f in read_figures(existing) if (f["what"], f["text"]) != (figure["what"], figure["text"])]
-    text = card_text(cfg, export.name, figures + [figure], source_card_of(existing))
+    text = card_text(cfg, export.name, figures + [figure], source_card_of(existing), meta_src=kept_metadata(existing))
     safety.write_text_atomic(path, text)
     return path

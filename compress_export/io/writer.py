@@ -127,15 +127,8 @@ class CheckpointWriter:
     `shard_bytes` are named and indexed at the end, and the folder is renamed into place only when complete."""
 
     def __init__(self, out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES):
-        import logging
-        import socket
-
         self.out = Path(out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        for what in remove_stale_partials(self.out):
-            logging.getLogger("compress_export").warning("removed a stale partial output from a killed run: %s", what)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        safety.write_mark(self.tmp / OWNER, f"{os.getpid()} {socket.gethostname()}\n")
+        self.tmp = new_partial(self.out)
         self.shard_bytes = shard_bytes
         self._shard = None
         self._shards = []  # [(file name, [tensor names])]
@@ -187,29 +180,45 @@ class CheckpointWriter:
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def _commit(self, overwrite: bool) -> Path:
-        old = None
-        if os.path.lexists(self.out):
-            if not overwrite:
-                raise UserError(f"output {self.out} appeared while compressing; nothing was replaced")
-            # checked before the run began; checked again now, since the folder may have changed meanwhile
-            if (
-                self.out.is_symlink()
-                or not self.out.is_dir()
-                or (any(self.out.iterdir()) and not safety.is_our_output(self.out))
-            ):
-                raise UserError(f"output {self.out} is no longer a compress-export output; nothing was replaced")
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            # the old export gets our mark: if killed now, the next run cleans it (never through a planted link)
-            safety.write_mark(self.out / OWNER, safety.read_mark(self.tmp / OWNER))
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        (self.out / OWNER).unlink(missing_ok=True)  # after the rename: until then it marks a live partial
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out
+        return commit(self.tmp, self.out, overwrite)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def new_partial(out: Path) -> Path:
+    """A private folder beside `out` to assemble an output in, with our owner mark (a killed run's leftover is
+    removed by the next run into the same place; stale ones are removed now)."""
+    import logging
+    import socket
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for what in remove_stale_partials(out):
+        logging.getLogger("compress_export").warning("removed a stale partial output from a killed run: %s", what)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    safety.write_mark(tmp / OWNER, f"{os.getpid()} {socket.gethostname()}\n")
+    return tmp
+
+
+def commit(tmp: Path, out: Path, overwrite: bool) -> Path:
+    """Rename the complete folder `tmp` into place as `out`. What is at `out` now is replaced only with
+    `overwrite` and only when it is still one of our outputs (checked again here: it may have changed while the
+    output was assembled); the old one is renamed aside under our mark first, then removed."""
+    old = None
+    if os.path.lexists(out):
+        if not overwrite:
+            raise UserError(f"output {out} appeared while compressing; nothing was replaced")
+        if out.is_symlink() or not out.is_dir() or (any(out.iterdir()) and not safety.is_our_output(out)):
+            raise UserError(f"output {out} is no longer a compress-export output; nothing was replaced")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        # the old output gets our mark: if killed now, the next run cleans it (never through a planted link)
+        safety.write_mark(out / OWNER, safety.read_mark(tmp / OWNER))
+        os.rename(out, old)
+    os.rename(tmp, out)
+    (out / OWNER).unlink(missing_ok=True)  # after the rename: until then it marks a live partial
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def copy_side_files(src: Path, dst: Path, code: bool = True) -> None:

@@ -341,22 +341,18 @@ def _compress_to_gguf(plan: Plan, model_dir, **run) -> Summary:
     """--format gguf: the pass's result written by the container's format into a private folder beside OUT (our
     owner mark in it, so a killed run's leftovers are cleaned like any partial output), then repacked as one GGUF
     file into OUT (pipeline/convert.py), which appears only when complete."""
-    import os
     import shutil
-    import socket
-    import tempfile
 
-    from compress_export.io.safety import write_mark
-    from compress_export.io.writer import OWNER, remove_stale_partials
+    from compress_export.io.writer import new_partial
     from compress_export.pipeline.config import CONTAINERS
     from compress_export.pipeline.convert import convert_gguf
+    from compress_export.pipeline.distributed import launched_world_size
 
+    if launched_world_size() > 1:  # each rank would assemble its own intermediate export
+        raise UserError("--format gguf runs in one process: compress under torchrun, then `convert OUT --format gguf`")
     out = plan.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = new_partial(out)
     try:
-        write_mark(work / OWNER, f"{os.getpid()} {socket.gethostname()}\n")
         inner = plan.config.model_copy(
             update={"format": CONTAINERS["gguf"], "group_size": plan.scheme.group_size if plan.scheme else None}
         )

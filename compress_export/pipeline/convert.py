@@ -14,7 +14,7 @@ from compress_export.io.export_check import check_export
 from compress_export.io.loading import read_export
 from compress_export.io.lowrank import ADAPTER_DIR
 from compress_export.io.safety import allowed_roots, check_output, copy_tree
-from compress_export.io.writer import CheckpointWriter
+from compress_export.io.writer import CheckpointWriter, commit, new_partial
 
 
 def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = False) -> Path:
@@ -64,7 +64,6 @@ def convert_gguf(src, out_dir: Optional[str] = None, overwrite: bool = False, em
     assembled privately and renamed into place only when the file is complete."""
     import os
     import shutil
-    import tempfile
 
     from compress_export.formats.gguf import block_type
     from compress_export.io.gguf_file import check_architecture, write_gguf
@@ -86,17 +85,10 @@ def convert_gguf(src, out_dir: Optional[str] = None, overwrite: bool = False, em
             "convert an export made without --lowrank-rank"
         )
     cfg, qweights, rest = read_export(info)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    rest = {k: v for k, v in rest.items() if k not in info.ignored}  # an old rotary_emb.inv_freq: no GGUF tensor
+    tmp = new_partial(out)
     try:
-        card = src / "README.md"  # the source's card (ours: the part after our own) is kept under the new one
-        if card.is_file():
-            from compress_export.io.model_card import MAX_SOURCE_CARD, source_card_of
-            from compress_export.io.safety import open_regular
-
-            with open_regular(card) as f:
-                text = f.read(MAX_SOURCE_CARD).decode("utf-8", errors="replace")
-            (tmp / "README.md").write_text(source_card_of(text), encoding="utf-8")
+        _copy_source_card(src, tmp)
         part = tmp / "model.gguf.part"
         res = write_gguf(part, cfg, qweights, rest, src, embeddings)
         os.rename(part, tmp / f"model-{res['type']}.gguf")
@@ -104,13 +96,7 @@ def convert_gguf(src, out_dir: Optional[str] = None, overwrite: bool = False, em
         qc["compress_export"] = dict(qc.get("compress_export") or {}, converted_from=qc.get("quant_method"))
         write_card(tmp, dict(cfg, quantization_config=qc), out.name, gguf=f"{res['type']} in model-{res['type']}.gguf")
         write_mark(tmp / GGUF_MARK, f"{res['type']}\n")
-        if os.path.lexists(out):  # check_output allowed it (--overwrite, our own output)
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,3 +105,18 @@ def convert_gguf(src, out_dir: Optional[str] = None, overwrite: bool = False, em
 
         logging.getLogger("compress_export").warning("%s: %s", out, w)
     return out
+
+
+def _copy_source_card(src: Path, tmp: Path) -> None:
+    """The source's card (ours: the part after our own) as README.md in `tmp`, where write_card keeps it under the
+    new card. Through the export's own checks: a hub-cache snapshot's link is followed inside its cache only."""
+    from compress_export.io.model_card import MAX_SOURCE_CARD
+    from compress_export.io.safety import check_entry, open_regular
+
+    card = src / "README.md"
+    if not card.is_file():
+        return
+    check_entry(card, allowed_roots(src), src)
+    with open_regular(card.resolve()) as f:
+        text = f.read(MAX_SOURCE_CARD).decode("utf-8", errors="replace")
+    (tmp / "README.md").write_text(text, encoding="utf-8")
