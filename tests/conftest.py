@@ -44,13 +44,14 @@ def make_tiny_llama(
     heads=4,
     max_pos=512,
     tokenizer=None,
+    vocab=None,
 ) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     tok = tokenizer or _tiny_tokenizer()  # another tokenizer: the vocabulary is its size
     cfg = LlamaConfig(
-        vocab_size=len(tok) if tokenizer is not None else 64,
+        vocab_size=vocab or (len(tok) if tokenizer is not None else 64),  # vocab: padded past the tokenizer
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,

@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import TINY_TEXT, make_tiny_llama
 from test_cli import assert_one_line_error, cli
+from transformers import AutoTokenizer
 
 from compress_export.core.result import QuantizedWeight
 from compress_export.core.scheme import Scheme
@@ -105,12 +106,13 @@ def bpe_family(tmp_path_factory):
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     root, made = tmp_path_factory.mktemp("gguf"), {}
 
-    def get(family: str = "llama") -> Path:
-        if family not in made:
-            made[family] = make_tiny_llama(
-                root / f"bpe-{family}", tie=False, max_pos=256, tokenizer=hf_tok, model_type=family
+    def get(family: str = "llama", vocab=None) -> Path:
+        key = f"{family}-{vocab}"
+        if key not in made:
+            made[key] = make_tiny_llama(
+                root / f"bpe-{key}", tie=False, max_pos=256, tokenizer=hf_tok, model_type=family, vocab=vocab
             )
-        return made[family]
+        return made[key]
 
     return get
 
@@ -275,3 +277,29 @@ def test_format_gguf_runs_the_pass_and_writes_one_file(bpe_llama, tiny_model, ti
     rc, so, err = cli("--format", "gguf", "--method", "rtn", tiny_model, "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "byte-level BPE")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+
+
+def test_a_padded_vocabulary_gets_one_token_per_embedding_row(bpe_family, tmp_path):
+    """vocab_size past the tokenizer's tokens (as Qwen2's 151936 over 151665): llama.cpp wants a token per row."""
+    src = bpe_family("llama", vocab=352)
+    exp, out = tmp_path / "exp", tmp_path / "g"
+    assert cli("--method", "rtn", "--group-size", "32", src, "-o", exp, "-q")[0] == 0
+    assert cli("convert", exp, "--format", "gguf", "-o", out)[0] == 0
+    reader = gguf.GGUFReader(str(gguf_file(out)))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == 352
+    model, tok = transformers_reads(out)
+    assert model.get_input_embeddings().weight.shape[0] == 352
+    assert (
+        tok("the quick brown fox").input_ids == AutoTokenizer.from_pretrained(str(src))("the quick brown fox").input_ids
+    )
+
+
+def test_format_gguf_under_torchrun_is_refused_before_any_work(bpe_llama, tmp_path, monkeypatch):
+    from compress_export import CompressionConfig, compress
+    from compress_export.core.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="convert OUT --format gguf"):
+        compress(str(bpe_llama), str(tmp_path / "g"), CompressionConfig(method="rtn", format="gguf"))
+    assert list(tmp_path.iterdir()) == []

@@ -77,6 +77,8 @@ def test_lm_eval_vllm_on_the_cpu_wheel_says_why_in_one_line(tiny_export):
         pytest.skip("lm-eval's vLLM backend can run here (the `vllm` wheel)")
     rc, so, err = cli("lm-eval", "--model", "vllm", "--model_args", f"pretrained={tiny_export}", "--tasks", "x")
     assert_one_line_error(rc, err, "--model vllm")
+    rc, so, err = cli("lm-eval", "--model=vllm", f"--model_args=pretrained={tiny_export}", "--tasks", "x")
+    assert_one_line_error(rc, err, "vllm")
 
 
 @pytest.mark.slow

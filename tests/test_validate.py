@@ -532,10 +532,15 @@ def test_validate_smollm2_w4(smollm2, smollm2_w4, eval_txt, tmp_path):
         eval_txt,
         "--report-dir",
         tmp_path / "report",
+        "--card",
     )
     assert rc == 0, stdout + err[-5000:]
     r = json.loads((tmp_path / "report" / "report.json").read_text())
     e = r["runs"]["export"]
+    card = (smollm2_w4 / "README.md").read_text()  # --card: the headline figures recorded in the export's card
+    ppl_row = next(ln for ln in card.splitlines() if ln.startswith("| vLLM token perplexity |"))
+    assert f"| {e['offline']['perplexity']['token_perplexity']:.3f} |" in ppl_row
+    assert "| validate verdict |" in card and "Worth serving" in card
     assert "Paris" in e["serve"]["smoke"]["completions"] and e["serve"]["smoke"]["chat_completions"].strip()
     assert e["serve"]["bench"]["completed"] == 4 and e["serve"]["bench"]["failed"] == 0
     # the quick load sweep: 2 mixes × 1, 2 in flight, each point 2 × its concurrency requests (at least 2), every

@@ -88,6 +88,11 @@ def _parser(d) -> tuple:
     p.add_argument("--no-serve", action="store_true", help="skip vllm serve (offline figures only)")
     p.add_argument("--quick", action="store_true", help="small N everywhere (a smoke run in a few minutes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument(
+        "--card",
+        action="store_true",
+        help="also record vLLM's perplexity, batch-1 decode speed and the verdict in the export's model card",
+    )
     p.add_argument("--json", action="store_true", help="print report.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     return p, fields
@@ -126,13 +131,41 @@ def cmd_validate(argv) -> int:
         dtype="" if a.dtype == "auto" else a.dtype,
         **given,
     )
+    if a.card:  # before the minutes of measuring: a card goes only into our own exports
+        from compress_export.io.model_card import check_card_target
+
+        check_card_target(a.dir)
     r = validate(a.dir, a.baseline, a.report_dir, a.text, opts, overwrite=a.overwrite, progress=not a.quiet)
+    if a.card and "error" not in r["runs"]["export"]["offline"]:
+        _record(a.dir, r)
     if a.json:
         print(json.dumps(r, indent=2))
     else:
         print("\n".join(r["verdict"]))
         print(f"report: {r['report_dir']}/report.md")
     return 0 if "error" not in r["runs"]["export"]["offline"] else 1
+
+
+def _record(export: str, r: dict) -> None:
+    """validate's headline figures as rows of the export's model card (each replaces its own earlier row)."""
+    import statistics
+    from pathlib import Path
+
+    from compress_export.io.model_card import record_figure
+
+    off = r["runs"]["export"]["offline"]
+    how = f"compress-export validate ({off.get('dtype', '?')}; report {Path(r['report_dir']).name})"
+    text = Path(r["text"]).name
+    ppl = (off.get("perplexity") or {}).get("token_perplexity")
+    if ppl is not None:
+        record_figure(Path(export), {"what": "vLLM token perplexity", "text": text, "value": f"{ppl:.3f}", "how": how})
+    lat = [x.get("decode_tok_s") or 0 for x in off.get("latency") or []]
+    if lat:
+        value = f"{statistics.median(lat):.2f}"
+        record_figure(Path(export), {"what": "vLLM decode tokens/s, batch 1", "text": "-", "value": value, "how": how})
+    verdict = [v for v in r.get("verdict", []) if v.startswith("Worth serving")]
+    if verdict:
+        record_figure(Path(export), {"what": "validate verdict", "text": text, "value": verdict[-1], "how": how})
 
 
 def _mix(a, name: str, inp: int, out: int) -> tuple:
