@@ -18,6 +18,7 @@ import sys
 from typing import List, Optional
 
 from compress_export.core import settings
+from compress_export.core.errors import UserError
 from compress_export.core.hardware import fast_dtype, has_cuda
 
 
@@ -160,10 +161,12 @@ def _config_file(user_args: List[str]) -> dict:
         return {}
     import yaml
 
+    from compress_export.io.safety import open_regular, regular_file
+
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
+        with open_regular(regular_file(path, "--config")) as f:  # never a FIFO that blocks the launch
+            data = yaml.safe_load(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, UserError, yaml.YAMLError):
         return {}  # vLLM reports its own file's problems
     return data if isinstance(data, dict) else {}
 

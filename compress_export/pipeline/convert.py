@@ -108,15 +108,11 @@ def convert_gguf(src, out_dir: Optional[str] = None, overwrite: bool = False, em
 
 
 def _copy_source_card(src: Path, tmp: Path) -> None:
-    """The source's card (ours: the part after our own) as README.md in `tmp`, where write_card keeps it under the
-    new card. Through the export's own checks: a hub-cache snapshot's link is followed inside its cache only."""
-    from compress_export.io.model_card import MAX_SOURCE_CARD
-    from compress_export.io.safety import check_entry, open_regular
+    """The source's card as README.md in `tmp`, where write_card keeps its source part under the new card: copied
+    by content through the safe-path boundary (a hub-cache snapshot's link is followed inside its cache only)."""
+    from compress_export.io.safety import check_entry, copy_file
 
     card = src / "README.md"
-    if not card.is_file():
-        return
-    check_entry(card, allowed_roots(src), src)
-    with open_regular(card.resolve()) as f:
-        text = f.read(MAX_SOURCE_CARD).decode("utf-8", errors="replace")
-    (tmp / "README.md").write_text(text, encoding="utf-8")
+    if card.is_file():
+        check_entry(card, allowed_roots(src), src)
+        copy_file(card, tmp / "README.md")
