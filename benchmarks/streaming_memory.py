@@ -3,6 +3,7 @@
     python benchmarks/streaming_memory.py                 # hidden 2048, 12 and 48 layers, RTN and GPTQ
     python benchmarks/streaming_memory.py --llama3-8b     # Llama-3-8B shapes, bf16, RTN W4 g128 (needs ~25 GB disk)
     python benchmarks/streaming_memory.py --methods gptq-kd   # GPTQ + --recover kd (2 steps a layer: memory only)
+    python benchmarks/streaming_memory.py --experts 32 --hidden 1024 --inter 512 --depths 4 16   # Qwen3-MoE shapes
 
 Random-weight Llamas are written shard by shard in bf16 (one decoder layer in memory at a time, so building
 them needs little memory either), exported by `compress-export` in a fresh process each, and deleted afterwards.
@@ -27,9 +28,11 @@ LLAMA3_8B = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, voca
 
 
 def build_random_llama(
-    path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, tie: bool
+    path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, tie: bool, experts=0
 ) -> Path:
-    """A Llama checkpoint of random bf16 weights (std 0.02, norms 1), one shard per decoder layer plus an index."""
+    """A Llama checkpoint of random bf16 weights (std 0.02, norms 1), one shard per decoder layer plus an index.
+    experts > 0: a Qwen3-MoE one instead, each MLP `experts` experts of width `inter`, top-2 routing, stored per
+    expert as Qwen3-MoE checkpoints are (`mlp.experts.E.gate_proj.weight`, router `mlp.gate.weight`)."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
@@ -52,6 +55,17 @@ def build_random_llama(
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+    if experts:
+        cfg.update(
+            architectures=["Qwen3MoeForCausalLM"],
+            model_type="qwen3_moe",
+            head_dim=head_dim,
+            num_experts=experts,
+            num_experts_per_tok=2,
+            moe_intermediate_size=inter,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(0)
 
@@ -77,9 +91,16 @@ def build_random_llama(
                 p + "self_attn.k_proj.weight": rnd(kv_heads * head_dim, hidden),
                 p + "self_attn.v_proj.weight": rnd(kv_heads * head_dim, hidden),
                 p + "self_attn.o_proj.weight": rnd(hidden, heads * head_dim),
-                p + "mlp.gate_proj.weight": rnd(inter, hidden),
-                p + "mlp.up_proj.weight": rnd(inter, hidden),
-                p + "mlp.down_proj.weight": rnd(hidden, inter),
+                **(_moe(p, rnd, hidden, inter, experts, head_dim) if experts else {}),
+                **(
+                    {}
+                    if experts
+                    else {
+                        p + "mlp.gate_proj.weight": rnd(inter, hidden),
+                        p + "mlp.up_proj.weight": rnd(inter, hidden),
+                        p + "mlp.down_proj.weight": rnd(hidden, inter),
+                    }
+                ),
             }
         )
     if not tie:
@@ -87,6 +108,25 @@ def build_random_llama(
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     _tokenizer(path)
     return path
+
+
+def _moe(p: str, rnd, hidden: int, inter: int, experts: int, head_dim: int) -> dict:
+    """One Qwen3-MoE layer's tensors besides the Llama attention's: q/k norms, the router, every expert."""
+    out = {
+        p + "self_attn.q_norm.weight": torch.ones(head_dim).bfloat16(),
+        p + "self_attn.k_norm.weight": torch.ones(head_dim).bfloat16(),
+        p + "mlp.gate.weight": rnd(experts, hidden),
+    }
+    for e in range(experts):
+        q = f"{p}mlp.experts.{e}."
+        out.update(
+            {
+                q + "gate_proj.weight": rnd(inter, hidden),
+                q + "up_proj.weight": rnd(inter, hidden),
+                q + "down_proj.weight": rnd(hidden, inter),
+            }
+        )
+    return out
 
 
 def _tokenizer(path: Path) -> None:
@@ -123,7 +163,15 @@ def depth_sweep(a) -> None:
         for depth in a.depths:
             t = time.time()
             m = build_random_llama(
-                Path(tmp) / f"llama-{depth}", a.hidden, a.inter, depth, a.heads, a.kv_heads, a.vocab, tie=False
+                Path(tmp) / f"llama-{depth}",
+                a.hidden,
+                a.inter,
+                depth,
+                a.heads,
+                a.kv_heads,
+                a.vocab,
+                tie=False,
+                experts=a.experts,
             )
             size = sum(f.stat().st_size for f in m.glob("*.safetensors")) / 1e6
             print(f"built {depth} layers ({size:.0f} MB bf16) in {time.time() - t:.0f} s", file=sys.stderr)
@@ -132,7 +180,8 @@ def depth_sweep(a) -> None:
                 rows.append({"layers": depth, "method": name, "model_mb": round(size), **r})
                 print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(m)
-    print(f"\nhidden {a.hidden}, MLP {a.inter}, vocab {a.vocab}; calibration {a.samples}×{a.seq_len} tokens")
+    moe = f" × {a.experts} experts (Qwen3-MoE, top-2)" if a.experts else ""
+    print(f"\nhidden {a.hidden}, MLP {a.inter}{moe}, vocab {a.vocab}; calibration {a.samples}×{a.seq_len} tokens")
     print(f"{'layers':>6} {'method':>6} {'model MB':>9} {'peak RSS MB':>12} {'seconds':>8}")
     for r in rows:
         print(f"{r['layers']:>6} {r['method']:>6} {r['model_mb']:>9} {r['peak_rss_mb']:>12} {r['seconds']:>8}")
@@ -164,6 +213,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=49152)  # the example tokenizer's size
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq", "gptq-kd"])
+    p.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE model with this many experts a layer")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--llama3-8b", action="store_true", help="the 8B-shaped export instead of the depth sweep")

@@ -142,6 +142,17 @@ def state_dict_as_stored(model, stored: dict) -> dict:
     return out
 
 
+def _patterns(transform) -> list:
+    p = getattr(transform, "source_patterns", ())
+    return [p] if isinstance(p, str) else list(p)
+
+
+def _merges_experts(pattern: str) -> bool:
+    """A transformers conversion that reads every expert's tensor (`mlp.experts.*.gate_proj.weight`) to merge them
+    into a fused parameter: wrong for a model whose experts stayed per-expert linears."""
+    return "experts.*." in pattern
+
+
 def _make_classes():
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -162,13 +173,17 @@ def _make_classes():
         requires_calibration = True
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+            from compress_export.core.moe import unfuse_experts
             from compress_export.formats.base import format_for_config
 
+            # MoE experts as the per-expert linears the export stores (core/moe.py); update_weight_conversions then
+            # drops transformers' merge of those tensors into its fused 3-D parameters
+            headers = safetensors_headers(checkpoint_files)
+            self._unfused = unfuse_experts(model, headers) > 0
             qcfg = raw_quantization_config(checkpoint_files) or self.quantization_config.to_dict()
             self.quantization_config = CompressExportHfConfig(**qcfg)  # saved back as it was read
             self._fmt, self._qcfg = format_for_config(qcfg), qcfg
             primary = self._fmt.primary_tensor(qcfg)
-            headers = safetensors_headers(checkpoint_files)
             from compress_export.io.lowrank import ADAPTER_DIR
 
             folders = {Path(f).parent / ADAPTER_DIR for f in checkpoint_files or ()}
@@ -221,6 +236,11 @@ def _make_classes():
                 from compress_export.io.lowrank import apply_adapter
 
                 apply_adapter(model, self._adapter)
+
+        def update_weight_conversions(self, weight_conversions):
+            if not getattr(self, "_unfused", False):
+                return weight_conversions
+            return [t for t in weight_conversions if not any(_merges_experts(p) for p in _patterns(t))]
 
         def get_state_dict_and_metadata(self, model):
             return state_dict_as_stored(model, getattr(self, "_stored", {})), {}

@@ -44,6 +44,8 @@ NAMES: Dict[str, Name] = {
     "LinearBase": Name(_L, "LinearBase"),
     "LinearMethodBase": Name(_L, "LinearMethodBase"),
     "UnquantizedLinearMethod": Name(_L, "UnquantizedLinearMethod"),
+    "RoutedExperts": Name("vllm.model_executor.layers.fused_moe", "RoutedExperts", why="MoE layers (vllm_moe.py)"),
+    "FusedMoEMethodBase": Name("vllm.model_executor.layers.fused_moe", "FusedMoEMethodBase", why="our MoE method"),
     "BasevLLMParameter": Name(_P, "BasevLLMParameter"),
     "ChannelQuantScaleParameter": Name(_P, "ChannelQuantScaleParameter"),
     "GroupQuantScaleParameter": Name(_P, "GroupQuantScaleParameter"),

@@ -29,6 +29,7 @@ from compress_export.integrations.vllm_api import (
     QuantizationConfig,
     RowvLLMParameter,
     UnquantizedLinearMethod,
+    VllmApiError,
 )
 from compress_export.integrations.vllm_api import get as vllm_name
 from compress_export.integrations.vllm_route import METHOD_NAME, Route, decide, log
@@ -122,7 +123,19 @@ class CompressExportConfig(QuantizationConfig):
             if not self.is_quantized(prefix):
                 return UnquantizedLinearMethod()
             return CompressExportLinearMethod(self, prefix)
+        if _is_moe_layer(layer) and self.is_quantized(prefix):
+            from compress_export.integrations.vllm_moe import make_moe_method
+
+            return make_moe_method(self, layer.moe_config, prefix)
         return None
+
+
+def _is_moe_layer(layer) -> bool:
+    """vLLM's MoE layer class (a vLLM without it has no MoE layer to ask about: a dense model still loads)."""
+    try:
+        return isinstance(layer, vllm_name("RoutedExperts"))
+    except VllmApiError:
+        return False
 
 
 _checked_folders: set = set()  # export folders this process has validated (vLLM may ask more than once)

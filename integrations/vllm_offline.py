@@ -45,7 +45,10 @@ def _memory(model) -> dict:
         w = mod.__dict__.get("_parameters", {}).get("weight")
         if w is not None and w.numel() == 0 and hasattr(mod, "cpu_linear"):
             # vLLM's CPU GEMM moved this dense weight into a oneDNN/packed handle the tensors above cannot see
-            hidden += mod.input_size_per_partition * mod.output_size_per_partition * w.element_size()
+            # (a MoE router, GateLinear, names its sizes in_features/out_features)
+            ins = getattr(mod, "input_size_per_partition", None) or getattr(mod, "in_features", 0)
+            outs = getattr(mod, "output_size_per_partition", None) or getattr(mod, "out_features", 0)
+            hidden += ins * outs * w.element_size()
     out = {"weight_bytes": int(n + hidden), "weight_bytes_in_cpu_gemm_handles": int(hidden)}
     if torch.cuda.is_available():
         out["gpu_peak_bytes"] = int(torch.cuda.max_memory_reserved())

@@ -52,9 +52,15 @@ def layer_shapes(hf_config) -> list:
     heads, kv = get("num_attention_heads") or 1, get("num_key_value_heads") or get("num_attention_heads") or 1
     head_dim = get("head_dim") or h // heads
     shapes = [(h, h), (h, kv * head_dim), (heads * head_dim, h)]
-    if inter:
-        shapes += [(h, inter), (inter, h)]
+    for width in (inter, get("moe_intermediate_size"), get("shared_expert_intermediate_size")):  # MoE: experts
+        if width:
+            shapes += [(h, width), (width, h)]
     return sorted(set(shapes))
+
+
+def has_experts(hf_config) -> bool:
+    get = (lambda k: hf_config.get(k)) if isinstance(hf_config, dict) else (lambda k: getattr(hf_config, k, None))
+    return hf_config is not None and bool(get("num_experts") or get("num_local_experts"))
 
 
 def engine_dtype(hf_config=None) -> torch.dtype:
@@ -249,6 +255,10 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
     theirs, why = vllm_native(qcfg, act_dtype, hf_config)
     if device == "cpu" and ours == "cpu-wna16":
         return Route(True, f"our compiled CPU kernel runs it ({why})", ours, theirs)
+    if device == "cpu" and ours and has_experts(hf_config):
+        # vLLM's CPU 4-bit MoE kernel needs AMX, bf16 and a group size other than 32, and died with SIGILL where
+        # it ran (README, "Mixture-of-experts models"): our MoE method runs the experts
+        return Route(True, f"a MoE model: our MoE method runs its experts with {ours} ({why})", ours, theirs)
     if theirs:
         return Route(False, why, ours, theirs)
     return Route(True, f"{why}; ours runs it with {ours}", ours, None)

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 from conftest import _tiny_tokenizer
-from test_streaming import assert_same_export
+from test_streaming import assert_same_export, tensors
 
+from compress_export.core.moe import EXPERT_NAMES
 from compress_export.core.scheme import Scheme
 from compress_export.core.structure import FAMILIES
 from compress_export.io.loading import load_model
@@ -70,6 +71,10 @@ def test_family_end_to_end(model_type, tmp_path, tiny_text):
         assert ("fused MoE" in "\n".join(s.lines())) == bool(fused)
         qc = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
         assert {n.rpartition(".")[0] for n in fused} <= set(qc["modules_not_quantized"])  # and listed as dense
+        if model_type in EXPERT_NAMES:  # unfused (core/moe.py): every expert's linears packed, none fused
+            assert not fused and f"model.layers.1.mlp.experts.3.{EXPERT_NAMES[model_type][2]}.qweight" in tensors(
+                tmp_path / name
+            )
         model, _ = load_model(tmp_path / name)
         with torch.no_grad():
             got = model(input_ids=ids).logits

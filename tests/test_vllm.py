@@ -118,7 +118,6 @@ def test_tiny_exports_in_vllm_match_our_loader(fmt, method, scheme, tiny_text, t
     agreement, is the meaningful check here)."""
     from conftest import make_tiny_llama
 
-    from compress_export.integrations.conformance import compare_top1
     from compress_export.pipeline.compress import compress
 
     model_dir = make_tiny_llama(tmp_path / "tiny", hidden=128, inter=256, heads=2, kv_heads=1, max_pos=2048)
@@ -136,14 +135,23 @@ def test_tiny_exports_in_vllm_match_our_loader(fmt, method, scheme, tiny_text, t
         progress=False,
         sparsity="2:4" if fmt == "sparse24" else None,
     )
+    vllm_matches_our_loader(out, tmp_path, tiny_text)
+
+
+def vllm_matches_our_loader(out, tmp_path, text) -> dict:
+    """vLLM through our plugin, float32, on the first 96 tokens of `text`: its log-probabilities of its top-1
+    tokens equal our loader's within 1e-3. Returns vLLM's result."""
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
+    from compress_export.integrations.conformance import compare_top1
+
+    ids = AutoTokenizer.from_pretrained(str(out))(text.read_text())["input_ids"][:96]
     res = vllm_check(out, tmp_path, ids, args=FP32)
     assert res["quantization"] == "compress_export", res
     conf = compare_top1(out, ids, res)
-    print(fmt, conf)
+    print(out.name, conf, res.get("kernels"))
     assert conf["max_abs_dlogprob"] < 1e-3, conf
+    return res
 
 
 def _tiny_vllm_model(tmp_path):

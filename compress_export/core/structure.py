@@ -57,6 +57,7 @@ class ScaleMapping:
     balance: Tuple[str, ...]
     when_shapes_match: bool = False
     inspect: Optional[str] = None
+    optional: bool = False  # skipped in a layer lacking its modules (a MoE model's dense layers, or its MoE ones)
 
 
 _LLAMA_AWQ = (
@@ -67,7 +68,27 @@ _LLAMA_AWQ = (
 )
 # model_type → mappings. Only families whose norms scale as y = w·x̂ (so 1/s folds into w) and whose layer
 # structure matches are listed; Gemma's (1 + w) norms and Phi-3's fused projections need their own entries.
-AWQ_MAPPINGS = {"llama": _LLAMA_AWQ, "mistral": _LLAMA_AWQ, "qwen2": _LLAMA_AWQ, "qwen3": _LLAMA_AWQ}
+# MoE (experts unfused into linears by core/moe.py; "{e}" expands to each expert of the layer): an expert's up_proj
+# output feeds only its own down_proj, so that pair is balanced expert by expert, on the tokens routed to it. The
+# post-attention norm is not: it feeds the router and every expert, each on its own subset of tokens, and a scale
+# folded into it would change the routing unless the router absorbed it too.
+# Dense layers of a MoE model (`mlp_only_layers`, `decoder_sparse_step`) get the Llama MLP's mappings.
+_MOE_AWQ = (
+    *_LLAMA_AWQ[:2],
+    ScaleMapping("mlp.experts.{e}.up_proj", ("mlp.experts.{e}.down_proj",)),
+    *(ScaleMapping(m.smooth, m.balance, inspect=m.inspect, optional=True) for m in _LLAMA_AWQ[2:]),
+)
+AWQ_MAPPINGS = {
+    "llama": _LLAMA_AWQ,
+    "mistral": _LLAMA_AWQ,
+    "qwen2": _LLAMA_AWQ,
+    "qwen3": _LLAMA_AWQ,
+    "qwen3_moe": _MOE_AWQ,
+    "qwen2_moe": (
+        *_MOE_AWQ,
+        ScaleMapping("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), optional=True),
+    ),
+}
 # SmoothQuant: only the norms feeding q/k/v and gate/up absorb scales, as in the paper and llm-compressor's default
 # mappings (a norm's per-channel weight takes 1/s for free; v→o and up→down, which AWQ also balances, are left).
 _LLAMA_SMOOTH = (

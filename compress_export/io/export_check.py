@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress_export.core.errors import UserError
+from compress_export.core.moe import unfuse_experts
 from compress_export.io import model_io, safety
 from compress_export.io.model_io import _st_clean as _clean
 from compress_export.io.source import FLOAT_TAGS
@@ -138,6 +139,7 @@ def _skeleton(p: Path, cfg: dict, index: dict, lenient: bool):
         with init_empty_weights(include_buffers=True):  # buffers too: hostile sizes must not allocate
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.tie_weights()  # as from_pretrained does: a tied head is the embedding, stored once
+        unfuse_experts(model, index)  # MoE experts as the export stores them (core/moe.py)
     except Exception as e:  # noqa: BLE001  (a hostile config.json can make transformers raise anything)
         if lenient:
             return None

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from compress_export.core.errors import UserError
+from compress_export.core.moe import unfuse_experts
 from compress_export.io import model_io
 from compress_export.io.export_check import check_export
 from compress_export.io.lowrank import ADAPTER_DIR, apply_adapter
@@ -80,6 +81,7 @@ def load_model(path, dtype=torch.float32, mode: str = "dequant", trust_remote_co
         )
         # Built on the CPU (not meta) so non-persistent buffers such as rotary frequencies are real.
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        unfuse_experts(model, model_io.tensor_index(p))  # experts as the export stores them (core/moe.py)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(
             f"{p}/config.json does not describe a model transformers can build "

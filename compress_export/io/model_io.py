@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from compress_export.core.errors import UserError
+from compress_export.core.moe import unfuse_experts
 from compress_export.io import safety
 
 PICKLE_SUFFIXES = safety.PICKLE_SUFFIXES
@@ -353,6 +354,7 @@ def load_source_model(path, dtype=torch.float32, trust_remote_code: bool = False
             f"{p}: the checkpoint lacks {len(bad)} weight(s) the model needs (e.g. {', '.join(bad[:3])}); "
             "transformers would fill them with random numbers: download the checkpoint again"
         )
+    unfuse_experts(model, tensor_index(p))  # per-expert linears (core/moe.py): what passes compress, engines read
     model.eval()
     return model, load_tokenizer(p, trust_remote_code)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from compress_export.core.errors import UserError
+from compress_export.core.moe import unfuse_experts
 from compress_export.io import model_io, safety
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def build_skeleton(src: Path, trust_remote_code: bool = False) -> nn.Module:
             f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
         ) from None
     model.tie_weights()  # from_pretrained ties after loading; the skeleton must share the same tensors
+    unfuse_experts(model, model_io.tensor_index(src))  # per-expert linears, as the checkpoint stores them
     return model.eval()
 
 

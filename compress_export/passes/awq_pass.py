@@ -14,7 +14,7 @@ import re
 import torch
 
 from compress_export.core.errors import UserError
-from compress_export.core.structure import AWQ_MAPPINGS, AWQ_NO_CLIP
+from compress_export.core.structure import AWQ_MAPPINGS, AWQ_NO_CLIP, ScaleMapping
 from compress_export.math.hessian import HessianAccumulator
 from compress_export.math.quant import group_params, quantize_with_params, weighted_group_params
 from compress_export.math.scaling import fold_scale, search_scale
@@ -66,6 +66,7 @@ class AWQPass(Pass):
                 f"{', '.join(sorted(AWQ_MAPPINGS))} (use --method gptq or rtn for others)"
             )
         self.mappings = AWQ_MAPPINGS[model_type]
+        self.mappings_named = {m.smooth for m in self.mappings}  # the per-expert ones are templates ("{e}")
 
     def make_stats(self, in_features):
         return AWQStats(in_features)
@@ -89,7 +90,11 @@ class AWQPass(Pass):
     def prepare_layer(self, layer, members, stats, where: str, sum_over_ranks=None) -> None:
         group_of = {n: gi for gi, names in enumerate(members) for n in names}
         mods = dict(layer.named_modules())
-        for m in self.mappings:
+        for m in _per_expert(self.mappings, mods):
+            if m.smooth not in self.mappings_named and not any(b in group_of for b in m.balance):
+                continue  # an expert no calibration token reached: compressed without data (Pass.for_unseen)
+            if m.optional and any(n not in mods for n in (m.smooth, *m.balance)):
+                continue
             smooth, bal = _mapping_modules(m, mods, where)
             if smooth is None:
                 continue
@@ -134,6 +139,19 @@ class AWQPass(Pass):
         matches each member's local name."""
         keep = [self.no_clip is None or not re.search(self.no_clip, m) for m in group.names]
         return torch.cat([torch.full((n,), k) for n, k in zip(rows, keep)])
+
+
+def _per_expert(mappings, mods: dict):
+    """The layer's mappings with each per-expert template ("mlp.experts.{e}.up_proj") expanded to every expert
+    the layer holds, in expert order."""
+    for m in mappings:
+        if "{e}" not in m.smooth:
+            yield m
+            continue
+        e = 0
+        while m.smooth.format(e=e) in mods:
+            yield ScaleMapping(m.smooth.format(e=e), tuple(b.format(e=e) for b in m.balance), m.when_shapes_match)
+            e += 1
 
 
 def _first(out):

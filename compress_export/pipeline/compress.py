@@ -59,6 +59,7 @@ class Summary:
     timings: dict = field(default_factory=dict)
     sparsity: str = ""
     kept_dense: list = field(default_factory=list)  # targeted linears calibration never reached, written as-is
+    unrouted: list = field(default_factory=list)  # MoE expert linears no calibration token reached (round-to-nearest)
     fused_dense: list = field(default_factory=list)  # fused expert tensors (not nn.Linear), written as-is
     streamed: bool = False  # read one decoder layer at a time from the shards (else the whole model in memory)
     device: str = "cpu"
@@ -78,6 +79,16 @@ class Summary:
             f"  {self.method} → {self.format} {what}"
             + (f"; SmoothQuant α = {self.smoothquant}" if self.smoothquant is not None else ""),
             f"  {self.linears} linears in {self.decoder_layers} decoder layers; calibration: {self.calibration}",
+            *(
+                [
+                    f"  {len(self.unrouted)} MoE expert linear(s) got no calibration tokens and were compressed "
+                    f"without data ({'magnitude pruning' if self.sparsity else 'round to nearest'}) at the same "
+                    "scheme: "
+                    f"{', '.join(self.unrouted[:4])}{' ...' if len(self.unrouted) > 4 else ''}"
+                ]
+                if self.unrouted
+                else []
+            ),
             *(
                 [f"  kept unquantized (never reached by calibration): {', '.join(self.kept_dense)}"]
                 if self.kept_dense
@@ -185,6 +196,7 @@ def compress(
         if source.model is not skeleton:  # loaded whole: the same structure, other module objects
             layout = describe(source.model, str(src))
         timings = {"load": time.time() - t0}
+        unrouted: list = []
         ids, calib_desc = _calibration(source, calib, progress and dist.main, timings, dist, trust_remote_code)
         ctx = RunContext(src=src, layout=layout, dist=dist, storage_dtype=model_io.source_dtype(src))
         writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
@@ -204,6 +216,7 @@ def compress(
                 dist,
                 plan.modifiers,
                 ctx,
+                unrouted,
             )
             kept_dense = sorted(
                 {layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin} - compressed
@@ -233,6 +246,7 @@ def compress(
         calibration=calib_desc,
         seconds=time.time() - t0,
         kept_dense=kept_dense,
+        unrouted=unrouted,
         fused_dense=layout.fused_dense,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         size_before_mb=dir_weight_bytes(src) / 1e6,
@@ -317,6 +331,16 @@ def _finish(
     for name, t in source.outer_tensors(layout.layers_path):
         writer.add(name, t.to(dtype) if t.is_floating_point() else t)
     ignore = [n for n, m in source.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in compressed]
+    # matrices in the layers that no nn.Linear holds (MoE routers, transformers' TopKRouter): engines build these as
+    # linear layers, so they are named as unquantized too, or vLLM would expect them packed
+    ignore += [
+        n
+        for n, m in source.model.named_modules()
+        if n.startswith(layout.layers_path + ".")
+        and not isinstance(m, torch.nn.Linear)
+        and isinstance(m._parameters.get("weight"), torch.Tensor)
+        and m._parameters["weight"].dim() == 2
+    ]
     # fused expert modules stay dense: named in ignore too, so engines that read it leave them unquantized
     ignore += sorted({n.rpartition(".")[0] for n in layout.fused_dense})
     extra = {"method": the_pass.name, "calibration": calib_desc, **asdict(the_pass.options)}
@@ -478,10 +502,12 @@ def _run_layers(
     dist=Dist(),
     modifiers=(),
     ctx=None,
+    unrouted: Optional[list] = None,
 ) -> set:
     """Each decoder layer in turn: read it, move it to `device`, let the modifiers prepare it (before_layer:
     SmoothQuant), compress its linears, write it, drop it. writer None: a distributed rank other than 0, which
-    computes its share and writes nothing."""
+    computes its share and writes nothing. unrouted: gets the full names of the MoE expert linears no calibration
+    token reached (compressed by the pass's data-free fallback)."""
     t = time.time()
     states, single = None, False
     if ids is not None:
@@ -512,6 +538,9 @@ def _run_layers(
             states = _single_pass(layer, layout.linears[i], states[0], the_pass, compress, dist)
         else:
             states = _two_pass(layer, layout, i, states, the_pass, compress, dist)
+        if the_pass.needs_calibration and states is not None:  # (the two-pass path did it before propagating)
+            compress.unseen()
+            (unrouted if unrouted is not None else []).extend(layout.full_name(i, n) for n in compress.unrouted)
         refined = [m.refine_layer(ctx, i, layer, compress.results) for m in modifiers]  # a list: every one runs
         if any(refined):  # the layer changed after calibration: propagate the states through what is written
             states = [(run_layer(layer, h, kw), kw) for h, kw in inputs]
@@ -526,6 +555,14 @@ def _run_layers(
         source.release_layer(layout, i)
         bar.update(i + 1, " ".join([f"({len(done)} linears)", *filter(None, (m.layer_note() for m in modifiers))]))
     timings["layers"] = time.time() - t0
+    if unrouted:
+        log.warning(
+            "%d MoE expert linear(s) got no calibration tokens and were compressed without data (%s) at the same "
+            "scheme, e.g. %s; more calibration samples route tokens to more experts",
+            len(unrouted),
+            the_pass.for_unseen().name,
+            unrouted[0],
+        )
     return done
 
 
@@ -571,4 +608,7 @@ def _two_pass(layer, layout, i, states, the_pass, compress, dist):
         sum_over_ranks=dist.sum_ if dist.active else None,
     )
     compress(list(zip(groups.members, groups.stats)))
+    # experts no token reached are compressed before the propagation forward, whose routing (after attention is
+    # compressed) may reach them: the next layer must see the outputs the exported model gives
+    compress.unseen()
     return [(run_layer(layer, h, kw), kw) for h, kw in states]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from compress_export.core.errors import UserError
+from compress_export.core.moe import expert_index
 from compress_export.core.result import QuantizedWeight, corrected, stored_as
 from compress_export.passes import LinearGroup
 
@@ -37,21 +38,33 @@ class LayerCompressor:
         self.modifiers, self.ctx, self.storage_dtype = tuple(modifiers), ctx, storage_dtype
         self.mods = dict(layout.linears[index])
         self.results: dict = {}  # local name → in-memory result, until flush()
+        self.unrouted: list = []  # local names of the MoE expert linears compressed without data (unseen())
 
     def name(self, local: str) -> str:
         return self.layout.full_name(self.i, local)
 
-    def __call__(self, groups) -> None:
-        """groups: [(local names, stats), ...], compressed on every rank at once (each by its owner)."""
+    def __call__(self, groups, the_pass=None) -> None:
+        """groups: [(local names, stats), ...], compressed on every rank at once (each by its owner), by `the_pass`
+        (default: the run's pass)."""
         dist = self.dist
         owners = [dist.owner(next(self.turns)) for _ in groups]
-        mine = [self.sweep(*g) if o == dist.rank else None for g, o in zip(groups, owners)]
+        mine = [self.sweep(*g, the_pass=the_pass) if o == dist.rank else None for g, o in zip(groups, owners)]
         for (names, _), results, o in zip(groups, mine, owners):
             self.apply(names, dist.broadcast_results(results, o))
 
-    def sweep(self, names, stats) -> list:
+    def unseen(self) -> list:
+        """Compress the MoE expert linears calibration never reached with the pass's data-free fallback
+        (Pass.for_unseen); returns their local names."""
+        names = [n for n in self.mods if n not in self.results and expert_index(n) >= 0]
+        if names:
+            self([([n], None) for n in names], the_pass=self.the_pass.for_unseen())
+        self.unrouted += names
+        return names
+
+    def sweep(self, names, stats, the_pass=None) -> list:
         weights = [self.mods[n].weight for n in names]
-        results = self.the_pass.compress_group(weights, stats, LinearGroup(self.name(""), tuple(names)))
+        the_pass = the_pass or self.the_pass
+        results = the_pass.compress_group(weights, stats, LinearGroup(self.name(""), tuple(names)))
         for n, r in zip(names, results):  # NaN statistics (overflowing activations) show up here first
             check_result_finite(r, self.name(n))
         for r in results:  # float values are stored in the source dtype: round them now, so the layer, later
