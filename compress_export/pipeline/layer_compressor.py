@@ -52,14 +52,13 @@ class LayerCompressor:
         for (names, _), results, o in zip(groups, mine, owners):
             self.apply(names, dist.broadcast_results(results, o))
 
-    def unseen(self) -> list:
+    def unseen(self) -> None:
         """Compress the MoE expert linears calibration never reached with the pass's data-free fallback
-        (Pass.for_unseen); returns their local names."""
+        (Pass.for_unseen), recording their local names in `unrouted`; a second call finds none left."""
         names = [n for n in self.mods if n not in self.results and expert_index(n) >= 0]
         if names:
             self([([n], None) for n in names], the_pass=self.the_pass.for_unseen())
         self.unrouted += names
-        return names
 
     def sweep(self, names, stats, the_pass=None) -> list:
         weights = [self.mods[n].weight for n in names]
