@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from calibration import GPTQ_W4G64
-from common import TEXT, cli, example_model
+from common import TEXT, cli, example_model, measure_rows
 
 from compress_export.io.calibration import builtin_text
 
@@ -47,6 +47,19 @@ def halves(text: str) -> tuple:
 
 def ppl(model: Path, text: Path) -> float:
     return round(cli("eval", model, "--text", text)["token_perplexity"], 3)
+
+
+def measure_on_two_domains(model: str, rows: list, out_json=None) -> list:
+    """measure_rows (eval.txt) with each row also scored on the built-in text's held-out half B (column ppl_B)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        part_b = Path(tmp) / "builtin_b.txt"
+        part_b.write_text(halves(builtin_text())[1], encoding="utf-8")
+
+        def on_b(target, rec):
+            rec["ppl_B"] = round(cli("eval", target, "--text", part_b)["token_perplexity"], 2)
+
+        cols = ["row", "token_ppl", "ppl_B", "seconds", "peak_rss_mb", "size_mb"]
+        return measure_rows(model, rows, out_json, after=on_b, cols=cols)
 
 
 def main():

@@ -10,26 +10,24 @@ domain adaptation to the calibration text; B is modern English the training neve
 Rows: bf16 (the model itself), the one-shot export, the same export with --recover kd. The dense control of the
 issue is the bf16 row by construction: recovery distils each compressed layer towards the original layer, and an
 uncompressed layer already equals it (its loss is 0 before the first step), so the same training leaves a dense
-model unchanged; any gain on B over the one-shot row is therefore recovery, not domain.
+model unchanged; any gain on B over the one-shot row is therefore recovery, not domain. Every row runs GPTQ /
+SparseGPT with the default asymmetric calibration (since 2026-12-07; benchmarks/asymmetric.py has the rows
+without it).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from calibration_domain import halves
-from common import TEXT, cli, example_model, measure_rows
-
-from compress_export.io.calibration import builtin_text
+from calibration_domain import measure_on_two_domains
+from common import TEXT, example_model
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="bf16,sparsegpt-2of4,sparsegpt-2of4+kd,gptq-w4g64,gptq-w4g64+kd")
     p.add_argument("--steps-24", type=int, default=100, help="--recover-steps for the 2:4 row")
-    p.add_argument("--steps-w4", type=int, default=50, help="--recover-steps for the W4 row")
+    p.add_argument("--steps-w4", type=int, default=50, help="--recover-steps for the W4 and W3 rows")
     p.add_argument("--model", help="model directory (default: the built-in SmolLM2 example)")
     p.add_argument("--out", help="also write the rows here as JSON")
     a = p.parse_args()
@@ -37,23 +35,16 @@ def main():
     data = ["--dataset", TEXT / "calib.txt", "--num-samples", 64, "--seq-len", 512]
     s24 = ["--method", "sparsegpt", "--sparsity", "2:4", *data]
     w4 = ["--format", "gptq", "--method", "gptq", "--bits", 4, "--group-size", 64, *data]
+    w3 = ["--format", "gptq", "--method", "gptq", "--bits", 3, "--group-size", 64, *data]
     specs = {
         "bf16": None,
         "sparsegpt-2of4": [*s24, "--recover", "none"],
         "sparsegpt-2of4+kd": [*s24, "--recover", "kd", "--recover-steps", a.steps_24],
         "gptq-w4g64": [*w4, "--recover", "none"],
         "gptq-w4g64+kd": [*w4, "--recover", "kd", "--recover-steps", a.steps_w4],
+        "gptq-w3g64+kd": [*w3, "--recover", "kd", "--recover-steps", a.steps_w4],
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        part_b = Path(tmp) / "builtin_b.txt"
-        part_b.write_text(halves(builtin_text())[1], encoding="utf-8")
-
-        def on_b(target, rec):
-            rec["ppl_B"] = round(cli("eval", target, "--text", part_b)["token_perplexity"], 2)
-
-        rows = [(r, specs[r]) for r in a.rows.split(",")]
-        cols = ["row", "token_ppl", "ppl_B", "seconds", "peak_rss_mb", "size_mb"]
-        measure_rows(model, rows, a.out, after=on_b, cols=cols)
+    measure_on_two_domains(model, [(r, specs[r]) for r in a.rows.split(",")], a.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 
 Random-weight Llamas are written shard by shard in bf16 (one decoder layer in memory at a time, so building
 them needs little memory either), exported by `compress-export` in a fresh process each, and deleted afterwards.
-Peak RSS is the exporting process's own (ru_maxrss, as the CLI's summary reports it).
+Peak RSS is the exporting process's own (VmHWM on Linux, as the CLI's summary reports it).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def _join(rank, world, port):
 
 
 def _stats_worker(rank, world, port, out_dir):
+    from compress_export.modifiers.asymmetric import _Cross
     from compress_export.passes.awq_pass import AWQStats
     from compress_export.passes.pruning import ColumnNorms
 
@@ -64,6 +65,10 @@ def _stats_worker(rank, world, port, out_dir):
         st.add(mine[100:])
         dist.merge_stats(st)
         merged[name] = st
+    cross = _Cross()  # asymmetric calibration's (x_fp - x_q)ᵀx_q, with x_q = x/2: merged by its modifier's hook
+    cross.add(mine[:100], mine[:100] / 2)
+    cross.add(mine[100:], mine[100:] / 2)
+    cross.all_reduce_(dist.sum_)
     src = 1 if world > 1 else 0
     sent = _results() if rank == src else None
     got = dist.broadcast_results(sent, src)
@@ -74,6 +79,7 @@ def _stats_worker(rank, world, port, out_dir):
                 "n": merged["awq"].n,
                 "absmean": merged["awq"].absmean,
                 "sq": merged["norms"].sq,
+                "cross": (cross.D, cross.n),
                 "got": [(type(r).__name__, vars(r)) for r in got],
             },
             Path(out_dir) / f"world{world}.pt",
@@ -118,6 +124,9 @@ def test_merged_statistics_equal_one_process_and_results_arrive_exactly(tmp_path
     torch.testing.assert_close(two["H"].double(), H, rtol=1e-5, atol=1e-5 * H.abs().max().item())
     torch.testing.assert_close(two["absmean"].double(), x.abs().mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(two["sq"], x.pow(2).sum(0), rtol=1e-6, atol=0)  # fp32 squares
+    D, n = two["cross"]
+    assert n == 301  # (x - x/2)ᵀ(x/2) = xᵀx/4, so 2/n of it is H/4
+    torch.testing.assert_close(D.double(), H / 4, rtol=1e-5, atol=1e-5 * H.abs().max().item())
     (qname, q), (sname, s) = two["got"]
     assert (qname, sname) == ("QuantizedWeight", "SparseWeight")
     want_q, want_s = _results()
@@ -140,6 +149,8 @@ def _export_worker(rank, world, port, model, out, settings, same_rows):
 
 CASES = {
     "gptq": dict(method="gptq", fmt="gptq", bits=4, group_size=32),
+    # the teacher stream runs on each rank's rows, the cross terms merge like the Hessians
+    "gptq-asymmetric": dict(method="gptq", fmt="gptq", bits=4, group_size=32, asymmetric=0.5),
     "gptq-act-two-pass": dict(method="gptq", fmt="gptq", bits=3, group_size=32, act_order="group", batch_size=2),
     # the block score's losses are each rank's own tokens, summed over the ranks; the linear score's come from
     # the merged Hessian

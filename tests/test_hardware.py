@@ -3,6 +3,8 @@
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +115,20 @@ def test_tensor_parallel_workers_get_their_own_cores(monkeypatch):
         ]
         == "0|0"
     )  # the user's own binding wins
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux's /proc")
+def test_peak_memory_is_the_processs_own_not_its_parents():
+    """A run's reported peak RSS is its own: a child started by a process that once held 400 MB more reports its
+    own small peak, while getrusage's ru_maxrss in the same child carries the parent's (so the check can fail)."""
+    big = bytearray(400 * 1024 * 1024)
+    big[::4096] = b"x" * len(big[::4096])  # touch every page
+    code = (
+        "import resource; from compress_export.core.hardware import peak_rss_mb; "
+        "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    ours, rusage = map(
+        float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
+    del big
+    assert ours < 200 and rusage > 400

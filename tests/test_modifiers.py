@@ -1,6 +1,6 @@
-"""Modifiers with a lifecycle: SmoothQuant and the low-rank correction are registered modifiers, the pipeline calls
-every planned modifier's hooks in order and knows nothing about any one of them, and a new modifier is one class
-plus one registration."""
+"""Modifiers with a lifecycle: SmoothQuant, asymmetric calibration, the low-rank correction and recovery are
+registered modifiers, the pipeline calls every planned modifier's hooks in order and knows nothing about any one of
+them, and a new modifier is one class plus one registration."""
 
 import ast
 import json
@@ -15,7 +15,7 @@ from compress_export.pipeline.config import CompressionConfig
 
 
 def test_builtin_modifiers_are_registered():
-    assert MODIFIERS.names() == ["lowrank", "recover", "smoothquant"]
+    assert MODIFIERS.names() == ["asymmetric", "lowrank", "recover", "smoothquant"]
     from compress_export.modifiers.lowrank import LowRank
     from compress_export.modifiers.smoothing import SmoothQuant
 
@@ -35,6 +35,7 @@ def test_the_pipeline_imports_no_particular_modifier():
             "compress_export.modifiers.smoothing",
             "compress_export.modifiers.lowrank",
             "compress_export.modifiers.recover",
+            "compress_export.modifiers.asymmetric",
             "compress_export.io.lowrank",
         }
         & imported

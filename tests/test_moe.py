@@ -237,9 +237,10 @@ def _peak_rss_mb(src, out, stream: bool) -> float:
 def test_streaming_peak_memory_stays_flat_on_a_deeper_moe_model(tmp_path):
     """Peak RSS of a streamed export of an 8-layer MoE model (32 experts a layer, ~100 MB of bf16 weights) is
     within 15% of a 2-layer one's, while the whole 8-layer model in memory costs at least half its size more: the
-    check can fail. Sharded as hub checkpoints are (20 MB here). What growth remains is glibc's heap, not the
-    weights: its dynamic mmap threshold rises after the first large frees, and many 256 KB tensors then fragment
-    the heap (one 103 MB file: 617 → 723 MB; with MALLOC_MMAP_THRESHOLD_=65536, 609 → 618 MB)."""
+    check can fail. Sharded as hub checkpoints are (20 MB here). The growth this once showed was glibc's heap, not
+    the weights (its dynamic mmap threshold rose after the first large frees and many 256 KB expert tensors then
+    fragmented the heap: 752 → 872 MB, ratio 1.16): a streamed export now fixes the threshold
+    (hardware.fix_mmap_threshold), 740 → 759 MB."""
     big = dict(hidden_size=256, moe_intermediate_size=256, num_experts=32, intermediate_size=512)
     small, deep = (tiny_moe(tmp_path / f"m{n}", num_hidden_layers=n, shard="20MB", **big) for n in (2, 8))
     size_mb = sum(f.stat().st_size for f in deep.glob("*.safetensors")) / 1e6

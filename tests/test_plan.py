@@ -67,7 +67,8 @@ def test_resolve_decides_every_default_once(tiny_model, tmp_path):
     plan = resolve(CompressionConfig(), tiny_model, tmp_path / "o")
     assert isinstance(plan, Plan) and plan.method == "gptq" and plan.format.name == "gptq"
     assert plan.scheme.bits == 4 and plan.scheme.group_size == 64  # 128 does not divide the tiny model's 64
-    assert plan.calibration.needed and plan.calibration.num_samples == 64 and plan.modifiers == ()
+    assert plan.calibration.needed and plan.calibration.num_samples == 64
+    assert [(m.name, m.alpha) for m in plan.modifiers] == [("asymmetric", 0.5)]  # GPTAQ's target by default
     assert plan.out == tmp_path / "o" and not plan.overwrite and plan.device == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.out = tmp_path / "elsewhere"

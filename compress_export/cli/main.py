@@ -142,6 +142,13 @@ def _beyond_weight_only(p) -> None:
         "(α in (0, 1]; default 0.5 for W8A8 with rtn/gptq; 0 turns it off)",
     )
     g.add_argument(
+        "--asymmetric",
+        type=float,
+        metavar="ALPHA",
+        help="gptq/sparsegpt: fit each linear to the original model's outputs, not only to the compressed "
+        "prefix's (GPTAQ); α in (0, 1] weighs the correction (default 0.25; 0 turns it off)",
+    )
+    g.add_argument(
         "--lowrank-rank",
         type=int,
         metavar="R",
@@ -189,6 +196,7 @@ def config_from_args(a):
         awq_score=a.awq_score,
         smoothquant=a.smoothquant,
         lowrank_rank=a.lowrank_rank,
+        asymmetric=a.asymmetric,
         recover=a.recover,
         recover_steps=a.recover_steps,
     )

@@ -6,6 +6,10 @@ plan's order:
 
     before_pass(ctx)                                   once, before the first decoder layer
     before_layer(ctx, i, layer, states)                layer i loaded, before the pass sees it (calibration inputs)
+    before_compress(ctx, groups)                       on every rank, groups of linears (lists of local names)
+                                                       about to be compressed, their statistics merged
+    target_weights(ctx, names, weights, stats)         linears sharing an input about to be compressed: the
+                                                       weights the pass should aim at instead (None: their own)
     after_group(ctx, names, weights, results, stats)   the pass compressed linears that share an input
     after_linear(ctx, name, result)                    one linear's final result (on the CPU, on every rank)
     refine_layer(ctx, i, layer, results) -> bool       every linear of layer i compressed (results: local name →
@@ -72,6 +76,14 @@ class Modifier:
     def before_layer(self, ctx: RunContext, index: int, layer, states: Optional[list]) -> None:
         pass
 
+    def before_compress(self, ctx: RunContext, groups: list) -> None:
+        pass
+
+    def target_weights(self, ctx: RunContext, names, weights, stats) -> Optional[list]:
+        """What the pass compresses in place of `weights` (float [out, in] each), or None for the weights
+        themselves; the modifiers' after_group and the layer still see the original weights."""
+        return None
+
     def after_group(self, ctx: RunContext, names, weights, results, stats) -> None:
         pass
 
@@ -102,6 +114,7 @@ MODIFIERS: Registry = Registry(
     "modifier",
     builtins=(
         "compress_export.modifiers.smoothing",
+        "compress_export.modifiers.asymmetric",
         "compress_export.modifiers.lowrank",
         "compress_export.modifiers.recover",
     ),
@@ -113,7 +126,8 @@ def register_modifier(name: str):
 
 
 def plan_modifiers(config, ctx: PlanContext) -> tuple:
-    """The modifiers `config` turns on, in registration order (SmoothQuant, the low-rank correction, recovery:
+    """The modifiers `config` turns on, in registration order (SmoothQuant, asymmetric calibration, the low-rank
+    correction, recovery:
     the order of their hooks and of their quantization_config extras)."""
     planned = (cls.plan(config, ctx) for _, cls in MODIFIERS.items())
     return tuple(m for m in planned if m is not None)

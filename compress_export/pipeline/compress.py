@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from compress_export.core import hardware
 from compress_export.core.errors import UserError
 from compress_export.core.progress import Progress
 from compress_export.core.scheme import Scheme
@@ -67,6 +67,7 @@ class Summary:
     lowrank_rank: int = 0  # rank of the low-rank correction written as a LoRA adapter in OUT/lowrank (0: none)
     smoothquant: Optional[float] = None  # SmoothQuant's α when it ran (W8A8), else None
     recover: str = ""  # the layer-wise distillation's steps and mean loss before → after, when it ran
+    asymmetric: str = ""  # asymmetric calibration's α and how many linears it fitted, when it ran
 
     def lines(self):
         what = " ".join(
@@ -115,6 +116,7 @@ class Summary:
                 if self.lowrank_rank
                 else []
             ),
+            *([f"  asymmetric calibration (GPTAQ): {self.asymmetric}"] if self.asymmetric else []),
             *([f"  recovery: {self.recover}"] if self.recover else []),
         ]
 
@@ -195,6 +197,8 @@ def compress(
         )
         if source.model is not skeleton:  # loaded whole: the same structure, other module objects
             layout = describe(source.model, str(src))
+        if source.streamed:  # so that peak memory stays that of one layer however deep the model (see there)
+            hardware.fix_mmap_threshold()
         timings = {"load": time.time() - t0}
         unrouted: list = []
         ids, calib_desc = _calibration(source, calib, progress and dist.main, timings, dist, trust_remote_code)
@@ -248,7 +252,7 @@ def compress(
         kept_dense=kept_dense,
         unrouted=unrouted,
         fused_dense=layout.fused_dense,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=hardware.peak_rss_mb(),
         size_before_mb=dir_weight_bytes(src) / 1e6,
         size_after_mb=dir_weight_bytes(out) / 1e6,
         timings=timings,

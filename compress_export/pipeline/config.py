@@ -91,6 +91,11 @@ class CompressionConfig(BaseModel):
     lowrank_rank: int = Field(
         0, description="rank of the low-rank error correction (a LoRA adapter in OUT/lowrank); 0: none"
     )
+    asymmetric: Optional[float] = Field(
+        None,
+        description="GPTAQ's asymmetric calibration for gptq/sparsegpt: α in [0, 1], how far each linear's "
+        "target moves towards the original model's outputs; None: the default; 0: off",
+    )
     recover: Optional[str] = Field(
         None,
         description='layer-wise distillation after the pass (training what the format holds against the '
@@ -168,6 +173,13 @@ class CompressionConfig(BaseModel):
     def _alpha(cls, v):
         if v is not None and not 0 <= v <= 1:
             raise ValueError(f"smoothquant must be an α between 0 and 1 (got {v})")
+        return v
+
+    @field_validator("asymmetric")
+    @classmethod
+    def _asymmetric(cls, v):
+        if v is not None and not 0 <= v <= 1:
+            raise ValueError(f"asymmetric must be an α between 0 (off) and 1 (got {v})")
         return v
 
     @field_validator("recover")

@@ -47,6 +47,8 @@ class LayerCompressor:
         """groups: [(local names, stats), ...], compressed on every rank at once (each by its owner), by `the_pass`
         (default: the run's pass)."""
         dist = self.dist
+        for m in self.modifiers if the_pass is None else ():  # every rank: a modifier may merge its statistics
+            m.before_compress(self.ctx, [names for names, _ in groups])
         owners = [dist.owner(next(self.turns)) for _ in groups]
         mine = [self.sweep(*g, the_pass=the_pass) if o == dist.rank else None for g, o in zip(groups, owners)]
         for (names, _), results, o in zip(groups, mine, owners):
@@ -63,7 +65,10 @@ class LayerCompressor:
     def sweep(self, names, stats, the_pass=None) -> list:
         weights = [self.mods[n].weight for n in names]
         the_pass = the_pass or self.the_pass
-        results = the_pass.compress_group(weights, stats, LinearGroup(self.name(""), tuple(names)))
+        targets = weights
+        for m in self.modifiers if the_pass is self.the_pass else ():  # not for the data-free fallback
+            targets = m.target_weights(self.ctx, names, targets, stats) or targets
+        results = the_pass.compress_group(targets, stats, LinearGroup(self.name(""), tuple(names)))
         for n, r in zip(names, results):  # NaN statistics (overflowing activations) show up here first
             check_result_finite(r, self.name(n))
         for r in results:  # float values are stored in the source dtype: round them now, so the layer, later
