@@ -13,7 +13,8 @@ from compress_export.core.scheme import Scheme
 from compress_export.math.hessian import HessianAccumulator
 from compress_export.math.sweep import gptq_quantize
 from compress_export.modifiers.asymmetric import DEFAULT_ALPHA, Asymmetric, _Cross, asymmetric_target
-from compress_export.modifiers.base import PlanContext
+from compress_export.modifiers.base import Modifier, PlanContext, plan_modifiers
+from compress_export.passes.sequential import run_layer
 from compress_export.pipeline.compress import compress
 from compress_export.pipeline.config import CompressionConfig
 
@@ -45,13 +46,15 @@ def test_target_is_the_least_squares_fit_of_the_original_outputs():
     assert torch.equal(asymmetric_target(W, H.H, D.D, 0.0, 0.01), W)
 
 
-def test_dead_columns_keep_their_weights():
+def test_a_singular_hessian_gets_more_dampening_not_nan():
+    """Inputs with two equal columns and no dampening: H is singular, so the solve raises λ as the pass does and V
+    stays finite (near W: the step is bounded by the dampening it needed)."""
     x_fp, x_q = _inputs()
-    x_fp[:, 5] = 0
-    x_q[:, 5] = 0
+    x_q[:, 7] = x_q[:, 6]
     W = torch.randn(8, 48, generator=torch.Generator().manual_seed(2))
     H, D = _stats(x_fp, x_q)
-    assert torch.equal(asymmetric_target(W, H.H, D.D, 1.0, 0.01)[:, 5], W[:, 5])
+    V = asymmetric_target(W, H.H, D.D, 1.0, 0.0)
+    assert torch.isfinite(V).all() and not torch.equal(V, W)
 
 
 def test_gptq_on_the_target_lowers_the_asymmetric_error():
@@ -79,9 +82,12 @@ def test_plan():
     assert _plan(method="gptq", asymmetric=0.3).alpha == 0.3
     assert _plan(method="sparsegpt", sparsity="2:4", asymmetric=0.3).alpha == 0.3
     assert _plan(method="gptq", asymmetric=0) is None
-    assert _plan(method="rtn", asymmetric=0.5) is None and _plan(method="awq", asymmetric=0.5) is None
+    assert _plan(method="rtn") is None and _plan(method="awq") is None  # the default applies where it can
     with pytest.raises(UserError, match="asymmetric must be an α between 0"):
         CompressionConfig(asymmetric=1.5)
+    with pytest.raises(UserError, match="--asymmetric fits the targets of gptq and sparsegpt, not awq"):
+        _plan(method="awq", asymmetric=0.5)
+    assert _plan(method="awq", asymmetric=0) is None
 
 
 class _Spy(Asymmetric):
@@ -102,15 +108,15 @@ class _Spy(Asymmetric):
 
 def _run(tiny_model, tiny_text, out, alpha, **kw):
     results, on_result = recorder()
-    cfg = CompressionConfig(
-        dataset=str(tiny_text), num_samples=8, seq_len=32, group_size=32, method="gptq", asymmetric=alpha, **kw
-    )
+    kw = {"num_samples": 8, **kw}
+    cfg = CompressionConfig(dataset=str(tiny_text), seq_len=32, group_size=32, method="gptq", asymmetric=alpha, **kw)
     s = compress(tiny_model, out, cfg, progress=False, on_result=on_result)
     return s, results
 
 
-@pytest.mark.parametrize("batch_size", [None, 3])  # one forward per layer; chunks (the two-pass path)
-def test_the_teacher_stream_is_the_original_models(tiny_model, tiny_text, tmp_path, monkeypatch, batch_size):
+# one forward per layer; chunks (the two-pass path); one sample, whose probe forward has the chunk's shape
+@pytest.mark.parametrize("batch_size,samples", [(None, 8), (3, 8), (None, 1)])
+def test_the_teacher_stream_is_the_original_models(tiny_model, tiny_text, tmp_path, monkeypatch, batch_size, samples):
     """Each layer's teacher outputs are the original model's hidden states (transformers' own forward from the same
     embeddings), and only layer 0's first group, whose inputs both streams share, is compressed as GPTQ does."""
     from transformers import AutoModelForCausalLM
@@ -119,8 +125,9 @@ def test_the_teacher_stream_is_the_original_models(tiny_model, tiny_text, tmp_pa
 
     monkeypatch.setitem(base.MODIFIERS._items, "asymmetric", _Spy)
     _Spy.seen = []
-    _, plain = _run(tiny_model, tiny_text, tmp_path / "plain", 0.0, batch_size=batch_size)
-    s, asym = _run(tiny_model, tiny_text, tmp_path / "asym", 0.5, batch_size=batch_size)
+    run = dict(batch_size=batch_size, num_samples=samples)
+    _, plain = _run(tiny_model, tiny_text, tmp_path / "plain", 0.0, **run)
+    s, asym = _run(tiny_model, tiny_text, tmp_path / "asym", 0.5, **run)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():
         hs = model(inputs_embeds=_Spy.seen[0], output_hidden_states=True).hidden_states
@@ -138,3 +145,46 @@ def test_the_teacher_stream_is_the_original_models(tiny_model, tiny_text, tmp_pa
     extra = json.loads((tmp_path / "asym" / "config.json").read_text())["quantization_config"]["compress_export"]
     assert extra["asymmetric_calibration"] == {"alpha": 0.5, "linears": len(asym)}
     assert s.asymmetric.startswith(f"α 0.5, {len(asym)} linears")
+
+
+class _OtherForwards(Modifier):
+    """Runs every layer on the pipeline's own chunk tensors in before_layer, after asymmetric calibration armed its
+    hooks (as recovery does on layer 0's inputs): the worst case for telling calibration forwards apart."""
+
+    order = 90
+
+    @classmethod
+    def plan(cls, config, ctx):
+        return cls() if config.seed == 5 else None
+
+    @torch.no_grad()
+    def before_layer(self, ctx, index, layer, states):
+        for h, kw in states or ():
+            run_layer(layer, h, kw)
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_other_modifiers_forwards_do_not_change_the_result(tiny_model, tiny_text, tmp_path, monkeypatch, batch_size):
+    from compress_export.modifiers import base
+
+    base.MODIFIERS.names()
+    monkeypatch.setitem(base.MODIFIERS._items, "other", _OtherForwards)
+    monkeypatch.setattr(_OtherForwards, "name", "other", raising=False)
+    _, alone = _run(tiny_model, tiny_text, tmp_path / "a", 0.5, batch_size=batch_size)
+    _, beside = _run(tiny_model, tiny_text, tmp_path / "b", 0.5, batch_size=batch_size, seed=5)
+    _, plain = _run(tiny_model, tiny_text, tmp_path / "p", 0.0, batch_size=batch_size, seed=5)
+    for n in alone:
+        assert torch.equal(alone[n].codes, beside[n].codes) and torch.equal(alone[n].scales, beside[n].scales), n
+    assert any(not torch.equal(alone[n].codes, plain[n].codes) for n in alone)  # the modifier did act
+
+
+def test_modifiers_run_in_their_declared_order_whatever_the_import_order():
+    """Asymmetric calibration copies the layer after SmoothQuant smoothed it, and the training steps come last."""
+    from compress_export.modifiers.base import MODIFIERS
+
+    order = [cls.name for cls in sorted((c for _, c in MODIFIERS.items()), key=lambda c: c.order)]
+    assert order[:4] == ["smoothquant", "asymmetric", "lowrank", "recover"]
+    m = _plan(method="gptq", scheme="W8A8", lowrank_rank=4)
+    cfg = CompressionConfig(method="gptq", scheme="W8A8", lowrank_rank=4)
+    ctx = PlanContext(scheme=cfg.to_scheme(), method="gptq", model_type="llama")
+    assert [x.name for x in plan_modifiers(cfg, ctx)] == ["smoothquant", "asymmetric", "lowrank"] and m is not None

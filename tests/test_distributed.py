@@ -68,7 +68,7 @@ def _stats_worker(rank, world, port, out_dir):
     cross = _Cross()  # asymmetric calibration's (x_fp - x_q)ᵀx_q, with x_q = x/2: merged by its modifier's hook
     cross.add(mine[:100], mine[:100] / 2)
     cross.add(mine[100:], mine[100:] / 2)
-    cross.all_reduce_(dist.sum_)
+    cross.all_reduce_(dist.sum_, x.shape[1])
     src = 1 if world > 1 else 0
     sent = _results() if rank == src else None
     got = dist.broadcast_results(sent, src)
@@ -148,7 +148,7 @@ def _export_worker(rank, world, port, model, out, settings, same_rows):
 
 
 CASES = {
-    "gptq": dict(method="gptq", fmt="gptq", bits=4, group_size=32),
+    "gptq": dict(method="gptq", fmt="gptq", bits=4, group_size=32, asymmetric=0),
     # the teacher stream runs on each rank's rows, the cross terms merge like the Hessians
     "gptq-asymmetric": dict(method="gptq", fmt="gptq", bits=4, group_size=32, asymmetric=0.5),
     "gptq-act-two-pass": dict(method="gptq", fmt="gptq", bits=3, group_size=32, act_order="group", batch_size=2),

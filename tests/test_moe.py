@@ -236,7 +236,7 @@ def _peak_rss_mb(src, out, stream: bool) -> float:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux's /proc")
 def test_streaming_peak_memory_stays_flat_on_a_deeper_moe_model(tmp_path):
     """Peak RSS of a streamed export of an 8-layer MoE model (32 experts a layer, ~100 MB of bf16 weights) is
-    within 15% of a 2-layer one's, while the whole 8-layer model in memory costs at least half its size more: the
+    within 8% of a 2-layer one's, while the whole 8-layer model in memory costs at least half its size more: the
     check can fail. Sharded as hub checkpoints are (20 MB here). The growth this once showed was glibc's heap, not
     the weights (its dynamic mmap threshold rose after the first large frees and many 256 KB expert tensors then
     fragmented the heap: 752 → 872 MB, ratio 1.16): a streamed export now fixes the threshold
@@ -251,7 +251,7 @@ def test_streaming_peak_memory_stays_flat_on_a_deeper_moe_model(tmp_path):
         f"MoE streaming: {size_mb:.0f} MB model; peak RSS 2 layers {rss_small:.0f} MB, 8 layers {rss_deep:.0f} MB "
         f"(ratio {rss_deep / rss_small:.3f}), 8 layers in memory {rss_whole:.0f} MB"
     )
-    assert rss_deep / rss_small <= 1.15
+    assert rss_deep / rss_small <= 1.08  # 1.16 before the threshold was fixed (issue 26 asks ≤ 1.15)
     assert rss_whole - rss_deep > 0.5 * size_mb
 
 

@@ -146,7 +146,7 @@ def _beyond_weight_only(p) -> None:
         type=float,
         metavar="ALPHA",
         help="gptq/sparsegpt: fit each linear to the original model's outputs, not only to the compressed "
-        "prefix's (GPTAQ); α in (0, 1] weighs the correction (default 0.25; 0 turns it off)",
+        "prefix's (GPTAQ); α in (0, 1] weighs the correction (default 0.5; 0 turns it off)",
     )
     g.add_argument(
         "--lowrank-rank",

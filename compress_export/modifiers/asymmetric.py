@@ -14,13 +14,18 @@ scales the step to V (GPTAQ's reference code weighs the term by α as well): V_�
 dampened as the pass dampens it.
 
 The original inputs X_fp come from a teacher stream run beside the pipeline's: the original layer i (a copy made
-before the pass changes it) applied to the original model's hidden states. When the pass first sees a group of
-linears sharing an input, a pre-hook runs the original layer on the same calibration chunk, once per chunk, keeping every leader's input until that leader's own hook takes it and the output as the
-next layer's teacher input: one extra forward of each layer, and memory of one chunk's activations.
+before the pass changes it, after SmoothQuant smoothed it) applied to the original model's hidden states. A forward
+of layer i counts as calibration only on one of the pipeline's own chunk tensors (by identity: not the pipeline's
+one-sample probe, not another modifier's forwards on other tensors); a second sweep over the chunks before a group
+is compressed (a modifier's forwards on layer 0's inputs, then the pass's) starts that group's term over. When a
+group leader (the first of the linears sharing an input) sees chunk j, the original layer runs on the teacher's
+chunk j once, keeping every leader's input until that leader's hook takes it, and its output becomes the next
+layer's teacher input: one extra forward of each layer; memory of one chunk's leader inputs and a copy of one layer.
 
 Skipped, with GPTQ's usual target: linears whose statistics are not a Hessian (RTN, AWQ), MoE expert linears (the
-teacher's router sends other tokens to them, so there is no row-by-row X_fp). Under torchrun each rank runs both
-streams on its own samples and the cross terms are merged over the ranks like the Hessians.
+teacher's router sends other tokens to them) and any leader whose original input differs in shape from the
+compressed one (inputs gathered by routing). Under torchrun each rank runs both streams on its own samples and the
+cross terms are merged over the ranks like the Hessians. The low-rank correction (--lowrank-rank) fits V − Q.
 """
 
 from __future__ import annotations
@@ -30,28 +35,37 @@ from typing import Dict, Optional
 
 import torch
 
+from compress_export.core.errors import UserError
 from compress_export.core.moe import expert_index
+from compress_export.math.hessian import MAX_DAMP_RETRIES
 from compress_export.modifiers.base import Modifier, PlanContext, RunContext, register_modifier
 from compress_export.passes.sequential import probe_groups, run_layer
 
 DEFAULT_ALPHA = 0.5  # chosen on a dev split: benchmarks/README.md, "Asymmetric calibration"
 
 
-class _Stop(Exception):
-    pass
-
-
 def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float, damp: float) -> torch.Tensor:
     """V = W + α·W·D·(H + λI)⁻¹ (float32 [out, in]). W: [out, in]; H, D: [in, in] as the pass accumulates them
-    (H = 2/n·X_qᵀX_q, D = 2/n·(X_fp - X_q)ᵀX_q); λ = damp·mean(diag H). Columns no token fired stay W's."""
-    H = H.double()
-    dead = torch.diag(H) == 0
-    Hd = H.clone()
+    (H = 2/n·X_qᵀX_q, D = 2/n·(X_fp - X_q)ᵀX_q); λ = damp·mean(diag H), raised tenfold while H + λI is not
+    positive definite (as the pass's inverse_cholesky does). A column no token fired has D's column 0: it stays W's.
+    float32 Cholesky first (an in×in solve, a few of H's size in memory), float64 only when it fails."""
+    Hd = H.float().clone()
+    dead = torch.diag(Hd) == 0
     Hd[dead, dead] = 1.0
-    Hd += damp * torch.diag(Hd).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    step = torch.linalg.solve(Hd, (W.double() @ D.double()).t()).t()  # Hd symmetric: (W D Hd⁻¹)ᵀ = Hd⁻¹ (W D)ᵀ
-    step[:, dead] = 0
-    return (W.double() + alpha * step).float()
+    mean_diag = Hd.diagonal().mean().item()
+    rhs = (W.float() @ D.float()).t()  # Hd symmetric: (W D Hd⁻¹)ᵀ = Hd⁻¹ (W D)ᵀ
+    d = damp
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        for dtype in (torch.float32, torch.float64):
+            M = Hd.to(dtype)
+            M.diagonal().add_(d * mean_diag)
+            L, info = torch.linalg.cholesky_ex(M)
+            if info.item() == 0:
+                step = torch.cholesky_solve(rhs.to(dtype), L).t().float()
+                if torch.isfinite(step).all():
+                    return W.float() + alpha * step
+        d = d * 10 if d > 0 else 1e-4
+    return W.float()  # hopeless H: the pass itself stops with its own message
 
 
 class _Cross:
@@ -71,11 +85,13 @@ class _Cross:
         self.D.addmm_((a - b).t(), b, beta=self.n / total, alpha=2.0 / total)
         self.n = total
 
-    def all_reduce_(self, sum_) -> None:
-        """Every rank's running mean weighted by its share of the rows, summed (as HessianAccumulator merges)."""
+    def all_reduce_(self, sum_, width: int) -> None:
+        """Every rank's running mean weighted by its share of the rows, summed (as HessianAccumulator merges).
+        Every rank calls the same collectives: a rank whose hook never fired sends zeros of width × width."""
         total = int(sum_(torch.tensor([float(self.n)], dtype=torch.float64)).item())
-        if self.D is not None:
-            sum_(self.D.mul_(self.n / total))
+        if self.D is None:
+            self.D = torch.zeros(width, width, dtype=torch.float32)
+        sum_(self.D.mul_(self.n / total if total else 0.0))
         self.n = total
 
 
@@ -85,20 +101,30 @@ class Asymmetric(Modifier):
 
     needs_calibration = False  # it acts only where the pass calibrates
 
+    order = 20  # after SmoothQuant (the original copied is the smoothed layer), before what trains results
+
     def __init__(self, alpha: float, damp: float):
         self.alpha, self.damp = alpha, damp
         self._teacher_in: Optional[list] = None
         self._original = None
-        self._cross: Dict[str, _Cross] = {}
+        self._student_in: list = []  # the pipeline's calibration chunks of this layer (by identity)
+        self._kwargs: list = []
+        self._chunk: Optional[int] = None  # the chunk the layer is running now, None: not a calibration chunk
+        self._cross: Dict[str, _Cross] = {}  # leader → its cross term, until before_compress decides
+        self._seen: Dict[str, set] = {}  # leader → chunks in its cross term
+        self._ready: Dict[str, _Cross] = {}  # leader → a cross term target_weights applies
         self._hooks: list = []
-        self._teacher_out: list = []
+        self._teacher_out: Dict[int, torch.Tensor] = {}
         self._pending: dict = {}  # (leader, chunk) → the original layer's input to that leader
-        self._kwargs: Optional[list] = None
         self.applied = 0
 
     @classmethod
     def plan(cls, config, ctx: PlanContext) -> Optional[Asymmetric]:
         alpha = config.asymmetric if config.asymmetric is not None else DEFAULT_ALPHA
+        if alpha and ctx.method not in ("gptq", "sparsegpt") and config.asymmetric is not None:
+            raise UserError(
+                f"--asymmetric fits the targets of gptq and sparsegpt, not {ctx.method}: drop it or add --method gptq"
+            )
         if not alpha or ctx.method not in ("gptq", "sparsegpt"):
             return None
         return cls(alpha, config.damp)
@@ -113,61 +139,76 @@ class Asymmetric(Modifier):
         if self._teacher_in is None:  # layer 0: both streams start from the same embeddings
             self._teacher_in = [h for h, _ in states]
         self._original = copy.deepcopy(layer)  # before the pass changes it in place
-        self._kwargs = [kw for _, kw in states]
-        self._teacher_out, self._pending = [], {}
+        self._student_in, self._kwargs = [h for h, _ in states], [kw for _, kw in states]
+        self._teacher_out, self._pending, self._ready = {}, {}, {}
         linears = [(n, m) for n, m in ctx.layout.linears[index] if expert_index(n) < 0]
         h0, kw0 = states[0]
         leaders = [g[0] for g in probe_groups(layer, linears, h0, kw0)]
         mods = dict(ctx.layout.linears[index])
-        self._cross = {n: _Cross() for n in leaders}
-        self._hooks = [mods[n].register_forward_pre_hook(self._hook(n)) for n in leaders]
+        self._cross, self._seen = {n: _Cross() for n in leaders}, {n: set() for n in leaders}
+        self._hooks = [layer.register_forward_pre_hook(self._which_chunk)]
+        self._hooks += [mods[n].register_forward_pre_hook(self._hook(n)) for n in leaders]
+
+    def _which_chunk(self, layer, args) -> None:
+        """Forwards of the layer on one of the pipeline's chunks (the very tensor) are calibration forwards; the
+        pipeline's one-sample probe and other modifiers' forwards on other tensors are not."""
+        x = args[0] if args else None
+        self._chunk = next((j for j, h in enumerate(self._student_in) if h is x), None)
 
     def _hook(self, name: str):
-        chunk = [0]
-
         def hook(mod, args):
-            x, j = args[0], chunk[0]
-            if name not in self._cross or j >= len(self._teacher_in):
-                return  # compressed already (a propagation forward), or past the last chunk
-            if x.shape[:-1] != self._teacher_in[j].shape[:-1]:
-                return  # the pipeline's probe forward on one sample, not a calibration chunk
-            if len(self._teacher_out) <= j:
+            j, x = self._chunk, args[0]
+            if j is None or name not in self._cross:
+                return  # not a calibration chunk, or this group was compressed already
+            if j in self._seen[name]:  # a later sweep over the chunks (the pass's, after a modifier's): start over
+                self._cross[name], self._seen[name] = _Cross(), set()
+            if (name, j) not in self._pending:
                 self._run_teacher(j)
-            self._cross[name].add(self._pending.pop((name, j)), x)
-            chunk[0] += 1
+            x_fp = self._pending.pop((name, j))
+            if x_fp.shape != x.shape:  # inputs gathered by routing (not row for row): GPTQ's own target
+                del self._cross[name]
+                return
+            self._cross[name].add(x_fp, x)
+            self._seen[name].add(j)
 
         return hook
 
     @torch.no_grad()
     def _run_teacher(self, j: int) -> None:
-        """The original layer on the original model's chunk j, once: every leader's input is kept until its own
-        hook takes it (within the same chunk), the output becomes the next layer's teacher input."""
+        """The original layer on the original model's chunk j: every leader's input is kept until its own hook
+        takes it (within the same chunk), the output becomes the next layer's teacher input."""
 
         def grab(name):
             return lambda mod, args: self._pending.__setitem__((name, j), args[0])
 
+        self._pending = {}  # another chunk's leftovers are never read again
         handles = [self._original.get_submodule(n).register_forward_pre_hook(grab(n)) for n in self._cross]
         try:
-            self._teacher_out.append(run_layer(self._original, self._teacher_in[j], self._kwargs[j]))
+            self._teacher_out[j] = run_layer(self._original, self._teacher_in[j], self._kwargs[j])
         finally:
             for h in handles:
                 h.remove()
 
     def before_compress(self, ctx: RunContext, groups) -> None:
-        """Under torchrun, on every rank: each group's cross term merged over the ranks' tokens, as the pass's
-        Hessian was (each rank runs both streams on its own samples)."""
-        if ctx.dist.active:
-            for names in groups:
-                if names[0] in self._cross:
-                    self._cross[names[0]].all_reduce_(ctx.dist.sum_)
+        """On every rank, for the groups about to be compressed: each cross term merged over the ranks' tokens (as
+        the pass's Hessian was: each rank runs both streams on its own samples), then kept where it matches the
+        Hessian's tokens. The same decision on every rank, so the count the export records is the whole run's."""
+        for names, stats in groups:
+            cross = self._cross.pop(names[0], None)
+            if cross is None or not hasattr(stats, "H"):
+                continue
+            if ctx.dist.active:
+                cross.all_reduce_(ctx.dist.sum_, stats.in_features)
+            if cross.D is not None and cross.n == stats.n:
+                self._ready[names[0]] = cross
+                self.applied += len(names)
 
     def target_weights(self, ctx: RunContext, names, weights, stats) -> Optional[list]:
-        cross = self._cross.pop(names[0], None)
-        if cross is None or cross.D is None or not hasattr(stats, "H") or cross.n != getattr(stats, "n", -1):
+        cross = self._ready.pop(names[0], None)
+        if cross is None:
             return None
         W = torch.cat([w.float() for w in weights], dim=0)
         V = asymmetric_target(W, stats.H, cross.D, self.alpha, self.damp)
-        self.applied += len(names)
         return list(V.split([w.shape[0] for w in weights], dim=0))
 
     @torch.no_grad()
@@ -175,12 +216,13 @@ class Asymmetric(Modifier):
         """The teacher stream moves on through the original layer i (before anything else changes)."""
         for h in self._hooks:
             h.remove()
-        self._hooks, self._cross, self._pending = [], {}, {}
+        self._hooks, self._cross, self._ready, self._chunk = [], {}, {}, None
         if self._original is not None:
-            for j in range(len(self._teacher_out), len(self._teacher_in)):  # chunks no hook ran the teacher on
-                self._run_teacher(j)
-            self._teacher_in, self._teacher_out = self._teacher_out, []
-            self._original = self._kwargs = None
+            for j in range(len(self._teacher_in)):
+                if j not in self._teacher_out:  # chunks no hook ran the teacher on
+                    self._run_teacher(j)
+            self._teacher_in = [self._teacher_out[j] for j in range(len(self._teacher_in))]
+            self._original, self._teacher_out, self._pending, self._student_in, self._kwargs = None, {}, {}, [], []
         return False
 
     def at_export(self, ctx: RunContext, folder, extra: dict) -> None:

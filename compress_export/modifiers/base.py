@@ -6,8 +6,8 @@ plan's order:
 
     before_pass(ctx)                                   once, before the first decoder layer
     before_layer(ctx, i, layer, states)                layer i loaded, before the pass sees it (calibration inputs)
-    before_compress(ctx, groups)                       on every rank, groups of linears (lists of local names)
-                                                       about to be compressed, their statistics merged
+    before_compress(ctx, groups)                       on every rank, the groups of linears about to be
+                                                       compressed ([(local names, merged statistics)])
     target_weights(ctx, names, weights, stats)         linears sharing an input about to be compressed: the
                                                        weights the pass should aim at instead (None: their own)
     after_group(ctx, names, weights, results, stats)   the pass compressed linears that share an input
@@ -56,6 +56,7 @@ class Modifier:
     """The base: every hook does nothing. Subclasses are frozen-like (set everything in __init__)."""
 
     name = "modifier"  # set by register_modifier
+    order = 100  # where its hooks run among the planned modifiers (lower first; see plan_modifiers)
     needs_calibration = False  # True: the run calibrates (builds calibration inputs) even for RTN
     # True: GPTQ records where each weight sat before rounding (QuantizedWeight.offsets) for refine_layer; an
     # [in, out] buffer and a write per column, so only when a modifier reads them
@@ -77,11 +78,12 @@ class Modifier:
         pass
 
     def before_compress(self, ctx: RunContext, groups: list) -> None:
-        pass
+        """groups: [(local names, statistics)], the statistics already merged over the ranks."""
 
     def target_weights(self, ctx: RunContext, names, weights, stats) -> Optional[list]:
         """What the pass compresses in place of `weights` (float [out, in] each), or None for the weights
-        themselves; the modifiers' after_group and the layer still see the original weights."""
+        themselves; the modifiers' after_group sees these targets (the low-rank correction fits target − result),
+        the layer keeps its own weights until the result replaces them."""
         return None
 
     def after_group(self, ctx: RunContext, names, weights, results, stats) -> None:
@@ -126,8 +128,10 @@ def register_modifier(name: str):
 
 
 def plan_modifiers(config, ctx: PlanContext) -> tuple:
-    """The modifiers `config` turns on, in registration order (SmoothQuant, asymmetric calibration, the low-rank
-    correction, recovery:
-    the order of their hooks and of their quantization_config extras)."""
-    planned = (cls.plan(config, ctx) for _, cls in MODIFIERS.items())
+    """The modifiers `config` turns on, by their `order` (SmoothQuant, asymmetric calibration, the low-rank
+    correction, recovery; registration order among equals): the order of their hooks and of their
+    quantization_config extras. Explicit, not import order: asymmetric calibration must copy the layer after
+    SmoothQuant changed it, and arm its hooks after SmoothQuant's range forwards."""
+    ordered = sorted((cls for _, cls in MODIFIERS.items()), key=lambda cls: cls.order)
+    planned = (cls.plan(config, ctx) for cls in ordered)
     return tuple(m for m in planned if m is not None)

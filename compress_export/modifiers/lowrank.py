@@ -28,6 +28,8 @@ from compress_export.modifiers.base import Modifier, PlanContext, RunContext, re
 class LowRank(Modifier):
     """The run's low-rank corrections: computed per linear after its weight pass, written at export."""
 
+    order = 30
+
     def __init__(self, rank: int):
         self.rank, self.factors = rank, {}
 

@@ -51,6 +51,8 @@ NORMS_LR = 0.0  # Adam's starting rate for the layer's norm weights (0: not trai
 class Recover(Modifier):
     """Layer-wise distillation of each compressed layer against the original (see the module's text)."""
 
+    order = 40
+
     needs_calibration = True
     needs_rounding_offsets = True  # training starts from GPTQ's own rounding positions
 

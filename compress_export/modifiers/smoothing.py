@@ -106,6 +106,8 @@ class SmoothQuant(Modifier):
     """SmoothQuant as a modifier: folded into each decoder layer before the weight pass, on its calibration
     inputs (so the run calibrates even for RTN); recorded as `smoothquant: α` in the export's quantization_config."""
 
+    order = 10
+
     needs_calibration = True
 
     def __init__(self, smoothing: Smoothing):

@@ -48,7 +48,7 @@ class LayerCompressor:
         (default: the run's pass)."""
         dist = self.dist
         for m in self.modifiers if the_pass is None else ():  # every rank: a modifier may merge its statistics
-            m.before_compress(self.ctx, [names for names, _ in groups])
+            m.before_compress(self.ctx, groups)
         owners = [dist.owner(next(self.turns)) for _ in groups]
         mine = [self.sweep(*g, the_pass=the_pass) if o == dist.rank else None for g, o in zip(groups, owners)]
         for (names, _), results, o in zip(groups, mine, owners):
@@ -74,7 +74,7 @@ class LayerCompressor:
         for r in results:  # float values are stored in the source dtype: round them now, so the layer, later
             stored_as(r, self.storage_dtype)  # layers' calibration and the file hold the same numbers
         for m in self.modifiers:
-            m.after_group(self.ctx, names, weights, results, stats)
+            m.after_group(self.ctx, names, targets, results, stats)
         for n, r in zip(names, results) if self.modifiers else ():  # what a modifier changed, checked again
             check_result_finite(r, self.name(n))
         for r in results if self.dist.active else ():  # rounding positions serve refine_layer, which torchrun
