@@ -122,13 +122,14 @@ class Asymmetric(Modifier):
     @classmethod
     def plan(cls, config, ctx: PlanContext) -> Optional[Asymmetric]:
         alpha = config.asymmetric if config.asymmetric is not None else DEFAULT_ALPHA
-        if alpha and ctx.method not in ("gptq", "sparsegpt") and config.asymmetric is not None:
-            raise UserError(
-                f"--asymmetric fits the targets of gptq and sparsegpt, not {ctx.method}: drop it or add --method gptq"
-            )
-        if not alpha or ctx.method not in ("gptq", "sparsegpt"):
+        if ctx.method not in ("gptq", "sparsegpt"):
+            if alpha and config.asymmetric is not None:  # asked for by name: say why it cannot apply
+                raise UserError(
+                    f"--asymmetric fits the targets of gptq and sparsegpt, not {ctx.method}: drop it or add "
+                    "--method gptq"
+                )
             return None
-        return cls(alpha, config.damp)
+        return cls(alpha, config.damp) if alpha else None
 
     def before_pass(self, ctx: RunContext) -> None:
         self._teacher_in, self.applied = None, 0
