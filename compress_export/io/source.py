@@ -16,6 +16,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from compress_export.core import hardware
 from compress_export.core.errors import UserError
 from compress_export.core.moe import unfuse_experts
 from compress_export.io import model_io, safety
@@ -145,6 +146,7 @@ class StreamedSource:
                         owner._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
 
     def load_layer(self, layout, i: int) -> nn.Module:
+        hardware.release_free_heap()  # the previous layer's freed memory off the resident set: flat in depth
         layer = layout.layers[i]
         self._materialize(layer, layout.full_name(i, ""))
         self._close()  # the layer is in memory now; its mapped source pages need not stay resident while it runs
