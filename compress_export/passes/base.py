@@ -84,11 +84,16 @@ class Pass:
     def compress_group(self, weights: List[torch.Tensor], stats, group: LinearGroup) -> List[QuantizedWeight]:
         raise NotImplementedError
 
+    @property
+    def unseen_method(self) -> str:
+        """The data-free method for_unseen runs (named in the run's warning about unrouted experts)."""
+        return "magnitude" if self.sparsity is not None else "rtn"
+
     def for_unseen(self) -> Pass:
         """The pass for linears no calibration token reached (MoE experts the router never chose on the calibration
         set): the data-free pass at the same scheme and sparsity, so a MoE layer's experts stay one format (engines
         run a layer's experts as one fused kernel and cannot mix packed and dense ones)."""
-        return PASSES.get("magnitude" if self.sparsity is not None else "rtn")(self.scheme, self.options, self.sparsity)
+        return PASSES.get(self.unseen_method)(self.scheme, self.options, self.sparsity)
 
 
 def default_scheme(method: str) -> Scheme:

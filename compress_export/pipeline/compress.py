@@ -564,7 +564,7 @@ def _run_layers(
             "%d MoE expert linear(s) got no calibration tokens and were compressed without data (%s) at the same "
             "scheme, e.g. %s; more calibration samples route tokens to more experts",
             len(unrouted),
-            the_pass.for_unseen().name,
+            the_pass.unseen_method,
             unrouted[0],
         )
     return done

@@ -1,0 +1,90 @@
+"""Mixed precision under a size budget: the math (issue 26, step 3). Pure functions on tensors and numbers; the
+pipeline supplies the candidates (one entry per set of linears that must share a scheme: q/k/v, gate/up, a MoE
+layer's experts) and writes what is chosen.
+
+- `output_error`: how much a scheme costs a linear, as the error of its outputs over the calibration inputs under
+  a diagonal Hessian: Σ_j h_j · ‖W[:, j] − Ŵ[:, j]‖², with h = diag(XᵀX)/n and Ŵ round-to-nearest at that scheme.
+  The GPTQ sweep lowers every candidate's error, roughly in proportion, so the ranking holds; this is the "Hessian
+  trace × quantization error" measure (HAWQ's, per column rather than one trace per layer).
+- `allocate`: the choice of one candidate per entry that minimises the summed error with the summed bytes within
+  the budget: a multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `units`
+  steps. Each candidate's size is rounded *up* to whole steps, so a choice that fits in steps fits in bytes: the
+  budget holds exactly, never by rounding luck. The cost of the rounding is at most one step per entry of slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+from compress_export.core.errors import UserError
+from compress_export.core.scheme import Scheme
+from compress_export.math.quant import rtn_quantize
+
+DEFAULT_UNITS = 4096  # budget steps: entries × steps × candidates operations, small beside any weight read
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store an entry: its bytes on disk (every packed tensor: codes, scales, zeros, g_idx) and the
+    output error it costs (output_error summed over the entry's linears)."""
+
+    nbytes: int
+    error: float
+
+
+def output_error(W: torch.Tensor, h_diag: torch.Tensor, scheme: Scheme) -> float:
+    """Σ_j h_j ‖W[:, j] − RTN(W)[:, j]‖² for W [out, in] and h_diag [in] (the mean of x_j² over calibration tokens):
+    the expected squared output error of round-to-nearest at `scheme` when input columns are uncorrelated."""
+    if h_diag.shape != (W.shape[1],):
+        raise ValueError(f"h_diag has shape {list(h_diag.shape)}, the weight has {W.shape[1]} input columns")
+    err = (W.float() - rtn_quantize(W, scheme).dequantize()).pow_(2).sum(0)
+    return float(err @ h_diag.float())
+
+
+def allocate(entries: Sequence[Sequence[Candidate]], budget: int, units: int = DEFAULT_UNITS) -> List[int]:
+    """For each entry, the index of its chosen candidate: Σ error minimal over the choices whose rounded sizes fit
+    (see the module's text), Σ nbytes ≤ budget always. Ties go to the smaller total size. Raises UserError when even
+    the smallest candidates exceed the budget (naming how many bytes the smallest choice needs)."""
+    if not entries:
+        return []
+    if any(not cands for cands in entries):
+        raise ValueError("every entry needs at least one candidate")
+    smallest = sum(min(c.nbytes for c in cands) for cands in entries)
+    if smallest > budget:
+        raise UserError(
+            f"the size budget is {budget / 1e6:.1f} MB but the smallest allowed choice already needs "
+            f"{smallest / 1e6:.1f} MB: raise --size-mb / --avg-bits, or allow fewer bits"
+        )
+    step = max(1, -(-budget // units))  # bytes per step, rounded up: at most `units` steps in the budget
+    cap = budget // step
+    sizes = [[-(-c.nbytes // step) for c in cands] for cands in entries]
+    inf = float("inf")
+    # best[u]: least error of the entries so far using exactly u steps; pick[k][u]: entry k's choice there
+    best = torch.full((cap + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks = []
+    for cands, sz in zip(entries, sizes):
+        nxt = torch.full_like(best, inf)
+        pick = torch.full((cap + 1,), -1, dtype=torch.int16 if len(cands) < 2**15 else torch.int32)
+        for j, (c, s) in enumerate(zip(cands, sz)):
+            if s > cap:
+                continue
+            cand = torch.full_like(best, inf)
+            cand[s:] = best[: cap + 1 - s] + c.error
+            better = cand < nxt
+            nxt = torch.where(better, cand, nxt)
+            pick[better] = j
+        best = nxt
+        picks.append(pick)
+    if not torch.isfinite(best).any():  # rounding up to steps lost the last fit: fall back to the smallest
+        return [min(range(len(c)), key=lambda j: (c[j].nbytes, c[j].error)) for c in entries]
+    u = int(torch.argmin(best))  # argmin returns the first minimum: the smallest size among equal errors
+    out = []
+    for k in range(len(entries) - 1, -1, -1):
+        j = int(picks[k][u])
+        out.append(j)
+        u -= sizes[k][j]
+    return out[::-1]
