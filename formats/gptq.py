@@ -119,6 +119,14 @@ class GPTQConfig:
             raise UserError(
                 f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported (only v1 'gptq')"
             )
+        dynamic = qcfg.get("dynamic")
+        if dynamic:  # read at the base bits, an overridden module's tensors would give wrong numbers or shapes
+            rule = next(iter(dynamic)) if isinstance(dynamic, dict) else dynamic
+            raise UserError(
+                f"this GPTQ checkpoint's quantization_config has per-module overrides ('dynamic', GPTQModel's "
+                f"mixed precision, e.g. {rule!r}), which compress-export does not read yet: load it with GPTQModel, "
+                "or serve it with vLLM's own GPTQ method (our plugin leaves it to vLLM)"
+            )
         return cls(
             bits=int(qcfg["bits"]),
             group_size=int(qcfg.get("group_size", -1)),
