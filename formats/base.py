@@ -98,6 +98,16 @@ class Format:
         to allocate its float values); only formats that store unquantized values record one."""
         return STORAGE_DTYPE
 
+    def module_config(self, qcfg: dict, name: str) -> Optional[dict]:
+        """The quantization_config that describes module `name`: the checkpoint's own, except in a format that
+        stores per-module overrides (GPTQ's `dynamic`), where it is the one the overrides give that module; None
+        where they leave the module unquantized. Every reader of one module's tensors goes through this."""
+        return qcfg
+
+    def has_module_overrides(self, qcfg: dict) -> bool:
+        """Whether modules differ in scheme (readers that assume one scheme for the whole model refuse these)."""
+        return False
+
     @classmethod
     def claims(cls, qcfg: dict) -> bool:
         return qcfg.get("quant_method") == cls.quant_method
@@ -129,6 +139,12 @@ class Format:
         UserError naming the tensor, never as a KeyError deep in unpacking or as wrong numbers.
         groups: a tensor-parallel shard whose per-group tensors hold all `groups` groups of the whole linear
         (see replicated_groups)."""
+        own = self.module_config(qcfg, name)
+        if own is None:
+            raise UserError(
+                f"{name}: quantization_config leaves this module unquantized, yet the checkpoint stores it packed"
+            )
+        qcfg = own
         scheme = scheme_from_config(qcfg)
         primary = self.primary_tensor(qcfg)
         if primary not in tensors:

@@ -10,9 +10,10 @@ Per quantized linear with W [out, in], G groups:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import ClassVar, Dict, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -82,6 +83,63 @@ class GPTQFormat(Format):
     def scheme_from_config(qcfg: dict) -> Scheme:
         return GPTQConfig.parse(qcfg).scheme
 
+    def module_config(self, qcfg: dict, name: str) -> Optional[dict]:
+        rules = parse_dynamic(qcfg.get("dynamic"))
+        if not rules:
+            return qcfg
+        override = dynamic_override(rules, name)
+        if override is False:
+            return None
+        own = {k: v for k, v in qcfg.items() if k != "dynamic"}
+        own.update(override or {})
+        return own
+
+    def has_module_overrides(self, qcfg: dict) -> bool:
+        return bool(qcfg.get("dynamic"))
+
+
+# The override keys read (GPTQModel writes these per module; others, such as a per-module dampening, do not change
+# how the tensors are read, but an unknown one might: refused rather than guessed).
+DYNAMIC_KEYS = {"bits": int, "group_size": int, "sym": bool, "desc_act": bool}
+
+
+def parse_dynamic(rules) -> dict:
+    """GPTQModel's per-module overrides, checked: {pattern: {key: value}}, the pattern a regex over the module's
+    full name, prefixed "+:" (override; a bare pattern too) or "-:" (the module is left unquantized)."""
+    if not rules:
+        return {}
+    if not isinstance(rules, dict):
+        raise UserError(f"quantization_config 'dynamic' must map module patterns to overrides, got {rules!r}")
+    for pattern, override in rules.items():
+        where = f"quantization_config 'dynamic' rule {pattern!r}"
+        try:
+            re.compile(pattern[2:] if pattern.startswith(("+:", "-:")) else pattern)
+        except re.error as e:
+            raise UserError(f"{where}: not a regular expression ({e})") from None
+        if not isinstance(override, dict):
+            raise UserError(f"{where}: the override must be a mapping, got {override!r}")
+        for k, v in override.items():
+            if k not in DYNAMIC_KEYS:
+                raise UserError(f"{where}: override {k!r} is not read (only {', '.join(DYNAMIC_KEYS)})")
+            if type(v) is not DYNAMIC_KEYS[k]:
+                raise UserError(f"{where}: {k} must be {DYNAMIC_KEYS[k].__name__}, got {v!r}")
+        if override.get("bits", 4) not in GPTQFormat.supported_bits:
+            raise UserError(f"{where}: {override['bits']} bits (GPTQ stores {GPTQFormat.supported_bits})")
+    return rules
+
+
+def dynamic_override(rules: dict, name: str):
+    """The override module `name` gets: False when a "-:" rule excludes it, the first matching "+:" rule's
+    mapping, else None (the base config). vLLM's rule (gptq_utils.get_dynamic_override): rules in order, re.match
+    (anchored at the start only), the first match decides."""
+    for pattern, override in rules.items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return False
+        elif re.match(pattern[2:] if pattern.startswith("+:") else pattern, name):
+            return override
+    return None
+
 
 @dataclass(frozen=True)
 class GPTQConfig:
@@ -97,6 +155,7 @@ class GPTQConfig:
     damp_percent: float = 0.01
     modules_not_quantized: Tuple[str, ...] = ()
     compress_export: dict = field(default_factory=dict)  # how it was made (method, calibration, options)
+    dynamic: dict = field(default_factory=dict)  # per-module overrides (see dynamic_override), {} when uniform
     quant_method: ClassVar[str] = "gptq"
     checkpoint_format: ClassVar[str] = "gptq"
 
@@ -119,14 +178,7 @@ class GPTQConfig:
             raise UserError(
                 f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported (only v1 'gptq')"
             )
-        dynamic = qcfg.get("dynamic")
-        if dynamic:  # read at the base bits, an overridden module's tensors would give wrong numbers or shapes
-            rule = next(iter(dynamic)) if isinstance(dynamic, dict) else dynamic
-            raise UserError(
-                f"this GPTQ checkpoint's quantization_config has per-module overrides ('dynamic', GPTQModel's "
-                f"mixed precision, e.g. {rule!r}), which compress-export does not read yet: load it with GPTQModel, "
-                "or serve it with vLLM's own GPTQ method (our plugin leaves it to vLLM)"
-            )
+        dynamic = parse_dynamic(qcfg.get("dynamic"))
         return cls(
             bits=int(qcfg["bits"]),
             group_size=int(qcfg.get("group_size", -1)),
@@ -136,6 +188,7 @@ class GPTQConfig:
             damp_percent=float(qcfg.get("damp_percent", 0.01)),
             modules_not_quantized=tuple(qcfg.get("modules_not_quantized") or ()),
             compress_export=dict(qcfg.get("compress_export") or {}),
+            dynamic=dynamic,
         )
 
     @property
@@ -158,4 +211,5 @@ class GPTQConfig:
             "quantizer": [f"compress-export:{__version__}"],
             "modules_not_quantized": list(self.modules_not_quantized),
             "compress_export": self.compress_export,
+            **({"dynamic": self.dynamic} if self.dynamic else {}),
         }

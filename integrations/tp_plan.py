@@ -69,7 +69,7 @@ def plan(path, sizes=DEFAULT_SIZES) -> dict:
     p, cfg = info.path, info.config
     if not cfg.get("quantization_config"):
         raise UserError(f"{p} has no quantization_config: it is not an export")
-    fmt, scheme = info.fmt, info.scheme
+    fmt, scheme, qcfg = info.fmt, info.scheme, cfg["quantization_config"]
     linears = info.packed  # each packed linear's shape as config.json gives it, its tensors checked against it
     heads = cfg.get("num_attention_heads") or 1
     kv = cfg.get("num_key_value_heads") or heads
@@ -83,7 +83,9 @@ def plan(path, sizes=DEFAULT_SIZES) -> dict:
         seen = set()
         for name, (in_f, out_f) in linears.items():
             where = re.sub(r"\.\d+\.", ".*.", name)  # one line per kind of linear, not per layer
-            for why in linear_problems(fmt, scheme, name, in_f, out_f, n, kv < n):
+            own = fmt.module_config(qcfg, name) if fmt is not None else None  # per-module overrides
+            mine = scheme if own is None or own is qcfg else fmt.scheme_from_config(own)
+            for why in linear_problems(fmt, mine, name, in_f, out_f, n, kv < n):
                 if (where, why) not in seen:
                     seen.add((where, why))
                     problems.append(f"{where} [{out_f}×{in_f}]: {why}")

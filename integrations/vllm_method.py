@@ -42,6 +42,12 @@ class CompressExportConfig(QuantizationConfig):
         self.qcfg = qcfg
         self.fmt = format_for_config(qcfg)
         self.scheme = self.fmt.scheme_from_config(qcfg)
+        if self.fmt.has_module_overrides(qcfg):
+            raise UserError(
+                "this checkpoint has per-module overrides (mixed precision), which compress-export's vLLM method "
+                "does not run yet: leave --quantization unset (and COMPRESS_EXPORT_VLLM unset) so vLLM's own "
+                f"{qcfg.get('quant_method')} method reads them"
+            )
         # Each format names its unquantized modules its own way (GPTQ, AWQ, compressed-tensors `re:` patterns).
         names = ignored_modules(qcfg)
         self.not_quantized = {n for n in names if not n.startswith("re:")}

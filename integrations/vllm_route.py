@@ -234,9 +234,12 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
     if user_quant not in (None, qcfg.get("quant_method")):
         return Route(False, f"the user asked for --quantization {user_quant}")
     try:
-        scheme = format_for_config(qcfg).scheme_from_config(qcfg)
+        fmt = format_for_config(qcfg)
+        scheme = fmt.scheme_from_config(qcfg)
     except (UserError, KeyError, ValueError, TypeError):
         return Route(False, "not a checkpoint format compress-export reads")
+    if fmt.has_module_overrides(qcfg):  # our method's layers are built from one scheme (vllm_method)
+        return Route(False, "per-module overrides (mixed precision): vLLM's own method reads them")
     mode = settings.get("VLLM", log)  # a bad value warns in vLLM's log and counts as auto
     if mode != "auto":
         return Route(mode == "always", f"COMPRESS_EXPORT_VLLM={mode}")

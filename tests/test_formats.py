@@ -187,33 +187,6 @@ def test_transformers_with_compressed_tensors_loads_the_tiny_export(tiny_model, 
         assert r["top1_agreement"] >= 0.99 and r["max_abs_dlogit"] < 1e-3, (name, r)
 
 
-def test_a_gptq_checkpoint_with_per_module_overrides_is_refused_not_misread(tiny_model, tmp_path):
-    """GPTQModel's mixed precision ('dynamic': regex -> bits/group_size per module) read at the base bits would
-    unpack an 8-bit module's words as 4-bit codes: our readers stop with one line naming the key, and our vLLM
-    plugin leaves such a checkpoint to vLLM's own GPTQ method, which reads it."""
-    import json
-
-    from compress_export.formats.gptq import GPTQConfig
-    from compress_export.io.loading import load_model
-    from compress_export.pipeline.compress import compress
-
-    out = tmp_path / "w4"
-    compress(tiny_model, out, method="rtn", fmt="gptq", scheme=Scheme(4, 32, True), progress=False)
-    cfg = json.loads((out / "config.json").read_text())
-    qcfg = cfg["quantization_config"]
-    assert GPTQConfig.parse(qcfg).bits == 4  # as written: read
-    qcfg["dynamic"] = {r"+:.*\.mlp\.down_proj": {"bits": 8}}
-    (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="'dynamic'.*down_proj"):
-        GPTQConfig.parse(qcfg)
-    with pytest.raises(UserError, match="per-module overrides"):
-        load_model(out)
-    from compress_export.integrations.vllm_route import decide
-
-    route = decide(qcfg)  # decided before anything of vLLM's is asked: runs without vLLM installed
-    assert not route.claim and "not a checkpoint format compress-export reads" in route.reason
-
-
 def test_quantization_configs_are_the_fields_engines_read_and_parse_back():
     """Each format's typed config model writes the keys AutoGPTQ/GPTQModel, AutoAWQ, compressed-tensors and vLLM
     read, with the values written out by hand here, and parses its own output back to the same model."""

@@ -169,6 +169,14 @@ class _Check:
             mod, _, suffix = name.rpartition(".")
             self.by_module[mod][suffix] = entry
 
+    def scheme_for(self, name: str):
+        """The scheme of module `name` (per-module overrides applied: formats/base.module_config); the model's
+        own when the module's overrides cannot be read (the config's own check names that)."""
+        from compress_export.formats.base import scheme_from_config
+
+        own = self.fmt.module_config(self.qcfg, name)
+        return self.scheme if own is None or own is self.qcfg else scheme_from_config(own)
+
     def against(self, model) -> dict:
         """The tensors against the skeleton's linears, parameters and persistent buffers; returns the packed
         linears {name: (in, out)}. Names that differ both ways within the same layers are a checkpoint whose names
@@ -237,7 +245,7 @@ class _Check:
         if primary in have:
             return True
         try:
-            layout = self.fmt.tensor_layout(self.scheme, mod.in_features, mod.out_features)
+            layout = self.fmt.tensor_layout(self.scheme_for(name), mod.in_features, mod.out_features)
         except (ValueError, TypeError, ZeroDivisionError, KeyError):
             return False
         # `bias`, and a float `weight`, are what a plain linear stores too (W8A8's packed `weight` is int8)
@@ -248,12 +256,16 @@ class _Check:
     def packed_linear(self, name: str, in_f: int, out_f: int, has_bias: bool) -> None:
         """One packed linear's tensors against the layout its format gives an out_f×in_f linear."""
         fmt, have, problems = self.fmt, self.by_module[name], self.problems
+        if fmt.module_config(self.qcfg, name) is None:
+            problems.append(f"{name} is stored packed, but quantization_config leaves it unquantized")
+            return
+        scheme = self.scheme_for(name)
         try:
-            layout = fmt.tensor_layout(self.scheme, in_f, out_f)
+            layout = fmt.tensor_layout(scheme, in_f, out_f)
         except (ValueError, TypeError, ZeroDivisionError, KeyError) as e:
             problems.append(f"quantization_config gives no layout for {name} ({type(e).__name__}: {e})")
             return
-        act_order = getattr(self.scheme, "act_order", "none") == "group"
+        act_order = getattr(scheme, "act_order", "none") == "group"
         for k, spec in layout.items():
             if k not in have:
                 # an act-order g_idx cannot be left out: the default one would regroup the columns wrongly
@@ -498,5 +510,6 @@ def packed_linears(path: Path, fmt, scheme, qcfg: dict, index=None, headers=None
         if "weight_shape" in t:  # compressed-tensors records the shape as two numbers, the only data read here
             ws = mod + ".weight_shape"
             t["weight_shape"] = torch.tensor(stored_ints(index[ws][0], ws, headers), dtype=torch.int64)
-        out[mod] = fmt.linear_shape(t, scheme)
+        own = fmt.module_config(qcfg, mod)  # per-module overrides: the module's own bits give its input width
+        out[mod] = fmt.linear_shape(t, scheme if own is None or own is qcfg else fmt.scheme_from_config(own))
     return out

@@ -28,6 +28,11 @@ def convert(src, fmt: str, out_dir: Optional[str] = None, overwrite: bool = Fals
     check_output(out, [src], overwrite)  # before read_export reads every tensor: a bad -o fails at once
     cfg, qweights, rest = read_export(info)  # NaN or Inf in any tensor is refused here
     source_fmt = format_for_config(cfg["quantization_config"])
+    if source_fmt.has_module_overrides(cfg["quantization_config"]):
+        raise UserError(
+            f"{src}: its modules differ in scheme (per-module overrides); convert writes one scheme for the whole "
+            "model: compress the original model again with --format " + fmt
+        )
     target = FORMATS.get(fmt)()
     scheme = source_fmt.scheme_from_config(cfg["quantization_config"])
     target.check(scheme)
