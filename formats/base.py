@@ -104,6 +104,17 @@ class Format:
         where they leave the module unquantized. Every reader of one module's tensors goes through this."""
         return qcfg
 
+    def record_overrides(self, qcfg: dict, overrides: dict, base: Scheme) -> dict:
+        """quantization_config with per-module schemes ({full linear name: Scheme} where they differ from
+        `base`) recorded in this format's own way; a format without one refuses (plan_mixed stops runs first)."""
+        if not overrides:
+            return qcfg
+        raise UserError(f"--format {self.name} cannot record a scheme per module (mixed precision)")
+
+    def module_schemes(self, qcfg: dict) -> list:
+        """Every distinct scheme the checkpoint's modules use (the model's own, then its overrides')."""
+        return [self.scheme_from_config(qcfg)]
+
     def has_module_overrides(self, qcfg: dict) -> bool:
         """Whether modules differ in scheme (readers that assume one scheme for the whole model refuse these)."""
         return False

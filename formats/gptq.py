@@ -21,6 +21,7 @@ from compress_export._version import __version__
 from compress_export.core.errors import UserError
 from compress_export.core.result import QuantizedWeight
 from compress_export.core.scheme import Scheme
+from compress_export.core.structure import FUSED_LINEARS
 from compress_export.formats.base import STORAGE_DTYPE, Format, TensorSpec, register_format
 from compress_export.formats.packing import pack, unpack
 
@@ -96,6 +97,40 @@ class GPTQFormat(Format):
 
     def has_module_overrides(self, qcfg: dict) -> bool:
         return bool(qcfg.get("dynamic"))
+
+    def module_schemes(self, qcfg: dict) -> list:
+        base = {k: v for k, v in qcfg.items() if k != "dynamic"}
+        out = [self.scheme_from_config(base)]
+        for pattern, override in parse_dynamic(qcfg.get("dynamic")).items():
+            scheme = self.scheme_from_config({**base, **override})
+            if not pattern.startswith("-:") and scheme not in out:
+                out.append(scheme)
+        return out
+
+    def record_overrides(self, qcfg: dict, overrides: dict, base: Scheme) -> dict:
+        return {**qcfg, "dynamic": dynamic_rules(overrides, base)} if overrides else qcfg
+
+
+def dynamic_rules(overrides: Dict[str, Scheme], base: Scheme) -> dict:
+    """GPTQModel's `dynamic` for per-module schemes: one "+:" rule per linear, its name escaped and anchored at
+    both ends, with the fields that differ from `base`; and one for the fused module an engine builds from a set of
+    linears that share a scheme (vLLM looks its layers up under the fused name: qkv_proj, gate_up_proj)."""
+
+    def fields(s: Scheme) -> dict:
+        mine, theirs = GPTQConfig.from_scheme(s, [], {}).to_dict(), GPTQConfig.from_scheme(base, [], {}).to_dict()
+        return {k: mine[k] for k in DYNAMIC_KEYS if mine[k] != theirs[k]}
+
+    rules = {f"+:^{re.escape(n)}$": fields(s) for n, s in sorted(overrides.items())}
+    for leaves, fused in FUSED_LINEARS.items():
+        for name in sorted(overrides):
+            parent, _, leaf = name.rpartition(".")
+            if leaf != leaves[0]:
+                continue
+            same = {overrides.get(f"{parent}.{x}") for x in leaves}
+            scheme = same.pop() if len(same) == 1 else None
+            if scheme is not None:
+                rules[f"+:^{re.escape(f'{parent}.{fused}')}$"] = fields(scheme)
+    return rules
 
 
 # The override keys read (GPTQModel writes these per module; others, such as a per-module dampening, do not change

@@ -42,12 +42,6 @@ class CompressExportConfig(QuantizationConfig):
         self.qcfg = qcfg
         self.fmt = format_for_config(qcfg)
         self.scheme = self.fmt.scheme_from_config(qcfg)
-        if self.fmt.has_module_overrides(qcfg):
-            raise UserError(
-                "this checkpoint has per-module overrides (mixed precision), which compress-export's vLLM method "
-                "does not run yet: leave --quantization unset (and COMPRESS_EXPORT_VLLM unset) so vLLM's own "
-                f"{qcfg.get('quant_method')} method reads them"
-            )
         # Each format names its unquantized modules its own way (GPTQ, AWQ, compressed-tensors `re:` patterns).
         names = ignored_modules(qcfg)
         self.not_quantized = {n for n in names if not n.startswith("re:")}
@@ -117,8 +111,24 @@ class CompressExportConfig(QuantizationConfig):
         )
         return METHOD_NAME if route.claim else None
 
+    def layer_config(self, prefix: str) -> Optional[dict]:
+        """The quantization_config of the layer vLLM builds under `prefix` (per-module overrides applied; None:
+        left unquantized). A fused layer (qkv_proj) takes its parts' (q_proj, k_proj, v_proj), which must agree."""
+        parent, _, leaf = prefix.rpartition(".")
+        parts = getattr(self, "packed_modules_mapping", {}).get(leaf) or []
+        names = [f"{parent}.{p}" if parent else p for p in parts] or [prefix]
+        found = [self.fmt.module_config(self.qcfg, n) for n in names]
+        if any(f != found[0] for f in found):
+            raise ValueError(
+                f"{prefix}: the checkpoint gives its parts {', '.join(parts)} different schemes, and vLLM runs them "
+                "as one layer"
+            )
+        return found[0]
+
     def is_quantized(self, prefix: str) -> bool:
         if prefix in self.not_quantized or any(r.fullmatch(prefix) for r in self.not_quantized_re):
+            return False
+        if self.layer_config(prefix) is None:  # a "-:" override
             return False
         if prefix.rpartition(".")[2] == "lm_head":
             return bool(self.qcfg.get("lm_head", False))
@@ -216,6 +226,9 @@ class CompressExportLinearMethod(LinearMethodBase):
 
     def __init__(self, config: CompressExportConfig, prefix: str = ""):
         self.config, self.prefix = config, prefix
+        # this layer's own config and scheme: the checkpoint's, or its per-module override (mixed precision)
+        self.qcfg = config.layer_config(prefix) or config.qcfg
+        self.scheme = config.scheme if self.qcfg is config.qcfg else config.fmt.scheme_from_config(self.qcfg)
 
     def create_weights(
         self,
@@ -227,12 +240,12 @@ class CompressExportLinearMethod(LinearMethodBase):
         params_dtype,
         **extra_weight_attrs,
     ):
-        scheme = self.config.scheme
+        scheme = self.scheme
         in_f, out_f = input_size_per_partition, sum(output_partition_sizes)
         if scheme is not None and not scheme.divides(in_f):
             raise ValueError(f"group size {scheme.group_size} does not divide this shard's input size {in_f}")
         loader = extra_weight_attrs.get("weight_loader")
-        layout = self.config.fmt.tensor_layout(scheme, in_f, out_f, self.config.fmt.stored_dtype(self.config.qcfg))
+        layout = self.config.fmt.tensor_layout(scheme, in_f, out_f, self.config.fmt.stored_dtype(self.qcfg))
         # Row-parallel shards of per-channel and act-order linears keep every group (vLLM's auto_gptq does the
         # same): one group cannot be narrowed, and an act-order shard's g_idx points at groups across the input.
         groups = shard_replicates_groups(scheme, input_size, in_f)
@@ -264,16 +277,14 @@ class CompressExportLinearMethod(LinearMethodBase):
                 "the checkpoint; it is needed to run this layer correctly"
             )
         if layer.ce_local_groups:
-            gs = self.config.scheme.group_len(layer.ce_shape[1])
+            gs = self.scheme.group_len(layer.ce_shape[1])
             for n in (n for n in tensors if n.endswith("g_idx")):
                 tensors[n] = torch.arange(layer.ce_shape[1], dtype=tensors[n].dtype) // gs
         if "weight_shape" in tensors:
             # compressed-tensors records each linear's shape; vLLM loads every shard of a fused linear (q, k, v)
             # into this one small tensor, so the last shard's shape is left. The partition's is the true one.
             tensors["weight_shape"] = torch.tensor(layer.ce_shape, dtype=tensors["weight_shape"].dtype)
-        qw = self.config.fmt.read(
-            getattr(layer, "prefix", "a linear"), tensors, self.config.qcfg, groups=layer.ce_groups
-        )
+        qw = self.config.fmt.read(getattr(layer, "prefix", "a linear"), tensors, self.qcfg, groups=layer.ce_groups)
         device = tensors[layer.ce_tensor_names[0]].device
         req = KernelRequest.for_weight(qw, layer.ce_act_dtype, device.type)
         kernel = choose_kernel(req)(qw, req)

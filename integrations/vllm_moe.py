@@ -70,6 +70,11 @@ class _MoEMethod:
         if act not in _GATED or not getattr(self.moe, "is_act_and_mul", True):
             raise ValueError(f"{self.prefix}: compress-export's MoE method runs gated SiLU experts, not {act}")
         fmt, scheme, qcfg = self.config.fmt, self.config.scheme, self.config.qcfg
+        if fmt.has_module_overrides(qcfg):
+            raise ValueError(
+                f"{self.prefix}: compress-export's MoE method runs one scheme for every expert, and this "
+                "checkpoint has per-module overrides (mixed precision)"
+            )
         hidden, inter = hidden_size, intermediate_size_per_partition
         for stem, (in_f, out_f), lead in (
             ("w13", (hidden, inter), (num_experts, 2)),

@@ -227,6 +227,16 @@ def w8a8_route(device: str, flags=None, act_dtype=None, hf_config=None) -> Route
     return Route(True, f"W8A8 int8: {problem}; our exact int8 GEMM runs it", "int8-dynamic", theirs)
 
 
+def mixed_route(schemes: list, device: str, act_dtype, hf_config) -> Route:
+    """Per-module schemes (mixed precision): on the CPU ours runs every scheme (vLLM's CPU GPTQ method takes
+    4-bit only); elsewhere vLLM's own method reads the overrides and picks its kernels per layer."""
+    kernels = [our_kernel(s, device, act_dtype, hf_config) for s in schemes]
+    widths = "/".join(str(s.bits) for s in schemes)
+    if device == "cpu" and all(kernels):
+        return Route(True, f"per-module schemes ({widths} bits): ours runs each ({'+'.join(sorted(set(kernels)))})")
+    return Route(False, f"per-module schemes ({widths} bits): vLLM's own method reads them")
+
+
 def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=None, flags=None) -> Route:
     """Whether our method claims this checkpoint, and why (`flags`: the CPU's, for tests of other CPU kinds)."""
     if user_quant == METHOD_NAME:
@@ -238,8 +248,6 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
         scheme = fmt.scheme_from_config(qcfg)
     except (UserError, KeyError, ValueError, TypeError):
         return Route(False, "not a checkpoint format compress-export reads")
-    if fmt.has_module_overrides(qcfg):  # our method's layers are built from one scheme (vllm_method)
-        return Route(False, "per-module overrides (mixed precision): vLLM's own method reads them")
     mode = settings.get("VLLM", log)  # a bad value warns in vLLM's log and counts as auto
     if mode != "auto":
         return Route(mode == "always", f"COMPRESS_EXPORT_VLLM={mode}")
@@ -252,6 +260,8 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
         else current_platform.device_type
     )
     act_dtype = act_dtype or engine_dtype(hf_config)
+    if fmt.has_module_overrides(qcfg):
+        return mixed_route(fmt.module_schemes(qcfg), device, act_dtype, hf_config)
     if scheme is not None and scheme.act_bits == 8:
         return w8a8_route(device, flags, act_dtype, hf_config)
     ours = our_kernel(scheme, device, act_dtype, hf_config)

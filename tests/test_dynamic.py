@@ -114,14 +114,28 @@ def test_a_mixed_checkpoint_computes_what_its_spliced_weights_compute(mixed, tin
         torch.testing.assert_close(theirs(input_ids=ids).logits, expect, rtol=1e-4, atol=1e-4)
 
 
-def test_a_mixed_checkpoint_is_refused_where_one_scheme_is_assumed(mixed, tmp_path):
-    from compress_export.integrations.vllm_route import decide
-    from compress_export.pipeline.convert import convert
+def test_vllm_runs_a_mixed_checkpoint_on_our_plugin_on_the_cpu_and_its_own_method_elsewhere(mixed):
+    """vLLM's CPU GPTQ method takes 4-bit only: ours claims every scheme there; on a GPU vLLM's own method reads
+    the overrides and picks its kernels per layer."""
+    from transformers import AutoConfig
+
+    from compress_export.formats.base import FORMATS
+    from compress_export.integrations.vllm_route import mixed_route
 
     out, _ = mixed
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    route = decide(qcfg)  # decided before anything of vLLM's is asked
-    assert not route.claim and "per-module overrides" in route.reason
+    schemes = FORMATS.get("gptq")().module_schemes(qcfg)
+    assert [s.bits for s in schemes] == [4, 8]
+    hf = AutoConfig.from_pretrained(str(out))
+    on_cpu = mixed_route(schemes, "cpu", torch.float32, hf)
+    assert on_cpu.claim and "4/8 bits" in on_cpu.reason, on_cpu
+    assert not mixed_route(schemes, "cuda", torch.float16, hf).claim
+
+
+def test_a_mixed_checkpoint_is_refused_where_one_scheme_is_assumed(mixed, tmp_path):
+    from compress_export.pipeline.convert import convert
+
+    out, _ = mixed
     with pytest.raises(UserError, match="per-module overrides"):
         convert(out, "compressed-tensors", str(tmp_path / "ct"))
     assert not (tmp_path / "ct").exists()

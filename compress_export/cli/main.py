@@ -77,6 +77,20 @@ def _compress_parser():
         "--sym", dest="symmetric", action="store_true", default=None, help="symmetric; the default otherwise"
     )
     p.add_argument("--act-order", choices=ACT_ORDERS, help="GPTQ column order (default static)")
+    mixed = p.add_mutually_exclusive_group()
+    mixed.add_argument(
+        "--avg-bits",
+        type=float,
+        help="mixed precision (--format gptq): the quantized linears within the size uniform weights of this "
+        "many bits would take (e.g. 3.5); each set of linears sharing an input gets one of --mixed-bits, chosen "
+        "by measured sensitivity (one extra forward over the calibration set); the allocation is printed",
+    )
+    mixed.add_argument("--size-mb", type=float, help="mixed precision: the export's weights within this many MB")
+    p.add_argument(
+        "--mixed-bits",
+        type=lambda v: tuple(int(b) for b in v.split(",")),
+        help="the bit widths mixed precision chooses from, comma-separated (default 3,4,8)",
+    )
     p.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--no-clip-search", action="store_true", help="plain min-max scales (no MSE clip search)")
     p.add_argument(
@@ -199,6 +213,9 @@ def config_from_args(a):
         asymmetric=a.asymmetric,
         recover=a.recover,
         recover_steps=a.recover_steps,
+        avg_bits=a.avg_bits,
+        size_mb=a.size_mb,
+        mixed_bits=a.mixed_bits,
     )
 
 

@@ -35,6 +35,12 @@ FAMILIES = (
     Family("neox", ("gpt_neox",), layers="gpt_neox.layers"),
     Family("opt", ("opt",), layers="model.decoder.layers"),
 )
+# Linears that read one input and that engines run fused, under the fused module's name (vLLM's
+# packed_modules_mapping for Llama-like models): a per-module scheme must hold for the fused name too.
+FUSED_LINEARS = {
+    ("q_proj", "k_proj", "v_proj"): "qkv_proj",
+    ("gate_proj", "up_proj"): "gate_up_proj",
+}
 GENERIC_LAYER_PATHS = (
     "model.layers",
     "model.decoder.layers",

@@ -144,6 +144,11 @@ def card_text(
         ("scheme", _scheme_line(facts["scheme"])),
         ("calibration", str(x.get("calibration", "?"))),
     ]
+    mixed = x.get("mixed_precision")
+    if isinstance(mixed, dict):  # the base scheme above is what the modules without an override use
+        budget = f"{mixed.get('avg_bits')} average bits" if mixed.get("avg_bits") else f"{mixed.get('size_mb')} MB"
+        bits = "/".join(str(b) for b in mixed.get("bits") or [])
+        rows.append(("mixed precision", f"{budget}, each set of linears at {bits} bits by measured sensitivity"))
     if x.get("converted_from"):
         rows.append(("converted from", f"a {x['converted_from']} export (the same numbers, repacked)"))
     lines = [*head, MARK, f"# {out_name}", "", f"A compressed checkpoint written by compress-export {__version__}.", ""]

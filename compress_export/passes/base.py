@@ -6,7 +6,7 @@ The pipeline owns hooks, ordering and memory; a pass sees one group of linears t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -62,6 +62,8 @@ class Pass:
 
     def __init__(self, scheme: Optional[Scheme], options: PassOptions = PassOptions(), sparsity=None):
         self.scheme = scheme
+        # {full linear name: its scheme} where it differs from `scheme` (mixed precision: pipeline/mixed.py)
+        self.overrides: Dict[str, Scheme] = {}
         self.options = options
         self.sparsity = sparsity
 
@@ -84,6 +86,13 @@ class Pass:
     def compress_group(self, weights: List[torch.Tensor], stats, group: LinearGroup) -> List[QuantizedWeight]:
         raise NotImplementedError
 
+    def scheme_for(self, group: LinearGroup) -> Optional[Scheme]:
+        """The scheme of a group's linears: one, since they are compressed as one matrix."""
+        found = {self.overrides.get(group.where + n, self.scheme) for n in group.names}
+        if len(found) != 1:
+            raise ValueError(f"{group.label}: linears compressed together were given different schemes {found}")
+        return found.pop()
+
     @property
     def unseen_method(self) -> str:
         """The data-free method for_unseen runs (named in the run's warning about unrouted experts)."""
@@ -93,7 +102,9 @@ class Pass:
         """The pass for linears no calibration token reached (MoE experts the router never chose on the calibration
         set): the data-free pass at the same scheme and sparsity, so a MoE layer's experts stay one format (engines
         run a layer's experts as one fused kernel and cannot mix packed and dense ones)."""
-        return PASSES.get(self.unseen_method)(self.scheme, self.options, self.sparsity)
+        fallback = PASSES.get(self.unseen_method)(self.scheme, self.options, self.sparsity)
+        fallback.overrides = self.overrides
+        return fallback
 
 
 def default_scheme(method: str) -> Scheme:

@@ -20,7 +20,7 @@ class GPTQPass(Pass):
         qw = gptq_quantize(
             W,
             stats.H,
-            self.scheme,
+            self.scheme_for(group),
             damp=o.damp,
             block_size=o.block_size,
             clip_search=o.clip_search,

@@ -16,5 +16,5 @@ class RTNPass(Pass):
     def compress_group(self, weights, stats, group):
         W = torch.cat([w.float() for w in weights], dim=0)
         # RTN is the plain baseline: min-max, no clip search, unless asked for explicitly.
-        qw = rtn_quantize(W, self.scheme, clip_search=False, min_zero=self.options.min_zero)
+        qw = rtn_quantize(W, self.scheme_for(group), clip_search=False, min_zero=self.options.min_zero)
         return split_rows(qw, [w.shape[0] for w in weights])

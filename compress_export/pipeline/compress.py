@@ -68,6 +68,7 @@ class Summary:
     smoothquant: Optional[float] = None  # SmoothQuant's α when it ran (W8A8), else None
     recover: str = ""  # the layer-wise distillation's steps and mean loss before → after, when it ran
     asymmetric: str = ""  # asymmetric calibration's α and how many linears it fitted, when it ran
+    mixed: list = field(default_factory=list)  # mixed precision's allocation table (lines), when it ran
 
     def lines(self):
         what = " ".join(
@@ -118,6 +119,7 @@ class Summary:
             ),
             *([f"  asymmetric calibration (GPTAQ): {self.asymmetric}"] if self.asymmetric else []),
             *([f"  recovery: {self.recover}"] if self.recover else []),
+            *(f"  {line}" for line in self.mixed),
         ]
 
 
@@ -202,6 +204,7 @@ def compress(
         timings = {"load": time.time() - t0}
         unrouted: list = []
         ids, calib_desc = _calibration(source, calib, progress and dist.main, timings, dist, trust_remote_code)
+        table = _choose_mixed(plan, source, layout, ids, dev, dist, index, progress and dist.main, timings)
         ctx = RunContext(src=src, layout=layout, dist=dist, storage_dtype=model_io.source_dtype(src))
         writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
         try:
@@ -256,6 +259,7 @@ def compress(
         size_before_mb=dir_weight_bytes(src) / 1e6,
         size_after_mb=dir_weight_bytes(out) / 1e6,
         timings=timings,
+        mixed=table,
     )
 
 
@@ -358,9 +362,12 @@ def _finish(
     extra.update(source_facts(src, cfg))  # the model card names the source by them (and convert keeps them)
     if not trust_remote_code:
         cfg.pop("auto_map", None)
+    if plan.mixed is not None:  # the recipe of the allocation; the choice itself is in the overrides
+        extra["mixed_precision"] = {"avg_bits": plan.mixed.avg_bits, "size_mb": plan.mixed.size_mb}
+        extra["mixed_precision"]["bits"] = list(plan.mixed.bits)
     qc = format_.quantization_config(the_pass.scheme, ignore, extra, dtype)
     if qc is not None:
-        cfg["quantization_config"] = qc
+        cfg["quantization_config"] = format_.record_overrides(qc, the_pass.overrides, the_pass.scheme)
     cfg.update(format_.config_extras(ignore, extra))
     writer.finish(cfg, src, plan.overwrite, code=trust_remote_code)
 
@@ -413,7 +420,12 @@ def preflight(plan: Plan, trust_remote_code: bool = False):
     _collect(problems, check_tensors, src, skeleton, index)
     layout = _collect(problems, describe, skeleton, str(src))
     if layout is not None:
-        _collect(problems, check_shapes, layout, the_pass.scheme, format_, the_pass.sparsity)
+        # mixed precision: every candidate width must pack every linear (any may be chosen)
+        widths = plan.mixed.bits if plan.mixed is not None else (None,)
+        largest = the_pass.scheme if plan.mixed is None else the_pass.scheme.with_(bits=widths[-1])
+        for b in widths:
+            scheme = the_pass.scheme if b is None else the_pass.scheme.with_(bits=b)
+            _collect(problems, check_shapes, layout, scheme, format_, the_pass.sparsity)
         _collect(problems, the_pass.check_layout, layout, getattr(skeleton.config, "model_type", ""))
         if calib.needed:
             _collect(
@@ -427,7 +439,7 @@ def preflight(plan: Plan, trust_remote_code: bool = False):
             )
         for m in plan.modifiers:
             _collect(problems, m.check, layout)
-        _collect(problems, check_disk_space, out, index, layout, the_pass.scheme, the_pass.sparsity)
+        _collect(problems, check_disk_space, out, index, layout, largest, the_pass.sparsity)
     if len(problems) == 1:
         raise UserError(problems[0])
     if problems:
@@ -568,6 +580,28 @@ def _run_layers(
             unrouted[0],
         )
     return done
+
+
+def _choose_mixed(plan: Plan, source, layout, ids, dev, dist, index, progress, timings) -> list:
+    """Mixed precision: each linear set's bits, measured and allocated before the pass (pipeline/mixed.py), set
+    on the pass as its overrides; returns the allocation table (also logged). [] when the plan has no budget."""
+    from compress_export.pipeline import mixed
+
+    if plan.mixed is None:
+        return []
+    if dist.active:
+        raise UserError("mixed precision (--avg-bits/--size-mb) runs in one process, not under torchrun (yet)")
+    t = time.time()
+    the_pass, calib = plan.the_pass, plan.calibration
+    batch = calib.batch_size or auto_batch_size(source.model, ids)
+    entries = mixed.measure(source, layout, plan.format, the_pass.scheme, plan.mixed, ids, batch, dev, progress)
+    chosen, limit = mixed.choose(entries, plan.mixed, index, the_pass.scheme)
+    the_pass.overrides = {n: s for n, s in chosen.items() if s != the_pass.scheme}
+    table = mixed.allocation_table(entries, chosen, plan.mixed, limit)
+    for line in table:
+        log.info("%s", line)
+    timings["mixed"] = time.time() - t
+    return table
 
 
 def _single_pass(layer, linears, state, the_pass, compress, dist):

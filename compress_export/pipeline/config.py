@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress_export.core.errors import UserError
-from compress_export.core.scheme import ACT_ORDERS, PRESETS, Scheme
+from compress_export.core.scheme import ACT_ORDERS, PRESETS, SUPPORTED_BITS, Scheme
 from compress_export.formats.base import FORMATS
 from compress_export.passes import AWQ_SCORES, PASSES, PassOptions, default_scheme
 
@@ -105,6 +105,16 @@ class CompressionConfig(BaseModel):
     recover_steps: Optional[int] = Field(
         None, description="training steps per decoder layer for --recover kd; None: 100"
     )
+    avg_bits: Optional[float] = Field(
+        None,
+        description="mixed precision: the quantized linears within the size uniform weights of this many bits "
+        "(e.g. 3.5) would take, each set of linears sharing an input at one of mixed_bits, chosen by measured "
+        "sensitivity; None: one bit width",
+    )
+    size_mb: Optional[float] = Field(
+        None, description="mixed precision: the export's weights within this many MB (instead of avg_bits)"
+    )
+    mixed_bits: Tuple[int, ...] = Field((3, 4, 8), description="the bit widths mixed precision chooses from")
 
     @model_validator(mode="wrap")
     @classmethod
@@ -197,6 +207,20 @@ class CompressionConfig(BaseModel):
             raise ValueError(f"{info.field_name} must be 0 (none) or {what} (got {v})")
         return v
 
+    @field_validator("avg_bits", "size_mb")
+    @classmethod
+    def _positive(cls, v, info):
+        if v is not None and not v > 0:
+            raise ValueError(f"{info.field_name} must be positive (got {v})")
+        return v
+
+    @field_validator("mixed_bits")
+    @classmethod
+    def _mixed_bits(cls, v):
+        if len(set(v)) < 2 or any(b not in SUPPORTED_BITS for b in v):
+            raise ValueError(f"mixed_bits must name two or more of {SUPPORTED_BITS} (got {list(v)})")
+        return tuple(sorted(set(v)))
+
     @field_validator("awq_score")
     @classmethod
     def _awq_score(cls, v):
@@ -241,7 +265,7 @@ class CompressionConfig(BaseModel):
 
     # -- recipes -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return self.model_dump()
+        return self.model_dump(mode="json")  # JSON types (mixed_bits a list), as a recipe file holds them
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "recipe") -> CompressionConfig:

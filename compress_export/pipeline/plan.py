@@ -23,6 +23,7 @@ from compress_export.io import model_io, safety
 from compress_export.modifiers.base import Modifier, PlanContext, plan_modifiers
 from compress_export.passes import PASSES, PassOptions
 from compress_export.pipeline.config import CONTAINERS, CompressionConfig
+from compress_export.pipeline.mixed import MixedBudget, plan_mixed
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Plan:
     device: str  # as asked (auto, cpu, cuda, cuda:N); preflight checks it against the machine
     model_type: str
     container: Optional[str] = None  # "gguf": the format's checkpoint is repacked as one GGUF file at the end
+    mixed: Optional[MixedBudget] = None  # mixed precision's candidates and budget (pipeline/mixed.py)
 
     @property
     def scheme(self) -> Optional[Scheme]:
@@ -104,7 +106,8 @@ def resolve(
         scheme = check_gguf(config, scheme, cfg, src)
     if scheme is not None:
         scheme = resolve_group_size(scheme, cfg)
-    out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme, sp)
+    mixed = plan_mixed(config, format_, method, scheme, sp, container)
+    out = Path(out_dir) if out_dir else default_output(src, method, fmt, scheme, sp, mixed)
     safety.check_output(out, [src], overwrite)
     opts = config.pass_options()
     if scheme is not None and not scheme.symmetric:
@@ -114,7 +117,8 @@ def resolve(
     modifiers = plan_modifiers(config, PlanContext(scheme=the_pass.scheme, method=method, model_type=model_type))
     if any(m.needs_rounding_offsets for m in modifiers):
         the_pass.options = replace(the_pass.options, record_offsets=True)
-    needed = the_pass.needs_calibration or any(m.needs_calibration for m in modifiers)
+    # mixed precision measures each linear's sensitivity on the calibration set, even for a data-free pass
+    needed = the_pass.needs_calibration or mixed is not None or any(m.needs_calibration for m in modifiers)
     calibration = Calibration(
         needed, config.dataset, config.num_samples, config.seq_len, config.batch_size, config.seed
     )
@@ -130,6 +134,7 @@ def resolve(
         device=device,
         model_type=model_type,
         container=container,
+        mixed=mixed,
     )
 
 
@@ -151,11 +156,12 @@ def check_gguf(config: CompressionConfig, scheme, cfg: dict, src: Path):
     return scheme
 
 
-def default_output(model_dir: Path, method: str, fmt: str, scheme: Optional[Scheme], sparsity=None) -> Path:
+def default_output(model_dir: Path, method: str, fmt: str, scheme: Optional[Scheme], sparsity=None, mixed=None) -> Path:
     tag = method + (f"-sp{str(sparsity).replace(':', 'of')}" if sparsity else "")
     if scheme is not None:
         g = "pc" if scheme.per_channel else f"g{scheme.group_size}"
-        tag += f"-w{scheme.bits}{g}" + ("a8" if scheme.act_bits == 8 else "") + ("" if scheme.symmetric else "-asym")
+        w = (f"{mixed.avg_bits:g}" if mixed.avg_bits else f"{mixed.size_mb:g}mb") if mixed else scheme.bits
+        tag += f"-w{w}{g}" + ("a8" if scheme.act_bits == 8 else "") + ("" if scheme.symmetric else "-asym")
     return Path.cwd() / f"{model_dir.resolve().name}-{fmt}-{tag}"
 
 

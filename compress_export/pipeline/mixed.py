@@ -1,0 +1,213 @@
+"""Mixed precision under a size budget (--avg-bits, --size-mb): which bit width each set of linears gets.
+
+Before the pass, one forward of the original model over the calibration set measures, for every set of linears
+that read the same input (q/k/v, gate/up: the pass compresses them as one matrix and engines fuse them, so they
+share a scheme), the mean square of each input column; the output error of each candidate bit width then follows
+from the weights (math/allocate.output_error), its size from the format's own tensor layout, and allocate() picks
+the widths that minimise the summed error within the budget. The pass then compresses each set at its width
+(Pass.scheme_for) and the format records the choice per module (GPTQ's `dynamic` overrides).
+
+The budget: --avg-bits B is the size the quantized linears would take at B bits each (the format's bytes are
+affine in the bit width, so a fractional B is the interpolation between whole widths: 3.5 is halfway between
+uniform W3 and W4); --size-mb M is the whole export's weights, what is not quantized (embeddings, norms, the head)
+counted as it is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from compress_export.core.errors import UserError
+from compress_export.core.moe import expert_index
+from compress_export.core.scheme import Scheme
+from compress_export.core.structure import FUSED_LINEARS
+from compress_export.io import model_io
+from compress_export.math.allocate import Candidate, allocate, output_error
+from compress_export.passes.sequential import InputGroups, capture_layer0_inputs, run_layer, to_device
+
+log = logging.getLogger(__name__)
+
+MIXED_FORMATS = ("gptq",)  # formats that record a scheme per module (compressed-tensors' config_groups: not yet)
+MIXED_METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class MixedBudget:
+    """What the plan resolved: the candidates (the plan's scheme at each width) and one budget."""
+
+    bits: Tuple[int, ...]
+    avg_bits: Optional[float] = None
+    size_mb: Optional[float] = None
+
+    def describe(self) -> str:
+        what = f"{self.avg_bits:g} average bits" if self.avg_bits else f"{self.size_mb:g} MB"
+        return f"{what} from {'/'.join(map(str, self.bits))} bits"
+
+
+def plan_mixed(config, format_, method: str, scheme: Optional[Scheme], sparsity, container) -> Optional[MixedBudget]:
+    """The budget config asks for, checked against the run (a UserError naming the flag otherwise)."""
+    if config.avg_bits is None and config.size_mb is None:
+        return None
+    flag = "--avg-bits" if config.avg_bits is not None else "--size-mb"
+    if config.avg_bits is not None and config.size_mb is not None:
+        raise UserError("--avg-bits and --size-mb both set a size budget: give one")
+    if container or format_.name not in MIXED_FORMATS:
+        raise UserError(f"{flag}: mixed precision is written as --format {'/'.join(MIXED_FORMATS)} (not yet others)")
+    if method not in MIXED_METHODS or sparsity is not None:
+        raise UserError(f"{flag}: mixed precision runs with --method {' or '.join(MIXED_METHODS)}, unpruned")
+    if scheme is None or scheme.act_bits != 16:
+        raise UserError(f"{flag}: mixed precision is for weight-only schemes (not W8A8)")
+    bits = tuple(config.mixed_bits)
+    for b in bits:
+        format_.check(scheme.with_(bits=b), None)
+    if config.avg_bits is not None and not bits[0] <= config.avg_bits <= bits[-1]:
+        raise UserError(f"--avg-bits {config.avg_bits:g} is outside --mixed-bits {bits[0]}..{bits[-1]}")
+    return MixedBudget(bits, config.avg_bits, config.size_mb)
+
+
+class _ColumnSquares:
+    """Running mean of x² per input column over calibration tokens: the diagonal of XᵀX/n."""
+
+    def __init__(self, width: int):
+        self.sum = torch.zeros(width, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.sum += x.pow(2).sum(0).cpu()
+        self.n += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.n, 1)).float()
+
+
+@dataclass
+class Entry:
+    """A set of linears that must share a scheme, with its candidates (one per width, in budget.bits order)."""
+
+    names: Tuple[str, ...]  # full names
+    candidates: List[Candidate]
+
+
+def _layout_bytes(fmt, scheme: Scheme, in_f: int, out_f: int) -> int:
+    return sum(
+        math.prod(spec.shape) * torch.empty(0, dtype=spec.dtype).element_size()
+        for spec in fmt.tensor_layout(scheme, in_f, out_f).values()
+    )
+
+
+@torch.no_grad()
+def measure(source, layout, fmt, scheme: Scheme, budget: MixedBudget, ids, batch_size, device, progress) -> list:
+    """Every entry's candidates, from one forward of the original layers over the calibration set."""
+    from compress_export.core.progress import Progress
+
+    if any(expert_index(n) >= 0 for lin in layout.linears for n, _ in lin):
+        raise UserError("mixed precision (--avg-bits/--size-mb) does not handle MoE experts yet: drop it")
+    source.load_inputs(layout.layers_path)
+    states = to_device(capture_layer0_inputs(source.model, layout.layers[0], ids, batch_size), device)
+    source.release_inputs(layout.layers_path)
+    entries: list = []
+    bar = Progress(len(layout.layers), "measuring sensitivity for mixed precision", enabled=progress)
+    for i in range(len(layout.layers)):
+        layer = source.load_layer(layout, i).to(device)
+        groups = InputGroups(layout.linears[i], _ColumnSquares)
+        try:
+            out = []
+            for h, kw in states:
+                out.append((run_layer(layer, h, kw), kw))
+                groups.next_batch()
+        finally:
+            groups.remove()
+        mods = dict(layout.linears[i])
+        for members, stats in zip(groups.members, groups.stats):
+            h = stats.mean()
+            cands = []
+            for b in budget.bits:
+                s = scheme.with_(bits=b)
+                err = sum(output_error(mods[n].weight.detach().to(h.device), h, s) for n in members)
+                nbytes = sum(_layout_bytes(fmt, s, mods[n].in_features, mods[n].out_features) for n in members)
+                cands.append(Candidate(nbytes, err))
+            entries.append(Entry(tuple(layout.full_name(i, n) for n in members), cands))
+        states = out
+        source.release_layer(layout, i)
+        bar.update(i + 1)
+    unseen = {layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
+    unseen -= {n for e in entries for n in e.names}
+    if unseen:
+        raise UserError(
+            f"mixed precision: no calibration token reached {sorted(unseen)[0]}; its sensitivity is unknown"
+        )
+    return entries
+
+
+def budget_bytes(budget: MixedBudget, entries: list, index: dict) -> int:
+    """The bytes allocate() may spend on the entries (see the module's text)."""
+    if budget.avg_bits is not None:
+        lo, hi = budget.bits[0], budget.bits[-1]
+        t = (budget.avg_bits - lo) / (hi - lo)
+        return int(
+            sum(e.candidates[0].nbytes + t * (e.candidates[-1].nbytes - e.candidates[0].nbytes) for e in entries)
+        )
+    assert budget.size_mb is not None
+    quantized = {n + ".weight" for e in entries for n in e.names}
+    fixed = sum(
+        math.prod(shape) * model_io.SAFETENSORS_DTYPES.get(dtype, 4)
+        for name, (_, dtype, shape) in index.items()
+        if name not in quantized
+    )
+    left = int(budget.size_mb * 1e6) - fixed
+    if left <= 0:
+        raise UserError(
+            f"--size-mb {budget.size_mb:g}: what stays unquantized (embeddings, norms, the head) already takes "
+            f"{fixed / 1e6:.1f} MB"
+        )
+    return left
+
+
+def choose(entries: list, budget: MixedBudget, index: dict, scheme: Scheme) -> Tuple[Dict[str, Scheme], int]:
+    """({full linear name: its scheme} for every quantized linear, the bytes the budget allowed them)."""
+    limit = budget_bytes(budget, entries, index)
+    try:
+        picks = allocate([e.candidates for e in entries], limit)
+    except UserError as e:
+        raise UserError(f"{budget.describe()}: {e}") from None
+    return {n: scheme.with_(bits=budget.bits[j]) for e, j in zip(entries, picks) for n in e.names}, limit
+
+
+def allocation_table(entries: list, chosen: Dict[str, Scheme], budget: MixedBudget, limit: int) -> List[str]:
+    """Lines of a table: one row per decoder layer, one column per kind of linear set (`q_proj+k_proj+v_proj`),
+    each cell the bits chosen; then the totals against the budget."""
+    rows: Dict[str, Dict[str, int]] = {}
+    kinds: List[str] = []
+    for e in entries:
+        layer = re.sub(r"\.[^.]*\.[^.]*$", "", e.names[0])  # model.layers.3.self_attn.q_proj → model.layers.3
+        kind = "+".join(n.rpartition(".")[2] for n in e.names)
+        kinds += [kind] if kind not in kinds else []
+        rows.setdefault(layer, {})[kind] = chosen[e.names[0]].bits
+    lines = [f"mixed precision, {budget.describe()}:", "  layer  " + "  ".join(kinds)]
+    for layer, cells in rows.items():
+        idx = layer.rsplit(".", 1)[-1]
+        lines.append(f"  {idx:>5}  " + "  ".join(f"{cells.get(k, '-'):>{len(k)}}" for k in kinds))
+    picks = [chosen[e.names[0]].bits for e in entries]
+    nbytes = sum(e.candidates[budget.bits.index(b)].nbytes for e, b in zip(entries, picks))
+    count = {b: sum(len(e.names) for e, p in zip(entries, picks) if p == b) for b in budget.bits}
+    lines.append(
+        "  linears at "
+        + ", ".join(f"{b} bits: {n}" for b, n in count.items())
+        + f"; {nbytes / 1e6:.3f} MB packed of the {limit / 1e6:.3f} MB budget"
+    )
+    return lines
+
+
+def fused_name(names: Tuple[str, ...]) -> Optional[str]:
+    """The name engines give these linears fused into one (vLLM's qkv_proj, gate_up_proj), where known."""
+    leaves = tuple(n.rpartition(".")[2] for n in names)
+    parents = {n.rpartition(".")[0] for n in names}
+    fused = FUSED_LINEARS.get(leaves)
+    return f"{parents.pop()}.{fused}" if fused and len(parents) == 1 else None
