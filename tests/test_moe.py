@@ -354,6 +354,7 @@ def test_awq_balances_each_expert_and_beats_round_to_nearest(model_type, tmp_pat
     [
         ("compressed-tensors", "gptq", Scheme(4, 64, True)),
         ("gptq", "gptq", Scheme(4, 32, False)),
+        ("gptq", "gptq", Scheme(4, 32, True, act_order="group")),
         ("awq", "awq", Scheme(4, 32, False)),
     ],
 )
@@ -379,3 +380,47 @@ def test_vllm_serves_a_moe_export_through_our_moe_method(fmt, method, scheme, tm
     # every quantized layer runs on a kernel of ours: attention's qkv and o, and each layer's experts (our MoE method)
     assert sum(res["kernels"].values()) == 3 * LAYERS, res["kernels"]
     assert all(k.startswith("compress_export:") for k in res["kernels"]), res["kernels"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
+def test_vllm_refuses_act_order_experts_whose_g_idx_the_checkpoint_lacks(tmp_path, tiny_text):
+    """An act-order GPTQ checkpoint's experts read their groups through g_idx; one without those tensors (from a
+    tool that drops them) would otherwise run every expert on contiguous groups, wrong numbers with no error.
+    vLLM's load stops, naming the layer. The attention linears keep theirs, so the refusal can only come from the
+    experts' check."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    compress(
+        tiny_moe(tmp_path / "base"),
+        out,
+        method="gptq",
+        fmt="gptq",
+        scheme=Scheme(4, 32, True, act_order="group"),
+        dataset=str(tiny_text),
+        num_samples=8,
+        seq_len=32,
+        progress=False,
+    )
+    dropped = 0
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        kept = {n: t for n, t in tensors.items() if not (".experts." in n and n.endswith(".g_idx"))}
+        dropped += len(tensors) - len(kept)
+        save_file(kept, str(f), metadata={"format": "pt"})
+    assert dropped == LAYERS * EXPERTS * 3
+    # as another tool's checkpoint (our own exports are checked in full before vLLM reads them, which names the
+    # missing tensors first): the MoE method's own check is what stops this one
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["quantizer"] = ["gptqmodel:4.0.0"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "compress_export.integrations.vllm_check", str(out), "--dtype", "float32"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode != 0
+    assert "act-order experts lack their g_idx tensors" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
