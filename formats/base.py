@@ -111,9 +111,14 @@ class Format:
             return qcfg
         raise UserError(f"--format {self.name} cannot record a scheme per module (mixed precision)")
 
+    def module_configs(self, qcfg: dict) -> list:
+        """Every distinct quantization_config the checkpoint's quantized modules are read with (the model's own,
+        then its overrides'), each without per-module rules."""
+        return [qcfg]
+
     def module_schemes(self, qcfg: dict) -> list:
-        """Every distinct scheme the checkpoint's modules use (the model's own, then its overrides')."""
-        return [self.scheme_from_config(qcfg)]
+        """The scheme of each of module_configs."""
+        return [self.scheme_from_config(c) for c in self.module_configs(qcfg)]
 
     def has_module_overrides(self, qcfg: dict) -> bool:
         """Whether modules differ in scheme (readers that assume one scheme for the whole model refuse these)."""

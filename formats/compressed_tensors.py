@@ -20,6 +20,7 @@ the layout vLLM's own int8 kernels load as they are (no plugin):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import ClassVar, Dict, Optional, Tuple
@@ -151,6 +152,39 @@ class CompressedTensorsFormat(Format):
     def scheme_from_config(qcfg: dict) -> Scheme:
         return CompressedTensorsConfig.parse(qcfg).scheme
 
+    # Mixed precision: the group targeting every Linear holds the model's scheme; each other group names the
+    # modules it holds (exact names, or "re:" patterns), as llm-compressor writes per-module schemes.
+    def has_module_overrides(self, qcfg: dict) -> bool:
+        return len(qcfg.get("config_groups") or {}) > 1
+
+    def module_config(self, qcfg: dict, name: str) -> Optional[dict]:
+        if not self.has_module_overrides(qcfg):
+            return qcfg
+        cfg = CompressedTensorsConfig.parse(qcfg)
+        groups = qcfg["config_groups"]
+        key = next((k for k, targets, _ in cfg.overrides if _targets_match(targets, name)), cfg.base_group)
+        return {**qcfg, "config_groups": {key: {**groups[key], "targets": ["Linear"]}}}
+
+    def module_configs(self, qcfg: dict) -> list:
+        groups = qcfg.get("config_groups") or {}
+        return [{**qcfg, "config_groups": {k: {**g, "targets": ["Linear"]}}} for k, g in groups.items()]
+
+    def record_overrides(self, qcfg: dict, overrides: dict, base: Scheme) -> dict:
+        if not overrides:
+            return qcfg
+        groups = dict(qcfg["config_groups"])
+        by_scheme: Dict[Scheme, list] = {}
+        for name, scheme in sorted(overrides.items()):
+            by_scheme.setdefault(scheme, []).append(name)
+        for i, (scheme, names) in enumerate(by_scheme.items(), start=1):
+            groups[f"group_{i}"] = _group(scheme, names, qcfg.get("format") or CompressedTensorsConfig.format)
+        return {**qcfg, "config_groups": groups}
+
+
+def _targets_match(targets: tuple, name: str) -> bool:
+    """compressed-tensors' rule for a module's name: an exact name, or a "re:" pattern that matches it."""
+    return any(t == name or (t.startswith("re:") and re.match(t[3:], name)) for t in targets)
+
 
 @dataclass(frozen=True)
 class CompressedTensorsConfig:
@@ -161,6 +195,8 @@ class CompressedTensorsConfig:
     scheme: Scheme
     ignore: Tuple[str, ...] = ()
     compress_export: dict = field(default_factory=dict)
+    base_group: str = "group_0"  # the group targeting every Linear
+    overrides: Tuple[Tuple[str, Tuple[str, ...], Scheme], ...] = ()  # (group, its module targets, its scheme)
     quant_method: ClassVar[str] = "compressed-tensors"
     format: ClassVar[str] = "pack-quantized"
     int_format: ClassVar[str] = "int-quantized"
@@ -172,9 +208,30 @@ class CompressedTensorsConfig:
     @classmethod
     def parse(cls, qcfg: dict) -> CompressedTensorsConfig:
         groups = qcfg.get("config_groups") or {}
-        if len(groups) != 1:
-            raise UserError(f"compressed-tensors: expected one config group, found {len(groups)}")
-        (group,) = groups.values()
+        if not isinstance(groups, dict) or not groups:
+            raise UserError("compressed-tensors: config_groups is empty")
+        every = [k for k, g in groups.items() if len(groups) == 1 or "Linear" in (_targets(g, k) or ())]
+        if len(every) != 1:
+            raise UserError(
+                f"compressed-tensors: of {len(groups)} config groups exactly one must target every Linear (the "
+                f"others naming modules), found {len(every)}"
+            )
+        base = every[0]
+        scheme = cls._group_scheme(groups[base], qcfg)
+        overrides = []
+        for key, group in groups.items():
+            if key == base:
+                continue
+            targets, own = _targets(group, key), cls._group_scheme(group, qcfg)
+            if "Linear" in targets or own.act_bits != scheme.act_bits:
+                raise UserError(f"compressed-tensors: config group {key!r} must name modules and quantize weights only")
+            overrides.append((key, targets, own))
+        return cls(
+            scheme, tuple(qcfg.get("ignore") or ()), dict(qcfg.get("compress_export") or {}), base, tuple(overrides)
+        )
+
+    @classmethod
+    def _group_scheme(cls, group: dict, qcfg: dict) -> Scheme:
         fmt = group.get("format") or qcfg.get("format")
         w = group.get("weights") or {}
         act_bits = _activation_bits(group.get("input_activations"))
@@ -190,38 +247,17 @@ class CompressedTensorsConfig:
         act = {None: "none", "static": "static", "group": "group", "weight": "static"}.get(w.get("actorder"))
         if act is None:
             raise UserError(f"compressed-tensors: actorder {w.get('actorder')!r} is not supported")
-        scheme = Scheme(int(w["num_bits"]), gs, bool(w.get("symmetric", True)), act, act_bits)
-        return cls(scheme, tuple(qcfg.get("ignore") or ()), dict(qcfg.get("compress_export") or {}))
+        return Scheme(int(w["num_bits"]), gs, bool(w.get("symmetric", True)), act, act_bits)
 
     def to_dict(self) -> dict:
         s = self.scheme
-        weights = {
-            "num_bits": s.bits,
-            "type": "int",
-            "symmetric": s.symmetric,
-            "group_size": None if s.per_channel else s.group_size,
-            "strategy": "channel" if s.per_channel else "group",
-            "block_structure": None,
-            "dynamic": False,
-            "actorder": _ACTORDER[s.act_order],
-            "scale_dtype": None,
-            "zp_dtype": None,
-            "observer": "minmax",
-            "observer_kwargs": {},
-        }
         fmt = self.int_format if s.act_bits == 8 else self.format
+        groups = {self.base_group: _group(s, ["Linear"], fmt)}
+        groups.update({key: _group(own, list(targets), fmt) for key, targets, own in self.overrides})
         return {
             "quant_method": self.quant_method,
             "format": fmt,
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "weights": weights,
-                    "input_activations": INT8_PER_TOKEN if s.act_bits == 8 else None,
-                    "output_activations": None,
-                    "format": fmt,
-                }
-            },
+            "config_groups": groups,
             "ignore": list(self.ignore),
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
@@ -232,6 +268,31 @@ class CompressedTensorsConfig:
             "quantizer": [f"compress-export:{__version__}"],
             "compress_export": self.compress_export,
         }
+
+
+def _group(s: Scheme, targets: list, fmt: str) -> dict:
+    """One config group: the modules `targets` names, quantized as `s` says."""
+    weights = {
+        "num_bits": s.bits,
+        "type": "int",
+        "symmetric": s.symmetric,
+        "group_size": None if s.per_channel else s.group_size,
+        "strategy": "channel" if s.per_channel else "group",
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": _ACTORDER[s.act_order],
+        "scale_dtype": None,
+        "zp_dtype": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+    return {
+        "targets": targets,
+        "weights": weights,
+        "input_activations": INT8_PER_TOKEN if s.act_bits == 8 else None,
+        "output_activations": None,
+        "format": fmt,
+    }
 
 
 # Input activations of W8A8: int8, one scale per token computed at run time, symmetric (vLLM's dynamic int8 path).
@@ -249,6 +310,20 @@ INT8_PER_TOKEN = {
     "observer": None,
     "observer_kwargs": {},
 }
+
+
+def _targets(group, key: str) -> Tuple[str, ...]:
+    """A config group's targets, checked: module names, "re:" patterns or class names."""
+    targets = group.get("targets") if isinstance(group, dict) else None
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise UserError(f"compressed-tensors: config group {key!r} has no list of targets")
+    for t in targets:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as e:
+                raise UserError(f"compressed-tensors: config group {key!r} target {t!r} is not a regex ({e})") from None
+    return tuple(targets)
 
 
 def _activation_bits(acts) -> Optional[int]:

@@ -10,6 +10,7 @@ Per quantized linear with W [out, in], G groups:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -92,19 +93,19 @@ class GPTQFormat(Format):
         if override is False:
             return None
         own = {k: v for k, v in qcfg.items() if k != "dynamic"}
-        own.update(override or {})
+        own.update({k: v for k, v in (override or {}).items() if k in DYNAMIC_KEYS})
         return own
 
     def has_module_overrides(self, qcfg: dict) -> bool:
         return bool(qcfg.get("dynamic"))
 
-    def module_schemes(self, qcfg: dict) -> list:
+    def module_configs(self, qcfg: dict) -> list:
         base = {k: v for k, v in qcfg.items() if k != "dynamic"}
-        out = [self.scheme_from_config(base)]
+        out = [base]
         for pattern, override in parse_dynamic(qcfg.get("dynamic")).items():
-            scheme = self.scheme_from_config({**base, **override})
-            if not pattern.startswith("-:") and scheme not in out:
-                out.append(scheme)
+            own = {**base, **{k: v for k, v in override.items() if k in DYNAMIC_KEYS}}
+            if not pattern.startswith("-:") and own not in out:
+                out.append(own)
         return out
 
     def record_overrides(self, qcfg: dict, overrides: dict, base: Scheme) -> dict:
@@ -133,9 +134,16 @@ def dynamic_rules(overrides: Dict[str, Scheme], base: Scheme) -> dict:
     return rules
 
 
-# The override keys read (GPTQModel writes these per module; others, such as a per-module dampening, do not change
-# how the tensors are read, but an unknown one might: refused rather than guessed).
+# The override keys read; GPTQModel also writes keys that only steered its own run (ignored), and an unknown key
+# might change how the tensors are to be read: refused rather than guessed.
 DYNAMIC_KEYS = {"bits": int, "group_size": int, "sym": bool, "desc_act": bool}
+RUN_ONLY_KEYS = ("damp_percent", "damp_auto_increment", "static_groups", "true_sequential", "mse")
+
+
+@functools.cache
+def _pattern(rule: str) -> re.Pattern:
+    """A rule's regex, compiled once (re's own cache holds 512, fewer than a deep model's rules)."""
+    return re.compile(rule[2:] if rule.startswith(("+:", "-:")) else rule)
 
 
 def parse_dynamic(rules) -> dict:
@@ -148,12 +156,14 @@ def parse_dynamic(rules) -> dict:
     for pattern, override in rules.items():
         where = f"quantization_config 'dynamic' rule {pattern!r}"
         try:
-            re.compile(pattern[2:] if pattern.startswith(("+:", "-:")) else pattern)
+            _pattern(pattern)
         except re.error as e:
             raise UserError(f"{where}: not a regular expression ({e})") from None
         if not isinstance(override, dict):
             raise UserError(f"{where}: the override must be a mapping, got {override!r}")
         for k, v in override.items():
+            if k in RUN_ONLY_KEYS:
+                continue
             if k not in DYNAMIC_KEYS:
                 raise UserError(f"{where}: override {k!r} is not read (only {', '.join(DYNAMIC_KEYS)})")
             if type(v) is not DYNAMIC_KEYS[k]:
@@ -168,11 +178,8 @@ def dynamic_override(rules: dict, name: str):
     mapping, else None (the base config). vLLM's rule (gptq_utils.get_dynamic_override): rules in order, re.match
     (anchored at the start only), the first match decides."""
     for pattern, override in rules.items():
-        if pattern.startswith("-:"):
-            if re.match(pattern[2:], name):
-                return False
-        elif re.match(pattern[2:] if pattern.startswith("+:") else pattern, name):
-            return override
+        if _pattern(pattern).match(name):
+            return False if pattern.startswith("-:") else override
     return None
 
 

@@ -227,14 +227,23 @@ def w8a8_route(device: str, flags=None, act_dtype=None, hf_config=None) -> Route
     return Route(True, f"W8A8 int8: {problem}; our exact int8 GEMM runs it", "int8-dynamic", theirs)
 
 
-def mixed_route(schemes: list, device: str, act_dtype, hf_config) -> Route:
-    """Per-module schemes (mixed precision): on the CPU ours runs every scheme (vLLM's CPU GPTQ method takes
-    4-bit only); elsewhere vLLM's own method reads the overrides and picks its kernels per layer."""
-    kernels = [our_kernel(s, device, act_dtype, hf_config) for s in schemes]
+def mixed_route(fmt, qcfg: dict, device: str, act_dtype, hf_config) -> Route:
+    """Per-module schemes (mixed precision): vLLM's own method reads the overrides and picks its kernels per layer,
+    where it has one for every scheme off the CPU (its GPTQ method takes 4 and 8 bits, symmetric; its CPU method
+    4-bit only); otherwise ours runs each scheme, where it can."""
+    configs = fmt.module_configs(qcfg)
+    schemes = [fmt.scheme_from_config(c) for c in configs]
     widths = "/".join(str(s.bits) for s in schemes)
-    if device == "cpu" and all(kernels):
-        return Route(True, f"per-module schemes ({widths} bits): ours runs each ({'+'.join(sorted(set(kernels)))})")
-    return Route(False, f"per-module schemes ({widths} bits): vLLM's own method reads them")
+    theirs = [vllm_native(c, act_dtype, hf_config) for c in configs]
+    if device != "cpu" and all(name for name, _ in theirs):
+        return Route(False, f"per-module schemes ({widths} bits): vLLM's own method runs each")
+    kernels = [our_kernel(s, device, act_dtype, hf_config) for s in schemes]
+    if all(kernels):
+        why = next((w for name, w in theirs if not name), "our compiled CPU kernel is faster")
+        return Route(
+            True, f"per-module schemes ({widths} bits): ours runs each ({'+'.join(sorted(set(kernels)))}; {why})"
+        )
+    return Route(False, f"per-module schemes ({widths} bits): no kernel of ours runs them all here; left to vLLM")
 
 
 def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=None, flags=None) -> Route:
@@ -261,7 +270,7 @@ def decide(qcfg: dict, user_quant=None, hf_config=None, act_dtype=None, device=N
     )
     act_dtype = act_dtype or engine_dtype(hf_config)
     if fmt.has_module_overrides(qcfg):
-        return mixed_route(fmt.module_schemes(qcfg), device, act_dtype, hf_config)
+        return mixed_route(fmt, qcfg, device, act_dtype, hf_config)
     if scheme is not None and scheme.act_bits == 8:
         return w8a8_route(device, flags, act_dtype, hf_config)
     ours = our_kernel(scheme, device, act_dtype, hf_config)

@@ -114,22 +114,60 @@ def test_a_mixed_checkpoint_computes_what_its_spliced_weights_compute(mixed, tin
         torch.testing.assert_close(theirs(input_ids=ids).logits, expect, rtol=1e-4, atol=1e-4)
 
 
-def test_vllm_runs_a_mixed_checkpoint_on_our_plugin_on_the_cpu_and_its_own_method_elsewhere(mixed):
-    """vLLM's CPU GPTQ method takes 4-bit only: ours claims every scheme there; on a GPU vLLM's own method reads
-    the overrides and picks its kernels per layer."""
+def test_vllm_runs_a_mixed_checkpoint_with_its_own_method_only_where_it_has_every_width(mixed, monkeypatch):
+    """vLLM's CPU GPTQ method takes 4-bit only, its GPU one 4 and 8 bits symmetric: ours claims the checkpoint on
+    the CPU, and on a GPU unless vLLM has a kernel for every scheme (then its own method reads the overrides)."""
     from transformers import AutoConfig
 
     from compress_export.formats.base import FORMATS
-    from compress_export.integrations.vllm_route import mixed_route
+    from compress_export.integrations import vllm_route
 
     out, _ = mixed
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    schemes = FORMATS.get("gptq")().module_schemes(qcfg)
-    assert [s.bits for s in schemes] == [4, 8]
+    fmt = FORMATS.get("gptq")()
+    assert [s.bits for s in fmt.module_schemes(qcfg)] == [4, 8]
     hf = AutoConfig.from_pretrained(str(out))
-    on_cpu = mixed_route(schemes, "cpu", torch.float32, hf)
+    on_cpu = vllm_route.mixed_route(fmt, qcfg, "cpu", torch.float32, hf)
     assert on_cpu.claim and "4/8 bits" in on_cpu.reason, on_cpu
-    assert not mixed_route(schemes, "cuda", torch.float16, hf).claim
+    asked = []
+
+    def native(c, act_dtype, hf_config):  # vLLM's GPU method, as its configs accept: 4 and 8 bits
+        asked.append(c["bits"])
+        return ("gptq_marlin", "ok") if c["bits"] in (4, 8) else (None, f"vLLM refuses {c['bits']} bits")
+
+    monkeypatch.setattr(vllm_route, "vllm_native", native)
+    monkeypatch.setattr(vllm_route, "our_kernel", lambda s, *a: "cuda-wna16")
+    assert not vllm_route.mixed_route(fmt, qcfg, "cuda", torch.float16, hf).claim
+    assert asked == [4, 8] and all("dynamic" not in c for c in fmt.module_configs(qcfg))
+    three = {**qcfg, "dynamic": {**qcfg["dynamic"], DOWN: {"bits": 3}}}
+    route = vllm_route.mixed_route(fmt, three, "cuda", torch.float16, hf)
+    assert route.claim and "vLLM refuses 3 bits" in route.reason, route
+
+
+def test_our_rules_select_in_vllm_what_we_meant_fused_names_and_layer_1_against_10():
+    from compress_export.formats.gptq import dynamic_rules
+
+    base = Scheme(4, 64, True)
+    overrides = {f"model.layers.1.self_attn.{x}_proj": Scheme(8, 64, True) for x in "qkv"}
+    overrides.update({"model.layers.10.mlp.down_proj": Scheme(3, 64, True)})
+    overrides.update({f"model.layers.1.mlp.{x}_proj": Scheme(3, 64, True) for x in ("gate", "up")})
+    rules = dynamic_rules(overrides, base)
+    want = {
+        "model.layers.1.self_attn.qkv_proj": {"bits": 8},
+        "model.layers.1.self_attn.k_proj": {"bits": 8},
+        "model.layers.1.mlp.gate_up_proj": {"bits": 3},
+        "model.layers.10.mlp.down_proj": {"bits": 3},
+        "model.layers.1.mlp.down_proj": None,
+        "model.layers.10.self_attn.qkv_proj": None,
+        "model.layers.10.mlp.gate_up_proj": None,
+    }
+    assert {n: dynamic_override(rules, n) for n in want} == want
+    try:
+        from vllm.model_executor.layers.quantization.utils.gptq_utils import get_dynamic_override
+    except ImportError:
+        return
+    cfg = type("Cfg", (), {"dynamic": rules})()
+    assert {n: get_dynamic_override(cfg, n) for n in want} == want
 
 
 def test_a_mixed_checkpoint_is_refused_where_one_scheme_is_assumed(mixed, tmp_path):
@@ -145,7 +183,7 @@ def test_a_mixed_checkpoint_is_refused_where_one_scheme_is_assumed(mixed, tmp_pa
     "rules,match",
     [
         ({DOWN: {"bits": 5}}, "5 bits"),
-        ({DOWN: {"damp_percent": 0.1}}, "'damp_percent' is not read"),
+        ({DOWN: {"adapter": "lora"}}, "'adapter' is not read"),
         ({DOWN: {"bits": "8"}}, "bits must be int"),
         ({"+:(": {"bits": 8}}, "not a regular expression"),
         ({DOWN: 8}, "must be a mapping"),
@@ -157,6 +195,15 @@ def test_overrides_that_cannot_be_read_exactly_are_refused_naming_the_rule(rules
     qcfg["dynamic"] = rules
     with pytest.raises(UserError, match=match):
         GPTQConfig.parse(qcfg)
+
+
+def test_keys_that_only_steered_the_quantizer_are_read_past():
+    from compress_export.formats.base import FORMATS
+
+    qcfg = GPTQConfig(4, 32, True).to_dict()
+    qcfg["dynamic"] = {DOWN: {"bits": 8, "damp_percent": 0.05}}
+    own = FORMATS.get("gptq")().module_config(qcfg, "model.layers.0.mlp.down_proj")
+    assert own["bits"] == 8 and own["damp_percent"] == qcfg["damp_percent"] == 0.01 and "dynamic" not in own
 
 
 def test_overrides_survive_a_parse_and_write_and_a_uniform_config_gains_no_key():

@@ -69,6 +69,23 @@ def test_average_bits_fit_between_the_uniform_exports_and_each_module_is_written
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+def test_a_mixed_compressed_tensors_export_reads_in_the_library_as_we_wrote_it(tiny, tiny_text, tmp_path):
+    """The per-module schemes as llm-compressor writes them (one config group targeting every Linear, one per
+    other width naming its modules): transformers with the compressed-tensors library computes what ours does."""
+    pytest.importorskip("compressed_tensors")
+    from compress_export.integrations.conformance import compare_reference
+
+    out = tmp_path / "ct"
+    _, results = _run(tiny, tiny_text, out, format="compressed-tensors", avg_bits=3.5)
+    widths = {r.scheme.bits for r in results.values()}
+    assert widths >= {3, 4}
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == len(widths) and groups["group_0"]["targets"] == ["Linear"]
+    assert_written_as_computed(out, results)
+    r = compare_reference(out, tiny_text, window=64)
+    assert r["top1_agreement"] >= 0.99 and r["max_abs_dlogit"] < 1e-3, r
+
+
 def test_the_budget_extremes_give_the_uniform_widths(tiny, tiny_text, tmp_path):
     for avg, want in ((3, 3), (8, 8)):
         _, results = _run(tiny, tiny_text, tmp_path / f"a{avg}", method="rtn", avg_bits=avg, mixed_bits=(3, 8))
@@ -89,12 +106,13 @@ def test_a_size_in_megabytes_bounds_the_whole_export(tiny, tiny_text, tmp_path):
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(format="awq", method="awq"), "written as --format gptq"),
-        (dict(format="compressed-tensors"), "written as --format gptq"),
+        (dict(format="awq", method="awq"), "written as --format gptq/compressed-tensors"),
         (dict(sparsity="2:4", method="sparsegpt", format="gptq", bits=4), "unpruned"),
         (dict(method="awq", format="gptq"), "--method gptq or rtn"),
         (dict(avg_bits=9.0), "outside --mixed-bits 3..8"),
         (dict(size_mb=1.0), "both set a size budget"),
+        (dict(avg_bits=None, size_mb=1.0, lowrank_rank=8), "adds an adapter"),
+        (dict(avg_bits=None, mixed_bits=(2, 4)), "add --avg-bits or --size-mb"),
     ],
 )
 def test_what_mixed_precision_cannot_record_is_refused_before_any_work(tiny, tmp_path, kw, match):
@@ -103,6 +121,34 @@ def test_what_mixed_precision_cannot_record_is_refused_before_any_work(tiny, tmp
     with pytest.raises(UserError, match=match):
         compress(tiny, tmp_path / "o", CompressionConfig(**settings), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_moe_model_is_refused_before_any_weight_is_read(tmp_path, tiny_text):
+    from test_moe import tiny_moe
+
+    with pytest.raises(UserError, match="MoE experts"):
+        compress(tiny_moe(tmp_path / "moe"), tmp_path / "o", CompressionConfig(avg_bits=3.5, group_size=32))
+
+
+def test_a_streamed_layer_measured_then_read_again_keeps_its_buffers(tiny, tmp_path):
+    """Mixed precision's measuring sweep frees each layer's weights and the pass reads it again: a buffer the
+    checkpoint does not hold (a per-layer rotary table) must survive, and the weights come back as stored."""
+    from compress_export.core.structure import describe
+    from compress_export.io.source import build_skeleton, open_source
+
+    skeleton = build_skeleton(tiny)
+    source = open_source(tiny, skeleton, model_io.tensor_index(tiny), True, False)
+    assert source.streamed
+    layout = describe(source.model)
+    layer = source.load_layer(layout, 0)
+    want = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    layer.register_buffer("table", torch.arange(4.0), persistent=False)
+    source.unload_layer(layout, 0)
+    assert all(p.is_meta for p in layer.parameters()) and not layer.table.is_meta
+    layer = source.load_layer(layout, 0)
+    assert torch.equal(layer.table, torch.arange(4.0))
+    for n, p in layer.named_parameters():
+        assert torch.equal(p, want[n]), n
 
 
 def test_the_cli_takes_the_budget_flags(tiny, tiny_text, tmp_path, capsys):
@@ -120,13 +166,14 @@ def test_the_cli_takes_the_budget_flags(tiny, tiny_text, tmp_path, capsys):
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-def test_vllm_serves_a_mixed_export_through_our_plugin(tiny_text, tmp_path):
-    """vLLM's own CPU GPTQ method takes 4-bit only: our plugin claims the export and builds each layer (fused
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_vllm_serves_a_mixed_export_through_our_plugin(tiny_text, tmp_path, fmt):
+    """vLLM's own CPU methods take 4-bit only: our plugin claims the export and builds each layer (fused
     qkv_proj and gate_up_proj included) at its own width; its log-probabilities equal our loader's."""
     from test_vllm import _tiny_vllm_model, vllm_matches_our_loader
 
     out = tmp_path / "out"
-    _, results = _run(_tiny_vllm_model(tmp_path), tiny_text, out, avg_bits=3.5)
+    _, results = _run(_tiny_vllm_model(tmp_path), tiny_text, out, avg_bits=3.5, format=fmt)
     assert {r.scheme.bits for r in results.values()} >= {3, 4}
     res = vllm_matches_our_loader(out, tmp_path, tiny_text)
     assert all(k.startswith("compress_export:") for k in res["kernels"]), res["kernels"]

@@ -88,7 +88,7 @@ def _compress_parser():
     mixed.add_argument("--size-mb", type=float, help="mixed precision: the export's weights within this many MB")
     p.add_argument(
         "--mixed-bits",
-        type=lambda v: tuple(int(b) for b in v.split(",")),
+        type=_bit_widths,
         help="the bit widths mixed precision chooses from, comma-separated (default 3,4,8)",
     )
     p.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
@@ -184,6 +184,13 @@ def _beyond_weight_only(p) -> None:
         metavar="N",
         help="training steps per decoder layer for --recover kd (default 100)",
     )
+
+
+def _bit_widths(text: str) -> tuple:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want bit widths separated by commas, e.g. 3,4,8 (got {text!r})") from None
 
 
 def config_from_args(a):

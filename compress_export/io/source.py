@@ -53,6 +53,10 @@ class InMemorySource:
     def release_layer(self, layout, i: int) -> None:
         layout.layers[i].to("cpu")
 
+    def unload_layer(self, layout, i: int) -> None:
+        """Free layer i's weights so that load_layer can read it again (a measuring sweep before the pass)."""
+        self.release_layer(layout, i)
+
     def outer_tensors(self, layers_path: str) -> Iterator[Tuple[str, torch.Tensor]]:
         """Every tensor outside the decoder layers, each shared tensor once."""
         seen = set()
@@ -140,10 +144,7 @@ class StreamedSource:
     def release_inputs(self, layers_path: str) -> None:
         self._close()
         for _, child in self._outer_modules(layers_path):  # parameters only: buffers (rotary tables) stay real
-            for owner in child.modules():
-                for attr, p in list(owner._parameters.items()):
-                    if p is not None:
-                        owner._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
+            _parameters_to_meta(child)
 
     def load_layer(self, layout, i: int) -> nn.Module:
         hardware.release_free_heap()  # the previous layer's freed memory off the resident set: flat in depth
@@ -156,6 +157,12 @@ class StreamedSource:
         layout.layers[i].to("meta")  # frees it; the layer is not used again
         self._close()
 
+    def unload_layer(self, layout, i: int) -> None:
+        """Parameters back on meta (freed); buffers stay real: a non-persistent one (a per-layer rotary table) is
+        not in the checkpoint, and load_layer restores only what is."""
+        _parameters_to_meta(layout.layers[i])
+        self._close()
+
     def _close(self) -> None:
         """Unmap the shards: pages of a memory-mapped file count in the process's resident memory while mapped."""
         self._files.clear()
@@ -166,6 +173,14 @@ class StreamedSource:
             if not name.startswith(layers_path + "."):
                 yield name, self._read(name)
                 self._close()
+
+
+def _parameters_to_meta(module: nn.Module) -> None:
+    """Free every parameter of `module` (moved to the meta device, shapes kept); its buffers stay as they are."""
+    for owner in module.modules():
+        for attr, p in list(owner._parameters.items()):
+            if p is not None:
+                owner._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
 
 
 def build_skeleton(src: Path, trust_remote_code: bool = False) -> nn.Module:

@@ -58,7 +58,7 @@ def allocate(entries: Sequence[Sequence[Candidate]], budget: int, units: int = D
     if smallest > budget:
         raise UserError(
             f"the size budget is {budget / 1e6:.1f} MB but the smallest allowed choice already needs "
-            f"{smallest / 1e6:.1f} MB: raise --size-mb / --avg-bits, or allow fewer bits"
+            f"{smallest / 1e6:.1f} MB: raise --size-mb / --avg-bits, or add a smaller width to --mixed-bits"
         )
     best_each = [min(range(len(c)), key=lambda j: (c[j].error, c[j].nbytes)) for c in entries]
     if sum(c[j].nbytes for c, j in zip(entries, best_each)) <= budget:  # every entry at its best fits: no search

@@ -187,6 +187,8 @@ def compress(
     dev, skeleton, layout, index = preflight(plan, trust_remote_code)
     dist, dev = join(dev)  # torchrun (or the caller's process group): this rank's place; else a run of one
     try:
+        if plan.mixed is not None and dist.active:
+            raise UserError("mixed precision (--avg-bits/--size-mb) runs in one process, not under torchrun (yet)")
         check_distributable(dist, layout)
         # only text the model writes itself needs the whole model (calibration loads it then, even when streaming)
         source = open_source(
@@ -205,6 +207,8 @@ def compress(
         unrouted: list = []
         ids, calib_desc = _calibration(source, calib, progress and dist.main, timings, dist, trust_remote_code)
         table = _choose_mixed(plan, source, layout, ids, dev, dist, index, progress and dist.main, timings)
+        if not (the_pass.needs_calibration or any(m.needs_calibration for m in plan.modifiers)):
+            ids = None  # loaded only for mixed precision's measuring: a data-free pass runs without the states
         ctx = RunContext(src=src, layout=layout, dist=dist, storage_dtype=model_io.source_dtype(src))
         writer = CheckpointWriter(out) if dist.main else None  # rank 0 writes; the others only compute
         try:
@@ -439,6 +443,10 @@ def preflight(plan: Plan, trust_remote_code: bool = False):
             )
         for m in plan.modifiers:
             _collect(problems, m.check, layout)
+        if plan.mixed is not None:
+            from compress_export.pipeline.mixed import check_layout
+
+            _collect(problems, check_layout, layout)
         _collect(problems, check_disk_space, out, index, layout, largest, the_pass.sparsity)
     if len(problems) == 1:
         raise UserError(problems[0])
@@ -589,8 +597,6 @@ def _choose_mixed(plan: Plan, source, layout, ids, dev, dist, index, progress, t
 
     if plan.mixed is None:
         return []
-    if dist.active:
-        raise UserError("mixed precision (--avg-bits/--size-mb) runs in one process, not under torchrun (yet)")
     t = time.time()
     the_pass, calib = plan.the_pass, plan.calibration
     batch = calib.batch_size or auto_batch_size(source.model, ids)

@@ -114,7 +114,9 @@ class CompressionConfig(BaseModel):
     size_mb: Optional[float] = Field(
         None, description="mixed precision: the export's weights within this many MB (instead of avg_bits)"
     )
-    mixed_bits: Tuple[int, ...] = Field((3, 4, 8), description="the bit widths mixed precision chooses from")
+    mixed_bits: Tuple[int, ...] = Field(
+        (3, 4, 8), description="the bit widths mixed precision chooses from (with avg_bits or size_mb)"
+    )
 
     @model_validator(mode="wrap")
     @classmethod

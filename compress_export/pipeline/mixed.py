@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -26,15 +25,15 @@ import torch
 from compress_export.core.errors import UserError
 from compress_export.core.moe import expert_index
 from compress_export.core.scheme import Scheme
-from compress_export.core.structure import FUSED_LINEARS
 from compress_export.io import model_io
 from compress_export.math.allocate import Candidate, allocate, output_error
 from compress_export.passes.sequential import InputGroups, capture_layer0_inputs, run_layer, to_device
 
 log = logging.getLogger(__name__)
 
-MIXED_FORMATS = ("gptq",)  # formats that record a scheme per module (compressed-tensors' config_groups: not yet)
+MIXED_FORMATS = ("gptq", "compressed-tensors")  # formats that record a scheme per module
 MIXED_METHODS = ("gptq", "rtn")
+MIXED_BITS_DEFAULT = (3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,8 @@ class MixedBudget:
 def plan_mixed(config, format_, method: str, scheme: Optional[Scheme], sparsity, container) -> Optional[MixedBudget]:
     """The budget config asks for, checked against the run (a UserError naming the flag otherwise)."""
     if config.avg_bits is None and config.size_mb is None:
+        if tuple(config.mixed_bits) != MIXED_BITS_DEFAULT:
+            raise UserError("--mixed-bits names the widths of mixed precision: add --avg-bits or --size-mb")
         return None
     flag = "--avg-bits" if config.avg_bits is not None else "--size-mb"
     if config.avg_bits is not None and config.size_mb is not None:
@@ -63,12 +64,26 @@ def plan_mixed(config, format_, method: str, scheme: Optional[Scheme], sparsity,
         raise UserError(f"{flag}: mixed precision runs with --method {' or '.join(MIXED_METHODS)}, unpruned")
     if scheme is None or scheme.act_bits != 16:
         raise UserError(f"{flag}: mixed precision is for weight-only schemes (not W8A8)")
+    if config.size_mb is not None and config.lowrank_rank:
+        raise UserError(
+            "--size-mb bounds the export's weights, and --lowrank-rank adds an adapter beside them: "
+            "use --avg-bits with it, or drop one"
+        )
     bits = tuple(config.mixed_bits)
     for b in bits:
         format_.check(scheme.with_(bits=b), None)
     if config.avg_bits is not None and not bits[0] <= config.avg_bits <= bits[-1]:
         raise UserError(f"--avg-bits {config.avg_bits:g} is outside --mixed-bits {bits[0]}..{bits[-1]}")
     return MixedBudget(bits, config.avg_bits, config.size_mb)
+
+
+def check_layout(layout) -> None:
+    """What config.json's structure rules out (preflight, before any weight is read)."""
+    if any(expert_index(n) >= 0 for lin in layout.linears for n, _ in lin):
+        raise UserError(
+            "mixed precision (--avg-bits/--size-mb) does not handle MoE experts yet (a layer's experts run as one "
+            "fused kernel at one width): drop it for this model"
+        )
 
 
 class _ColumnSquares:
@@ -91,6 +106,7 @@ class _ColumnSquares:
 class Entry:
     """A set of linears that must share a scheme, with its candidates (one per width, in budget.bits order)."""
 
+    layer: int  # the decoder layer's index
     names: Tuple[str, ...]  # full names
     candidates: List[Candidate]
 
@@ -107,8 +123,6 @@ def measure(source, layout, fmt, scheme: Scheme, budget: MixedBudget, ids, batch
     """Every entry's candidates, from one forward of the original layers over the calibration set."""
     from compress_export.core.progress import Progress
 
-    if any(expert_index(n) >= 0 for lin in layout.linears for n, _ in lin):
-        raise UserError("mixed precision (--avg-bits/--size-mb) does not handle MoE experts yet: drop it")
     source.load_inputs(layout.layers_path)
     states = to_device(capture_layer0_inputs(source.model, layout.layers[0], ids, batch_size), device)
     source.release_inputs(layout.layers_path)
@@ -133,9 +147,9 @@ def measure(source, layout, fmt, scheme: Scheme, budget: MixedBudget, ids, batch
                 err = sum(output_error(mods[n].weight.detach().to(h.device), h, s) for n in members)
                 nbytes = sum(_layout_bytes(fmt, s, mods[n].in_features, mods[n].out_features) for n in members)
                 cands.append(Candidate(nbytes, err))
-            entries.append(Entry(tuple(layout.full_name(i, n) for n in members), cands))
+            entries.append(Entry(i, tuple(layout.full_name(i, n) for n in members), cands))
         states = out
-        source.release_layer(layout, i)
+        source.unload_layer(layout, i)  # the pass reads it again
         bar.update(i + 1)
     unseen = {layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
     unseen -= {n for e in entries for n in e.names}
@@ -156,8 +170,9 @@ def budget_bytes(budget: MixedBudget, entries: list, index: dict) -> int:
         )
     assert budget.size_mb is not None
     quantized = {n + ".weight" for e in entries for n in e.names}
+    biases = {n + ".bias" for e in entries for n in e.names}  # a packed linear's bias is written in float32
     fixed = sum(
-        math.prod(shape) * model_io.SAFETENSORS_DTYPES.get(dtype, 4)
+        math.prod(shape) * (4 if name in biases else model_io.SAFETENSORS_DTYPES.get(dtype, 4))
         for name, (_, dtype, shape) in index.items()
         if name not in quantized
     )
@@ -183,16 +198,14 @@ def choose(entries: list, budget: MixedBudget, index: dict, scheme: Scheme) -> T
 def allocation_table(entries: list, chosen: Dict[str, Scheme], budget: MixedBudget, limit: int) -> List[str]:
     """Lines of a table: one row per decoder layer, one column per kind of linear set (`q_proj+k_proj+v_proj`),
     each cell the bits chosen; then the totals against the budget."""
-    rows: Dict[str, Dict[str, int]] = {}
+    rows: Dict[int, Dict[str, int]] = {}
     kinds: List[str] = []
     for e in entries:
-        layer = re.sub(r"\.[^.]*\.[^.]*$", "", e.names[0])  # model.layers.3.self_attn.q_proj → model.layers.3
         kind = "+".join(n.rpartition(".")[2] for n in e.names)
         kinds += [kind] if kind not in kinds else []
-        rows.setdefault(layer, {})[kind] = chosen[e.names[0]].bits
+        rows.setdefault(e.layer, {})[kind] = chosen[e.names[0]].bits
     lines = [f"mixed precision, {budget.describe()}:", "  layer  " + "  ".join(kinds)]
-    for layer, cells in rows.items():
-        idx = layer.rsplit(".", 1)[-1]
+    for idx, cells in rows.items():
         lines.append(f"  {idx:>5}  " + "  ".join(f"{cells.get(k, '-'):>{len(k)}}" for k in kinds))
     picks = [chosen[e.names[0]].bits for e in entries]
     nbytes = sum(e.candidates[budget.bits.index(b)].nbytes for e, b in zip(entries, picks))
@@ -203,11 +216,3 @@ def allocation_table(entries: list, chosen: Dict[str, Scheme], budget: MixedBudg
         + f"; {nbytes / 1e6:.3f} MB packed of the {limit / 1e6:.3f} MB budget"
     )
     return lines
-
-
-def fused_name(names: Tuple[str, ...]) -> Optional[str]:
-    """The name engines give these linears fused into one (vLLM's qkv_proj, gate_up_proj), where known."""
-    leaves = tuple(n.rpartition(".")[2] for n in names)
-    parents = {n.rpartition(".")[0] for n in names}
-    fused = FUSED_LINEARS.get(leaves)
-    return f"{parents.pop()}.{fused}" if fused and len(parents) == 1 else None
