@@ -3,6 +3,7 @@
     python benchmarks/streaming_memory.py                 # hidden 2048, 12 and 48 layers, RTN and GPTQ
     python benchmarks/streaming_memory.py --llama3-8b     # Llama-3-8B shapes, bf16, RTN W4 g128 (needs ~25 GB disk)
     python benchmarks/streaming_memory.py --methods gptq-kd   # GPTQ + --recover kd (2 steps a layer: memory only)
+    python benchmarks/streaming_memory.py --methods gptq-mixed   # GPTQ + --avg-bits 3.5 (mixed precision)
     python benchmarks/streaming_memory.py --experts 32 --hidden 1024 --inter 512 --depths 4 16   # Qwen3-MoE shapes
 
 Random-weight Llamas are written shard by shard in bf16 (one decoder layer in memory at a time, so building
@@ -157,6 +158,8 @@ def depth_sweep(a) -> None:
         "gptq": ["--method", "gptq", "--group-size", "128", *calib],
         # recovery's own memory (teacher stream, targets, trained copies): its step count does not change it
         "gptq-kd": ["--method", "gptq", "--group-size", "128", *calib, "--recover", "kd", "--recover-steps", "2"],
+        # mixed precision's measuring sweep (one more pass over the layers) and its allocation
+        "gptq-mixed": ["--method", "gptq", "--group-size", "128", *calib, "--avg-bits", "3.5"],
     }
     methods = {k: v for k, v in methods.items() if k in a.methods}
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
@@ -212,7 +215,7 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=49152)  # the example tokenizer's size
-    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq", "gptq-kd"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq", "gptq-kd", "gptq-mixed"])
     p.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE model with this many experts a layer")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
