@@ -111,6 +111,12 @@ class Format:
             return qcfg
         raise UserError(f"--format {self.name} cannot record a scheme per module (mixed precision)")
 
+    def module_scheme(self, qcfg: dict, name: str, base):
+        """The scheme of module `name` under per-module overrides; `base` (the model's, already parsed) where it
+        has none, or where the overrides leave it unquantized (its readers name that themselves)."""
+        own = self.module_config(qcfg, name)
+        return base if own is None or own is qcfg else self.scheme_from_config(own)
+
     def module_configs(self, qcfg: dict) -> list:
         """Every distinct quantization_config the checkpoint's quantized modules are read with (the model's own,
         then its overrides'), each without per-module rules."""

@@ -83,8 +83,7 @@ def plan(path, sizes=DEFAULT_SIZES) -> dict:
         seen = set()
         for name, (in_f, out_f) in linears.items():
             where = re.sub(r"\.\d+\.", ".*.", name)  # one line per kind of linear, not per layer
-            own = fmt.module_config(qcfg, name) if fmt is not None else None  # per-module overrides
-            mine = scheme if own is None or own is qcfg else fmt.scheme_from_config(own)
+            mine = fmt.module_scheme(qcfg, name, scheme) if fmt is not None else scheme  # per-module overrides
             for why in linear_problems(fmt, mine, name, in_f, out_f, n, kv < n):
                 if (where, why) not in seen:
                     seen.add((where, why))

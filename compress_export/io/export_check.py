@@ -170,12 +170,8 @@ class _Check:
             self.by_module[mod][suffix] = entry
 
     def scheme_for(self, name: str):
-        """The scheme of module `name` (per-module overrides applied: formats/base.module_config); the model's
-        own when the module's overrides cannot be read (the config's own check names that)."""
-        from compress_export.formats.base import scheme_from_config
-
-        own = self.fmt.module_config(self.qcfg, name)
-        return self.scheme if own is None or own is self.qcfg else scheme_from_config(own)
+        """The scheme of module `name`, per-module overrides applied (Format.module_scheme)."""
+        return self.fmt.module_scheme(self.qcfg, name, self.scheme)
 
     def against(self, model) -> dict:
         """The tensors against the skeleton's linears, parameters and persistent buffers; returns the packed
@@ -510,6 +506,6 @@ def packed_linears(path: Path, fmt, scheme, qcfg: dict, index=None, headers=None
         if "weight_shape" in t:  # compressed-tensors records the shape as two numbers, the only data read here
             ws = mod + ".weight_shape"
             t["weight_shape"] = torch.tensor(stored_ints(index[ws][0], ws, headers), dtype=torch.int64)
-        own = fmt.module_config(qcfg, mod)  # per-module overrides: the module's own bits give its input width
-        out[mod] = fmt.linear_shape(t, scheme if own is None or own is qcfg else fmt.scheme_from_config(own))
+        # per-module overrides: the module's own bits give its input width
+        out[mod] = fmt.linear_shape(t, fmt.module_scheme(qcfg, mod, scheme))
     return out

@@ -43,6 +43,15 @@ def capture_layer0_inputs(model: nn.Module, layer0: nn.Module, ids: torch.Tensor
     return store
 
 
+def capture_states(source, layout, ids: torch.Tensor, batch_size: int, device) -> list:
+    """Layer 0's calibration inputs [(hidden, kwargs)] per batch on `device`, the modules before the first layer
+    read from `source` only for it (a streamed source frees them again)."""
+    source.load_inputs(layout.layers_path)
+    states = to_device(capture_layer0_inputs(source.model, layout.layers[0], ids, batch_size), device)
+    source.release_inputs(layout.layers_path)
+    return states
+
+
 def to_device(obj, device):
     """Tensors inside nested tuples/lists/dicts (captured layer inputs and their kwargs) moved to `device`."""
     if torch.is_tensor(obj):

@@ -30,10 +30,9 @@ from compress_export.modifiers.base import RunContext
 from compress_export.passes.sequential import (
     CompressOnFirstCall,
     InputGroups,
-    capture_layer0_inputs,
+    capture_states,
     probe_groups,
     run_layer,
-    to_device,
 )
 from compress_export.pipeline.config import CompressionConfig
 from compress_export.pipeline.distributed import Dist, check_distributable, join
@@ -535,12 +534,10 @@ def _run_layers(
     t = time.time()
     states, single = None, False
     if ids is not None:
-        source.load_inputs(layout.layers_path)
-        batch_size = batch_size or auto_batch_size(source.model, ids)
+        batch_size = batch_size or auto_batch_size(source.model, ids)  # from config.json alone
         # decided on the whole set, so that any number of ranks runs the same algorithm
         single = ids.shape[0] <= batch_size and not the_pass.layer_wise
-        states = to_device(capture_layer0_inputs(source.model, layout.layers[0], dist.samples(ids), batch_size), device)
-        source.release_inputs(layout.layers_path)
+        states = capture_states(source, layout, dist.samples(ids), batch_size, device)
     timings["capture"] = time.time() - t
     bar = Progress(len(layout.layers), "compressing decoder layers", enabled=progress)
     done, t0, turns = set(), time.time(), itertools.count()

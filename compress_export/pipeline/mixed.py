@@ -27,7 +27,7 @@ from compress_export.core.moe import expert_index
 from compress_export.core.scheme import Scheme
 from compress_export.io import model_io
 from compress_export.math.allocate import Candidate, allocate, output_error
-from compress_export.passes.sequential import InputGroups, capture_layer0_inputs, run_layer, to_device
+from compress_export.passes.sequential import InputGroups, capture_states, run_layer
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ def measure(source, layout, fmt, scheme: Scheme, budget: MixedBudget, ids, batch
     """Every entry's candidates, from one forward of the original layers over the calibration set."""
     from compress_export.core.progress import Progress
 
-    source.load_inputs(layout.layers_path)
-    states = to_device(capture_layer0_inputs(source.model, layout.layers[0], ids, batch_size), device)
-    source.release_inputs(layout.layers_path)
+    states = capture_states(source, layout, ids, batch_size, device)
     entries: list = []
     bar = Progress(len(layout.layers), "measuring sensitivity for mixed precision", enabled=progress)
     for i in range(len(layout.layers)):
