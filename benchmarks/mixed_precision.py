@@ -1,7 +1,7 @@
 """Mixed precision under a size budget (`--avg-bits`): perplexity against the size-matched interpolation of the
 uniform exports around it.
 
-  python benchmarks/mixed_precision.py [--avg-bits 3.5 ...] [--out FILE.json]
+  python benchmarks/mixed_precision.py [--avg-bits 3.5 ...] [--out FILE.json] [--uniform-from EARLIER_OUTPUT]
 
 SmolLM2-135M-Instruct, GPTQ g64 with the defaults (static act-order, asymmetric calibration), calibrated on the
 first 64×512 tokens of calib.txt (the shared protocol); token perplexity on eval.txt and on the built-in text's
@@ -14,9 +14,23 @@ W3 and W4 at its own size by at least 30% of the W3–W4 gap. Nothing here was t
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from calibration_domain import measure_on_two_domains
 from common import TEXT, example_model
+
+
+def _earlier_rows(path) -> dict:
+    """The uniform rows of an earlier run's output (lines that start with a JSON object), printed as reused."""
+    got = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("{"):
+            row = json.loads(line[: line.rindex("}") + 1])
+            if row.get("row") in ("gptq-w3g64", "gptq-w4g64"):
+                got[row["row"]] = row
+                print("reused from", path, json.dumps(row), flush=True)
+    return got
 
 
 def main():
@@ -24,13 +38,20 @@ def main():
     p.add_argument("--avg-bits", type=float, nargs="+", default=[3.5])
     p.add_argument("--model", help="model directory (default: the built-in SmolLM2 example)")
     p.add_argument("--out", help="also write the rows here as JSON")
+    p.add_argument(
+        "--uniform-from",
+        help="take the uniform W3/W4 rows from this earlier output (its JSON lines) instead of measuring them "
+        "again: they do not depend on the mixed-precision code, and they cost half an hour",
+    )
     a = p.parse_args()
     model = example_model() if not a.model else a.model
     base = ["--format", "gptq", "--method", "gptq", "--group-size", 64]
     base += ["--dataset", TEXT / "calib.txt", "--num-samples", 64, "--seq-len", 512]
     rows = [("gptq-w3g64", [*base, "--bits", 3]), ("gptq-w4g64", [*base, "--bits", 4])]
+    got = _earlier_rows(a.uniform_from) if a.uniform_from else {}
+    rows = [r for r in rows if r[0] not in got]
     rows += [(f"gptq-avg{b:g}g64", [*base, "--avg-bits", b]) for b in a.avg_bits]
-    got = {r["row"]: r for r in measure_on_two_domains(model, rows, a.out)}
+    got.update({r["row"]: r for r in measure_on_two_domains(model, rows, a.out)})
     w3, w4 = got["gptq-w3g64"], got["gptq-w4g64"]
     print("\nagainst the straight line between uniform W3 and W4 at the same size (share of the W3-W4 gap):")
     for b in a.avg_bits:

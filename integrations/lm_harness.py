@@ -100,12 +100,13 @@ def evaluate(
         why = vllm_usable()
         if why:
             raise UserError(f"--engine vllm with --tasks: {why}")
-        from compress_export.integrations.vllm_launch import cpu_environment, engine_defaults
+        from compress_export.integrations.vllm_launch import attention_defaults, cpu_environment, engine_defaults
 
         os.environ.update(cpu_environment())
         args = {"pretrained": export, **engine_defaults()}
         if dtype:
             args["dtype"] = dtype
+        args = {**attention_defaults(export, args.get("dtype")), **args}  # MLA in float32 on AMX: see there
         model, model_args = "vllm", args
     else:
         from lm_eval.models.huggingface import HFLM

@@ -19,7 +19,7 @@ from typing import List, Optional
 
 from compress_export.core import settings
 from compress_export.core.errors import UserError
-from compress_export.core.hardware import fast_dtype, has_cuda
+from compress_export.core.hardware import cpu_flags, fast_dtype, has_cuda
 
 
 def cpu_environment(env=None, tensor_parallel: int = 1) -> dict:
@@ -59,6 +59,34 @@ def engine_defaults() -> dict:
     if has_cuda():
         return {}
     return {"dtype": fast_dtype("cpu"), "enforce_eager": True}
+
+
+def attention_defaults(model_dir, dtype, flags=None) -> dict:
+    """{"attention_backend": "CPU_MLA"} for a multi-head latent attention model (DeepSeek-V2/V3-shaped:
+    `kv_lora_rank` in its config.json) run in float32 on a CPU with AMX: vLLM picks its AMX MLA backend there
+    whatever the dtype, and that backend packs 16-bit weights only ("expect weight to be bfloat16, ..."), so the
+    load fails; vLLM's reference CPU MLA backend runs float32. {} everywhere else (a GPU, 16-bit, no AMX, a model
+    folder we cannot read: vLLM's own choice stands)."""
+    from compress_export.io.model_io import read_config
+
+    if has_cuda() or DTYPE_NAMES.get(str(dtype).replace("torch.", "")) != "float32":
+        return {}
+    if "amx_tile" not in (cpu_flags() if flags is None else flags):
+        return {}
+    try:
+        cfg = read_config(model_dir)
+    except (UserError, OSError, ValueError):
+        return {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    return {"attention_backend": "CPU_MLA"} if text.get("kv_lora_rank") else {}
+
+
+def attention_args(model_dir: str, user_args: List[str], flags=None) -> List[str]:
+    """attention_defaults as `vllm serve` flags, unless the user chose a backend."""
+    if arg_value(user_args, "--attention-backend") is not None:
+        return []
+    chosen = attention_defaults(model_dir, arg_value(user_args, "--dtype"), flags)
+    return ["--attention-backend", chosen["attention_backend"]] if chosen else []
 
 
 DTYPE_NAMES = {
@@ -237,7 +265,7 @@ def main(argv=None) -> int:
         argv = argv[:1] + argv[1:] + default_args(argv[1:])
         os.environ.update(dtype_hint(arg_value(argv, "--dtype")))
     if argv[:1] == ["serve"] and len(argv) > 1:
-        argv += lora_args(argv[1], argv[2:]) + network_args(argv[2:])
+        argv += lora_args(argv[1], argv[2:]) + network_args(argv[2:]) + attention_args(argv[1], argv[2:])
     run_cli(argv)
     return 0
 

@@ -219,6 +219,7 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
     eager, small KV cache; each yields to an explicit kwarg). lora: a LoRA adapter folder (an export's low-rank
     correction) applied to every request. Returns (llm, facts about the load)."""
     from compress_export.integrations.vllm_launch import (
+        attention_defaults,
         cpu_environment,
         dtype_hint,
         engine_defaults,
@@ -230,6 +231,7 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
     from compress_export.integrations.vllm_api import LLM
 
     kwargs = {**engine_defaults(), **kwargs}
+    kwargs = {**attention_defaults(model, kwargs.get("dtype")), **kwargs}
     if lora:
         from compress_export.integrations.vllm_lowrank import check_no_lora
         from compress_export.io.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank

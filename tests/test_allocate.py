@@ -1,6 +1,7 @@
 """Mixed precision's math (compress_export/math/allocate.py) against independent facts: the optimum found by trying
-every combination, the budget in bytes, and the output error measured directly on inputs whose columns are
-orthogonal (where the diagonal Hessian is the whole Hessian)."""
+every combination, the budget in bytes, and the weighted error against what it stands for, measured directly: with a
+per-input weighting on inputs whose columns are orthogonal, the output error; with the Fisher weighting on one-hot
+inputs, the sum of squared first-order loss changes, token by token."""
 
 import itertools
 import random
@@ -10,7 +11,7 @@ import torch
 
 from compress_export.core.errors import UserError
 from compress_export.core.scheme import Scheme
-from compress_export.math.allocate import Candidate, allocate, output_error
+from compress_export.math.allocate import Candidate, allocate, fisher_diagonal, weighted_error
 from compress_export.math.quant import rtn_quantize
 
 
@@ -81,8 +82,8 @@ def test_a_generous_budget_buys_the_least_error_and_a_tight_one_the_smallest():
     assert allocate([[Candidate(1, 1.0), Candidate(5, 1.0)]], 10) == [0]
 
 
-def test_output_error_is_the_output_error_on_inputs_with_orthogonal_columns():
-    """With XᵀX diagonal the diagonal weighting is exact: output_error equals ‖X Wᵀ − X Ŵᵀ‖²/n, measured."""
+def test_a_column_weighting_gives_the_output_error_on_inputs_with_orthogonal_columns():
+    """With XᵀX diagonal the diagonal weighting is exact: weighted_error equals ‖X Wᵀ − X Ŵᵀ‖²/n, measured."""
     torch.manual_seed(0)
     n, d_in, d_out = 256, 64, 32
     q, _ = torch.linalg.qr(torch.randn(n, d_in, dtype=torch.float64))
@@ -92,19 +93,37 @@ def test_output_error_is_the_output_error_on_inputs_with_orthogonal_columns():
     for scheme in (Scheme(3, 32, True), Scheme(4, 32, True), Scheme(8, 64, False)):
         What = rtn_quantize(W, scheme).dequantize().double()
         measured = (X @ (W.double() - What).t()).pow(2).sum().item() / n
-        assert output_error(W, h.float(), scheme) == pytest.approx(measured, rel=1e-4)
+        assert weighted_error(W, h.float(), scheme) == pytest.approx(measured, rel=1e-4)
 
 
-def test_more_bits_cost_less_output_error_and_a_column_no_token_fires_costs_nothing():
+def test_more_bits_cost_less_weighted_error_and_a_column_no_token_fires_costs_nothing():
     torch.manual_seed(1)
     W = torch.randn(48, 128)
     h = torch.rand(128) + 0.1
-    errs = [output_error(W, h, Scheme(b, 64, True)) for b in (2, 3, 4, 8)]
+    errs = [weighted_error(W, h, Scheme(b, 64, True)) for b in (2, 3, 4, 8)]
     assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 100
     dead = h.clone()
     dead[:64] = 0  # the first group's columns: no calibration token fires them
     W2 = W.clone()
     W2[:, :64] = torch.randn(48, 64) * 100  # anything there, however badly rounded, costs nothing
-    assert output_error(W2, dead, Scheme(4, 64, True)) == pytest.approx(output_error(W, dead, Scheme(4, 64, True)))
-    with pytest.raises(ValueError, match="128 input columns"):
-        output_error(W, h[:64], Scheme(4, 64, True))
+    assert weighted_error(W2, dead, Scheme(4, 64, True)) == pytest.approx(weighted_error(W, dead, Scheme(4, 64, True)))
+    with pytest.raises(ValueError, match=r"shape \[64\], the weight \[48, 128\]"):
+        weighted_error(W, h[:64], Scheme(4, 64, True))
+
+
+def test_the_fisher_weighting_is_the_sum_of_squared_first_order_loss_changes_on_one_hot_inputs():
+    """F = fisher_diagonal(x, g); with one input column live per token, Σ F ⊙ ΔW² equals Σ_t Σ_o (g_to · δy_to)²,
+    δy = ΔW x_t the output change rounding makes: measured directly, token by token."""
+    torch.manual_seed(2)
+    n, d_in, d_out = 200, 64, 16
+    cols = torch.randint(0, d_in, (n,))
+    X = torch.zeros(n, d_in, dtype=torch.float64)
+    X[torch.arange(n), cols] = torch.randn(n, dtype=torch.float64) * 3
+    G = torch.randn(n, d_out, dtype=torch.float64)  # the loss gradient at the outputs, per token
+    W = torch.randn(d_out, d_in)
+    F = fisher_diagonal(X.reshape(4, 50, d_in), G.reshape(4, 50, d_out))  # any leading shape: tokens
+    assert F.shape == (d_out, d_in)
+    for scheme in (Scheme(3, 32, True), Scheme(4, 64, False)):
+        dW = W.double() - rtn_quantize(W, scheme).dequantize().double()
+        measured = (G * (X @ dW.t())).pow(2).sum().item()
+        assert weighted_error(W, F, scheme) == pytest.approx(measured, rel=1e-4)

@@ -45,6 +45,28 @@ def test_engine_defaults_follow_the_cpu_and_yield_to_the_user(monkeypatch):
     assert vllm_launch.engine_defaults()["dtype"] == "float32"
 
 
+def test_mla_models_in_float32_on_amx_get_vllms_reference_mla_backend(monkeypatch, tmp_path):
+    """vLLM's AMX MLA backend, chosen wherever AMX is, packs 16-bit weights only (a float32 DeepSeek load fails
+    there): float32 + AMX + an MLA config gets CPU_MLA, and nothing else does; the user's choice stands."""
+    import json
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    mla, gqa = tmp_path / "mla", tmp_path / "gqa"
+    for d, cfg in ((mla, {"model_type": "deepseek_v3", "kv_lora_rank": 512}), (gqa, {"model_type": "llama"})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+    amx = AVX512_BF16 | {"amx_tile", "amx_bf16"}
+    chosen = {"attention_backend": "CPU_MLA"}
+    assert vllm_launch.attention_defaults(mla, "float32", amx) == chosen
+    assert vllm_launch.attention_defaults(mla, "torch.float32", amx) == chosen
+    assert vllm_launch.attention_defaults(mla, "bfloat16", amx) == {}  # AMX MLA's own dtype
+    assert vllm_launch.attention_defaults(mla, "float32", AVX512_BF16) == {}  # no AMX: vLLM picks CPU_MLA itself
+    assert vllm_launch.attention_defaults(gqa, "float32", amx) == {}
+    assert vllm_launch.attention_defaults(tmp_path / "absent", "float32", amx) == {}  # a hub id: vLLM decides
+    assert vllm_launch.attention_args(str(mla), ["--dtype", "float32"], amx) == ["--attention-backend", "CPU_MLA"]
+    assert vllm_launch.attention_args(str(mla), ["--dtype=float32", "--attention-backend", "X"], amx) == []
+
+
 def test_the_engine_dtype_reaches_the_plugins_route(monkeypatch):
     """vLLM does not tell override_quantization_method the --dtype: our launchers put it in COMPRESS_EXPORT_DTYPE
     (vLLM's spellings normalised), the offline engine only while it starts, and the route reads it."""

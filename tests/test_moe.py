@@ -39,11 +39,36 @@ MOE = dict(
 )
 
 
+# what each family needs beyond MOE: Qwen2-MoE a shared expert; OLMoE its own head (vLLM's OLMoE never ties it);
+# DeepSeek-V3 its own expert counts, its real router (sigmoid scores with a correction bias, which vLLM builds
+# only for "noaux_tc"), MLA attention (low-rank q and kv) and no dense first layer, so that every layer has experts
+EXTRA = {
+    "qwen2_moe": dict(shared_expert_intermediate_size=128),
+    "olmoe": dict(tie_word_embeddings=False),
+    "deepseek_v3": dict(
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        tie_word_embeddings=False,  # as DeepSeek-V3 (vLLM's model never ties its head)
+        num_key_value_heads=2,  # MLA gives every head its own key and value
+        n_routed_experts=EXPERTS,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=64,
+        kv_lora_rank=512,  # + the rotary part: 576, DeepSeek-V3's own and the only one vLLM's CPU MLA decodes
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        head_dim=64,
+    ),
+}
+
+
 def moe_config(model_type="qwen3_moe", **kw):
     from transformers import AutoConfig
 
-    extra = dict(shared_expert_intermediate_size=128) if model_type == "qwen2_moe" else {}
-    return AutoConfig.for_model(model_type, **{**MOE, **extra, **kw})
+    return AutoConfig.for_model(model_type, **{**MOE, **EXTRA.get(model_type, {}), **kw})
 
 
 def tiny_moe(path, model_type="qwen3_moe", seed=0, shard="50GB", **kw):
@@ -68,7 +93,7 @@ def expert_linears(layers=LAYERS, experts=EXPERTS):
 IDS = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"])
 def test_unfused_experts_compute_what_transformers_fused_experts_compute(model_type, tmp_path):
     """The independent facts: transformers' own fused forward (grouped_mm over the 3-D parameters) gives the same
     logits as our per-expert linears, and the names the unfused model's parameters take are exactly the names
@@ -91,7 +116,8 @@ def test_unfused_experts_compute_what_transformers_fused_experts_compute(model_t
     for f in tmp_path.glob("*.safetensors"):
         with safe_open(str(f), "pt") as s:
             stored |= set(s.keys())
-    assert set(model.state_dict()) - {"lm_head.weight"} == stored  # the head is tied: stored once
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert set(model.state_dict()) - tied == stored  # a tied head is stored once
     assert expert_linears() <= {n.rpartition(".")[0] for n in stored}
 
 
@@ -162,6 +188,35 @@ def test_experts_no_token_reached_are_reported_and_rounded_to_nearest(method, sc
     w = weights[routed[0]].float()
     assert not torch.equal(results[routed[0]].codes, rtn_quantize(w, scheme).codes)  # the pass moved some codes
     assert_written_as_computed(tmp_path / "out", results)
+
+
+@pytest.mark.parametrize("model_type,fmt", [("olmoe", "gptq"), ("deepseek_v3", "compressed-tensors")])
+def test_olmoe_and_deepseek_v3_are_compressed_exported_and_loaded(model_type, fmt, tmp_path, tiny_text):
+    """The other families whose experts are unfused: every expert linear and every other linear (DeepSeek's MLA
+    projections and shared experts) is packed, the files hold what the pass computed, and our loader and
+    from_pretrained both give logits close to the original model's (not to each other's: kernel rounding can flip
+    a random router's choice of expert)."""
+    from compress_export import AutoCompressedModelForCausalLM
+
+    base = tiny_moe(tmp_path / "base", model_type)
+    ref, _ = load_model(base)
+    with torch.no_grad():
+        want = ref(input_ids=IDS).logits
+    linears = {n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    linears -= {f"model.layers.{i}.mlp.gate" for i in range(LAYERS)}  # OLMoE's router is a Linear: kept
+    assert expert_linears() <= linears
+    results, on_result = recorder()
+    kw = dict(method="gptq", fmt=fmt, scheme=Scheme(4, 32, False), dataset=str(tiny_text), num_samples=8, seq_len=32)
+    s = compress(base, tmp_path / "out", progress=False, on_result=on_result, **kw)
+    assert s.streamed and not s.fused_dense and not s.kept_dense, s
+    assert set(results) == linears, sorted(linears ^ set(results))[:4]
+    assert_written_as_computed(tmp_path / "out", results)
+    ours, _ = load_model(tmp_path / "out")
+    hf = AutoCompressedModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for model in (ours, hf):
+        with torch.no_grad():
+            got = model(input_ids=IDS).logits
+        assert ((got - want).norm() / want.norm()).item() < 0.3
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
@@ -298,7 +353,7 @@ def test_the_vllm_route_sees_the_experts_shapes():
     assert has_experts(cfg) and has_experts({"num_local_experts": 8}) and not has_experts({"hidden_size": 64})
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "olmoe"])
 def test_awq_balances_each_expert_and_beats_round_to_nearest(model_type, tmp_path, tiny_text):
     """AWQ's MoE mappings (attention, and each expert's up → down): folding random scales through every expanded
     mapping leaves the unquantized logits unchanged (the independent fact that they are valid), and the AWQ
@@ -380,6 +435,46 @@ def test_vllm_serves_a_moe_export_through_our_moe_method(fmt, method, scheme, tm
     # every quantized layer runs on a kernel of ours: attention's qkv and o, and each layer's experts (our MoE method)
     assert sum(res["kernels"].values()) == 3 * LAYERS, res["kernels"]
     assert all(k.startswith("compress_export:") for k in res["kernels"]), res["kernels"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
+@pytest.mark.parametrize("model_type,quantized", [("olmoe", 3), ("deepseek_v3", 7)])
+def test_vllm_serves_olmoe_and_deepseek_v3_exports(model_type, quantized, tmp_path, tiny_text):
+    """vLLM's own OLMoE and DeepSeek-V3 models load the GPTQ export and run every quantized layer on our kernels
+    (per decoder layer, OLMoE: qkv, o and the experts; DeepSeek: the fused q_a/kv_a, q_b, kv_b, o, the experts and
+    the shared expert's gate_up and down), with our loader's log-probabilities. vLLM's DeepSeek-V3 is not
+    transformers' to 1e-3 even unquantized (its MLA attention and router differ by a few hundredths of a log-
+    probability here, on the CPU backend in float32): its bound is twice what vLLM's unquantized model misses by."""
+    from test_vllm import FP32, vllm_check
+    from transformers import AutoTokenizer
+
+    from compress_export.integrations.conformance import compare_top1
+
+    base, out = tiny_moe(tmp_path / "base", model_type), tmp_path / "out"
+    compress(
+        base,
+        out,
+        method="gptq",
+        fmt="gptq",
+        scheme=Scheme(4, 32, False),
+        dataset=str(tiny_text),
+        num_samples=8,
+        seq_len=32,
+        progress=False,
+    )
+    ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
+    res = vllm_check(out, tmp_path, ids, args=FP32)
+    assert res["quantization"] == "compress_export", res
+    assert sum(res["kernels"].values()) == quantized * LAYERS, res["kernels"]
+    assert all(k.startswith("compress_export:") for k in res["kernels"]), res["kernels"]
+    bound = 1e-3
+    if model_type == "deepseek_v3":
+        unquantized = compare_top1(base, ids, vllm_check(base, tmp_path, ids, args=FP32))
+        bound = max(bound, 2 * unquantized["max_abs_dlogprob"])
+    conf = compare_top1(out, ids, res)
+    assert conf["max_abs_dlogprob"] < bound and conf["top1_agreement"] >= 0.9, (conf, bound)
 
 
 @pytest.mark.vllm

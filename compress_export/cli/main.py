@@ -83,7 +83,8 @@ def _compress_parser():
         type=float,
         help="mixed precision (--format gptq): the quantized linears within the size uniform weights of this "
         "many bits would take (e.g. 3.5); each set of linears sharing an input gets one of --mixed-bits, chosen "
-        "by measured sensitivity (one extra forward over the calibration set); the allocation is printed",
+        "by measured loss sensitivity (a forward and a backward sweep over the calibration set, a layer at a time, "
+        "each layer's inputs spooled to a temporary directory beside the output); the allocation is printed",
     )
     mixed.add_argument("--size-mb", type=float, help="mixed precision: the export's weights within this many MB")
     p.add_argument(

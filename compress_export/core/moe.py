@@ -8,9 +8,10 @@ function, computed by transformers' own eager routing loop over ordinary linears
 exactly the tokens the router sends them, which is routing-aware calibration for free, and their names are the
 names transformers itself writes on save, so a checkpoint streams a layer at a time with no renaming.
 
-Which model types are unfused, and the names their experts' linears take, is data (EXPERT_NAMES). A model type not
-listed keeps its fused experts (reported as unquantized by the pipeline): Mixtral's checkpoints and vLLM name its
-layer `block_sparse_moe` where transformers names it `mlp`, which needs a rename on read and write not built yet.
+Which model types are unfused (Qwen2/3-MoE, OLMoE, DeepSeek-V3), and the names their experts' linears take, is
+data (EXPERT_NAMES). A model type not listed keeps its fused experts (reported as unquantized by the pipeline):
+Mixtral's checkpoints and vLLM name its layer `block_sparse_moe` where transformers names it `mlp`, which needs a
+rename on read and write not built yet.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import torch
 import torch.nn as nn
 
 # model_type → (gate, up, down) projection names of one expert, as its checkpoints store them
+# (transformers' own conversion mapping reads these families' per-expert checkpoints under these names too)
 EXPERT_NAMES = {
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
     "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+    "olmoe": ("gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),  # DeepSeek-V3/R1 and Kimi-K2-shaped: MLA attention
 }
 
 

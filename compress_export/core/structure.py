@@ -23,6 +23,8 @@ class Family:
     # Regexes over a linear's name inside a decoder layer; targets minus ignore are compressed.
     targets: Tuple[str, ...] = (r".*",)
     ignore: Tuple[str, ...] = ()
+    # the norm between the last decoder layer and the output head (mixed precision's sensitivity runs the head)
+    final_norm: str = "model.norm"
 
 
 FAMILIES = (
@@ -30,16 +32,19 @@ FAMILIES = (
     # MoE: the attention linears and any per-expert nn.Linear are compressed; transformers 5 keeps the experts of
     # these models as fused 3-D parameters (not nn.Linear), which stay in the source precision. Routers never.
     Family(
-        "mixtral", ("mixtral", "qwen2_moe", "qwen3_moe"), ignore=(r".*\.gate$", r".*router.*", r".*shared_expert_gate$")
+        "mixtral",
+        ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"),
+        ignore=(r".*\.gate$", r".*router.*", r".*shared_expert_gate$"),
     ),
-    Family("neox", ("gpt_neox",), layers="gpt_neox.layers"),
-    Family("opt", ("opt",), layers="model.decoder.layers"),
+    Family("neox", ("gpt_neox",), layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm"),
+    Family("opt", ("opt",), layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm"),
 )
 # Linears that read one input and that engines run fused, under the fused module's name (vLLM's
 # packed_modules_mapping for Llama-like models): a per-module scheme must hold for the fused name too.
 FUSED_LINEARS = {
     ("q_proj", "k_proj", "v_proj"): "qkv_proj",
     ("gate_proj", "up_proj"): "gate_up_proj",
+    ("q_a_proj", "kv_a_proj_with_mqa"): "fused_qkv_a_proj",  # DeepSeek's MLA, when q_lora_rank is set
 }
 GENERIC_LAYER_PATHS = (
     "model.layers",
@@ -48,6 +53,13 @@ GENERIC_LAYER_PATHS = (
     "gpt_neox.layers",
     "model.language_model.layers",
     "transformer.blocks",
+)
+GENERIC_FINAL_NORMS = (
+    "model.norm",
+    "model.final_layernorm",
+    "transformer.ln_f",
+    "model.language_model.norm",
+    "transformer.norm_f",
 )
 
 
@@ -90,6 +102,7 @@ AWQ_MAPPINGS = {
     "qwen2": _LLAMA_AWQ,
     "qwen3": _LLAMA_AWQ,
     "qwen3_moe": _MOE_AWQ,
+    "olmoe": _MOE_AWQ,  # its q/k norms act after q_proj/k_proj, on their outputs: the input scale still folds
     "qwen2_moe": (
         *_MOE_AWQ,
         ScaleMapping("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), optional=True),
@@ -144,6 +157,19 @@ class ModelLayout:
 
     def full_name(self, i: int, local: str) -> str:
         return f"{self.layers_path}.{i}.{local}"
+
+
+def final_norm(model: nn.Module, layout: ModelLayout) -> str:
+    """The path of the module between the last decoder layer and the output head, or a UserError naming where it
+    looked (works on a weightless skeleton: only the module tree is read)."""
+    paths = (layout.family.final_norm, *GENERIC_FINAL_NORMS)
+    for path in paths:
+        if isinstance(_get(model, path), nn.Module):
+            return path
+    raise UserError(
+        f"no final norm found after the decoder layers (looked for {', '.join(dict.fromkeys(paths))}): "
+        f"{type(model).__name__} needs an entry in core/structure.py's FAMILIES for this step"
+    )
 
 
 def describe(model: nn.Module, where: str = "model") -> ModelLayout:

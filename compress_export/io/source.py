@@ -47,6 +47,13 @@ class InMemorySource:
     def release_inputs(self, layers_path: str) -> None:
         pass
 
+    def load_outer(self, path: str) -> nn.Module:
+        """One module outside the decoder layers (the final norm), its weights real."""
+        return self.model.get_submodule(path)
+
+    def release_outer(self, path: str) -> None:
+        pass
+
     def load_layer(self, layout, i: int) -> nn.Module:
         return layout.layers[i]
 
@@ -56,6 +63,11 @@ class InMemorySource:
     def unload_layer(self, layout, i: int) -> None:
         """Free layer i's weights so that load_layer can read it again (a measuring sweep before the pass)."""
         self.release_layer(layout, i)
+
+    def head_tensors(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The output head's (weight [vocab, hidden], bias or None)."""
+        head = _output_head(self.model)
+        return head.weight.detach(), None if getattr(head, "bias", None) is None else head.bias.detach()
 
     def outer_tensors(self, layers_path: str) -> Iterator[Tuple[str, torch.Tensor]]:
         """Every tensor outside the decoder layers, each shared tensor once."""
@@ -146,6 +158,16 @@ class StreamedSource:
         for _, child in self._outer_modules(layers_path):  # parameters only: buffers (rotary tables) stay real
             _parameters_to_meta(child)
 
+    def load_outer(self, path: str) -> nn.Module:
+        """One module outside the decoder layers (the final norm) read from the file; release_outer frees it."""
+        module = self.model.get_submodule(path)
+        self._materialize(module, path + ".")
+        self._close()
+        return module
+
+    def release_outer(self, path: str) -> None:
+        _parameters_to_meta(self.model.get_submodule(path))
+
     def load_layer(self, layout, i: int) -> nn.Module:
         hardware.release_free_heap()  # the previous layer's freed memory off the resident set: flat in depth
         layer = layout.layers[i]
@@ -166,6 +188,20 @@ class StreamedSource:
     def _close(self) -> None:
         """Unmap the shards: pages of a memory-mapped file count in the process's resident memory while mapped."""
         self._files.clear()
+
+    def head_tensors(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The output head's (weight, bias or None) read from the file in float32 (the embedding's weight when
+        they are tied); the caller drops them when done."""
+        head = _output_head(self.model)
+        name = _name_of(self.model, head)
+        weight = f"{name}.weight"
+        if weight not in self._where:  # tied: stored once, under the input embedding
+            weight = f"{_name_of(self.model, self.model.get_input_embeddings())}.weight"
+        has_bias = getattr(head, "bias", None) is not None
+        try:
+            return self._read(weight).float(), self._read(f"{name}.bias").float() if has_bias else None
+        finally:
+            self._close()
 
     def outer_tensors(self, layers_path: str) -> Iterator[Tuple[str, torch.Tensor]]:
         """Every tensor outside the decoder layers, read from the file one at a time (source precision)."""
@@ -204,6 +240,17 @@ def build_skeleton(src: Path, trust_remote_code: bool = False) -> nn.Module:
     model.tie_weights()  # from_pretrained ties after loading; the skeleton must share the same tensors
     unfuse_experts(model, model_io.tensor_index(src))  # per-expert linears, as the checkpoint stores them
     return model.eval()
+
+
+def _output_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise UserError(f"{type(model).__name__} has no output head transformers can name (get_output_embeddings)")
+    return head
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def _tied_head_name(model: nn.Module) -> Optional[str]:

@@ -2,10 +2,10 @@
 pipeline supplies the candidates (one entry per set of linears that must share a scheme: q/k/v, gate/up, a MoE
 layer's experts) and writes what is chosen.
 
-- `output_error`: how much a scheme costs a linear, as the error of its outputs over the calibration inputs under
-  a diagonal Hessian: Σ_j h_j · ‖W[:, j] − Ŵ[:, j]‖², with h = diag(XᵀX)/n and Ŵ round-to-nearest at that scheme.
-  The GPTQ sweep lowers every candidate's error, roughly in proportion, so the ranking holds; this is the "Hessian
-  trace × quantization error" measure (HAWQ's, per column rather than one trace per layer).
+- `weighted_error`: how much a scheme costs a linear, Σ_oj F_oj (W − RTN(W))_oj² with F the loss sensitivity of
+  each weight (the Fisher diagonal, `fisher_diagonal`): twice the second-order estimate of the loss it adds when
+  weights are independent. A weight [in] instead of [out, in] (the mean x_j² per input column) gives the error at
+  the linear's own output, HAWQ's "Hessian trace × quantization error" per column.
 - `allocate`: the choice of one candidate per entry that minimises the summed error with the summed bytes within
   the budget: a multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `units`
   steps. Each candidate's size is rounded *up* to whole steps, so a choice that fits in steps fits in bytes: the
@@ -31,19 +31,20 @@ DEFAULT_UNITS = 65536
 @dataclass(frozen=True)
 class Candidate:
     """One way to store an entry: its bytes on disk (every packed tensor: codes, scales, zeros, g_idx) and the
-    output error it costs (output_error summed over the entry's linears)."""
+    error it costs (weighted_error summed over the entry's linears)."""
 
     nbytes: int
     error: float
 
 
-def output_error(W: torch.Tensor, h_diag: torch.Tensor, scheme: Scheme) -> float:
-    """Σ_j h_j ‖W[:, j] − RTN(W)[:, j]‖² for W [out, in] and h_diag [in] (the mean of x_j² over calibration tokens):
-    the expected squared output error of round-to-nearest at `scheme` when input columns are uncorrelated."""
-    if h_diag.shape != (W.shape[1],):
-        raise ValueError(f"h_diag has shape {list(h_diag.shape)}, the weight has {W.shape[1]} input columns")
-    err = (W.float() - rtn_quantize(W, scheme).dequantize()).pow_(2).sum(0)
-    return float(err @ h_diag.float())
+def weighted_error(W: torch.Tensor, weight: torch.Tensor, scheme: Scheme) -> float:
+    """Σ weight ⊙ (W − RTN(W))² for W [out, in] and weight [out, in], [in] (broadcast over rows) or a scalar:
+    round-to-nearest's error at `scheme`, each weight's square scaled by how much it matters (module's text)."""
+    if weight.shape not in (W.shape, (W.shape[1],), ()):
+        raise ValueError(f"the weighting has shape {list(weight.shape)}, the weight {list(W.shape)}")
+    W = W.detach()
+    err = (W.float() - rtn_quantize(W, scheme).dequantize()).pow_(2)
+    return float((err * weight.to(W.device).float()).sum())
 
 
 def allocate(entries: Sequence[Sequence[Candidate]], budget: int, units: int = DEFAULT_UNITS) -> List[int]:
@@ -93,3 +94,11 @@ def allocate(entries: Sequence[Sequence[Candidate]], budget: int, units: int = D
         out.append(j)
         u -= sizes[k][j]
     return out[::-1]
+
+
+def fisher_diagonal(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_t g_to² x_tj² for a linear's inputs x [..., in] and the loss gradient at its outputs g [..., out]: the
+    diagonal of the empirical Fisher information of its weight (per-token gradients g_t x_tᵀ), [out, in]."""
+    x2 = x.reshape(-1, x.shape[-1]).float().pow(2)
+    g2 = g.reshape(-1, g.shape[-1]).float().pow(2)
+    return g2.t() @ x2

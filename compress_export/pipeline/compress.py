@@ -445,7 +445,7 @@ def preflight(plan: Plan, trust_remote_code: bool = False):
         if plan.mixed is not None:
             from compress_export.pipeline.mixed import check_layout
 
-            _collect(problems, check_layout, layout)
+            _collect(problems, check_layout, layout, skeleton)
         _collect(problems, check_disk_space, out, index, layout, largest, the_pass.sparsity)
     if len(problems) == 1:
         raise UserError(problems[0])
@@ -597,7 +597,9 @@ def _choose_mixed(plan: Plan, source, layout, ids, dev, dist, index, progress, t
     t = time.time()
     the_pass, calib = plan.the_pass, plan.calibration
     batch = calib.batch_size or auto_batch_size(source.model, ids)
-    entries = mixed.measure(source, layout, plan.format, the_pass.scheme, plan.mixed, ids, batch, dev, progress)
+    spool = plan.out.parent  # beside the output: the system's temporary directory may be a small RAM disk
+    spool.mkdir(parents=True, exist_ok=True)
+    entries = mixed.measure(source, layout, plan.format, the_pass.scheme, plan.mixed, ids, batch, dev, progress, spool)
     chosen, limit = mixed.choose(entries, plan.mixed, index, the_pass.scheme)
     the_pass.overrides = {n: s for n, s in chosen.items() if s != the_pass.scheme}
     table = mixed.allocation_table(entries, chosen, plan.mixed, limit)

@@ -1,11 +1,18 @@
 """Mixed precision under a size budget (--avg-bits, --size-mb): which bit width each set of linears gets.
 
-Before the pass, one forward of the original model over the calibration set measures, for every set of linears
-that read the same input (q/k/v, gate/up: the pass compresses them as one matrix and engines fuse them, so they
-share a scheme), the mean square of each input column; the output error of each candidate bit width then follows
-from the weights (math/allocate.output_error), its size from the format's own tensor layout, and allocate() picks
-the widths that minimise the summed error within the budget. The pass then compresses each set at its width
-(Pass.scheme_for) and the format records the choice per module (GPTQ's `dynamic` overrides).
+Before the pass, the original model's loss sensitivity is measured on the calibration set: one forward and one
+backward sweep, a layer at a time (pipeline/sensitivity.py), give every weight's Fisher diagonal F. Each set of
+linears that read the same input (q/k/v, gate/up: the pass compresses them as one matrix and engines fuse them,
+so they share a scheme) is then scored at each candidate width by Σ F·(W − RTN(W))², proportional to the
+second-order estimate of what that rounding adds to the loss (math/allocate.weighted_error); its size comes from
+the format's own tensor layout, and allocate() picks the widths that minimise the summed estimate within the
+budget. The pass then compresses each set at its width (Pass.scheme_for) and the format records the choice per
+module (GPTQ's `dynamic` overrides).
+
+An earlier measure weighted the error at each linear's own output (Σ_j E[x_j²]·‖ΔW[:, j]‖²): it ranks a linear
+by how much its outputs move, not by how much the rest of the model makes of that; on a dev split of calib.txt
+it took 3.9% of the W3 → W4 perplexity gap at 3.5 bits where the Fisher weighting takes 18% (benchmarks/README.md;
+the other estimators tried are in benchmarks/results/mixed_precision_estimators.txt).
 
 The budget: --avg-bits B is the size the quantized linears would take at B bits each (the format's bytes are
 affine in the bit width, so a fractional B is the interpolation between whole widths: 3.5 is halfway between
@@ -15,6 +22,7 @@ counted as it is stored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -25,9 +33,10 @@ import torch
 from compress_export.core.errors import UserError
 from compress_export.core.moe import expert_index
 from compress_export.core.scheme import Scheme
+from compress_export.core.structure import final_norm
 from compress_export.io import model_io
-from compress_export.math.allocate import Candidate, allocate, output_error
-from compress_export.passes.sequential import InputGroups, capture_states, run_layer
+from compress_export.math.allocate import Candidate, allocate, weighted_error
+from compress_export.pipeline import sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -77,29 +86,15 @@ def plan_mixed(config, format_, method: str, scheme: Optional[Scheme], sparsity,
     return MixedBudget(bits, config.avg_bits, config.size_mb)
 
 
-def check_layout(layout) -> None:
-    """What config.json's structure rules out (preflight, before any weight is read)."""
+def check_layout(layout, skeleton) -> None:
+    """What config.json's structure rules out (preflight, before any weight is read): MoE experts, and a model
+    whose final norm the sensitivity sweep cannot find."""
+    final_norm(skeleton, layout)
     if any(expert_index(n) >= 0 for lin in layout.linears for n, _ in lin):
         raise UserError(
             "mixed precision (--avg-bits/--size-mb) does not handle MoE experts yet (a layer's experts run as one "
             "fused kernel at one width): drop it for this model"
         )
-
-
-class _ColumnSquares:
-    """Running mean of x² per input column over calibration tokens: the diagonal of XᵀX/n."""
-
-    def __init__(self, width: int):
-        self.sum = torch.zeros(width, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sum += x.pow(2).sum(0).cpu()
-        self.n += x.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return (self.sum / max(self.n, 1)).float()
 
 
 @dataclass
@@ -118,37 +113,26 @@ def _layout_bytes(fmt, scheme: Scheme, in_f: int, out_f: int) -> int:
     )
 
 
-@torch.no_grad()
-def measure(source, layout, fmt, scheme: Scheme, budget: MixedBudget, ids, batch_size, device, progress) -> list:
-    """Every entry's candidates, from one forward of the original layers over the calibration set."""
-    from compress_export.core.progress import Progress
-
-    states = capture_states(source, layout, ids, batch_size, device)
+def measure(
+    source, layout, fmt, scheme: Scheme, budget: MixedBudget, ids, batch_size, device, progress, spool_dir=None
+) -> list:
+    """Every entry's candidates: each width's rounding error weighted by the loss sensitivity of every weight
+    (pipeline/sensitivity.py; its layer inputs spooled in `spool_dir`), its bytes from the format's layout."""
     entries: list = []
-    bar = Progress(len(layout.layers), "measuring sensitivity for mixed precision", enabled=progress)
-    for i in range(len(layout.layers)):
-        layer = source.load_layer(layout, i).to(device)
-        groups = InputGroups(layout.linears[i], _ColumnSquares)
-        try:
-            out = []
-            for h, kw in states:
-                out.append((run_layer(layer, h, kw), kw))
-                groups.next_batch()
-        finally:
-            groups.remove()
-        mods = dict(layout.linears[i])
-        for members, stats in zip(groups.members, groups.stats):
-            h = stats.mean()
-            cands = []
-            for b in budget.bits:
-                s = scheme.with_(bits=b)
-                err = sum(output_error(mods[n].weight.detach().to(h.device), h, s) for n in members)
-                nbytes = sum(_layout_bytes(fmt, s, mods[n].in_features, mods[n].out_features) for n in members)
-                cands.append(Candidate(nbytes, err))
-            entries.append(Entry(i, tuple(layout.full_name(i, n) for n in members), cands))
-        states = out
-        source.unload_layer(layout, i)  # the pass reads it again
-        bar.update(i + 1)
+    sweep = sensitivity.fisher_layers(source, layout, ids, batch_size, device, progress, spool_dir)
+    with contextlib.closing(sweep) as layers:  # closed on an error too: the spool goes at once
+        for i, members, fisher in layers:
+            mods = dict(layout.linears[i])
+            for group in members:
+                cands = []
+                for b in budget.bits:
+                    s = scheme.with_(bits=b)
+                    # a linear no gradient reached does not move the loss: zero sensitivity
+                    err = sum(weighted_error(mods[n].weight, fisher.get(n, torch.zeros(())), s) for n in group)
+                    nbytes = sum(_layout_bytes(fmt, s, mods[n].in_features, mods[n].out_features) for n in group)
+                    cands.append(Candidate(nbytes, err))
+                entries.append(Entry(i, tuple(layout.full_name(i, n) for n in group), cands))
+    entries.sort(key=lambda e: e.layer)  # measured last layer first; stable within a layer
     unseen = {layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin}
     unseen -= {n for e in entries for n in e.names}
     if unseen:
