@@ -28,7 +28,7 @@ def _earlier_rows(path) -> dict:
         if line.startswith("{"):
             row = json.loads(line[: line.rindex("}") + 1])
             if row.get("row") in ("gptq-w3g64", "gptq-w4g64"):
-                got[row["row"]] = row
+                got[row["row"]] = {**row, "reused_from": str(path)}
                 print("reused from", path, json.dumps(row), flush=True)
     return got
 
@@ -52,6 +52,8 @@ def main():
     rows = [r for r in rows if r[0] not in got]
     rows += [(f"gptq-avg{b:g}g64", [*base, "--avg-bits", b]) for b in a.avg_bits]
     got.update({r["row"]: r for r in measure_on_two_domains(model, rows, a.out)})
+    if a.out and a.uniform_from:  # the file holds every row the comparison used, the reused ones marked so
+        Path(a.out).write_text(json.dumps(list(got.values()), indent=2), encoding="utf-8")
     w3, w4 = got["gptq-w3g64"], got["gptq-w4g64"]
     print("\nagainst the straight line between uniform W3 and W4 at the same size (share of the W3-W4 gap):")
     for b in a.avg_bits:

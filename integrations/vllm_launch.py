@@ -81,9 +81,22 @@ def attention_defaults(model_dir, dtype, flags=None) -> dict:
     return {"attention_backend": "CPU_MLA"} if text.get("kv_lora_rank") else {}
 
 
+# the ways a user can choose vLLM's attention backend (vLLM refuses two of them at once): flags, and kwargs
+_BACKEND_FLAGS = ("--attention-backend", "--attention-config", "-ac", "--config")
+_BACKEND_KWARGS = ("attention_backend", "attention_config")
+
+
+def user_chose_attention(user_args: List[str] = (), kwargs: Optional[dict] = None) -> bool:
+    """Whether the user's flags or engine kwargs choose an attention backend, or may (a --config file, or
+    --attention-config.KEY dotted flags): our default then stays out of vLLM's way."""
+    flags = [a.split("=", 1)[0] for a in user_args if a.startswith("-")]
+    chose = any(f in _BACKEND_FLAGS or f.startswith("--attention-config.") for f in flags)
+    return chose or any(k in (kwargs or {}) for k in _BACKEND_KWARGS)
+
+
 def attention_args(model_dir: str, user_args: List[str], flags=None) -> List[str]:
     """attention_defaults as `vllm serve` flags, unless the user chose a backend."""
-    if arg_value(user_args, "--attention-backend") is not None:
+    if user_chose_attention(user_args):
         return []
     chosen = attention_defaults(model_dir, arg_value(user_args, "--dtype"), flags)
     return ["--attention-backend", chosen["attention_backend"]] if chosen else []

@@ -224,6 +224,7 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
         dtype_hint,
         engine_defaults,
         scoped_environment,
+        user_chose_attention,
     )
 
     os.environ.update(cpu_environment(tensor_parallel=int(kwargs.get("tensor_parallel_size") or 1)))
@@ -231,7 +232,8 @@ def load_llm(model: str, max_model_len: int, lora: str | None = None, **kwargs):
     from compress_export.integrations.vllm_api import LLM
 
     kwargs = {**engine_defaults(), **kwargs}
-    kwargs = {**attention_defaults(model, kwargs.get("dtype")), **kwargs}
+    if not user_chose_attention(kwargs=kwargs):
+        kwargs = {**attention_defaults(model, kwargs.get("dtype")), **kwargs}
     if lora:
         from compress_export.integrations.vllm_lowrank import check_no_lora
         from compress_export.io.lowrank import ADAPTER_NAME, adapter_rank, vllm_max_lora_rank

@@ -36,6 +36,22 @@ EXTRA = {
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64
     ),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        first_k_dense_replace=0,
+        n_group=1,
+        topk_group=1,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        head_dim=16,
+    ),
     "gpt_neox": dict(rotary_pct=1.0),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True),
 }

@@ -64,7 +64,10 @@ def test_mla_models_in_float32_on_amx_get_vllms_reference_mla_backend(monkeypatc
     assert vllm_launch.attention_defaults(gqa, "float32", amx) == {}
     assert vllm_launch.attention_defaults(tmp_path / "absent", "float32", amx) == {}  # a hub id: vLLM decides
     assert vllm_launch.attention_args(str(mla), ["--dtype", "float32"], amx) == ["--attention-backend", "CPU_MLA"]
-    assert vllm_launch.attention_args(str(mla), ["--dtype=float32", "--attention-backend", "X"], amx) == []
+    for chosen_by_user in (["--attention-backend", "X"], ["-ac", "{}"], ["--attention-config.backend=X"]):
+        assert vllm_launch.attention_args(str(mla), ["--dtype=float32", *chosen_by_user], amx) == []
+    assert vllm_launch.user_chose_attention(kwargs={"attention_config": {}})
+    assert not vllm_launch.user_chose_attention(["--port", "1"], {"dtype": "float32"})
 
 
 def test_the_engine_dtype_reaches_the_plugins_route(monkeypatch):

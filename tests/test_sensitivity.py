@@ -2,6 +2,8 @@
 give, for every linear, the Fisher diagonal that transformers' own model and autograd give on the whole model at
 once (its loss, its backward): an independent computation of the same quantity."""
 
+import json
+
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -9,6 +11,7 @@ from conftest import make_tiny_llama
 from compress_export.core.structure import describe
 from compress_export.io import model_io
 from compress_export.io.source import InMemorySource, build_skeleton, open_source
+from compress_export.passes.sequential import take_rows
 from compress_export.pipeline.sensitivity import fisher_layers
 
 
@@ -35,10 +38,17 @@ def _reference(path, ids):
     return sums
 
 
-@pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("streamed", [True, False])
-def test_the_streamed_sweeps_give_the_whole_models_fisher_diagonal(tmp_path, tie, streamed):
+@pytest.mark.parametrize(
+    "tie,streamed,attn",
+    [(True, True, None), (True, False, None), (False, True, None), (False, False, None), (False, True, "eager")],
+)
+def test_the_streamed_sweeps_give_the_whole_models_fisher_diagonal(tmp_path, tie, streamed, attn):
+    """attn "eager": the layers get a [B, 1, S, S] mask, which the backward's one-sample runs must cut per sample
+    (with SDPA and no padding the mask is None)."""
     path = make_tiny_llama(tmp_path / "m", tie=tie, layers=3, hidden=64, inter=128)
+    if attn:
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "attn_implementation": attn}))
     ids = torch.randint(3, 60, (5, 24), generator=torch.Generator().manual_seed(0))
     want = _reference(path, ids)
     if streamed:
@@ -97,6 +107,17 @@ def test_the_spool_is_removed_when_done_or_stopped_early_and_a_full_disk_is_refu
     assert all(p.is_meta for layer in layout.layers for p in layer.parameters())  # the yielded layer freed too
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(sensitivity.shutil, "disk_usage", lambda p: usage(10**6, 10**6, 1000))
-    with pytest.raises(UserError, match=r"spools every layer's calibration inputs to .*free space there"):
+    with pytest.raises(UserError, match=r"spools every layer's calibration inputs beside the output.*--seq-len"):
         next(fisher_layers(source, layout, ids, 2, torch.device("cpu"), False, spool))
     assert not any(spool.iterdir())
+
+
+def test_a_layers_kwargs_are_cut_per_sample_only_where_they_are_per_sample():
+    """Batch 4 of sequences of 4: the mask and position ids are per sample, cache_position [S] and rotary tables
+    shared by the batch are not, though cache_position's length equals the batch."""
+    mask, pos = torch.randn(4, 1, 4, 4), torch.arange(16).reshape(4, 4)
+    cache, rope = torch.arange(4), (torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    kw = {"attention_mask": mask, "position_ids": pos, "cache_position": cache, "position_embeddings": rope, "x": None}
+    got = take_rows(kw, 4, slice(1, 2))
+    assert torch.equal(got["attention_mask"], mask[1:2]) and torch.equal(got["position_ids"], pos[1:2])
+    assert got["cache_position"] is cache and got["position_embeddings"][0] is rope[0] and got["x"] is None

@@ -3,8 +3,8 @@ pipeline supplies the candidates (one entry per set of linears that must share a
 layer's experts) and writes what is chosen.
 
 - `weighted_error`: how much a scheme costs a linear, Σ_oj F_oj (W − RTN(W))_oj² with F the loss sensitivity of
-  each weight (the Fisher diagonal, `fisher_diagonal`): twice the second-order estimate of the loss it adds when
-  weights are independent. A weight [in] instead of [out, in] (the mean x_j² per input column) gives the error at
+  each weight (a token-wise Fisher diagonal, `fisher_diagonal`): proportional to the second-order estimate of the
+  loss it adds when weights are independent and positions' gradients are. A weight [in] instead of [out, in] (the mean x_j² per input column) gives the error at
   the linear's own output, HAWQ's "Hessian trace × quantization error" per column.
 - `allocate`: the choice of one candidate per entry that minimises the summed error with the summed bytes within
   the budget: a multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `units`
@@ -98,7 +98,8 @@ def allocate(entries: Sequence[Sequence[Candidate]], budget: int, units: int = D
 
 def fisher_diagonal(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Σ_t g_to² x_tj² for a linear's inputs x [..., in] and the loss gradient at its outputs g [..., out]: the
-    diagonal of the empirical Fisher information of its weight (per-token gradients g_t x_tᵀ), [out, in]."""
+    token-wise diagonal of the empirical Fisher information of its weight, [out, in]: each position's piece
+    g_t x_tᵀ of the gradient of the whole sequence's loss squared on its own (cross-position terms dropped)."""
     x2 = x.reshape(-1, x.shape[-1]).float().pow(2)
     g2 = g.reshape(-1, g.shape[-1]).float().pow(2)
     return g2.t() @ x2

@@ -125,11 +125,13 @@ def probe_groups(
 
 
 def take_rows(kwargs: dict, batch: int, rows) -> dict:
-    """A decoder layer's kwargs for the samples `rows` (an index tensor or a slice): tensors with a leading batch
-    dimension are indexed, the rest (rotary tables shared by the batch, None masks) pass as they are."""
+    """A decoder layer's kwargs for the samples `rows` (an index tensor or a slice): tensors of two or more
+    dimensions with a leading batch dimension (masks [B, 1, S, S], position ids [B, S], rotary tables [B, S, D])
+    are indexed, the rest (tables shared by the batch, None masks, and 1-D tensors: cache_position [S] is not per
+    sample, even where S equals the batch) pass as they are."""
 
     def cut(v):
-        if torch.is_tensor(v) and v.dim() and v.shape[0] == batch and batch > 1:
+        if torch.is_tensor(v) and v.dim() > 1 and v.shape[0] == batch and batch > 1:
             return v[rows]
         if isinstance(v, tuple):
             return tuple(cut(x) for x in v)

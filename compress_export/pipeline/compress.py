@@ -444,8 +444,12 @@ def preflight(plan: Plan, trust_remote_code: bool = False):
             _collect(problems, m.check, layout)
         if plan.mixed is not None:
             from compress_export.pipeline.mixed import check_layout
+            from compress_export.pipeline.sensitivity import check_spool_room, spool_bytes
 
             _collect(problems, check_layout, layout, skeleton)
+            hidden = int(getattr(getattr(skeleton.config, "text_config", None) or skeleton.config, "hidden_size", 0))
+            tokens = calib.num_samples * calib.seq_len
+            _collect(problems, check_spool_room, out.parent, spool_bytes(len(layout.layers), tokens, hidden or 0))
         _collect(problems, check_disk_space, out, index, layout, largest, the_pass.sparsity)
     if len(problems) == 1:
         raise UserError(problems[0])

@@ -9,9 +9,12 @@ It needs one backward pass of the whole model, and it streams like the passes: a
 one at a time and spools each layer's inputs to a temporary directory (safetensors, one file per layer, deleted
 at the end), the output head turns the last layer's outputs into the loss gradient, and a backward sweep loads
 the layers again from the last to the first, re-runs each on its spooled inputs and carries the gradient down.
-Memory holds one layer, one set of activations and their gradients (the backward runs a sample at a time, so its
-intermediates are one sample's), whatever the depth; the disk holds the layer inputs (layers × tokens × hidden ×
-4 bytes: SmolLM2 at 64 × 512 tokens, 2.3 GB) beside the output, checked for room before the first layer.
+Memory holds one layer (and, while it is measured, a float32 sum per linear the size of its weight), two sets of
+activations (a layer's inputs and outputs, or the last outputs and their gradients), the final norm and the
+head in float32 with one sample's logits and their gradient, and one sample's intermediates of the backward (it
+runs a sample at a time): none of it grows with depth. The disk holds the layer inputs (layers × tokens ×
+hidden × 4 bytes: SmolLM2 at 64 × 512 tokens, 2.3 GB; an 8B Llama, 17 GB) beside the output, checked for room in
+the preflight and again before the first layer.
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def _forward_sweep(source, layout, hidden: list, kwargs: list, tmp: str, bar) ->
 
 
 def _logits(config, logits: torch.Tensor) -> torch.Tensor:
-    """What some families do to the head's output before the loss (transformers' own forward does the same)."""
+    """What some families do to the head's output before the loss (transformers' own forward does the same);
+    a multimodal config keeps them in its text_config."""
+    config = getattr(config, "text_config", None) or config
     cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -106,14 +111,23 @@ def _loss_gradients(source, layout, hidden: list, ids: torch.Tensor) -> list:
     return grads
 
 
-def _check_room(where: Path, hidden: list, layers: int) -> None:
-    need = layers * sum(h.numel() * h.element_size() for h in hidden)
+def check_spool_room(where: Path, need: int) -> None:
+    """The spool (`need` bytes: layers × calibration tokens × hidden × bytes per value) must fit where it goes,
+    beside the output (preflight, from config.json, and again before the first layer, from the real states)."""
+    where = Path(where).resolve()
+    while not where.exists():
+        where = where.parent
     free = shutil.disk_usage(where).free
     if need > free * 0.95:
         raise UserError(
-            f"mixed precision's sensitivity sweep spools every layer's calibration inputs to {where}: it needs "
-            f"{need / 1e9:.1f} GB and {free / 1e9:.1f} GB are free; free space there or use fewer --num-samples"
+            f"mixed precision's sensitivity sweep spools every layer's calibration inputs beside the output, in "
+            f"{where}: it needs {need / 1e9:.1f} GB and {free / 1e9:.1f} GB are free; free space there, choose "
+            "another -o, or lower --num-samples or --seq-len"
         )
+
+
+def spool_bytes(layers: int, tokens: int, hidden: int, itemsize: int = 4) -> int:
+    return layers * tokens * hidden * itemsize
 
 
 def _backward_layer(layer, spool: Path, kwargs: list, grads: list, device) -> None:
@@ -142,6 +156,8 @@ class _FisherHooks:
 
     def _hook(self, name):
         def hook(mod, args, out):
+            if not out.requires_grad:  # nothing upstream needs a gradient: no sensitivity to collect here
+                return
             x = args[0].detach()
 
             def on_grad(g):
@@ -172,7 +188,7 @@ def fisher_layers(
     del states
     n = len(layout.layers)
     with tempfile.TemporaryDirectory(prefix="compress-export-sensitivity-", dir=spool_dir) as tmp:
-        _check_room(Path(tmp), hidden, n)
+        check_spool_room(Path(tmp), n * sum(h.numel() * h.element_size() for h in hidden))
         bar = Progress(2 * n, "measuring sensitivity for mixed precision", enabled=progress)
         hidden, members = _forward_sweep(source, layout, hidden, kwargs, tmp, bar)
         grads = _loss_gradients(source, layout, hidden, ids)
