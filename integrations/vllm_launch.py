@@ -69,7 +69,7 @@ def attention_defaults(model_dir, dtype, flags=None) -> dict:
     folder we cannot read: vLLM's own choice stands)."""
     from compress_export.io.model_io import read_config
 
-    if has_cuda() or DTYPE_NAMES.get(str(dtype).replace("torch.", "")) != "float32":
+    if has_cuda() or dtype_name(dtype) != "float32":
         return {}
     if "amx_tile" not in (cpu_flags() if flags is None else flags):
         return {}
@@ -114,8 +114,13 @@ DTYPE_NAMES = {
 def dtype_hint(dtype) -> dict:
     """{COMPRESS_EXPORT_DTYPE: the engine dtype} for the environment vLLM decides our route in: its
     `override_quantization_method` is not told the `--dtype` (vllm_route.engine_dtype). {} for auto/unknown."""
-    name = DTYPE_NAMES.get(str(dtype).replace("torch.", "")) if dtype is not None else None
+    name = dtype_name(dtype)
     return {settings.PREFIX + "DTYPE": name} if name else {}
+
+
+def dtype_name(dtype) -> Optional[str]:
+    """A dtype as a flag, a string or a torch.dtype, by its canonical name; None for auto, None or unknown."""
+    return DTYPE_NAMES.get(str(dtype).replace("torch.", "")) if dtype is not None else None
 
 
 @contextlib.contextmanager

@@ -127,14 +127,14 @@ def test_a_disk_too_small_for_the_sensitivity_spool_is_refused_before_any_weight
     """The spool needs layers × samples × seq-len × hidden × 4 bytes beside the output: known from config.json and
     the flags, so a disk too small for it stops the run in the preflight, naming what to change."""
     import collections
+    import shutil
 
     from compress_export.io.source import StreamedSource, build_skeleton
-    from compress_export.pipeline import sensitivity
 
     cfg = build_skeleton(tiny).config
     need = cfg.num_hidden_layers * 16 * 64 * cfg.hidden_size * 4
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(sensitivity.shutil, "disk_usage", lambda p: usage(10**12, 0, need))  # 5% short
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, need))  # 5% short
     read = []
     monkeypatch.setattr(StreamedSource, "load_layer", lambda *a: read.append(a) or pytest.fail("a layer was read"))
     settings = CompressionConfig(avg_bits=3.5, group_size=32, num_samples=16, seq_len=64)

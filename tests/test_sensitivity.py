@@ -88,9 +88,9 @@ def test_a_model_without_a_known_final_norm_is_refused_naming_where_it_looked(tm
 def test_the_spool_is_removed_when_done_or_stopped_early_and_a_full_disk_is_refused(tmp_path, monkeypatch):
     import collections
     import contextlib
+    import shutil
 
     from compress_export.core.errors import UserError
-    from compress_export.pipeline import sensitivity
 
     path = make_tiny_llama(tmp_path / "m", layers=3)
     source = open_source(path, build_skeleton(path), model_io.tensor_index(path), True, False)
@@ -106,7 +106,7 @@ def test_the_spool_is_removed_when_done_or_stopped_early_and_a_full_disk_is_refu
     assert not any(spool.iterdir())
     assert all(p.is_meta for layer in layout.layers for p in layer.parameters())  # the yielded layer freed too
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(sensitivity.shutil, "disk_usage", lambda p: usage(10**6, 10**6, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6, 1000))
     with pytest.raises(UserError, match=r"spools every layer's calibration inputs beside the output.*--seq-len"):
         next(fisher_layers(source, layout, ids, 2, torch.device("cpu"), False, spool))
     assert not any(spool.iterdir())

@@ -249,8 +249,8 @@ def _output_head(model: nn.Module) -> nn.Module:
     return head
 
 
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
+def _name_of(model: nn.Module, module: nn.Module) -> Optional[str]:
+    return next((n for n, m in model.named_modules() if m is module), None)
 
 
 def _tied_head_name(model: nn.Module) -> Optional[str]:
@@ -258,7 +258,8 @@ def _tied_head_name(model: nn.Module) -> Optional[str]:
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or emb is None or head.weight is not emb.weight:
         return None
-    return next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+    name = _name_of(model, head)
+    return None if name is None else f"{name}.weight"
 
 
 def open_source(

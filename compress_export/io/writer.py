@@ -12,6 +12,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Tuple
 
 import torch
 
@@ -22,6 +23,15 @@ from compress_export.io.model_card import write_card
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".part")
 SKIP_NAMES = {"config.json", "model.safetensors.index.json", ".compress-export-example"}
 DEFAULT_SHARD_BYTES = 4 << 30
+
+
+def free_space(path) -> Tuple[Path, int]:
+    """The nearest existing folder at or above `path` (an output not made yet) and the bytes free on its file
+    system."""
+    where = Path(path).resolve()
+    while not where.exists():
+        where = where.parent
+    return where, shutil.disk_usage(where).free
 
 
 OWNER = ".compress-export-owner"  # in a partial folder: "PID HOST" of the run writing it

@@ -115,7 +115,7 @@ def probe_groups(
     layer: nn.Module, linears: List[Tuple[str, nn.Linear]], hidden: torch.Tensor, kwargs: dict
 ) -> List[List[str]]:
     """Which linears read the same input tensor, from one cheap forward of a single sample."""
-    groups = InputGroups(linears, lambda n: _Null())
+    groups = InputGroups(linears, lambda n: NullStats())
     try:
         run_layer(layer, hidden[:1], take_rows(kwargs, hidden.shape[0], slice(0, 1)))
     finally:
@@ -140,7 +140,9 @@ def take_rows(kwargs: dict, batch: int, rows) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
-class _Null:
+class NullStats:
+    """Statistics that keep nothing: InputGroups used only for which linears share an input."""
+
     def add(self, x):
         pass
 

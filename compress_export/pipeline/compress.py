@@ -449,7 +449,7 @@ def preflight(plan: Plan, trust_remote_code: bool = False):
             _collect(problems, check_layout, layout, skeleton)
             hidden = int(getattr(getattr(skeleton.config, "text_config", None) or skeleton.config, "hidden_size", 0))
             tokens = calib.num_samples * calib.seq_len
-            _collect(problems, check_spool_room, out.parent, spool_bytes(len(layout.layers), tokens, hidden or 0))
+            _collect(problems, check_spool_room, out.parent, spool_bytes(len(layout.layers), tokens, hidden))
         _collect(problems, check_disk_space, out, index, layout, largest, the_pass.sparsity)
     if len(problems) == 1:
         raise UserError(problems[0])
@@ -487,16 +487,11 @@ def estimate_output_bytes(index: dict, layout, scheme, sparsity) -> int:
 
 def check_disk_space(out: Path, index: dict, layout, scheme, sparsity) -> None:
     """The export (plus one shard being assembled) must fit on the output's file system."""
-    import shutil
-
-    from compress_export.io.writer import DEFAULT_SHARD_BYTES
+    from compress_export.io.writer import DEFAULT_SHARD_BYTES, free_space
 
     need = estimate_output_bytes(index, layout, scheme, sparsity)
     need += min(need, DEFAULT_SHARD_BYTES)
-    where = Path(out).resolve()
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
+    where, free = free_space(out)
     if free < need:
         raise UserError(
             f"{where} has {free / 1e9:.2f} GB free; this export needs about {need / 1e9:.2f} GB "

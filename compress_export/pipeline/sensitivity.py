@@ -20,7 +20,6 @@ the preflight and again before the first layer.
 from __future__ import annotations
 
 import copy
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -31,17 +30,11 @@ import torch.nn.functional as F
 
 from compress_export.core.errors import UserError
 from compress_export.core.structure import final_norm
+from compress_export.io.writer import free_space
 from compress_export.math.allocate import fisher_diagonal
-from compress_export.passes.sequential import InputGroups, capture_states, run_layer, take_rows
+from compress_export.passes.sequential import InputGroups, NullStats, capture_states, run_layer, take_rows
 
 Members = List[List[str]]  # per layer: the sets of linear names that read one input
-
-
-class _Groups:
-    """Null statistics: InputGroups is used here only for which linears share an input."""
-
-    def add(self, x):
-        pass
 
 
 def _spool_path(tmp: str, i: int) -> Path:
@@ -57,7 +50,7 @@ def _forward_sweep(source, layout, hidden: list, kwargs: list, tmp: str, bar) ->
     for i in range(len(layout.layers)):
         save_file({str(k): h.detach().contiguous().cpu() for k, h in enumerate(hidden)}, str(_spool_path(tmp, i)))
         layer = source.load_layer(layout, i).to(hidden[0].device)
-        groups = InputGroups(layout.linears[i], lambda n: _Groups())
+        groups = InputGroups(layout.linears[i], lambda n: NullStats())
         try:
             out = []
             for h, kw in zip(hidden, kwargs):
@@ -114,10 +107,7 @@ def _loss_gradients(source, layout, hidden: list, ids: torch.Tensor) -> list:
 def check_spool_room(where: Path, need: int) -> None:
     """The spool (`need` bytes: layers × calibration tokens × hidden × bytes per value) must fit where it goes,
     beside the output (preflight, from config.json, and again before the first layer, from the real states)."""
-    where = Path(where).resolve()
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
+    where, free = free_space(where)
     if need > free * 0.95:
         raise UserError(
             f"mixed precision's sensitivity sweep spools every layer's calibration inputs beside the output, in "
