@@ -149,8 +149,12 @@ def _patterns(transform) -> list:
 
 def _merges_experts(pattern: str) -> bool:
     """A transformers conversion that reads every expert's tensor (`mlp.experts.*.gate_proj.weight`) to merge them
-    into a fused parameter: wrong for a model whose experts stayed per-expert linears."""
-    return "experts.*." in pattern
+    into a fused parameter, or that renames a MoE block the unfused model keeps under its checkpoint name
+    (Mixtral's `.block_sparse_moe.` → `.mlp.`, core/moe.STORED_BLOCK): wrong for a model whose experts stayed
+    per-expert linears."""
+    from compress_export.core.moe import STORED_BLOCK
+
+    return "experts.*." in pattern or any(stored in pattern for _, stored in STORED_BLOCK.values())
 
 
 def _make_classes():

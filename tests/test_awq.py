@@ -145,7 +145,7 @@ def test_awq_refuses_architectures_without_mappings(tmp_path, tiny_text):
     model_dir = make_tiny_llama(tmp_path / "olmo", model_type="olmo")
     with pytest.raises(
         UserError,
-        match="no scale mappings for model_type 'olmo'.*llama, mistral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe",
+        match="no scale mappings for model_type 'olmo'.*llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe",
     ):
         run(model_dir, tiny_text, tmp_path / "out", method="awq", fmt="awq")
     assert not (tmp_path / "out").exists()

@@ -123,6 +123,26 @@ def test_what_mixed_precision_cannot_record_is_refused_before_any_work(tiny, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_opt_350m_without_a_final_norm_is_refused_naming_the_real_cause(tmp_path):
+    """OPT-350m's shape: config.json turns the final layer norm off (do_layer_norm_before=false) and project_out
+    maps the layers' 64 wide output to the 32 wide head; the sensitivity sweep cannot run it, and the preflight says
+    that, not that the family is unknown."""
+    from conftest import _tiny_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "opt", vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+        word_embed_proj_dim=32, do_layer_norm_before=False, max_position_embeddings=1024,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "opt"))
+    _tiny_tokenizer().save_pretrained(str(tmp_path / "opt"))
+    with pytest.raises(UserError) as e:
+        compress(tmp_path / "opt", tmp_path / "o", CompressionConfig(avg_bits=3.5, group_size=32), progress=False)
+    assert "no final norm in this configuration (model.decoder.final_layer_norm is None" in str(e.value)
+    assert "model.decoder.project_out before the output head" in str(e.value)
+    assert "FAMILIES" not in str(e.value) and not (tmp_path / "o").exists()
+
+
 def test_a_disk_too_small_for_the_sensitivity_spool_is_refused_before_any_weight_is_read(tiny, tmp_path, monkeypatch):
     """The spool needs layers × samples × seq-len × hidden × 4 bytes beside the output: known from config.json and
     the flags, so a disk too small for it stops the run in the preflight, naming what to change."""

@@ -1,4 +1,4 @@
-"""Mixture-of-experts end to end on tiny random Qwen3-MoE / Qwen2-MoE models (transformers 5's fused experts):
+"""Mixture-of-experts end to end on tiny random Qwen3-MoE / Qwen2-MoE (and OLMoE, DeepSeek-V3, Mixtral) models (transformers 5's fused experts):
 unfused into per-expert linears (core/moe.py), every expert compressed with routing-aware calibration, experts no
 token reached reported and rounded to nearest, exported as compressed-tensors and GPTQ, loaded by our loader and by
 from_pretrained, streamed a layer at a time, and served by vLLM through our plugin's MoE method."""
@@ -43,6 +43,7 @@ MOE = dict(
 # DeepSeek-V3 its own expert counts, its real router (sigmoid scores with a correction bias, which vLLM builds
 # only for "noaux_tc"), MLA attention (low-rank q and kv) and no dense first layer, so that every layer has experts
 EXTRA = {
+    "mixtral": dict(num_local_experts=EXPERTS),  # its experts are intermediate_size wide
     "qwen2_moe": dict(shared_expert_intermediate_size=128),
     "olmoe": dict(tie_word_embeddings=False),
     "deepseek_v3": dict(
@@ -81,19 +82,22 @@ def tiny_moe(path, model_type="qwen3_moe", seed=0, shard="50GB", **kw):
     return path
 
 
-def expert_linears(layers=LAYERS, experts=EXPERTS):
+# how a family's checkpoints name the MoE block and an expert's linears (Mixtral's as transformers' save_pretrained
+# writes them, and as vLLM's mixtral.py reads them; the others as Qwen's)
+STORED = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
+
+
+def expert_linears(layers=LAYERS, experts=EXPERTS, model_type="qwen3_moe"):
+    block, projections = STORED.get(model_type, ("mlp", ("gate_proj", "up_proj", "down_proj")))
     return {
-        f"model.layers.{i}.mlp.experts.{e}.{p}"
-        for i in range(layers)
-        for e in range(experts)
-        for p in ("gate_proj", "up_proj", "down_proj")
+        f"model.layers.{i}.{block}.experts.{e}.{p}" for i in range(layers) for e in range(experts) for p in projections
     }
 
 
 IDS = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral"])
 def test_unfused_experts_compute_what_transformers_fused_experts_compute(model_type, tmp_path):
     """The independent facts: transformers' own fused forward (grouped_mm over the 3-D parameters) gives the same
     logits as our per-expert linears, and the names the unfused model's parameters take are exactly the names
@@ -118,7 +122,7 @@ def test_unfused_experts_compute_what_transformers_fused_experts_compute(model_t
             stored |= set(s.keys())
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     assert set(model.state_dict()) - tied == stored  # a tied head is stored once
-    assert expert_linears() <= {n.rpartition(".")[0] for n in stored}
+    assert expert_linears(model_type=model_type) <= {n.rpartition(".")[0] for n in stored}
 
 
 @pytest.mark.parametrize(
@@ -190,8 +194,10 @@ def test_experts_no_token_reached_are_reported_and_rounded_to_nearest(method, sc
     assert_written_as_computed(tmp_path / "out", results)
 
 
-@pytest.mark.parametrize("model_type,fmt", [("olmoe", "gptq"), ("deepseek_v3", "compressed-tensors")])
-def test_olmoe_and_deepseek_v3_are_compressed_exported_and_loaded(model_type, fmt, tmp_path, tiny_text):
+@pytest.mark.parametrize(
+    "model_type,fmt", [("olmoe", "gptq"), ("deepseek_v3", "compressed-tensors"), ("mixtral", "compressed-tensors")]
+)
+def test_other_moe_families_are_compressed_exported_and_loaded(model_type, fmt, tmp_path, tiny_text):
     """The other families whose experts are unfused: every expert linear and every other linear (DeepSeek's MLA
     projections and shared experts) is packed, the files hold what the pass computed, and our loader and
     from_pretrained both give logits close to the original model's (not to each other's: kernel rounding can flip
@@ -204,7 +210,7 @@ def test_olmoe_and_deepseek_v3_are_compressed_exported_and_loaded(model_type, fm
         want = ref(input_ids=IDS).logits
     linears = {n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     linears -= {f"model.layers.{i}.mlp.gate" for i in range(LAYERS)}  # OLMoE's router is a Linear: kept
-    assert expert_linears() <= linears
+    assert expert_linears(model_type=model_type) <= linears
     results, on_result = recorder()
     kw = dict(method="gptq", fmt=fmt, scheme=Scheme(4, 32, False), dataset=str(tiny_text), num_samples=8, seq_len=32)
     s = compress(base, tmp_path / "out", progress=False, on_result=on_result, **kw)
@@ -353,7 +359,7 @@ def test_the_vllm_route_sees_the_experts_shapes():
     assert has_experts(cfg) and has_experts({"num_local_experts": 8}) and not has_experts({"hidden_size": 64})
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"])
 def test_awq_balances_each_expert_and_beats_round_to_nearest(model_type, tmp_path, tiny_text):
     """AWQ's MoE mappings (attention, and each expert's up → down): folding random scales through every expanded
     mapping leaves the unquantized logits unchanged (the independent fact that they are valid), and the AWQ
@@ -440,10 +446,10 @@ def test_vllm_serves_a_moe_export_through_our_moe_method(fmt, method, scheme, tm
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-@pytest.mark.parametrize("model_type,quantized", [("olmoe", 3), ("deepseek_v3", 7)])
-def test_vllm_serves_olmoe_and_deepseek_v3_exports(model_type, quantized, tmp_path, tiny_text):
-    """vLLM's own OLMoE and DeepSeek-V3 models load the GPTQ export and run every quantized layer on our kernels
-    (per decoder layer, OLMoE: qkv, o and the experts; DeepSeek: the fused q_a/kv_a, q_b, kv_b, o, the experts and
+@pytest.mark.parametrize("model_type,quantized", [("olmoe", 3), ("deepseek_v3", 7), ("mixtral", 3)])
+def test_vllm_serves_other_moe_families_exports(model_type, quantized, tmp_path, tiny_text):
+    """vLLM's own OLMoE, DeepSeek-V3 and Mixtral models load the GPTQ export and run every quantized layer on our
+    kernels (per decoder layer, OLMoE and Mixtral: qkv, o and the experts; DeepSeek: the fused q_a/kv_a, q_b, kv_b, o, the experts and
     the shared expert's gate_up and down), with our loader's log-probabilities. vLLM's DeepSeek-V3 is not
     transformers' to 1e-3 even unquantized (its MLA attention and router differ by a few hundredths of a log-
     probability here, on the CPU backend in float32): its bound is twice what vLLM's unquantized model misses by."""

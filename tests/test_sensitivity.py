@@ -80,7 +80,7 @@ def test_a_model_without_a_known_final_norm_is_refused_naming_where_it_looked(tm
     path = make_tiny_llama(tmp_path / "m", layers=1)
     source = InMemorySource(path)
     layout = describe(source.model)
-    source.model.model.norm = None  # no final norm where the family says, nor anywhere generic
+    del source.model.model.norm  # no final norm where the family says, nor anywhere generic
     with pytest.raises(UserError, match="no final norm found .*model.norm"):
         list(fisher_layers(source, layout, torch.randint(3, 60, (2, 8)), 2, torch.device("cpu"), False))
 

@@ -8,10 +8,14 @@ function, computed by transformers' own eager routing loop over ordinary linears
 exactly the tokens the router sends them, which is routing-aware calibration for free, and their names are the
 names transformers itself writes on save, so a checkpoint streams a layer at a time with no renaming.
 
-Which model types are unfused (Qwen2/3-MoE, OLMoE, DeepSeek-V3), and the names their experts' linears take, is
-data (EXPERT_NAMES). A model type not listed keeps its fused experts (reported as unquantized by the pipeline):
-Mixtral's checkpoints and vLLM name its layer `block_sparse_moe` where transformers names it `mlp`, which needs a
-rename on read and write not built yet.
+Which model types are unfused (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3), and the names their experts' linears
+take, is data (EXPERT_NAMES). A model type not listed keeps its fused experts (reported as unquantized by the
+pipeline).
+
+Where a family's checkpoints name the MoE block otherwise than transformers' module tree does (Mixtral's
+`block_sparse_moe`, which vLLM reads too, against transformers' `mlp`), the unfused block is registered under the
+checkpoint's name (STORED_BLOCK), so every name the tool reads, writes or lists in a quantization config is the
+checkpoint's, with no renaming anywhere else; the decoder layer's own forward still finds it as `self.mlp`.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ import torch.nn as nn
 # model_type → (gate, up, down) projection names of one expert, as its checkpoints store them
 # (transformers' own conversion mapping reads these families' per-expert checkpoints under these names too)
 EXPERT_NAMES = {
+    "mixtral": ("w1", "w3", "w2"),  # Mixtral, and vLLM's FusedMoE ckpt_names for it
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
     "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
     "olmoe": ("gate_proj", "up_proj", "down_proj"),
     "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),  # DeepSeek-V3/R1 and Kimi-K2-shaped: MLA attention
 }
+
+# model_type → (the MoE block's attribute in transformers' decoder layer, the name its checkpoints store it under)
+STORED_BLOCK = {"mixtral": ("mlp", "block_sparse_moe")}
 
 
 class ExpertMLP(nn.Module):
@@ -104,7 +112,8 @@ def unfuse_experts(model: nn.Module, stored=None) -> int:
     place, when its model type is in EXPERT_NAMES; returns how many were replaced. `stored`: the checkpoint's
     tensor names, when the model is to be filled from them: a checkpoint that stores its experts fused (an export
     written before experts were unfused) keeps the fused modules, so its names still match."""
-    names = EXPERT_NAMES.get(getattr(getattr(model, "config", None), "model_type", ""))
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    names = EXPERT_NAMES.get(model_type)
     if names is None or (stored is not None and not any(_PER_EXPERT.search(k) for k in stored)):
         return 0
     found = [n for n, m in model.named_modules() if _fused_shapes(m) is not None]
@@ -112,7 +121,22 @@ def unfuse_experts(model: nn.Module, stored=None) -> int:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, _unfused(getattr(owner, child), names))
+    attr_name, stored_name = STORED_BLOCK.get(model_type, ("", ""))
+    for name in found if stored_name else ():
+        block, _, _ = name.rpartition(".")
+        layer, _, attr = block.rpartition(".")
+        if attr == attr_name:
+            _store_as(model.get_submodule(layer), attr, stored_name)
     return len(found)
+
+
+def _store_as(layer: nn.Module, attr: str, stored: str) -> None:
+    """Register `layer`'s child `attr` under the name `stored` instead, in the same place among its children: the
+    state dict, named_modules and .to() see only `stored`; the layer's forward, which calls self.<attr>, reaches
+    the same module through a plain instance attribute, which nn.Module's traversals do not visit."""
+    block = layer._modules[attr]
+    layer._modules = {stored if k == attr else k: m for k, m in layer._modules.items()}
+    object.__setattr__(layer, attr, block)
 
 
 def expert_index(name: str) -> int:

@@ -29,8 +29,8 @@ class Family:
 
 FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")),
-    # MoE: the attention linears and any per-expert nn.Linear are compressed; transformers 5 keeps the experts of
-    # these models as fused 3-D parameters (not nn.Linear), which stay in the source precision. Routers never.
+    # MoE: the attention linears and every expert's linears (core/moe.py unfuses transformers 5's fused 3-D
+    # experts) are compressed. Routers never.
     Family(
         "mixtral",
         ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"),
@@ -98,6 +98,8 @@ _MOE_AWQ = (
 )
 AWQ_MAPPINGS = {
     "llama": _LLAMA_AWQ,
+    # Mixtral: w1 gate, w3 up, w2 down, in the block its checkpoints name block_sparse_moe (core/moe.py); no dense layers
+    "mixtral": (*_LLAMA_AWQ[:2], ScaleMapping("block_sparse_moe.experts.{e}.w3", ("block_sparse_moe.experts.{e}.w2",))),
     "mistral": _LLAMA_AWQ,
     "qwen2": _LLAMA_AWQ,
     "qwen3": _LLAMA_AWQ,
@@ -121,7 +123,7 @@ AWQ_NO_CLIP = r"(^|\.)(q_proj|k_proj|query|key)$"
 
 # How vLLM splits linears under tensor parallelism: these along their inputs (row-parallel), every other along
 # its outputs (column-parallel); key/value projections are repeated whole when there are fewer KV heads than ranks.
-ROW_PARALLEL = r"(^|\.)(o_proj|down_proj|out_proj|fc2|dense|dense_4h_to_h)$"
+ROW_PARALLEL = r"(^|\.)(o_proj|down_proj|out_proj|fc2|dense|dense_4h_to_h|w2)$"  # w2: Mixtral's expert down
 KV_PROJECTIONS = r"(^|\.)(k_proj|v_proj)$"
 
 # Never compressed: the output head and embeddings stay in the source precision by default.
@@ -166,6 +168,21 @@ def final_norm(model: nn.Module, layout: ModelLayout) -> str:
     for path in paths:
         if isinstance(_get(model, path), nn.Module):
             return path
+    parent, _, leaf = layout.family.final_norm.rpartition(".")
+    owner = _get(model, parent) if parent else model
+    if owner is not None and hasattr(owner, leaf):  # the family has one; this config set it to None
+        # (OPT-350m: do_layer_norm_before=false leaves final_layer_norm None, and project_out maps to the head)
+        get_head = getattr(model, "get_output_embeddings", None)
+        width = getattr(get_head() if callable(get_head) else None, "in_features", None)
+        between = [  # a linear beside the layers that feeds the head's width (OPT's project_out, not project_in)
+            f"{parent}.{n}" for n, m in owner.named_children() if isinstance(m, nn.Linear) and m.out_features == width
+        ]
+        raise UserError(
+            f"{type(model).__name__} has no final norm in this configuration ({layout.family.final_norm} is None, "
+            "as config.json sets it)"
+            + (f" and runs {', '.join(between)} before the output head" if between else "")
+            + ": the sensitivity sweep runs a final norm and the head only; use one bit width for this model"
+        )
     raise UserError(
         f"no final norm found after the decoder layers (looked for {', '.join(dict.fromkeys(paths))}): "
         f"{type(model).__name__} needs an entry in core/structure.py's FAMILIES for this step"
