@@ -19,6 +19,7 @@ import torch
 
 from compress_export.core import hardware
 from compress_export.core.errors import UserError
+from compress_export.core.moe import expert_index
 from compress_export.core.progress import Progress
 from compress_export.core.scheme import Scheme
 from compress_export.core.structure import describe
@@ -35,7 +36,7 @@ from compress_export.passes.sequential import (
     run_layer,
 )
 from compress_export.pipeline.config import CompressionConfig
-from compress_export.pipeline.distributed import Dist, check_distributable, join
+from compress_export.pipeline.distributed import Dist, join
 from compress_export.pipeline.layer_compressor import LayerCompressor
 from compress_export.pipeline.plan import Plan, resolve
 
@@ -188,7 +189,6 @@ def compress(
     try:
         if plan.mixed is not None and dist.active:
             raise UserError("mixed precision (--avg-bits/--size-mb) runs in one process, not under torchrun (yet)")
-        check_distributable(dist, layout)
         # only text the model writes itself needs the whole model (calibration loads it then, even when streaming)
         source = open_source(
             src,
@@ -534,8 +534,11 @@ def _run_layers(
     states, single = None, False
     if ids is not None:
         batch_size = batch_size or auto_batch_size(source.model, ids)  # from config.json alone
-        # decided on the whole set, so that any number of ranks runs the same algorithm
-        single = ids.shape[0] <= batch_size and not the_pass.layer_wise
+        # decided on the whole set, so that any number of ranks runs the same algorithm; except that MoE experts
+        # under torchrun take two passes, where ranks agree on the groups before any statistics are merged (a rank
+        # whose samples reach no token of an expert never calls it)
+        experts = dist.active and any(expert_index(n) >= 0 for lin in layout.linears for n, _ in lin)
+        single = ids.shape[0] <= batch_size and not the_pass.layer_wise and not experts
         states = capture_states(source, layout, dist.samples(ids), batch_size, device)
     timings["capture"] = time.time() - t
     bar = Progress(len(layout.layers), "compressing decoder layers", enabled=progress)
@@ -639,17 +642,18 @@ def _two_pass(layer, layout, i, states, the_pass, compress, dist):
         groups.remove()
         for h in observers:
             h.remove()
-    dist.check_same(groups.members, f"{layout.full_name(i, '')[:-1]}: the linear groups")
-    for stats in groups.stats:
-        dist.merge_stats(stats)
+    where = layout.full_name(i, "")[:-1]
+    members, stats = dist.all_groups(groups.members, groups.stats, dict(layout.linears[i]), the_pass.make_stats, where)
+    for st in stats:
+        dist.merge_stats(st)
     the_pass.prepare_layer(
         layer,
-        groups.members,
-        groups.stats,
+        members,
+        stats,
         layout.full_name(i, ""),  # same on every rank
         sum_over_ranks=dist.sum_ if dist.active else None,
     )
-    compress(list(zip(groups.members, groups.stats)))
+    compress(list(zip(members, stats)))
     # experts no token reached are compressed before the propagation forward, whose routing (after attention is
     # compressed) may reach them: the next layer must see the outputs the exported model gives
     compress.unseen()

@@ -6,7 +6,8 @@ initialised) runs the same pipeline in every process:
 - every rank holds the same calibration ids (rank 0 makes them and broadcasts) and runs its own contiguous slice
   of the samples through each decoder layer;
 - each linear group's statistics (Hessian, mean |x|, column norms) are merged across ranks before use, weighted by
-  each rank's token count, so they describe the whole calibration set;
+  each rank's token count, so they describe the whole calibration set; MoE experts only some ranks' tokens reach
+  are merged from the ranks that saw them (Dist.all_groups: every rank works through the same groups);
 - the sweeps are partitioned: group k of the run belongs to rank k mod N, which compresses it and broadcasts the
   result; every rank then puts the same compressed weights into its copy of the layer;
 - only rank 0 writes; the others finish when it has.
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 
 from compress_export.core.errors import UserError
+from compress_export.core.moe import expert_index
 
 
 @dataclass
@@ -120,17 +122,27 @@ class Dist:
             out.append(cls(**values))
         return results if self.rank == src else out
 
-    def check_same(self, value, what: str) -> None:
-        """Raise on every rank when ranks disagree about `value` (a small picklable structure)."""
+    def all_groups(self, members: list, stats: list, linears: dict, make_stats, where: str) -> tuple:
+        """(members, stats) of a layer's linear groups as every rank together saw them, in the layer's order of
+        `linears` ({local name: nn.Linear}), the same groups on every rank. MoE: a rank whose samples route no token
+        to an expert never calls its linears, while another rank does; such a group gets empty statistics here,
+        which merge as zero rows. The groups of every other linear must agree between ranks."""
         if not self.active:
-            return
-        seen = [None] * self.world
-        torch.distributed.all_gather_object(seen, value)
-        if any(v != seen[0] for v in seen):
+            return members, stats
+        seen: list = [None] * self.world
+        torch.distributed.all_gather_object(seen, [list(g) for g in members])
+        union = {tuple(g) for ranks in seen for g in ranks}
+        dense = [sorted(tuple(g) for g in ranks if expert_index(g[0]) < 0) for ranks in seen]
+        names = [n for g in union for n in g]
+        if any(d != dense[0] for d in dense) or len(names) != len(set(names)):
             raise UserError(
-                f"{what} differ between ranks ({seen[0]!r} on rank 0, "
-                f"{next(v for v in seen if v != seen[0])!r} elsewhere); run in one process"
+                f"{where}: the linear groups differ between ranks ({seen[0]!r} on rank 0); run in one process"
             )
+        order = {n: k for k, n in enumerate(linears)}
+        everyone = [list(g) for g in sorted(union, key=lambda g: order[g[0]])]
+        mine = {tuple(g): st for g, st in zip(members, stats)}
+        fresh = [make_stats(linears[g[0]].in_features) if tuple(g) not in mine else None for g in everyone]
+        return everyone, [mine.get(tuple(g), f) for g, f in zip(everyone, fresh)]
 
     def barrier(self) -> None:
         if self.active:
@@ -179,17 +191,3 @@ def join(device: torch.device, timeout_minutes: float = 60.0):
         owns = True
     comm = device if td.get_backend() == "nccl" else torch.device("cpu")
     return Dist(td.get_rank(), td.get_world_size(), comm, owns), device
-
-
-def check_distributable(dist: Dist, layout) -> None:
-    """Every rank must call every targeted linear in every layer forward, or the others wait forever for its
-    statistics. Dense layers always do; per-expert linears run only for the tokens routed to them."""
-    if not dist.active:
-        return
-    experts = [layout.full_name(i, n) for i, lin in enumerate(layout.linears) for n, _ in lin if ".experts." in f".{n}"]
-    if experts:
-        raise UserError(
-            f"distributed calibration cannot compress per-expert linears yet ({experts[0]} and "
-            f"{len(experts) - 1} more): a rank whose samples route no token to an expert would have "
-            "no statistics to share; run this model in one process"
-        )
