@@ -417,11 +417,14 @@ def test_awq_balances_each_expert_and_beats_round_to_nearest(model_type, tmp_pat
         ("gptq", "gptq", Scheme(4, 32, False)),
         ("gptq", "gptq", Scheme(4, 32, True, act_order="group")),
         ("awq", "awq", Scheme(4, 32, False)),
+        ("sparse24", "sparsegpt", None),  # 2:4 experts: our cpu-sparse24 kernel
+        ("compressed-tensors", "sparsegpt", Scheme(4, 32, True)),  # 2:4 + W4 experts (pruned codes at the zero)
     ],
 )
 def test_vllm_serves_a_moe_export_through_our_moe_method(fmt, method, scheme, tmp_path, tiny_text):
     """vLLM (CPU) loads the MoE export, our plugin claims its MoE layers (vLLM's CPU 4-bit MoE kernel needs AMX,
-    bf16 and a group size other than 32, and crashed where it ran), and its log-probabilities equal our loader's."""
+    bf16 and a group size other than 32, and crashed where it ran; vLLM has no 2:4 kernel at all), and its
+    log-probabilities equal our loader's."""
     from test_vllm import vllm_matches_our_loader
 
     base = tiny_moe(tmp_path / "base")
@@ -432,6 +435,7 @@ def test_vllm_serves_a_moe_export_through_our_moe_method(fmt, method, scheme, tm
         method=method,
         fmt=fmt,
         scheme=scheme,
+        sparsity="2:4" if method == "sparsegpt" else None,
         dataset=str(tiny_text),
         num_samples=8,
         seq_len=32,
