@@ -10,6 +10,12 @@ each [inter, hidden] as a linear) and `w2_<suffix>` [experts, *shape] (down, [hi
 each checkpoint tensor into its slot, checking its shape. After loading, every (expert, projection) is read back by
 the format into a QuantizedWeight and handed to the kernel the registry chooses, and the packed copies are dropped.
 
+Tensor parallelism: each rank holds its slice of every expert, taken from the full checkpoint tensors by our loader
+as vLLM's own MoE loader would: gate/up along their outputs, down along its inputs (its groups renumbered from the
+slice's first), along each tensor's axis in the format's layout; vLLM's runner all-reduces the partial outputs.
+Packed words and groups must not straddle two ranks, and act-order experts are refused. Expert parallelism is not
+supported (every rank holds every expert).
+
 apply() runs the routing vLLM computed (top-k ids and weights) expert by expert: each expert once, on the tokens
 routed to it, the output weighted and summed, as transformers' eager loop does. Shared experts are left to vLLM's
 runner, which runs them itself when the method has no modular kernel.
@@ -60,12 +66,12 @@ class _MoEMethod:
         self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs
     ):
         par = self.moe.moe_parallel_config
-        if getattr(par, "tp_size", 1) != 1 or getattr(par, "ep_size", 1) != 1:
+        if getattr(par, "ep_size", 1) != 1:
             raise ValueError(
-                f"{self.prefix}: compress-export's MoE method runs experts unsharded (tensor-parallel "
-                f"{getattr(par, 'tp_size', 1)}, expert-parallel {getattr(par, 'ep_size', 1)}); serve this MoE export "
-                "with --tensor-parallel-size 1"
+                f"{self.prefix}: compress-export's MoE method holds every expert on each rank (expert-parallel "
+                f"{par.ep_size}); serve this MoE export without --enable-expert-parallel"
             )
+        self.tp, self.rank = getattr(par, "tp_size", 1), getattr(par, "tp_rank", 0)
         act = getattr(self.moe.activation, "value", str(self.moe.activation))
         if act not in _GATED or not getattr(self.moe, "is_act_and_mul", True):
             raise ValueError(f"{self.prefix}: compress-export's MoE method runs gated SiLU experts, not {act}")
@@ -76,13 +82,21 @@ class _MoEMethod:
                 "checkpoint has per-module overrides (mixed precision)"
             )
         hidden, inter = hidden_size, intermediate_size_per_partition
+        if self.tp > 1 and scheme is not None and scheme.act_order == "group":
+            raise ValueError(
+                f"{self.prefix}: act-order experts' groups do not split {self.tp} ways (tensor-parallel): serve "
+                "this MoE export with --tensor-parallel-size 1, or export it without act-order"
+            )
+        self.split: dict = {}  # parameter name → the axis a tensor-parallel rank takes its slice of (None: whole)
         for stem, (in_f, out_f), lead in (
             ("w13", (hidden, inter), (num_experts, 2)),
             ("w2", (inter, hidden), (num_experts,)),
         ):
             if scheme is not None and not scheme.divides(in_f):
                 raise ValueError(f"{self.prefix}: group size {scheme.group_size} does not divide the experts' {in_f}")
-            for suffix, spec in fmt.tensor_layout(scheme, in_f, out_f, fmt.stored_dtype(qcfg)).items():
+            layout = fmt.tensor_layout(scheme, in_f, out_f, fmt.stored_dtype(qcfg))
+            self.split.update(_split_axes(fmt, scheme, qcfg, stem, layout, (in_f, out_f), self.tp, self.prefix))
+            for suffix, spec in layout.items():
                 data = torch.zeros((*lead, *spec.shape), dtype=spec.dtype)
                 if suffix.endswith("g_idx"):  # absent from some checkpoints: contiguous groups, unless act-order's
                     gs = in_f if scheme is None else scheme.group_len(in_f)  # (then -1 until the checkpoint's load)
@@ -97,11 +111,17 @@ class _MoEMethod:
         self.act_dtype = params_dtype
 
     def _loader(self, layer):
+        names = {}  # id(parameter) → its name, filled on first use (the parameters are registered after this)
+
         def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
             local = layer._map_global_expert_id_to_local_expert_id(expert_id)
             if local < 0:
                 return False if return_success else None
             slot = param.data[local] if shard_id == "w2" else param.data[local, 0 if shard_id == "w1" else 1]
+            if self.tp > 1:
+                if not names:
+                    names.update({id(p): n for n, p in layer.named_parameters(recurse=False)})
+                loaded_weight = self._shard(names[id(param)], loaded_weight, slot, weight_name)
             if tuple(slot.shape) != tuple(loaded_weight.shape):
                 raise ValueError(
                     f"{weight_name} (expert {expert_id}, {shard_id}): the checkpoint holds shape "
@@ -112,6 +132,27 @@ class _MoEMethod:
             return True if return_success else None
 
         return load
+
+    def _shard(self, name: str, full: torch.Tensor, slot: torch.Tensor, weight_name: str) -> torch.Tensor:
+        """This tensor-parallel rank's slice of one expert projection's checkpoint tensor: gate/up split along
+        their outputs, down along its inputs (vLLM all-reduces the partial outputs), as vLLM's own MoE loader
+        slices them. A down projection's group indices are renumbered from the slice's first group."""
+        axis = self.split.get(name)
+        if axis is None:
+            return full
+        size = slot.shape[axis]
+        if full.shape[axis] != size * self.tp:
+            raise ValueError(
+                f"{weight_name}: holds {full.shape[axis]} along axis {axis}, not {self.tp} × {size} (tensor-parallel)"
+            )
+        part = full.narrow(axis, size * self.rank, size)
+        scheme = self.config.scheme
+        if name.endswith("g_idx") and scheme is not None and scheme.group_size > 0:
+            groups = -(-size // scheme.group_len(size))
+            part = part - groups * self.rank
+            if bool((part < 0).any() or (part >= groups).any()):
+                raise ValueError(f"{weight_name}: its groups do not split {self.tp} ways: serve with tensor-parallel 1")
+        return part
 
     def get_fused_moe_quant_config(self, layer):
         return None
@@ -167,6 +208,32 @@ class _MoEMethod:
             y = down(act(gate(xs)) * up(xs)) * topk_weights[token, slot, None].to(x.dtype)
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+
+def _split_axes(fmt, scheme, qcfg, stem: str, layout: dict, local: tuple, tp: int, prefix: str) -> dict:
+    """{parameter name: axis}: where each of a stem's tensors (w13: gate/up, column-parallel; w2: down,
+    row-parallel) is sliced across `tp` ranks, in one expert projection's tensor (None: every rank holds it
+    whole). The full layout must be exactly `tp` local ones along that axis: packed words and groups may not
+    straddle two ranks."""
+    if tp == 1:
+        return {}
+    in_f, out_f = local
+    full_in, full_out = (in_f, out_f * tp) if stem == "w13" else (in_f * tp, out_f)
+    if stem == "w2" and scheme is not None and not scheme.divides(in_f):
+        raise ValueError(f"{prefix}: group size {scheme.group_size} does not divide the experts' {in_f}-wide shard")
+    full = fmt.tensor_layout(scheme, full_in, full_out, fmt.stored_dtype(qcfg))
+    out = {}
+    for suffix, spec in layout.items():
+        axis = spec.output_dim if stem == "w13" else spec.input_dim
+        if axis is not None and spec.per_group and full[suffix].shape[axis] == spec.shape[axis]:
+            axis = None  # one group over all the inputs (per-channel): every rank holds it whole
+        if axis is not None and full[suffix].shape[axis] != spec.shape[axis] * tp:
+            raise ValueError(
+                f"{prefix}: the experts' {suffix} ({list(full[suffix].shape)}) does not split {tp} ways along axis "
+                f"{axis} (packed words or groups would straddle two ranks): serve with --tensor-parallel-size 1"
+            )
+        out[f"{stem}_{suffix}"] = axis
+    return out
 
 
 def _check_loaded(layer, prefix: str) -> None:

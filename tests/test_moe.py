@@ -448,6 +448,46 @@ def test_vllm_serves_a_moe_export_through_our_moe_method(fmt, method, scheme, tm
 
 
 @pytest.mark.vllm
+@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
+def test_tensor_parallel_expert_shards_sum_to_the_whole_moe_layer():
+    """Our MoE method under tensor parallelism (tests/vllm_moe_tp_shards.py): each rank loads its slice of every
+    expert from the full checkpoint tensors (gate/up by outputs, down by inputs, down's groups renumbered), and
+    the ranks' outputs, which vLLM all-reduces, sum to the MoE layer computed from the results before packing."""
+    from test_vllm import read_result
+
+    here = Path(__file__).with_name("vllm_moe_tp_shards.py")
+    r = subprocess.run([sys.executable, str(here)], capture_output=True, text=True, timeout=600)
+    res = read_result(r.stdout)
+    assert res and len(res) == 7, r.stderr[-3000:]
+    for case, got in res.items():
+        if case.endswith("-group"):
+            assert "act-order" in got.get("error", ""), (case, got)
+        else:
+            assert "error" not in got and got["max_err"] < 1e-4 * max(1.0, got["scale"]), (case, got)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
+def test_vllm_serves_a_moe_export_on_two_tensor_parallel_workers(tmp_path, tiny_text):
+    """vLLM's CPU engine with the MoE export split over 2 workers: every expert sharded by our MoE method, the
+    partial outputs all-reduced by vLLM, log-probabilities equal to our loader's."""
+    from test_vllm import FP32, vllm_check
+    from transformers import AutoTokenizer
+
+    from compress_export.integrations.conformance import compare_top1
+
+    base, out = tiny_moe(tmp_path / "base"), tmp_path / "out"
+    kw = dict(method="gptq", fmt="gptq", scheme=Scheme(4, 32, False), dataset=str(tiny_text), num_samples=8)
+    compress(base, out, seq_len=32, progress=False, **kw)
+    ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
+    res = vllm_check(out, tmp_path, ids, args=(*FP32, "--tensor-parallel-size", "2"))
+    assert res["quantization"] == "compress_export" and sum(res["kernels"].values()) == 3 * LAYERS, res
+    conf = compare_top1(out, ids, res)
+    assert conf["max_abs_dlogprob"] < 1e-3 and conf["top1_agreement"] >= 0.99, conf
+
+
+@pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
 @pytest.mark.parametrize("model_type,quantized", [("olmoe", 3), ("deepseek_v3", 7), ("mixtral", 3)])
