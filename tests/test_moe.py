@@ -469,6 +469,41 @@ def test_tensor_parallel_expert_shards_sum_to_the_whole_moe_layer():
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
+def test_serve_answers_the_openai_client_on_a_mixtral_export(tmp_path, tiny_text):
+    """`compress-export serve` on a MoE export (Mixtral's names, our MoE method) over HTTP with the official
+    client: the greedy completion, whole and streamed, is the one our loader generates, with its log-probabilities
+    within 1e-3."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from compress_export.integrations.vllm_serve import Server
+
+    base, out = tiny_moe(tmp_path / "base", "mixtral"), tmp_path / "out"
+    kw = dict(method="gptq", fmt="compressed-tensors", scheme=Scheme(4, 32, True), dataset=str(tiny_text))
+    compress(base, out, num_samples=8, seq_len=32, progress=False, **kw)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    prompt = tiny_text.read_text()[:80]
+    model, _ = load_model(out)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        full = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0]
+        logp = model(input_ids=full[None]).logits[0, ids.shape[1] - 1 : -1].log_softmax(-1)
+    logp = logp.gather(1, full[ids.shape[1] :, None])[:, 0]  # our loader's log-probability of each new token
+    # the text the new tokens add after the prompt's (a first token's leading space included, as vLLM detokenizes)
+    want = tok.decode(full, skip_special_tokens=True)[len(tok.decode(ids[0], skip_special_tokens=True)) :]
+    with Server(out, tmp_path / "serve.log", name="moe", extra=["--dtype", "float32"]) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="none", max_retries=0, timeout=300)
+        ask = dict(model="moe", prompt=prompt, max_tokens=8, temperature=0, extra_body={"min_tokens": 8})
+        r = client.completions.create(**ask, logprobs=1)
+        pieces = list(client.completions.create(**ask, stream=True))
+    assert r.choices[0].text == want, (r.choices[0].text, want)
+    torch.testing.assert_close(torch.tensor(r.choices[0].logprobs.token_logprobs), logp, rtol=0, atol=1e-3)
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == want
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
 def test_vllm_serves_a_moe_export_on_two_tensor_parallel_workers(tmp_path, tiny_text):
     """vLLM's CPU engine with the MoE export split over 2 workers: every expert sharded by our MoE method, the
     partial outputs all-reduced by vLLM, log-probabilities equal to our loader's."""
