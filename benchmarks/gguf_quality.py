@@ -1,7 +1,8 @@
 """Our GGUF against llama.cpp's own quantization, measured by llama.cpp on the shared protocol: one table of file
 size and token perplexity for the same model (SmolLM2-135M-Instruct).
 
-  python benchmarks/gguf_quality.py [--skip-install] [--rows f16,llamacpp-q4_0,llamacpp-q4_0-q8emb,ours-rtn,ours-gptq]
+  python benchmarks/gguf_quality.py [--skip-install]
+      [--rows llamacpp-f16,llamacpp-q4_0,llamacpp-q4_0-q8emb,llamacpp-q4_0-imatrix,ours-rtn,ours-gptq]
 
 Rows (every file is run by llama.cpp's own forward, llama-cpp-python in benchmarks/vs_llamacpp.py's venv):
 - llamacpp-f16: llama.cpp's converter (convert_hf_to_gguf.py --outtype f16), the reference;
@@ -9,13 +10,16 @@ Rows (every file is run by llama.cpp's own forward, llama-cpp-python in benchmar
   embedding Q8_0 itself: the same tensor types and file size as ours);
 - llamacpp-q4_0-q8emb: the same with the token embedding asked for as Q8_0 (--token-embedding-type/
   --output-tensor-type q8_0), for models where llama.cpp's own mix would choose another type;
+- llamacpp-q4_0-imatrix: llama.cpp's importance-weighted Q4_0, its own tools built from the same source
+  (vs_llamacpp.ensure_tools): `llama-imatrix -c 512 --chunks 64` over calib.txt (the 64 × 512 tokens our passes
+  calibrate on), then `llama-quantize --imatrix ... Q4_0`. Checked first: llama-quantize without --imatrix writes
+  the very file the Python quantize call wrote for llamacpp-q4_0, so the importance matrix is the only difference;
 - ours-rtn / ours-gptq: `compress-export --format gguf --method rtn|gptq --group-size 32` (GPTQ on calib.txt's
   64 × 512 tokens, the shared protocol), every linear Q4_0 holding our codes and scales exactly, token embedding
   Q8_0.
 Token perplexity: eval.txt tokenized whole without BOS by the model's tokenizer, the first 16 non-overlapping
 512-token windows, llama.cpp's logits (logits_all), mean loss per window, then over windows (as `compress-export
-eval`). Not measured: llama.cpp's importance-weighted Q4_0 (`llama-quantize --imatrix`): llama-cpp-python's
-quantize call takes no importance matrix file and its build here has no llama-imatrix tool.
+eval`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pathlib import Path
 import vs_llamacpp as L
 from common import TEXT, example_model
 
-ROWS = ("llamacpp-f16", "llamacpp-q4_0", "llamacpp-q4_0-q8emb", "ours-rtn", "ours-gptq")
+ROWS = ("llamacpp-f16", "llamacpp-q4_0", "llamacpp-q4_0-q8emb", "llamacpp-q4_0-imatrix", "ours-rtn", "ours-gptq")
+CHUNKS = 64  # × 512 tokens: the shared protocol's calibration set
 GGML_Q8_0 = 8
 
 
@@ -67,6 +72,14 @@ def main():
     if "llamacpp-q4_0-q8emb" in rows and not q8emb.exists():
         L.llamacpp({"do": "quantize", "src": str(base["F16"]), "dst": str(q8emb), "embeddings": GGML_Q8_0})
     files = {"llamacpp-f16": base["F16"], "llamacpp-q4_0": base["Q4_0"], "llamacpp-q4_0-q8emb": q8emb}
+    if "llamacpp-q4_0-imatrix" in rows:
+        tools = L.ensure_tools(llama_dir, a.skip_install)
+        plain = work / "llamacpp-q4_0-cli.gguf"
+        if not plain.exists():
+            L.run_tool(tools / "llama-quantize", base["F16"], plain, "Q4_0", L.THREADS)
+        same = plain.read_bytes() == base["Q4_0"].read_bytes()
+        print(f"llama-quantize without --imatrix writes the Python quantize call's file byte for byte: {same}")
+        files["llamacpp-q4_0-imatrix"] = L.imatrix_q4_0(base["F16"], TEXT / "calib.txt", tools, CHUNKS)
     print(f"llama.cpp {L.llamacpp({'do': 'info'})['version']}; model {model}")
     print("| file | tensor types | size MB | llama.cpp token ppl | seconds |\n|---|---|---|---|---|")
     for row in rows:

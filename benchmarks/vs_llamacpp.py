@@ -257,6 +257,72 @@ def fingerprint(model: Path) -> str:
     return h.hexdigest()[:16]
 
 
+TOOLS = WORK / "tools"  # llama.cpp's own command-line llama-imatrix and llama-quantize
+
+
+def ensure_tools(llama_dir: Path, skip_install: bool) -> Path:
+    """llama.cpp's llama-imatrix and llama-quantize (llama-cpp-python ships neither, and its quantize call takes no
+    importance matrix), built with cmake from the very source the Python package was built from, with the same
+    flags; returns their folder."""
+    want = ("llama-imatrix", "llama-quantize")
+    bin_dir, stamp, build = TOOLS / "bin", TOOLS / "cmake-args.txt", TOOLS / "build"
+    if all((bin_dir / t).is_file() for t in want) and stamp.is_file() and stamp.read_text() == cmake_args():
+        return bin_dir
+    if skip_install:
+        raise SystemExit(f"--skip-install: no llama.cpp tools in {bin_dir}")
+    if not shutil.which("cmake") or not (shutil.which("c++") or shutil.which("g++")):
+        raise SystemExit("building llama-imatrix needs cmake and a C++ compiler (apt install cmake g++)")
+    print("building llama.cpp's llama-imatrix and llama-quantize (once; ~10 min on 2 cores)", flush=True)
+    args = cmake_args().split() + ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    cfg = ["cmake", "-S", str(llama_dir), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release", *args]
+    for cmd in (cfg, ["cmake", "--build", str(build), "--target", *want, "-j", "2"]):
+        r = subprocess.run(["nice", "-n", "15", *cmd], capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for t in want:
+        shutil.copy2(build / "bin" / t, bin_dir / t)
+    stamp.write_text(cmake_args())
+    return bin_dir
+
+
+def imatrix_q4_0(f16: Path, text: Path, tools: Path, chunks: int) -> Path:
+    """llama.cpp's importance-weighted Q4_0: llama-imatrix over `chunks` × 512 tokens of `text` (the run's
+    calibration text, as much of it as our passes see), then llama-quantize --imatrix (its default Q4_0 mix)."""
+    imatrix = f16.with_name(f"{f16.stem}-imatrix-{chunks}.gguf")
+    part = imatrix.with_name(f"{imatrix.stem}.part.gguf")  # llama-imatrix saves every 10 chunks: never half a file
+    out = f16.with_name(f"{f16.stem}-imatrix{chunks}-Q4_0.gguf")
+    run = ["-t", THREADS]
+    if not imatrix.exists():
+        run_tool(
+            tools / "llama-imatrix",
+            "-m",
+            f16,
+            "-f",
+            text,
+            "-o",
+            part,
+            "-c",
+            WINDOW,
+            "--chunks",
+            chunks,
+            "--no-ppl",
+            *run,
+        )
+        part.replace(imatrix)
+    if not out.exists():
+        run_tool(tools / "llama-quantize", "--imatrix", imatrix, f16, out.with_suffix(".part"), "Q4_0", THREADS)
+        out.with_suffix(".part").replace(out)
+    return out
+
+
+def run_tool(*cmd) -> None:
+    r = subprocess.run(["nice", "-n", "15", *map(str, cmd)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{Path(str(cmd[0])).name} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+
+
 def ggufs(model: Path, tag: str, llama_dir: Path) -> dict:
     """{"F16": path, "Q4_0": path}, converted by llama.cpp's own tools once per model content."""
     out = WORK / "gguf"

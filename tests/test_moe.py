@@ -525,11 +525,11 @@ def test_vllm_serves_a_moe_export_on_two_tensor_parallel_workers(tmp_path, tiny_
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-@pytest.mark.parametrize("model_type,quantized", [("olmoe", 3), ("deepseek_v3", 7), ("mixtral", 3)])
+@pytest.mark.parametrize("model_type,quantized", [("olmoe", 3), ("deepseek_v3", 7)])
 def test_vllm_serves_other_moe_families_exports(model_type, quantized, tmp_path, tiny_text):
-    """vLLM's own OLMoE, DeepSeek-V3 and Mixtral models load the GPTQ export and run every quantized layer on our
-    kernels (per decoder layer, OLMoE and Mixtral: qkv, o and the experts; DeepSeek: the fused q_a/kv_a, q_b, kv_b, o, the experts and
-    the shared expert's gate_up and down), with our loader's log-probabilities. vLLM's DeepSeek-V3 is not
+    """vLLM's own OLMoE and DeepSeek-V3 models load the GPTQ export and run every quantized layer on our kernels
+    (per decoder layer, OLMoE: qkv, o and the experts; DeepSeek: the fused q_a/kv_a, q_b, kv_b, o, the experts and
+    the shared expert's gate_up and down), with our loader's log-probabilities (Mixtral's: the serve test above). vLLM's DeepSeek-V3 is not
     transformers' to 1e-3 even unquantized (its MLA attention and router differ by a few hundredths of a log-
     probability here, on the CPU backend in float32): its bound is twice what vLLM's unquantized model misses by."""
     from test_vllm import FP32, vllm_check
