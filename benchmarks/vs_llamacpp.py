@@ -266,7 +266,8 @@ def ensure_tools(llama_dir: Path, skip_install: bool) -> Path:
     flags; returns their folder."""
     want = ("llama-imatrix", "llama-quantize")
     bin_dir, stamp, build = TOOLS / "bin", TOOLS / "cmake-args.txt", TOOLS / "build"
-    if all((bin_dir / t).is_file() for t in want) and stamp.is_file() and stamp.read_text() == cmake_args():
+    recipe = f"{LLAMA_CPP_PYTHON} {cmake_args()}"  # tools of another llama.cpp source or flags are built again
+    if all((bin_dir / t).is_file() for t in want) and stamp.is_file() and stamp.read_text() == recipe:
         return bin_dir
     if skip_install:
         raise SystemExit(f"--skip-install: no llama.cpp tools in {bin_dir}")
@@ -283,16 +284,19 @@ def ensure_tools(llama_dir: Path, skip_install: bool) -> Path:
     bin_dir.mkdir(parents=True, exist_ok=True)
     for t in want:
         shutil.copy2(build / "bin" / t, bin_dir / t)
-    stamp.write_text(cmake_args())
+    stamp.write_text(recipe)
     return bin_dir
 
 
 def imatrix_q4_0(f16: Path, text: Path, tools: Path, chunks: int) -> Path:
     """llama.cpp's importance-weighted Q4_0: llama-imatrix over `chunks` × 512 tokens of `text` (the run's
     calibration text, as much of it as our passes see), then llama-quantize --imatrix (its default Q4_0 mix)."""
-    imatrix = f16.with_name(f"{f16.stem}-imatrix-{chunks}.gguf")
+    import hashlib
+
+    text_id = hashlib.sha256(text.read_bytes()).hexdigest()[:12]  # another calibration text, another matrix
+    imatrix = f16.with_name(f"{f16.stem}-imatrix-{chunks}-{text_id}.gguf")
     part = imatrix.with_name(f"{imatrix.stem}.part.gguf")  # llama-imatrix saves every 10 chunks: never half a file
-    out = f16.with_name(f"{f16.stem}-imatrix{chunks}-Q4_0.gguf")
+    out = f16.with_name(f"{f16.stem}-imatrix{chunks}-{text_id}-Q4_0.gguf")
     run = ["-t", THREADS]
     if not imatrix.exists():
         run_tool(

@@ -15,6 +15,7 @@ import re
 from fractions import Fraction
 
 from compress_export.core.errors import UserError
+from compress_export.core.moe import expert_index
 from compress_export.core.structure import KV_PROJECTIONS, ROW_PARALLEL
 from compress_export.formats.base import replicated_groups, shard_replicates_groups
 
@@ -88,6 +89,14 @@ def plan(path, sizes=DEFAULT_SIZES) -> dict:
                 if (where, why) not in seen:
                     seen.add((where, why))
                     problems.append(f"{where} [{out_f}×{in_f}]: {why}")
+        experts = [name for name in linears if expert_index(name) >= 0]
+        if n > 1 and experts and scheme is not None and scheme.act_order == "group":
+            kind = re.sub(r"\.\d+\.", ".*.", experts[0])
+            problems.append(
+                f"{kind} and the other MoE experts: act-order groups span the "
+                "ranks' shards, and our MoE method shards experts only with contiguous groups (export with "
+                "--act-order static or none)"
+            )
         notes = []
         if n > 1 and scheme is not None and scheme.act_order == "group":
             notes.append(

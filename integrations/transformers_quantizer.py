@@ -147,14 +147,15 @@ def _patterns(transform) -> list:
     return [p] if isinstance(p, str) else list(p)
 
 
-def _merges_experts(pattern: str) -> bool:
+def _merges_experts(pattern: str, model_type: str) -> bool:
     """A transformers conversion that reads every expert's tensor (`mlp.experts.*.gate_proj.weight`) to merge them
-    into a fused parameter, or that renames a MoE block the unfused model keeps under its checkpoint name
-    (Mixtral's `.block_sparse_moe.` → `.mlp.`, core/moe.STORED_BLOCK): wrong for a model whose experts stayed
-    per-expert linears."""
+    into a fused parameter, or that renames the MoE block this model type's unfused model keeps under its
+    checkpoint name (Mixtral's `.block_sparse_moe.` → `.mlp.`, core/moe.STORED_BLOCK): wrong for a model whose
+    experts stayed per-expert linears."""
     from compress_export.core.moe import STORED_BLOCK
 
-    return "experts.*." in pattern or any(stored in pattern for _, stored in STORED_BLOCK.values())
+    stored = STORED_BLOCK.get(model_type, ("", ""))[1]
+    return "experts.*." in pattern or bool(stored and stored in pattern)
 
 
 def _make_classes():
@@ -184,6 +185,7 @@ def _make_classes():
             # drops transformers' merge of those tensors into its fused 3-D parameters
             headers = safetensors_headers(checkpoint_files)
             self._unfused = unfuse_experts(model, headers) > 0
+            self._model_type = getattr(model.config, "model_type", "")
             qcfg = raw_quantization_config(checkpoint_files) or self.quantization_config.to_dict()
             self.quantization_config = CompressExportHfConfig(**qcfg)  # saved back as it was read
             self._fmt, self._qcfg = format_for_config(qcfg), qcfg
@@ -244,7 +246,8 @@ def _make_classes():
         def update_weight_conversions(self, weight_conversions):
             if not getattr(self, "_unfused", False):
                 return weight_conversions
-            return [t for t in weight_conversions if not any(_merges_experts(p) for p in _patterns(t))]
+            kind = getattr(self, "_model_type", "")
+            return [t for t in weight_conversions if not any(_merges_experts(p, kind) for p in _patterns(t))]
 
         def get_state_dict_and_metadata(self, model):
             return state_dict_as_stored(model, getattr(self, "_stored", {})), {}

@@ -143,7 +143,8 @@ class _MoEMethod:
         size = slot.shape[axis]
         if full.shape[axis] != size * self.tp:
             raise ValueError(
-                f"{weight_name}: holds {full.shape[axis]} along axis {axis}, not {self.tp} × {size} (tensor-parallel)"
+                f"{weight_name}: holds {full.shape[axis]} along axis {axis}, not {self.tp} × {size} as config.json "
+                "implies (tensor-parallel): re-export the checkpoint, or serve it with --tensor-parallel-size 1"
             )
         part = full.narrow(axis, size * self.rank, size)
         scheme = self.config.scheme
@@ -151,7 +152,9 @@ class _MoEMethod:
             groups = -(-size // scheme.group_len(size))
             part = part - groups * self.rank
             if bool((part < 0).any() or (part >= groups).any()):
-                raise ValueError(f"{weight_name}: its groups do not split {self.tp} ways: serve with tensor-parallel 1")
+                raise ValueError(
+                    f"{weight_name}: its groups do not split {self.tp} ways: serve with --tensor-parallel-size 1"
+                )
         return part
 
     def get_fused_moe_quant_config(self, layer):
@@ -213,21 +216,23 @@ class _MoEMethod:
 def _split_axes(fmt, scheme, qcfg, stem: str, layout: dict, local: tuple, tp: int, prefix: str) -> dict:
     """{parameter name: axis}: where each of a stem's tensors (w13: gate/up, column-parallel; w2: down,
     row-parallel) is sliced across `tp` ranks, in one expert projection's tensor (None: every rank holds it
-    whole). The full layout must be exactly `tp` local ones along that axis: packed words and groups may not
-    straddle two ranks."""
+    whole). The full layout must be exactly `tp` local ones along that axis, and a packed axis must hold whole
+    words on each rank (a layout padded to whole words, 3-bit's 10 per word, could match in size yet start rank
+    1's words mid-word): packed words and groups may not straddle two ranks. (create_weights has checked that the
+    groups divide the down projection's local inputs.)"""
     if tp == 1:
         return {}
     in_f, out_f = local
     full_in, full_out = (in_f, out_f * tp) if stem == "w13" else (in_f * tp, out_f)
-    if stem == "w2" and scheme is not None and not scheme.divides(in_f):
-        raise ValueError(f"{prefix}: group size {scheme.group_size} does not divide the experts' {in_f}-wide shard")
+    split_len = out_f if stem == "w13" else in_f  # features of the split axis on one rank
     full = fmt.tensor_layout(scheme, full_in, full_out, fmt.stored_dtype(qcfg))
     out = {}
     for suffix, spec in layout.items():
         axis = spec.output_dim if stem == "w13" else spec.input_dim
         if axis is not None and spec.per_group and full[suffix].shape[axis] == spec.shape[axis]:
             axis = None  # one group over all the inputs (per-channel): every rank holds it whole
-        if axis is not None and full[suffix].shape[axis] != spec.shape[axis] * tp:
+        straddles = axis is not None and spec.packed_dim == axis and (split_len / spec.pack_factor).denominator != 1
+        if axis is not None and (straddles or full[suffix].shape[axis] != spec.shape[axis] * tp):
             raise ValueError(
                 f"{prefix}: the experts' {suffix} ({list(full[suffix].shape)}) does not split {tp} ways along axis "
                 f"{axis} (packed words or groups would straddle two ranks): serve with --tensor-parallel-size 1"

@@ -138,7 +138,8 @@ def test_opt_350m_without_a_final_norm_is_refused_naming_the_real_cause(tmp_path
     _tiny_tokenizer().save_pretrained(str(tmp_path / "opt"))
     with pytest.raises(UserError) as e:
         compress(tmp_path / "opt", tmp_path / "o", CompressionConfig(avg_bits=3.5, group_size=32), progress=False)
-    assert "no final norm in this configuration (model.decoder.final_layer_norm is None" in str(e.value)
+    assert "no final norm in this configuration (model.decoder.final_layer_norm is None)" in str(e.value)
+    assert "drop --avg-bits/--size-mb and give one --bits" in str(e.value)
     assert "model.decoder.project_out before the output head" in str(e.value)
     assert "FAMILIES" not in str(e.value) and not (tmp_path / "o").exists()
 

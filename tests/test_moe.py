@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _tiny_tokenizer, assert_written_as_computed, have_vllm, recorder
+from conftest import _tiny_tokenizer, assert_written_as_computed, recorder
 from test_streaming import assert_same_export, tensors
 
 from compress_export.core.moe import expert_index, unfuse_experts
@@ -225,12 +225,15 @@ def test_other_moe_families_are_compressed_exported_and_loaded(model_type, fmt, 
         assert ((got - want).norm() / want.norm()).item() < 0.3
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
-def test_from_pretrained_runs_a_moe_export(fmt, tmp_path, tiny_text):
-    """The Optimum-style class (transformers' loader with our quantizer) gives our loader's logits."""
+@pytest.mark.parametrize(
+    "model_type,fmt", [("qwen2_moe", "compressed-tensors"), ("qwen2_moe", "gptq"), ("mixtral", "gptq")]
+)
+def test_from_pretrained_runs_a_moe_export(model_type, fmt, tmp_path, tiny_text):
+    """The Optimum-style class (transformers' loader with our quantizer) gives our loader's logits (Mixtral: with
+    transformers' block_sparse_moe → mlp rename dropped, its block keeps the checkpoint's name)."""
     from compress_export import AutoCompressedModelForCausalLM
 
-    base = tiny_moe(tmp_path / "base", "qwen2_moe")
+    base = tiny_moe(tmp_path / "base", model_type)
     out = tmp_path / "out"
     compress(
         base,
@@ -407,200 +410,17 @@ def test_awq_balances_each_expert_and_beats_round_to_nearest(model_type, tmp_pat
     assert errs["awq"] < errs["rtn"], errs
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-@pytest.mark.parametrize(
-    "fmt,method,scheme",
-    [
-        ("compressed-tensors", "gptq", Scheme(4, 64, True)),
-        ("gptq", "gptq", Scheme(4, 32, False)),
-        ("gptq", "gptq", Scheme(4, 32, True, act_order="group")),
-        ("awq", "awq", Scheme(4, 32, False)),
-        ("sparse24", "sparsegpt", None),  # 2:4 experts: our cpu-sparse24 kernel
-        ("compressed-tensors", "sparsegpt", Scheme(4, 32, True)),  # 2:4 + W4 experts (pruned codes at the zero)
-    ],
-)
-def test_vllm_serves_a_moe_export_through_our_moe_method(fmt, method, scheme, tmp_path, tiny_text):
-    """vLLM (CPU) loads the MoE export, our plugin claims its MoE layers (vLLM's CPU 4-bit MoE kernel needs AMX,
-    bf16 and a group size other than 32, and crashed where it ran; vLLM has no 2:4 kernel at all), and its
-    log-probabilities equal our loader's."""
-    from test_vllm import vllm_matches_our_loader
+def test_tensor_parallel_check_refuses_act_order_experts(tmp_path, tiny_text):
+    """`check --tensor-parallel` says what serving would refuse: our MoE method shards experts only with
+    contiguous groups, so an act-order MoE export cannot shard 2 ways, while the same export without act-order can."""
+    from compress_export.integrations.tp_plan import plan
 
     base = tiny_moe(tmp_path / "base")
-    out = tmp_path / "out"
-    compress(
-        base,
-        out,
-        method=method,
-        fmt=fmt,
-        scheme=scheme,
-        sparsity="2:4" if method == "sparsegpt" else None,
-        dataset=str(tiny_text),
-        num_samples=8,
-        seq_len=32,
-        progress=False,
-    )
-    res = vllm_matches_our_loader(out, tmp_path, tiny_text)
-    # every quantized layer runs on a kernel of ours: attention's qkv and o, and each layer's experts (our MoE method)
-    assert sum(res["kernels"].values()) == 3 * LAYERS, res["kernels"]
-    assert all(k.startswith("compress_export:") for k in res["kernels"]), res["kernels"]
-
-
-@pytest.mark.vllm
-@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-def test_tensor_parallel_expert_shards_sum_to_the_whole_moe_layer():
-    """Our MoE method under tensor parallelism (tests/vllm_moe_tp_shards.py): each rank loads its slice of every
-    expert from the full checkpoint tensors (gate/up by outputs, down by inputs, down's groups renumbered), and
-    the ranks' outputs, which vLLM all-reduces, sum to the MoE layer computed from the results before packing."""
-    from test_vllm import read_result
-
-    here = Path(__file__).with_name("vllm_moe_tp_shards.py")
-    r = subprocess.run([sys.executable, str(here)], capture_output=True, text=True, timeout=600)
-    res = read_result(r.stdout)
-    assert res and len(res) == 7, r.stderr[-3000:]
-    for case, got in res.items():
-        if case.endswith("-group"):
-            assert "act-order" in got.get("error", ""), (case, got)
-        else:
-            assert "error" not in got and got["max_err"] < 1e-4 * max(1.0, got["scale"]), (case, got)
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-def test_serve_answers_the_openai_client_on_a_mixtral_export(tmp_path, tiny_text):
-    """`compress-export serve` on a MoE export (Mixtral's names, our MoE method) over HTTP with the official
-    client: the greedy completion, whole and streamed, is the one our loader generates, with its log-probabilities
-    within 1e-3."""
-    import openai
-    from transformers import AutoTokenizer
-
-    from compress_export.integrations.vllm_serve import Server
-
-    base, out = tiny_moe(tmp_path / "base", "mixtral"), tmp_path / "out"
-    kw = dict(method="gptq", fmt="compressed-tensors", scheme=Scheme(4, 32, True), dataset=str(tiny_text))
-    compress(base, out, num_samples=8, seq_len=32, progress=False, **kw)
-    tok = AutoTokenizer.from_pretrained(str(out))
-    prompt = tiny_text.read_text()[:80]
-    model, _ = load_model(out)
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        full = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0]
-        logp = model(input_ids=full[None]).logits[0, ids.shape[1] - 1 : -1].log_softmax(-1)
-    logp = logp.gather(1, full[ids.shape[1] :, None])[:, 0]  # our loader's log-probability of each new token
-    # the text the new tokens add after the prompt's (a first token's leading space included, as vLLM detokenizes)
-    want = tok.decode(full, skip_special_tokens=True)[len(tok.decode(ids[0], skip_special_tokens=True)) :]
-    with Server(out, tmp_path / "serve.log", name="moe", extra=["--dtype", "float32"]) as s:
-        client = openai.OpenAI(base_url=s.base_url, api_key="none", max_retries=0, timeout=300)
-        ask = dict(model="moe", prompt=prompt, max_tokens=8, temperature=0, extra_body={"min_tokens": 8})
-        r = client.completions.create(**ask, logprobs=1)
-        pieces = list(client.completions.create(**ask, stream=True))
-    assert r.choices[0].text == want, (r.choices[0].text, want)
-    torch.testing.assert_close(torch.tensor(r.choices[0].logprobs.token_logprobs), logp, rtol=0, atol=1e-3)
-    assert "".join(p.choices[0].text for p in pieces if p.choices) == want
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-def test_vllm_serves_a_moe_export_on_two_tensor_parallel_workers(tmp_path, tiny_text):
-    """vLLM's CPU engine with the MoE export split over 2 workers: every expert sharded by our MoE method, the
-    partial outputs all-reduced by vLLM, log-probabilities equal to our loader's."""
-    from test_vllm import FP32, vllm_check
-    from transformers import AutoTokenizer
-
-    from compress_export.integrations.conformance import compare_top1
-
-    base, out = tiny_moe(tmp_path / "base"), tmp_path / "out"
-    kw = dict(method="gptq", fmt="gptq", scheme=Scheme(4, 32, False), dataset=str(tiny_text), num_samples=8)
-    compress(base, out, seq_len=32, progress=False, **kw)
-    ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
-    res = vllm_check(out, tmp_path, ids, args=(*FP32, "--tensor-parallel-size", "2"))
-    assert res["quantization"] == "compress_export" and sum(res["kernels"].values()) == 3 * LAYERS, res
-    conf = compare_top1(out, ids, res)
-    assert conf["max_abs_dlogprob"] < 1e-3 and conf["top1_agreement"] >= 0.99, conf
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-@pytest.mark.parametrize("model_type,quantized", [("olmoe", 3), ("deepseek_v3", 7)])
-def test_vllm_serves_other_moe_families_exports(model_type, quantized, tmp_path, tiny_text):
-    """vLLM's own OLMoE and DeepSeek-V3 models load the GPTQ export and run every quantized layer on our kernels
-    (per decoder layer, OLMoE: qkv, o and the experts; DeepSeek: the fused q_a/kv_a, q_b, kv_b, o, the experts and
-    the shared expert's gate_up and down), with our loader's log-probabilities (Mixtral's: the serve test above). vLLM's DeepSeek-V3 is not
-    transformers' to 1e-3 even unquantized (its MLA attention and router differ by a few hundredths of a log-
-    probability here, on the CPU backend in float32): its bound is twice what vLLM's unquantized model misses by."""
-    from test_vllm import FP32, vllm_check
-    from transformers import AutoTokenizer
-
-    from compress_export.integrations.conformance import compare_top1
-
-    base, out = tiny_moe(tmp_path / "base", model_type), tmp_path / "out"
-    compress(
-        base,
-        out,
-        method="gptq",
-        fmt="gptq",
-        scheme=Scheme(4, 32, False),
-        dataset=str(tiny_text),
-        num_samples=8,
-        seq_len=32,
-        progress=False,
-    )
-    ids = AutoTokenizer.from_pretrained(str(out))(tiny_text.read_text())["input_ids"][:96]
-    res = vllm_check(out, tmp_path, ids, args=FP32)
-    assert res["quantization"] == "compress_export", res
-    assert sum(res["kernels"].values()) == quantized * LAYERS, res["kernels"]
-    assert all(k.startswith("compress_export:") for k in res["kernels"]), res["kernels"]
-    bound = 1e-3
-    if model_type == "deepseek_v3":
-        unquantized = compare_top1(base, ids, vllm_check(base, tmp_path, ids, args=FP32))
-        bound = max(bound, 2 * unquantized["max_abs_dlogprob"])
-    conf = compare_top1(out, ids, res)
-    assert conf["max_abs_dlogprob"] < bound and conf["top1_agreement"] >= 0.9, (conf, bound)
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.skipif(not have_vllm(), reason="vLLM is not installed")
-def test_vllm_refuses_act_order_experts_whose_g_idx_the_checkpoint_lacks(tmp_path, tiny_text):
-    """An act-order GPTQ checkpoint's experts read their groups through g_idx; one without those tensors (from a
-    tool that drops them) would otherwise run every expert on contiguous groups, wrong numbers with no error.
-    vLLM's load stops, naming the layer. The attention linears keep theirs, so the refusal can only come from the
-    experts' check."""
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "out"
-    compress(
-        tiny_moe(tmp_path / "base"),
-        out,
-        method="gptq",
-        fmt="gptq",
-        scheme=Scheme(4, 32, True, act_order="group"),
-        dataset=str(tiny_text),
-        num_samples=8,
-        seq_len=32,
-        progress=False,
-    )
-    dropped = 0
-    for f in out.glob("*.safetensors"):
-        tensors = load_file(str(f))
-        kept = {n: t for n, t in tensors.items() if not (".experts." in n and n.endswith(".g_idx"))}
-        dropped += len(tensors) - len(kept)
-        save_file(kept, str(f), metadata={"format": "pt"})
-    assert dropped == LAYERS * EXPERTS * 3
-    # as another tool's checkpoint (our own exports are checked in full before vLLM reads them, which names the
-    # missing tensors first): the MoE method's own check is what stops this one
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"]["quantizer"] = ["gptqmodel:4.0.0"]
-    (out / "config.json").write_text(json.dumps(cfg))
-    r = subprocess.run(
-        [sys.executable, "-m", "compress_export.integrations.vllm_check", str(out), "--dtype", "float32"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode != 0
-    assert "act-order experts lack their g_idx tensors" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    for act_order in ("group", "none"):
+        scheme = Scheme(4, 32, True, act_order=act_order)
+        kw = dict(method="gptq", fmt="gptq", dataset=str(tiny_text), num_samples=4, seq_len=32, progress=False)
+        compress(base, tmp_path / act_order, scheme=scheme, **kw)
+        res = plan(tmp_path / act_order, sizes=(1, 2))
+        assert res[1]["ok"]
+        assert res[2]["ok"] == (act_order == "none"), res[2]
+        assert any("MoE experts: act-order" in why for why in res[2]["problems"]) == (act_order == "group")

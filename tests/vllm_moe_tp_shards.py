@@ -4,7 +4,7 @@ Each rank of TP builds the method with vLLM's MoE parallel config for its rank (
 every expert's full checkpoint tensors through the method's own weight loader (as vLLM's model loader calls it),
 and runs the routing; vLLM's runner all-reduces the ranks' outputs, so their sum must equal the MoE layer computed
 from the in-memory results before they were packed. GPTQ, AWQ and compressed-tensors; grouped, per-channel,
-symmetric and asymmetric; act-order refused. Prints one JSON line: {case: {"max_err": ..., "scale": ...}} or {case: {"error": ...}}.
+symmetric and asymmetric; act-order and words straddling two ranks refused. Prints one JSON line: {case: {"max_err": ..., "scale": ...}} or {case: {"error": ...}}.
 """
 
 import json
@@ -28,6 +28,7 @@ CASES = [
     ("compressed-tensors", Scheme(8, -1, True)),
     ("awq", Scheme(4, 32, False)),
     ("gptq", Scheme(4, 32, True, "group")),  # act-order: refused, its groups do not split
+    ("compressed-tensors", Scheme(3, 32, True)),  # 10 codes a word: 128 inputs a rank end mid-word, refused
 ]
 
 

@@ -123,7 +123,7 @@ AWQ_NO_CLIP = r"(^|\.)(q_proj|k_proj|query|key)$"
 
 # How vLLM splits linears under tensor parallelism: these along their inputs (row-parallel), every other along
 # its outputs (column-parallel); key/value projections are repeated whole when there are fewer KV heads than ranks.
-ROW_PARALLEL = r"(^|\.)(o_proj|down_proj|out_proj|fc2|dense|dense_4h_to_h|w2)$"  # w2: Mixtral's expert down
+ROW_PARALLEL = r"(^|\.)(o_proj|down_proj|out_proj|fc2|dense|dense_4h_to_h|experts\.\d+\.w2)$"  # Mixtral's down
 KV_PROJECTIONS = r"(^|\.)(k_proj|v_proj)$"
 
 # Never compressed: the output head and embeddings stay in the source precision by default.
@@ -178,10 +178,10 @@ def final_norm(model: nn.Module, layout: ModelLayout) -> str:
             f"{parent}.{n}" for n, m in owner.named_children() if isinstance(m, nn.Linear) and m.out_features == width
         ]
         raise UserError(
-            f"{type(model).__name__} has no final norm in this configuration ({layout.family.final_norm} is None, "
-            "as config.json sets it)"
+            f"{type(model).__name__} has no final norm in this configuration ({layout.family.final_norm} is None)"
             + (f" and runs {', '.join(between)} before the output head" if between else "")
-            + ": the sensitivity sweep runs a final norm and the head only; use one bit width for this model"
+            + ": mixed precision's sensitivity sweep runs a final norm and the head only; drop --avg-bits/--size-mb "
+            "and give one --bits for this model"
         )
     raise UserError(
         f"no final norm found after the decoder layers (looked for {', '.join(dict.fromkeys(paths))}): "
