@@ -89,16 +89,15 @@ def plan(path, sizes=DEFAULT_SIZES) -> dict:
                 if (where, why) not in seen:
                     seen.add((where, why))
                     problems.append(f"{where} [{out_f}×{in_f}]: {why}")
-        experts = [name for name in linears if expert_index(name) >= 0]
-        if n > 1 and experts and scheme is not None and scheme.act_order == "group":
-            kind = re.sub(r"\.\d+\.", ".*.", experts[0])
-            problems.append(
-                f"{kind} and the other MoE experts: act-order groups span the "
-                "ranks' shards, and our MoE method shards experts only with contiguous groups (export with "
-                "--act-order static or none)"
-            )
         notes = []
         if n > 1 and scheme is not None and scheme.act_order == "group":
+            experts = [name for name in linears if expert_index(name) >= 0]
+            if experts:
+                problems.append(
+                    f"{re.sub(r'[.][0-9]+[.]', '.*.', experts[0])} and the other MoE experts: act-order groups "
+                    "span the ranks' shards, and our MoE method shards experts only with contiguous groups "
+                    "(export with --act-order static or none)"
+                )
             notes.append(
                 "act-order: row-parallel shards hold parts of many groups and run on torch-dequant's "
                 "per-column gather (slower than cpu-wna16); an export with --act-order static avoids it"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from compress_export.integrations.tp_plan import linear_problems
 from compress_export.integrations.vllm_api import get as vllm_name
 from compress_export.integrations.vllm_route import log
 from compress_export.kernels.base import KernelRequest, choose_kernel
@@ -216,27 +217,25 @@ class _MoEMethod:
 def _split_axes(fmt, scheme, qcfg, stem: str, layout: dict, local: tuple, tp: int, prefix: str) -> dict:
     """{parameter name: axis}: where each of a stem's tensors (w13: gate/up, column-parallel; w2: down,
     row-parallel) is sliced across `tp` ranks, in one expert projection's tensor (None: every rank holds it
-    whole). The full layout must be exactly `tp` local ones along that axis, and a packed axis must hold whole
-    words on each rank (a layout padded to whole words, 3-bit's 10 per word, could match in size yet start rank
-    1's words mid-word): packed words and groups may not straddle two ranks. (create_weights has checked that the
-    groups divide the down projection's local inputs.)"""
+    whole). Whether the projection splits at all is `check --tensor-parallel`'s own rule (tp_plan.linear_problems:
+    no packed word or group may straddle two ranks), so the check and the server agree."""
     if tp == 1:
         return {}
     in_f, out_f = local
     full_in, full_out = (in_f, out_f * tp) if stem == "w13" else (in_f * tp, out_f)
-    split_len = out_f if stem == "w13" else in_f  # features of the split axis on one rank
+    name = "experts.0.w2" if stem == "w2" else "experts.0.w1"  # ROW_PARALLEL names the down projection
+    problems = linear_problems(fmt, scheme, name, full_in, full_out, tp, False)
+    if problems:
+        raise ValueError(
+            f"{prefix}: the experts' {stem} does not split {tp} ways (packed words or groups would straddle two "
+            f"ranks: {problems[0]}): serve with --tensor-parallel-size 1"
+        )
     full = fmt.tensor_layout(scheme, full_in, full_out, fmt.stored_dtype(qcfg))
     out = {}
     for suffix, spec in layout.items():
         axis = spec.output_dim if stem == "w13" else spec.input_dim
         if axis is not None and spec.per_group and full[suffix].shape[axis] == spec.shape[axis]:
             axis = None  # one group over all the inputs (per-channel): every rank holds it whole
-        straddles = axis is not None and spec.packed_dim == axis and (split_len / spec.pack_factor).denominator != 1
-        if axis is not None and (straddles or full[suffix].shape[axis] != spec.shape[axis] * tp):
-            raise ValueError(
-                f"{prefix}: the experts' {suffix} ({list(full[suffix].shape)}) does not split {tp} ways along axis "
-                f"{axis} (packed words or groups would straddle two ranks): serve with --tensor-parallel-size 1"
-            )
         out[f"{stem}_{suffix}"] = axis
     return out
 

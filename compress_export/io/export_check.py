@@ -348,8 +348,9 @@ def _layer(name: str):
 def _converted(missing: list, extra: list) -> set:
     """The decoder layers whose names differ as a conversion on load explains: names the skeleton needs missing
     and unexpected ones stored in the same layer (transformers renames inside a layer, e.g. MiniMax's
-    block_sparse_moe.experts.N.w1 into mlp.experts.gate_up_proj, experts core/moe.py keeps fused). A tensor missing with nothing extra beside it,
-    or one outside the layers (the embedding, the final norm), is never a conversion."""
+    block_sparse_moe.experts.N.w1 into mlp.experts.gate_up_proj, experts core/moe.py keeps fused). A tensor
+    missing with nothing extra beside it, or one outside the layers (the embedding, the final norm), is never a
+    conversion."""
     return ({_layer(n) for n in missing} & {_layer(n) for n in extra}) - {None}
 
 

@@ -134,10 +134,15 @@ class Dist:
         union = {tuple(g) for ranks in seen for g in ranks}
         dense = [sorted(tuple(g) for g in ranks if expert_index(g[0]) < 0) for ranks in seen]
         names = [n for g in union for n in g]
-        if any(d != dense[0] for d in dense) or len(names) != len(set(names)):
-            raise UserError(
-                f"{where}: the linear groups differ between ranks ({seen[0]!r} on rank 0); run in one process"
+        odd = next((r for r, d in enumerate(dense) if d != dense[0]), None)
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if odd is not None or twice is not None:
+            what = (
+                f"rank {odd} groups {sorted(set(dense[odd]) ^ set(dense[0]))[:2]} otherwise than rank 0"
+                if odd is not None
+                else f"{twice} sits in two different groups"
             )
+            raise UserError(f"{where}: the linear groups differ between ranks ({what}); run in one process")
         order = {n: k for k, n in enumerate(linears)}
         everyone = [list(g) for g in sorted(union, key=lambda g: order[g[0]])]
         mine = {tuple(g): st for g, st in zip(members, stats)}
