@@ -75,8 +75,9 @@ def main():
     if "llamacpp-q4_0-imatrix" in rows:
         tools = L.ensure_tools(llama_dir, a.skip_install)
         plain = work / "llamacpp-q4_0-cli.gguf"
-        if not plain.exists():
-            L.run_tool(tools / "llama-quantize", base["F16"], plain, "Q4_0", L.THREADS)
+        if not plain.exists():  # written beside, renamed when whole: a stopped run leaves no half file to compare
+            L.run_tool(tools / "llama-quantize", base["F16"], plain.with_suffix(".part"), "Q4_0", L.THREADS)
+            plain.with_suffix(".part").replace(plain)
         if plain.read_bytes() != base["Q4_0"].read_bytes():  # the rows would differ by more than the matrix
             raise SystemExit(f"llama-quantize without --imatrix wrote {plain}, not the Python call's {base['Q4_0']}")
         print("llama-quantize without --imatrix writes the Python quantize call's file byte for byte: True")

@@ -277,10 +277,8 @@ def ensure_tools(llama_dir: Path, skip_install: bool) -> Path:
     args = cmake_args().split() + ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF"]
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     cfg = ["cmake", "-S", str(llama_dir), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release", *args]
-    for cmd in (cfg, ["cmake", "--build", str(build), "--target", *want, "-j", "2"]):
-        r = subprocess.run(["nice", "-n", "15", *cmd], capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    run_tool(*cfg)
+    run_tool("cmake", "--build", build, "--target", *want, "-j", 2)
     bin_dir.mkdir(parents=True, exist_ok=True)
     for t in want:
         shutil.copy2(build / "bin" / t, bin_dir / t)
@@ -291,29 +289,13 @@ def ensure_tools(llama_dir: Path, skip_install: bool) -> Path:
 def imatrix_q4_0(f16: Path, text: Path, tools: Path, chunks: int) -> Path:
     """llama.cpp's importance-weighted Q4_0: llama-imatrix over `chunks` × 512 tokens of `text` (the run's
     calibration text, as much of it as our passes see), then llama-quantize --imatrix (its default Q4_0 mix)."""
-    import hashlib
-
     text_id = hashlib.sha256(text.read_bytes()).hexdigest()[:12]  # another calibration text, another matrix
     imatrix = f16.with_name(f"{f16.stem}-imatrix-{chunks}-{text_id}.gguf")
     part = imatrix.with_name(f"{imatrix.stem}.part.gguf")  # llama-imatrix saves every 10 chunks: never half a file
     out = f16.with_name(f"{f16.stem}-imatrix{chunks}-{text_id}-Q4_0.gguf")
-    run = ["-t", THREADS]
     if not imatrix.exists():
-        run_tool(
-            tools / "llama-imatrix",
-            "-m",
-            f16,
-            "-f",
-            text,
-            "-o",
-            part,
-            "-c",
-            WINDOW,
-            "--chunks",
-            chunks,
-            "--no-ppl",
-            *run,
-        )
+        cmd = ["-m", f16, "-f", text, "-o", part, "-c", WINDOW, "--chunks", chunks, "--no-ppl", "-t", THREADS]
+        run_tool(tools / "llama-imatrix", *cmd)
         part.replace(imatrix)
     if not out.exists():
         run_tool(tools / "llama-quantize", "--imatrix", imatrix, f16, out.with_suffix(".part"), "Q4_0", THREADS)
