@@ -31,6 +31,8 @@ def random_result(bits, sym, out_f=8, in_f=96, seed=0):
     G_ = in_f // 32
     codes = torch.randint(0, scheme.maxq + 1, (out_f, in_f), generator=g).to(torch.uint8)
     scales = (torch.rand(out_f, G_, generator=g) * 0.1 + 1e-3).half().float()
+    if sym:  # symmetric grids below 8 bits give negative scales where a group's extreme weight is positive
+        scales = torch.where(torch.rand(out_f, G_, generator=g) < 0.5, -scales, scales)
     zeros = (
         torch.full((out_f, G_), scheme.sym_zero, dtype=torch.int32)
         if sym
@@ -56,6 +58,28 @@ def test_blocks_dequantize_by_the_gguf_package_to_our_numbers(bits, sym, ggml):
             assert ((theirs - ours).abs() <= m.abs() * 2.0**-11 + 1e-12).all()
         else:
             assert torch.equal(theirs, ours)
+
+
+def test_rtn_q4_0_is_llamacpps_own_q4_0():
+    """Our symmetric 4-bit grid is llama.cpp's Q4_0 (the block's signed extreme on code 0, d = extreme / −8): RTN
+    g32 packed as Q4_0 against the gguf package's port of llama.cpp's reference quantizer. d is bit-identical in
+    every block; the codes may differ only where the weight sits at a rounding boundary (llama.cpp rounds with
+    d before its fp16 rounding, and half up)."""
+    from compress_export.math.quant import rtn_quantize
+
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    W[3, 5], W[7, 40] = 0.9, -0.9  # an outlier of each sign
+    ours = G.pack_blocks(rtn_quantize(W, Scheme(4, 32)), G.Q4_0).reshape(-1, 18)
+    theirs = gguf.quants.quantize(W.numpy(), GT.Q4_0).reshape(-1, 18)
+    assert np.array_equal(ours[:, :2], theirs[:, :2])
+    d = torch.from_numpy(theirs[:, :2].copy().view(np.float16).astype(np.float32)).view(64, 8, 1)
+    x = W.view(64, 8, 32) / d
+    near_tie = ((x - x.floor() - 0.5).abs() < 1e-2).view(-1, 32)
+    mine, llama = (
+        torch.from_numpy(gguf.quants.dequantize(b.reshape(64, -1), GT.Q4_0)).view(-1, 32) for b in (ours, theirs)
+    )
+    assert torch.equal(mine[~near_tie], llama[~near_tie])
+    assert (d.view(64, 8)[3, 0] < 0) and (d.view(64, 8)[7, 1] > 0)  # a positive extreme gets a negative d
 
 
 def test_one_block_by_hand():

@@ -1,5 +1,6 @@
 """Single-function math checks: scales, zero points, clip search."""
 
+import pytest
 import torch
 
 from compress_export.math.quant import dequantize, group_params, minmax_params, quantize, search_params
@@ -10,8 +11,28 @@ def test_symmetric_uses_fixed_zero_and_fp16_exact_scales():
     s, z = minmax_params(w, 4, True)
     assert torch.all(z == 8)
     assert torch.equal(s, s.half().float())
-    amax = w.abs().max(dim=1).values
-    assert torch.allclose(s, (2 * amax / 15).half().float(), rtol=1e-3)
+    extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
+    assert torch.equal(s, (extreme / -8).half().float())
+    s8, z8 = minmax_params(w, 8, True)  # 8 bits: GPTQ's amax/127.5, positive
+    assert torch.all(z8 == 128) and torch.equal(s8, (2 * w.abs().max(dim=1).values / 255).half().float())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_symmetric_grid_holds_each_rows_extreme_exactly(bits):
+    """By hand: the row [-0.3, 0.1, 0.8] at 4 bits has d = 0.8 / -8 = -0.1, codes 8 + round(w / d) = [11, 7, 0]
+    and every value lands on the grid; in general the extreme (either sign) is reproduced to fp16 precision."""
+    w = torch.tensor([[-0.3, 0.1, 0.8]])
+    s, z = minmax_params(w, 4, True)
+    q = quantize(w, s, z, 4)
+    assert q.tolist() == [[11.0, 7.0, 0.0]]
+    assert torch.allclose(dequantize(q, s, z.float()), w, atol=5e-4)  # d = -0.1 in fp16
+    w = torch.randn(32, 64)
+    w[::2] = -w[::2]
+    s, z = minmax_params(w, bits, True)
+    deq = dequantize(quantize(w, s, z, bits), s, z.float())
+    idx = w.abs().argmax(dim=1, keepdim=True)
+    assert torch.allclose(deq.gather(1, idx), w.gather(1, idx), rtol=2e-3)
+    assert (s < 0).any() and (s > 0).any()
 
 
 def test_asymmetric_range_covers_min_and_max():
