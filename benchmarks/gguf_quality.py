@@ -45,13 +45,16 @@ def ppl(path: Path, windows) -> dict:
 
 
 def ours(model: Path, method: str, work: Path) -> Path:
-    out = work / f"ours-{method}"
-    if not out.exists():
-        import subprocess
+    """Our export, made afresh on every run: its file depends on our code, which no cache key here can see (an
+    export kept from an earlier commit would be scored as this one's)."""
+    import shutil
+    import subprocess
 
-        cmd = [sys.executable, "-m", "compress_export.cli.main", "--format", "gguf", "--method", method]
-        cmd += ["--group-size", "32", "--dataset", str(TEXT / "calib.txt"), str(model), "-o", str(out), "-q"]
-        subprocess.run(cmd, check=True)
+    out = work / f"ours-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "compress_export.cli.main", "--format", "gguf", "--method", method]
+    cmd += ["--group-size", "32", "--dataset", str(TEXT / "calib.txt"), str(model), "-o", str(out), "-q"]
+    subprocess.run(cmd, check=True)
     (f,) = out.glob("*.gguf")
     return f
 

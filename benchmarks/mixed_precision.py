@@ -28,6 +28,7 @@ def _earlier_rows(path) -> dict:
         if line.startswith("{"):
             row = json.loads(line[: line.rindex("}") + 1])
             if row.get("row") in ("gptq-w3g64", "gptq-w4g64"):
+                row.setdefault("ppl_B", row.get("B"))  # benchmarks/symmetric_grid.py names the column B
                 got[row["row"]] = {**row, "reused_from": str(path)}
                 print("reused from", path, json.dumps(row), flush=True)
     return got
