@@ -43,7 +43,7 @@ def params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetr
     the lowest code, scale = extreme / −2^(bits−1), negative where that extreme is positive (llama.cpp's Q4_0
     grid). The codes' 2^bits levels are asymmetric about zero (−8..7 steps at 4 bits), so GPTQ's convention,
     2·amax/(2^bits − 1), leaves both ends half a step off the grid and its step 1/15 coarser; an outlier
-    weight is what a group can least afford to round. SmolLM2 RTN g64, held-out text B: ppl 23.10 → 20.59
+    weight is what a group can least afford to round. SmolLM2 RTN W4 g64, held-out text B: ppl 23.60 → 20.59
     (benchmarks/README.md, "The symmetric grid"). Every format and kernel computes (q − zero)·scale, which
     holds for either sign. At 8 bits the step is too fine for this to matter and int8 GEMMs (W8A8) get the
     positive per-channel scales their engines document: amax/127.5 there, as before.
