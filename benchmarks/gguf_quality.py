@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,14 +45,12 @@ def ppl(path: Path, windows) -> dict:
     return {"token_ppl": round(math.exp(sum(means) / len(means)), 3), "seconds": r["seconds"]}
 
 
-def ours(model: Path, method: str, work: Path) -> Path:
-    """Our export, made afresh on every run: its file depends on our code, which no cache key here can see (an
-    export kept from an earlier commit would be scored as this one's)."""
-    import shutil
+def ours(model: Path, method: str, fresh: Path) -> Path:
+    """Our export, made afresh on every run into `fresh` (a temporary folder of this run's): its file depends on our
+    code, which no cache key here can see (an export kept from an earlier commit would be scored as this one's)."""
     import subprocess
 
-    out = work / f"ours-{method}"
-    shutil.rmtree(out, ignore_errors=True)
+    out = fresh / f"ours-{method}"
     cmd = [sys.executable, "-m", "compress_export.cli.main", "--format", "gguf", "--method", method]
     cmd += ["--group-size", "32", "--dataset", str(TEXT / "calib.txt"), str(model), "-o", str(out), "-q"]
     subprocess.run(cmd, check=True)
@@ -87,13 +86,14 @@ def main():
         files["llamacpp-q4_0-imatrix"] = L.imatrix_q4_0(base["F16"], TEXT / "calib.txt", tools, CHUNKS)
     print(f"llama.cpp {L.llamacpp({'do': 'info'})['version']}; model {model}")
     print("| file | tensor types | size MB | llama.cpp token ppl | seconds |\n|---|---|---|---|---|")
-    for row in rows:
-        t = time.time()
-        path = files.get(row) or ours(model, row.split("-", 1)[1], work)
-        m = ppl(path, windows)
-        types = L.tensor_types(path, llama_dir)
-        print(f"| {row} | {types} | {path.stat().st_size / 1e6:.1f} | {m['token_ppl']} | {time.time() - t:.0f} |")
-        sys.stdout.flush()
+    with tempfile.TemporaryDirectory() as fresh:
+        for row in rows:
+            t = time.time()
+            path = files.get(row) or ours(model, row.split("-", 1)[1], Path(fresh))
+            m = ppl(path, windows)
+            types = L.tensor_types(path, llama_dir)
+            print(f"| {row} | {types} | {path.stat().st_size / 1e6:.1f} | {m['token_ppl']} | {time.time() - t:.0f} |")
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":
