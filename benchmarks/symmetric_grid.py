@@ -93,7 +93,8 @@ def rtn_part(model_dir: str, paths: dict) -> list:
     return rows
 
 
-def gptq_part(model_dir: str, paths: dict) -> list:
+def gptq_part(model_dir: str, paths: dict, label: str = "", configs=CONFIGS) -> list:
+    """GPTQ rows (bits, group size) with the defaults, named `label`gptq-wBgG, on eval.txt, B and dev."""
     data = ["--dataset", TEXT / "calib.txt", "--num-samples", 64, "--seq-len", 512]
 
     def more(target, rec):
@@ -101,8 +102,8 @@ def gptq_part(model_dir: str, paths: dict) -> list:
             rec[k] = round(cli("eval", target, "--text", paths[k])["token_perplexity"], 3)
 
     specs = [
-        (f"gptq-w{b}g{gs}", ["--format", "gptq", "--method", "gptq", "--bits", b, "--group-size", gs, *data])
-        for b, gs in CONFIGS
+        (f"{label}gptq-w{b}g{gs}", ["--format", "gptq", "--method", "gptq", "--bits", b, "--group-size", gs, *data])
+        for b, gs in configs
     ]
     return measure_rows(model_dir, specs, after=more, cols=["row", "token_ppl", "B", "dev", "seconds", "size_mb"])
 

@@ -76,6 +76,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q - zero) * scale
 
 
+def clip_ratios(device=None) -> torch.Tensor:
+    """The clip search's candidate range multipliers: 1, then down in 1/CLIP_GRID steps to 1 - CLIP_MAX_SHRINK."""
+    steps = torch.arange(0, int(CLIP_GRID * CLIP_MAX_SHRINK) + 1, device=device)
+    return 1.0 - steps / CLIP_GRID
+
+
 def search_params(w: torch.Tensor, bits: int, symmetric: bool, search: bool = True, min_zero: int = 0):
     """Per-row scale/zero for w [rows, n]: min-max, or the clip ratio that minimises Σ|w - ŵ|^2.4.
 
@@ -87,8 +93,7 @@ def search_params(w: torch.Tensor, bits: int, symmetric: bool, search: bool = Tr
     if not search:
         return params_from_range(xmin, xmax, bits, symmetric, min_zero)
     maxq = (1 << bits) - 1
-    steps = torch.arange(1, int(CLIP_GRID * CLIP_MAX_SHRINK) + 1, device=w.device)
-    ratios = torch.cat([torch.ones(1, device=w.device), 1.0 - steps / CLIP_GRID])
+    ratios = clip_ratios(w.device)
     chunk = max(1, int(2**23 // max(1, w.numel())))
     best_err: Any = None  # the three are set together on the first chunk
     best_scale: Any = None
