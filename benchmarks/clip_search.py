@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,14 +44,25 @@ def main():
             before = Path(a.before).resolve()
             if not (before / "compress_export" / "__init__.py").is_file():
                 raise SystemExit(f"--before {before}: no compress_export package there (give a checkout's root)")
-            saved = os.environ.get("PYTHONPATH")
-            os.environ["PYTHONPATH"] = str(before)
+            saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+            # PYTHONSAFEPATH: `python -m` would otherwise put the working directory (this checkout, when run from
+            # its root) ahead of PYTHONPATH, and the "before" rows would quietly run the current code
+            os.environ.update(PYTHONPATH=str(before), PYTHONSAFEPATH="1")
             try:
+                got = subprocess.run(
+                    [sys.executable, "-c", "import compress_export; print(compress_export.__file__)"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.strip()
+                if not Path(got).resolve().is_relative_to(before):
+                    raise SystemExit(f"--before {before}: a child process still imports {got}")
                 rows += gptq_part(model_dir, paths, "before-", [(b, 64) for b in bits])
             finally:
-                os.environ.pop("PYTHONPATH")
-                if saved is not None:
-                    os.environ["PYTHONPATH"] = saved
+                for k, v in saved.items():
+                    os.environ.pop(k, None)
+                    if v is not None:
+                        os.environ[k] = v
     print("\n| row | eval.txt | B | dev |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['row']} | {r['token_ppl']} | {r['B']} | {r['dev']} |")

@@ -28,7 +28,7 @@ def _earlier_rows(path) -> dict:
         if line.startswith("{"):
             row = json.loads(line[: line.rindex("}") + 1])
             name = str(row.get("row", ""))
-            if name.startswith("now-"):  # benchmarks/clip_search.py labels the current code's rows so
+            if name.startswith("now-"):  # benchmarks/clip_search.py's rows of the current code
                 row["row"] = name = name[len("now-") :]
             if name in ("gptq-w3g64", "gptq-w4g64"):
                 row.setdefault("ppl_B", row.get("B"))  # benchmarks/symmetric_grid.py names the column B

@@ -14,6 +14,7 @@ from compress_export.core.scheme import Scheme
 CLIP_GRID = 100
 CLIP_MAX_SHRINK = 0.20
 CLIP_NORM = 2.4
+WEIGHTED_CHUNK = 1 << 24  # elements of w per slice of weighted_group_params (64 MB in float32)
 
 
 def fp16_exact(x: torch.Tensor) -> torch.Tensor:
@@ -146,18 +147,30 @@ def weighted_group_params(
     rows, n = w.shape
     gs = group_len
     G = n // gs
-    wg = w.float().reshape(rows, G, gs)
+    H = H.float()
     idx = torch.arange(G, device=w.device)[:, None] * gs + torch.arange(gs, device=w.device)
     Hb = H[idx[:, :, None], idx[:, None, :]]  # [G, gs, gs]
+    # rows in chunks of ≤ WEIGHTED_CHUNK elements: a few chunk-sized temporaries live per ratio, not weight-sized
+    step = max(1, WEIGHTED_CHUNK // max(1, n))
+    parts = [_weighted_rows(w[i : i + step], Hb, bits, symmetric, ratios, min_zero) for i in range(0, rows, step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _weighted_rows(w: torch.Tensor, Hb: torch.Tensor, bits: int, symmetric: bool, ratios: torch.Tensor, min_zero: int):
+    """weighted_group_params for a slice of rows; Hb [G, gs, gs] the diagonal blocks of H."""
+    G, gs = Hb.shape[0], Hb.shape[1]
+    wg = w.float().reshape(w.shape[0], G, gs)
     xmin = torch.minimum(wg.amin(dim=2), torch.zeros(()))
     xmax = torch.maximum(wg.amax(dim=2), torch.zeros(()))
+    maxq = (1 << bits) - 1
     best: Any = None  # the three are set together on the first ratio
     best_s: Any = None
     best_z: Any = None
     for r in ratios.tolist():
         s, z = params_from_range(xmin * r, xmax * r, bits, symmetric, min_zero)
-        d = dequantize(quantize(wg, s[..., None], z[..., None].float(), bits), s[..., None], z[..., None]) - wg
-        err = torch.einsum("rgi,gij,rgj->rg", d, Hb, d)
+        s3, z3 = s[..., None], z[..., None].float()
+        d = torch.div(wg, s3).round_().add_(z3).clamp_(0, maxq).sub_(z3).mul_(s3).sub_(wg).transpose(0, 1)  # [G, r, gs]
+        err = torch.bmm(d, Hb).mul_(d).sum(-1).t()  # [rows, G]: Δw H_gg Δwᵀ per (row, group)
         if best is None:
             best, best_s, best_z = err, s, z
             continue
