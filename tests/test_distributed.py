@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -203,12 +204,25 @@ def test_two_ranks_on_the_same_rows_write_the_one_process_export_bit_for_bit(cas
     assert not list(tmp_path.glob(".*partial*"))  # only rank 0 wrote, and it finished
 
 
-def assert_one_process_up_to_rounding(one: Path, two: Path) -> None:
-    """Split samples: every tensor but the compressed linears bit-identical, ≥ 99% of codes identical."""
+def assert_one_process_up_to_rounding(one: Path, two: Path, original: Optional[Path] = None) -> None:
+    """Split samples: every tensor but the compressed linears within one unit in the last place of its dtype (AWQ
+    folds scales computed from the merged activation statistics into the norms: a bf16 norm weight may round the
+    other way), ≥ 99% of codes identical."""
     _, a, rest_a = read_quantized(one)
     _, b, rest_b = read_quantized(two)
     assert a.keys() == b.keys() and rest_a.keys() == rest_b.keys()
-    assert all(torch.equal(rest_a[k], rest_b[k]) for k in rest_a)
+    for k in rest_a:
+        x, y = rest_a[k], rest_b[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        ulp = torch.finfo(x.dtype).eps if x.is_floating_point() else 0
+        assert torch.allclose(x.double(), y.double(), rtol=ulp, atol=0), k
+    if original is not None:  # GPTQ (no folded scales): each linear's error against the original weight
+        weights = read_tensors(original)
+        for k in a:
+            w = weights[k + ".weight"].float()
+            e1, e2 = (float((q.dequantize() - w).norm()) for q in (a[k], b[k]))
+            assert abs(e2 / e1 - 1) <= 0.05, f"{k}: error {e2:.4g} with two ranks against {e1:.4g} with one"
+        return
     same = sum((a[k].codes == b[k].codes).sum().item() for k in a)
     total = sum(a[k].codes.numel() for k in a)
     assert same / total >= 0.99, f"{same}/{total} codes identical"
@@ -223,6 +237,13 @@ def _ppl(model_dir, text: Path) -> float:
 
 
 def test_torchrun_splits_the_samples_and_matches_one_process_within_tolerance(model64, tiny_text, tmp_path):
+    """Split samples (5 + 4): the sweep on merged statistics that equal one process's only up to rounding order
+    (checked exactly by test_merged_statistics_equal_one_process_and_results_arrive_exactly). GPTQ's codes are not
+    continuous in its inputs: a clip choice or a rounding that ties under one summation order goes the other way
+    under the other, and the change moves every later column's codes through the error feedback. How many codes
+    that touches depends on the CPU's kernels (78–90% identical measured on an AVX-512 Xeon without AMX, ≥ 99% on
+    an AMX one), so the export is compared by what it must keep: each linear as close to the original weight as
+    one process's, within 5%."""
     args = [
         "--method",
         "gptq",
@@ -269,7 +290,7 @@ def test_torchrun_splits_the_samples_and_matches_one_process_within_tolerance(mo
     )
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("wrote ") == 1 and "× 2 ranks" in two.stdout  # rank 0 alone reports
-    assert_one_process_up_to_rounding(tmp_path / "one", tmp_path / "two")
+    assert_one_process_up_to_rounding(tmp_path / "one", tmp_path / "two", original=model64)
     pa, pb = _ppl(tmp_path / "one", tiny_text), _ppl(tmp_path / "two", tiny_text)
     assert abs(pa - pb) <= 0.005 * pa, (pa, pb)
 
