@@ -1,12 +1,14 @@
-"""GPTQ's clip search under the Hessian: each static group's range shrink chosen by its output error (now), against
-the plain |Δw|^2.4 search on the weights alone (before), in one run.
+"""GPTQ W4/W3 g64 rows made by this checkout's code and by another checkout's, in one run. Made for the clip search
+under the Hessian (each static group's range shrink chosen by its output error; commits bed1f55–0f12cb1, reverted:
+benchmarks/README.md, "Clip search under the Hessian"): run from a checkout of 0f12cb1 with --before a checkout of
+ac1e395 (the plain |Δw|^2.4 search, the default) to reproduce its table.
 
   python benchmarks/clip_search.py [--before CHECKOUT] [--bits 4,3] [--out FILE.json]
 
 `compress-export --format gptq --method gptq --bits B --group-size 64` on calib.txt's first 64 × 512 tokens, the
 defaults otherwise (static act-order, clip search, asymmetric calibration α 0.5), SmolLM2-135M. With --before, the
-same rows are also made by the code of another checkout (e.g. `git worktree add /tmp/before ac1e395`, the last
-commit with the plain search): its package is put first on PYTHONPATH for those rows' exports and evals only.
+same rows are also made by the code of another checkout (e.g. `git worktree add /tmp/before ac1e395`): its
+package is put first on PYTHONPATH for those rows' exports and evals only.
 
 Token perplexity by the shared protocol on eval.txt, on the built-in text's held-out half B (modern English, another
 domain) and on the dev split (calib.txt after its first 60%). The change was chosen on B and dev; eval.txt is

@@ -93,7 +93,7 @@ def _compress_parser():
         help="the bit widths mixed precision chooses from, comma-separated (default 3,4,8)",
     )
     p.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
-    p.add_argument("--no-clip-search", action="store_true", help="plain min-max scales (no clip search)")
+    p.add_argument("--no-clip-search", action="store_true", help="plain min-max scales (no MSE clip search)")
     p.add_argument(
         "--awq-score",
         choices=AWQ_SCORES,

@@ -17,7 +17,7 @@ from compress_export.core.result import QuantizedWeight, SparseWeight
 from compress_export.core.scheme import Scheme
 from compress_export.core.sparsity import Sparsity, nm_mask
 from compress_export.math.hessian import inverse_cholesky
-from compress_export.math.quant import clip_ratios, group_params, search_params, weighted_group_params
+from compress_export.math.quant import group_params, search_params
 
 DEFAULT_BLOCK = 128
 
@@ -113,25 +113,6 @@ class ColumnRule:
         return (codes - zero).mul_(scale), codes
 
 
-def static_params(
-    W: torch.Tensor, H: torch.Tensor, scheme: Scheme, gs: int, clip_search: bool, min_zero: int, damp: float
-):
-    """Scale/zero [rows, groups] fixed from the raw weight before the sweep (static act-order, per-channel).
-
-    With the clip search on and real groups, each group's range shrink is the one whose rounding error costs the
-    least output error, Δw H_gg Δwᵀ under the group's diagonal block of H dampened by damp·mean(diag H)
-    (weighted_group_params): the error that matters is the layer's output's, and a group's inputs are not equally
-    loud. The plain |Δw|^2.4 search (search_params) weighs every input alike; it stays for per-channel scales and
-    for groups chosen during the sweep. SmolLM2 W4 g64, dev split ppl 31.55 → 31.15, built-in B 19.81 → 19.45
-    (benchmarks/README.md, "Clip search under the Hessian").
-    """
-    if not clip_search or scheme.per_channel:
-        return group_params(W, scheme.bits, scheme.symmetric, gs, clip_search, min_zero)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    damped = H + damp * torch.diag(H).mean() * eye
-    return weighted_group_params(W, damped, scheme.bits, scheme.symmetric, gs, clip_ratios(W.device), min_zero)
-
-
 @torch.no_grad()
 def gptq_quantize(
     W: torch.Tensor,
@@ -162,7 +143,7 @@ def gptq_quantize(
     # Static and per-channel params are fixed from the whole (unpermuted) weight before any update.
     fixed = None
     if scheme is not None and (scheme.per_channel or act == "static"):
-        fixed = static_params(W, H, scheme, gs, clip_search, min_zero, damp)
+        fixed = group_params(W, scheme.bits, scheme.symmetric, gs, clip_search, min_zero)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U = inverse_cholesky(H, damp, name).U

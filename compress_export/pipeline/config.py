@@ -75,10 +75,7 @@ class CompressionConfig(BaseModel):
         None, description="calibration samples per forward; None: all at once when they fit in memory"
     )
     damp: float = Field(0.01, description="GPTQ dampening, a fraction of mean diag(H), in [0, 1)")
-    clip_search: bool = Field(
-        True,
-        description="clip search of the scales (GPTQ static groups: by output error under the Hessian; else plain min-max)",
-    )
+    clip_search: bool = Field(True, description="MSE clip search of the scales (else plain min-max)")
     awq_score: str = Field(
         "block",
         description="AWQ scale candidates scored on the block's output (block) or the linears' (linear)",
